@@ -1,0 +1,188 @@
+"""The ``refinery`` command line: the same engine as the app, headless.
+
+Exit status: 0 on success, 1 when the input or a run cannot be used (one-line message on
+stderr), 2 for a wrong command line, 130 when interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from core import engine
+from core.config import BACKBONES, DETECTORS, DEVICES, FEATURE_LAYERS, OBJECTIVES, THRESHOLD_SOURCES, FitConfig, parse_gamma
+from core.errors import Cancelled, RefineryError
+from core.progress import ProgressEvent
+from core.store import Registry, atomic_write_text
+
+DEFAULTS = FitConfig()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="refinery",
+        description="Unsupervised anomaly detection on unlabeled, contaminated images and tables, "
+        "with STOC data refinement. Scores: higher = more anomalous.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each step (refinement rounds, warnings)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fit = commands.add_parser("fit", help="fit a run on DATA and save it to --out",
+                              description="Learn a representation, refine the training data, fit the final "
+                              "detector on the kept samples and save the run (config, embeddings, "
+                              "refinement history, training scores).")
+    fit.add_argument("data", type=Path, metavar="DATA", help="image folder (recursive; MVTec layout recognised), "
+                     ".zip of images, or a table (.csv, .parquet, .npz with X[,y], .mat with X[,y])")
+    fit.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="new folder for the run (must not exist or be empty)")
+    fit.add_argument("--backbone", choices=BACKBONES, default=DEFAULTS.backbone,
+                     help="ImageNet-pretrained image backbone (default: %(default)s); ignored for tables")
+    fit.add_argument("--objective", choices=OBJECTIVES, default=DEFAULTS.objective,
+                     help="representation learning objective; 'none' keeps the pretrained features frozen (default)")
+    fit.add_argument("--detector", choices=DETECTORS, default=DEFAULTS.detector,
+                     help="one-class detector used in the refinement ensemble and for the final scores (default: %(default)s)")
+    fit.add_argument("--refine", action=argparse.BooleanOptionalAction, default=DEFAULTS.refine,
+                     help="remove what the detector ensemble agrees is anomalous before the final fit (default: on)")
+    fit.add_argument("--ensemble", type=int, default=DEFAULTS.ensemble, metavar="K",
+                     help="detectors per round, each fitted on a disjoint 1/K of the data (default: %(default)s)")
+    fit.add_argument("--gamma", type=parse_gamma, default=DEFAULTS.gamma, metavar="G|auto",
+                     help="share each detector flags per round, in (0, 0.5], or 'auto' to estimate the "
+                     "contamination from the data each round (default: auto). A number also sets the "
+                     "is_anomaly threshold to flag that share of the training data")
+    fit.add_argument("--rounds", type=int, default=DEFAULTS.rounds, metavar="R",
+                     help="maximum refinement rounds; stops early when a round removes nothing (default: %(default)s)")
+    fit.add_argument("--threshold-source", choices=THRESHOLD_SOURCES, default=DEFAULTS.threshold_source,
+                     help="where each detector's threshold comes from: samples it did not train on "
+                     "(held_out, default) or its own subset (in_sample)")
+    fit.add_argument("--min-keep-fraction", type=float, default=DEFAULTS.min_keep_fraction, metavar="F",
+                     help="refinement never keeps less than this share of the data (default: %(default)s)")
+    fit.add_argument("--image-size", type=int, default=DEFAULTS.image_size, metavar="PX",
+                     help="images are resized to PX x PX (default: %(default)s)")
+    fit.add_argument("--feature-layers", default=",".join(DEFAULTS.feature_layers), metavar="L1,L2",
+                     help=f"pooled backbone stages forming the embedding, from {', '.join(FEATURE_LAYERS)} "
+                     "(default: %(default)s)")
+    fit.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="images per forward pass (default: %(default)s)")
+    fit.add_argument("--device", choices=DEVICES, default=DEFAULTS.device, help="auto = CUDA when present, else CPU (default)")
+    fit.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed for every random step (default: %(default)s)")
+    fit.add_argument("--label-column", metavar="NAME",
+                     help="table column with labels (1 = anomaly); used only for metrics, never for fitting")
+
+    score = commands.add_parser("score", help="score DATA with a fitted run and write SCORES.csv",
+                                description="Write id, anomaly_score (higher = more anomalous), is_anomaly "
+                                "(at the run's threshold) and label (when known) for every sample of DATA.")
+    score.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="folder written by 'refinery fit --out'")
+    score.add_argument("data", type=Path, metavar="DATA", help="images or a table of the same kind as the run's")
+    score.add_argument("--out", type=Path, required=True, metavar="SCORES.csv", help="where to write the scores")
+    score.add_argument("--label-column", metavar="NAME", help="table column with labels, for metrics only")
+
+    commands.add_parser("runs", help="list the runs in the registry, newest first")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        if args.command == "fit":
+            _fit(args)
+        elif args.command == "score":
+            _score(args)
+        else:
+            _runs()
+    except (Cancelled, KeyboardInterrupt):
+        print("refinery: interrupted", file=sys.stderr)
+        return 130
+    except RefineryError as error:
+        print(f"refinery: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _fit(args: argparse.Namespace) -> None:
+    config = FitConfig(
+        backbone=args.backbone, image_size=args.image_size,
+        feature_layers=tuple(part.strip() for part in args.feature_layers.split(",") if part.strip()),
+        objective=args.objective, detector=args.detector, refine=args.refine, ensemble=args.ensemble,
+        gamma=args.gamma, rounds=args.rounds, threshold_source=args.threshold_source,
+        min_keep_fraction=args.min_keep_fraction, device=args.device, batch_size=args.batch_size,
+        seed=args.seed, label_column=args.label_column,
+    ).validate()
+    dataset = engine.load_data(args.data, label_column=args.label_column)
+    _report_skipped(dataset)
+    with _ProgressBar() as progress:
+        result = engine.fit(dataset, config, args.out, on_progress=progress)
+    for record in result.rounds:
+        print(record.note)
+    flagged = int(result.scores.is_anomaly.sum())
+    print(f"fitted {len(dataset)} {dataset.kind} samples; kept {int(result.kept.sum())} after "
+          f"{len(result.rounds)} refinement round(s); estimated contamination {result.contamination:.3f}; "
+          f"{flagged} flagged at threshold {result.scores.threshold:.4g}")
+    if result.metrics:
+        m = result.metrics
+        print(f"training-set metrics (labels used for evaluation only): AUROC {m.auroc:.4f}  AP {m.ap:.4f}  F1 {m.f1:.4f}")
+    print(f"run saved to {result.run_dir}")
+
+
+def _score(args: argparse.Namespace) -> None:
+    run = engine.open_run(args.run_dir)
+    dataset = engine.load_data(args.data, label_column=args.label_column or run.config.label_column)
+    _report_skipped(dataset)
+    with _ProgressBar() as progress:
+        scores = run.score(dataset, on_progress=progress)
+    atomic_write_text(args.out, scores.to_frame().to_csv(index=False))
+    print(f"scored {len(dataset)} samples; {int(scores.is_anomaly.sum())} flagged; written to {args.out}")
+    metrics = scores.metrics()
+    if metrics:
+        print(f"metrics (labels used for evaluation only): AUROC {metrics.auroc:.4f}  AP {metrics.ap:.4f}  F1 {metrics.f1:.4f}")
+
+
+def _runs() -> None:
+    records = Registry().runs()
+    if not records:
+        print("no runs yet: start one with 'refinery fit DATA --out RUN_DIR'")
+        return
+    print(f"{'run_id':12}  {'status':7}  {'kind':6}  {'samples':>7}  {'AUROC':>6}  path")
+    for record in records:
+        auroc = record.metrics.get("auroc")
+        auroc_text = f"{auroc:.4f}" if auroc is not None else "-"
+        print(f"{record.run_id:12}  {record.status:7}  {record.kind or '-':6}  {record.n_samples or 0:>7}  {auroc_text:>6}  {record.path}")
+
+
+def _report_skipped(dataset) -> None:
+    if dataset.skipped:
+        names = ", ".join(f"{item.name} ({item.reason})" for item in dataset.skipped[:5])
+        more = f" and {len(dataset.skipped) - 5} more" if len(dataset.skipped) > 5 else ""
+        print(f"refinery: warning: skipped {len(dataset.skipped)} unreadable file(s): {names}{more}", file=sys.stderr)
+
+
+class _ProgressBar:
+    """A tqdm bar per stage on stderr, fed by engine progress events."""
+
+    def __enter__(self) -> "_ProgressBar":
+        self._bar = None
+        self._stage = None
+        return self
+
+    def __call__(self, event: ProgressEvent) -> None:
+        from tqdm import tqdm
+
+        if event.stage != self._stage:
+            self._close()
+            self._stage = event.stage
+            self._bar = tqdm(total=event.total or None, desc=event.stage, unit="", file=sys.stderr, leave=False,
+                             disable=None)
+        self._bar.n = event.done
+        self._bar.set_postfix_str(event.message, refresh=False)
+        self._bar.refresh()
+
+    def __exit__(self, *exc) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Every knob of a fit, as a frozen dataclass with validation and a JSON round-trip."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from core.errors import ConfigError
+
+BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+FEATURE_LAYERS = ("stride8", "stride16", "stride32", "head")
+OBJECTIVES = ("none",)
+DETECTORS = ("gde", "kde", "ocsvm", "knn", "iforest", "ecod")
+THRESHOLD_SOURCES = ("held_out", "in_sample")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How a run is fitted. Defaults are the benchmarked choices (see docs/benchmarks.md).
+
+    Attributes
+    ----------
+    backbone : str
+        Image representation: an ImageNet-pretrained EfficientNet-Lite (``BACKBONES``).
+        Ignored for tables, which use the tabular encoder.
+    image_size : int
+        Images are resized to a square of this many pixels before the backbone.
+    feature_layers : tuple of str
+        Which global-average-pooled stage ends form the image embedding, concatenated:
+        ``stride8`` (40 channels on Lite0), ``stride16`` (112), ``stride32`` (320), ``head`` (1280).
+    objective : str
+        Representation learning objective; ``none`` uses the frozen pretrained features.
+    detector : str
+        One-class detector for refinement and final scoring (``DETECTORS``).
+    refine : bool
+        Run STOC data refinement before fitting the final detector.
+    ensemble : int
+        K, the number of disjoint subsets (one detector each) per refinement round.
+    gamma : float or "auto"
+        Share of samples each ensemble member flags per round; ``auto`` estimates the
+        contamination from the data (see :func:`core.refine.estimate_contamination`).
+    rounds : int
+        Maximum number of refinement rounds (a round that removes nothing ends early).
+    threshold_source : str
+        ``held_out``: each member's threshold is a quantile of its scores on samples it did not
+        train on; ``in_sample``: on its own training subset (collapses in high dimensions).
+    min_keep_fraction : float
+        Refinement never keeps fewer than this share of the training data.
+    device : str
+        ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    batch_size : int
+        Images per forward pass.
+    seed : int
+        Seed for every stochastic step.
+    label_column : str or None
+        Table column holding labels (used for metrics only, never for fitting).
+    """
+
+    backbone: str = "efficientnet-lite0"
+    image_size: int = 224
+    feature_layers: tuple[str, ...] = ("stride16", "stride32")
+    objective: str = "none"
+    detector: str = "gde"
+    refine: bool = True
+    ensemble: int = 5
+    gamma: float | str = "auto"
+    rounds: int = 2
+    threshold_source: str = "held_out"
+    min_keep_fraction: float = 0.5
+    device: str = "auto"
+    batch_size: int = 32
+    seed: int = 0
+    label_column: str | None = None
+
+    def validate(self) -> "FitConfig":
+        """Return self, or raise ConfigError naming the bad value and the allowed ones."""
+        _choice("backbone", self.backbone, BACKBONES)
+        _choice("objective", self.objective, OBJECTIVES)
+        _choice("detector", self.detector, DETECTORS)
+        _choice("threshold_source", self.threshold_source, THRESHOLD_SOURCES)
+        _choice("device", self.device, DEVICES)
+        if not self.feature_layers:
+            raise ConfigError(f"feature_layers is empty; choose from {', '.join(FEATURE_LAYERS)}")
+        for layer in self.feature_layers:
+            _choice("feature_layers", layer, FEATURE_LAYERS)
+        if not 32 <= self.image_size <= 1024:
+            raise ConfigError(f"image_size must be in [32, 1024] pixels, got {self.image_size}")
+        if self.ensemble < 1:
+            raise ConfigError(f"ensemble (K) must be >= 1, got {self.ensemble}")
+        if self.rounds < 0:
+            raise ConfigError(f"rounds must be >= 0, got {self.rounds}")
+        if isinstance(self.gamma, str):
+            if self.gamma != "auto":
+                raise ConfigError(f"gamma must be a number in (0, 0.5] or 'auto', got {self.gamma!r}")
+        elif not 0.0 < float(self.gamma) <= 0.5:
+            raise ConfigError(f"gamma must be a number in (0, 0.5] or 'auto', got {self.gamma}")
+        if not 0.0 < self.min_keep_fraction <= 1.0:
+            raise ConfigError(f"min_keep_fraction must be in (0, 1], got {self.min_keep_fraction}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "FitConfig":
+        """Parse a config written by :meth:`to_json`; unknown keys are an error."""
+        raw: dict[str, Any] = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+        if "feature_layers" in raw:
+            raw["feature_layers"] = tuple(raw["feature_layers"])
+        return cls(**raw).validate()
+
+    def save(self, path: Path) -> None:
+        from core.store import atomic_write_text
+
+        atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: Path) -> "FitConfig":
+        return cls.from_json(Path(path).read_text())
+
+    def with_changes(self, **changes: Any) -> "FitConfig":
+        return replace(self, **changes).validate()
+
+
+def parse_gamma(text: str) -> float | str:
+    """Parse a CLI/UI gamma value: a number or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"gamma must be a number in (0, 0.5] or 'auto', got {text!r}") from None
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")

@@ -1,0 +1,430 @@
+"""Image folders: recursive scan, cheap validation, layout rules for labels and masks, RGB reading.
+
+Layout rules, applied by :func:`load_image_folder` in this order:
+
+1. **Scan.** Files with a suffix in :data:`IMAGE_SUFFIXES` (any case), found recursively under the
+   root, in sorted order; hidden files and folders (name starting with ``.``) and ``__MACOSX`` are
+   skipped, symbolic links to folders are not followed. Other files are ignored.
+2. **Masks are not samples.** A file whose stem ends in ``_mask`` is a mask; it is attached to the
+   image with the same stem without ``_mask`` in the same folder, when there is exactly one.
+3. **Sibling masks** (Magnetic Tile Defects layout: ``X.jpg`` beside its pixel mask ``X.png``). A
+   ``.png`` is taken as the mask of the ``.jpg``/``.jpeg`` with the same stem in the same folder only
+   when it is single-channel (mode ``1`` or ``L``), has the same size, and at least
+   :data:`SIBLING_MASK_EXTREME_SHARE` of its pixels are near black or near white (within 16 levels
+   of 0 or 255: a binary mask, possibly with soft edges). Anything else keeps both files as samples.
+4. **MVTec AD layout.** When the root, or the single visible sub-folder of the root, holds
+   ``train/good`` and ``test/``: samples are ``train/good/**`` and ``test/**``; ``train/good`` and
+   ``test/good`` are normal (0), any other ``test/<defect>`` is anomalous (1), files directly in
+   ``test/`` are unknown (-1); ``ground_truth/<defect>/<stem>_mask.<ext>`` is attached to
+   ``test/<defect>/<stem>.<ext>``. Other folders (``ground_truth``, ``validation``...) give no samples.
+5. **Plain folders.** Labels exist only when a top-level sub-folder is named ``good``, ``normal`` or
+   ``ok`` (any case): that folder is normal (0), every other top-level folder anomalous (1), images
+   directly at the top level unknown (-1). When the root holds no image itself and exactly one
+   visible sub-folder (a zip usually wraps its content in one folder), "top level" means inside that
+   sub-folder. Otherwise there are no labels.
+
+ids are POSIX paths relative to the root the caller gave.
+
+Decoding limits: :data:`MAX_IMAGE_PIXELS` (100 megapixels) bounds what is decoded. That is larger
+than any common industrial area-scan camera (a 10k x 10k image) while keeping one decoded image under
+about 600 MB even as 16-bit RGB; PIL's own ``Image.MAX_IMAGE_PIXELS`` is set to the same value at
+import, so its decompression-bomb error fires at twice that.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from core.data.dataset import IMAGES, Dataset, SkippedFile
+from core.data.fingerprint import fingerprint_files
+from core.errors import DataError
+from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+"""Suffixes (lower case; matched case-insensitively) of the files taken as images."""
+
+MASK_STEM_SUFFIX = "_mask"
+"""A file whose stem ends with this is a mask, never a sample."""
+
+NORMAL_FOLDER_NAMES = frozenset({"good", "normal", "ok"})
+"""Top-level folder names (case-insensitive) that mark normal images in a plain folder."""
+
+MAX_IMAGE_PIXELS = 100_000_000
+"""Largest image (width x height) that is decoded; bigger files are skipped or refused."""
+
+SIBLING_MASK_EXTREME_SHARE = 0.9
+"""Share of near-black/near-white pixels a sibling ``.png`` needs to be taken as a mask."""
+
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+_PROBE_SIZE = (64, 64)
+_JPEG_SUFFIXES = (".jpg", ".jpeg")
+_IGNORED_DIRS = frozenset({"__MACOSX"})
+_SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+
+def is_image_file(path: Path | str) -> bool:
+    """Whether ``path`` has an image suffix (see :data:`IMAGE_SUFFIXES`)."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB.
+
+    16-bit and 32-bit integer images are scaled from the full 16-bit range (value / 257);
+    float images are scaled by 255 when their maximum is at most 1, otherwise clipped to [0, 255];
+    transparent images are composited over black; everything else uses PIL's conversion.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _SIXTEEN_BIT_MODES or mode == "F":
+        values = np.asarray(image).astype(np.float64)
+        values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        if mode == "F":
+            if values.size and values.max() <= 1.0:
+                values = values * 255.0
+        else:
+            values = values / 257.0
+        gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if mode == "La":
+        image = image.convert("LA")
+        mode = "LA"
+    if mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _open_checked(path: Path) -> Image.Image:
+    """Open ``path`` lazily, refusing images over :data:`MAX_IMAGE_PIXELS`."""
+    image = Image.open(path)
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        image.close()
+        raise Image.DecompressionBombError(
+            f"{width}x{height} pixels is over the limit of {MAX_IMAGE_PIXELS} pixels")
+    if width == 0 or height == 0:
+        image.close()
+        raise ValueError("zero-sized image")
+    return image
+
+
+def read_rgb(path: Path | str, size: int) -> np.ndarray:
+    """Read an image as a square RGB array, for embedding.
+
+    Parameters
+    ----------
+    path : Path or str
+        Image file in any mode PIL reads (16-bit, CMYK, palette, alpha, grayscale...).
+    size : int
+        Side of the output; the image is resized to ``size x size`` (aspect ratio not kept) with
+        PIL's antialiased bilinear filter. JPEGs are decoded at a reduced scale first when they are
+        at least twice as large (``draft``). EXIF orientation is not applied, so the output is
+        aligned with masks and with the stored pixel grid.
+
+    Returns
+    -------
+    (size, size, 3) uint8 array
+
+    Raises
+    ------
+    DataError
+        If the file cannot be decoded or has more than :data:`MAX_IMAGE_PIXELS` pixels.
+    """
+    if int(size) != size or size < 1:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    path = Path(path)
+    try:
+        with _open_checked(path) as image:
+            if image.format == "JPEG":
+                image.draft("RGB", (size, size))
+            image.load()
+            rgb = _to_rgb(image)
+            if rgb.size != (size, size):
+                rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+            return np.array(rgb, dtype=np.uint8)
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path} is too large to decode safely ({exc}); "
+                        "downscale it below 100 megapixels") from exc
+    except Exception as exc:  # noqa: BLE001 - a corrupt file may raise anything PIL does
+        raise DataError(f"cannot read image {path} ({type(exc).__name__}: {exc}); "
+                        "replace or remove the file") from exc
+
+
+def _probe(path: Path) -> str | None:
+    """Decode ``path`` cheaply; return why it cannot be used, or None when it is fine."""
+    try:
+        with _open_checked(path) as image:
+            if image.format == "JPEG":
+                image.draft(None, _PROBE_SIZE)
+            image.load()
+            _to_rgb(image.crop((0, 0, 1, 1)))
+    except Image.DecompressionBombError as exc:
+        return f"too large to decode safely ({exc})"
+    except UnidentifiedImageError:
+        return "not an image file PIL can read"
+    except Exception as exc:  # noqa: BLE001 - a corrupt file may raise anything; it becomes a skip
+        return f"unreadable: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _looks_like_mask(mask_path: Path, image_path: Path) -> bool:
+    """Whether ``mask_path`` is a binary-ish single-channel map of ``image_path``'s size."""
+    try:
+        with _open_checked(mask_path) as mask, _open_checked(image_path) as image:
+            if mask.mode not in ("1", "L") or mask.size != image.size:
+                return False
+            histogram = mask.convert("L").histogram()
+    except Exception:  # noqa: BLE001 - anything unreadable is simply not a mask
+        return False
+    extreme = sum(histogram[:17]) + sum(histogram[239:])
+    return extreme >= SIBLING_MASK_EXTREME_SHARE * sum(histogram)
+
+
+def _scan(root: Path) -> tuple[list[str], int]:
+    """Image ids under ``root`` (sorted) and the number of visible files of any kind."""
+    ids: list[str] = []
+    n_files = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in _IGNORED_DIRS)
+        relative = Path(dirpath).relative_to(root)
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            n_files += 1
+            if is_image_file(name):
+                ids.append((relative / name).as_posix())
+    return sorted(ids), n_files
+
+
+def _is_mask_id(sample_id: str) -> bool:
+    return PurePosixPath(sample_id).stem.endswith(MASK_STEM_SUFFIX)
+
+
+def _mvtec_root(root: Path) -> Path | None:
+    """``root`` or its single visible sub-folder when it has the MVTec ``train/good`` + ``test`` layout."""
+
+    def has_layout(folder: Path) -> bool:
+        return (folder / "train" / "good").is_dir() and (folder / "test").is_dir()
+
+    if has_layout(root):
+        return root
+    subfolders = _visible_subfolders(root)
+    if len(subfolders) == 1 and has_layout(subfolders[0]):
+        return subfolders[0]
+    return None
+
+
+def _visible_subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and p.name not in _IGNORED_DIRS)
+
+
+def _attach_stem_masks(samples: list[str], mask_ids: list[str]) -> dict[str, str]:
+    """Attach each ``X_mask.*`` to the single sample ``X.*`` in the same folder."""
+    by_key: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for sample_id in samples:
+        path = PurePosixPath(sample_id)
+        by_key[(str(path.parent), path.stem)].append(sample_id)
+    masks: dict[str, str] = {}
+    for mask_id in mask_ids:
+        path = PurePosixPath(mask_id)
+        owners = by_key.get((str(path.parent), path.stem[: -len(MASK_STEM_SUFFIX)]), [])
+        if len(owners) == 1:
+            masks[owners[0]] = mask_id
+    return masks
+
+
+def _sibling_pairs(samples: list[str]) -> list[tuple[str, str]]:
+    """(jpeg id, png id) pairs with the same stem in the same folder."""
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for sample_id in samples:
+        path = PurePosixPath(sample_id)
+        groups[(str(path.parent), path.stem)].append(sample_id)
+    pairs = []
+    for members in groups.values():
+        jpegs = [m for m in members if PurePosixPath(m).suffix.lower() in _JPEG_SUFFIXES]
+        pngs = [m for m in members if PurePosixPath(m).suffix.lower() == ".png"]
+        if len(jpegs) == 1 and len(pngs) == 1:
+            pairs.append((jpegs[0], pngs[0]))
+    return pairs
+
+
+def _mvtec_layout(
+    samples: list[str], mask_ids: list[str], prefix: tuple[str, ...]
+) -> tuple[list[str], dict[str, int], dict[str, str]]:
+    """Samples, labels and ground-truth masks of an MVTec folder whose ids start with ``prefix``."""
+    kept: list[str] = []
+    labels: dict[str, int] = {}
+    for sample_id in samples:
+        parts = PurePosixPath(sample_id).parts
+        if parts[: len(prefix)] != prefix:
+            continue
+        rest = parts[len(prefix):]
+        if len(rest) >= 3 and rest[0] == "train" and rest[1] == "good":
+            labels[sample_id] = 0
+        elif len(rest) >= 2 and rest[0] == "test":
+            labels[sample_id] = -1 if len(rest) == 2 else int(rest[1].lower() != "good")
+        else:
+            continue
+        kept.append(sample_id)
+    ignored = len(samples) - len(kept)
+    if ignored:
+        logger.info("MVTec layout: %d image(s) outside train/good and test/ ignored", ignored)
+    truth: dict[tuple[str, ...], str] = {}
+    for mask_id in mask_ids:
+        parts = PurePosixPath(mask_id).parts
+        rest = parts[len(prefix):] if parts[: len(prefix)] == prefix else ()
+        if len(rest) >= 3 and rest[0] == "ground_truth":
+            stem = PurePosixPath(rest[-1]).stem[: -len(MASK_STEM_SUFFIX)]
+            truth[tuple(rest[1:-1]) + (stem,)] = mask_id
+    masks: dict[str, str] = {}
+    for sample_id in kept:
+        rest = PurePosixPath(sample_id).parts[len(prefix):]
+        if rest[0] == "test" and len(rest) >= 3:
+            key = tuple(rest[1:-1]) + (PurePosixPath(rest[-1]).stem,)
+            if key in truth:
+                masks[sample_id] = truth[key]
+    return kept, labels, masks
+
+
+def _plain_labels(root: Path, samples: list[str]) -> dict[str, int] | None:
+    """Labels from a top-level good/normal/ok folder, or None (see the module docstring)."""
+    prefix: tuple[str, ...] = ()
+    subfolders = _visible_subfolders(root)
+    if len(subfolders) == 1 and not any(len(PurePosixPath(s).parts) == 1 for s in samples):
+        prefix = (subfolders[0].name,)
+    tops: dict[str, str | None] = {}
+    for sample_id in samples:
+        rest = PurePosixPath(sample_id).parts[len(prefix):]
+        tops[sample_id] = rest[0] if len(rest) >= 2 else None
+    if not any(top is not None and top.lower() in NORMAL_FOLDER_NAMES for top in tops.values()):
+        return None
+    return {sample_id: -1 if top is None else int(top.lower() not in NORMAL_FOLDER_NAMES)
+            for sample_id, top in tops.items()}
+
+
+def _workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def load_image_folder(
+    root: Path | str,
+    *,
+    on_progress: ProgressCallback = ignore_progress,
+    cancel: CancelToken | None = None,
+) -> Dataset:
+    """Load a folder of images (searched recursively) as an image :class:`Dataset`.
+
+    Parameters
+    ----------
+    root : Path or str
+        The folder; ids are relative to it. See the module docstring for the layout rules
+        (MVTec AD, good/normal/ok folders, ``_mask`` files, sibling ``.png`` masks).
+    on_progress : callable
+        Receives ``ProgressEvent("load", images_checked, images_total)`` while images are validated.
+    cancel : CancelToken, optional
+        Checked between images.
+
+    Returns
+    -------
+    Dataset
+        ``kind="images"``, with ``paths``, ``labels`` (or None), ``masks`` and ``skipped``
+        (unreadable files with the reason; they are logged as one warning).
+
+    Raises
+    ------
+    DataError
+        If the folder does not exist, is empty, holds no image file or no readable image.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder; pass a folder of images, a .zip or a table")
+    ids, n_files = _scan(root)
+    if n_files == 0:
+        raise DataError(f"{root} is empty; add images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if not ids:
+        raise DataError(f"no image files in {root} ({n_files} other files); "
+                        f"supported suffixes: {', '.join(sorted(IMAGE_SUFFIXES))}")
+
+    samples = [i for i in ids if not _is_mask_id(i)]
+    mask_ids = [i for i in ids if _is_mask_id(i)]
+    masks: dict[str, str] = {}
+    pairs = _sibling_pairs(samples)
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        is_mask = list(pool.map(lambda p: _looks_like_mask(root / p[1], root / p[0]), pairs))
+    sibling_masks = {png: jpeg for (jpeg, png), flag in zip(pairs, is_mask) if flag}
+    if sibling_masks:
+        logger.info("%d .png file(s) taken as masks of the .jpg beside them", len(sibling_masks))
+        samples = [s for s in samples if s not in sibling_masks]
+        masks.update({jpeg: png for png, jpeg in sibling_masks.items()})
+    masks.update(_attach_stem_masks(samples, mask_ids))
+
+    mvtec = _mvtec_root(root)
+    label_of: dict[str, int] | None
+    if mvtec is not None:
+        prefix = mvtec.relative_to(root).parts
+        samples, label_of, truth = _mvtec_layout(samples, mask_ids, prefix)
+        masks.update(truth)
+        logger.info("MVTec layout found at %s", mvtec)
+    else:
+        label_of = _plain_labels(root, samples)
+
+    kept, skipped = _validate(root, samples, on_progress, cancel)
+    if skipped:
+        logger.warning("skipped %d unreadable image(s) in %s", len(skipped), root)
+    if not kept:
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3])
+        raise DataError(f"no readable image in {root} ({len(skipped)} files skipped: {reasons})")
+
+    labels = None
+    if label_of is not None:
+        labels = np.array([label_of[i] for i in kept], dtype=np.int8)
+        if not np.any(labels >= 0):
+            labels = None
+    paths = [root / i for i in kept]
+    return Dataset(
+        kind=IMAGES,
+        ids=kept,
+        source=root,
+        fingerprint=fingerprint_files(root, kept, paths),
+        labels=labels,
+        paths=paths,
+        masks={i: root / masks[i] for i in kept if i in masks},
+        skipped=skipped,
+    )
+
+
+def _validate(
+    root: Path, samples: list[str], on_progress: ProgressCallback, cancel: CancelToken | None
+) -> tuple[list[str], list[SkippedFile]]:
+    """Split ``samples`` into readable ids and skipped files, in order."""
+    kept: list[str] = []
+    skipped: list[SkippedFile] = []
+    total = len(samples)
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        # Bounded chunks keep cancellation responsive without queueing every file at once.
+        chunk = 256
+        for start in range(0, total, chunk):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            batch = samples[start:start + chunk]
+            for sample_id, reason in zip(batch, pool.map(lambda s: _probe(root / s), batch)):
+                if reason is None:
+                    kept.append(sample_id)
+                else:
+                    skipped.append(SkippedFile(sample_id, reason))
+            on_progress(ProgressEvent("load", min(start + chunk, total), total, "checking images"))
+    return kept, skipped

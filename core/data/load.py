@@ -1,0 +1,74 @@
+"""One entry point that turns whatever the user gave (folder, zip, table) into a :class:`Dataset`."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from core.data.archive import extract_zip
+from core.data.dataset import Dataset
+from core.data.images import IMAGE_SUFFIXES, load_image_folder
+from core.data.tables import TABLE_SUFFIXES, load_table
+from core.errors import DataError
+from core.progress import CancelToken, ProgressCallback, ignore_progress
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_FORMATS = "a folder of images, a .zip of images, or a table (" + ", ".join(sorted(TABLE_SUFFIXES)) + ")"
+
+
+def _looks_like_idx(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith(".gz") or ("idx" in name and "ubyte" in name)
+
+
+def load_dataset(
+    path: Path | str,
+    *,
+    workspace: Path | str,
+    label_column: str | None = None,
+    on_progress: ProgressCallback = ignore_progress,
+    cancel: CancelToken | None = None,
+) -> Dataset:
+    """Load a folder, zip archive or table as a :class:`Dataset`.
+
+    Parameters
+    ----------
+    path : Path or str
+        A folder of images (searched recursively; MVTec layout recognised), a ``.zip`` of images, or
+        a table (``.csv``, ``.parquet``, ``.npz``, ``.mat``).
+    workspace : Path or str
+        Folder where a zip is extracted (into a new sub-folder); ids are then relative to that
+        extracted folder, which becomes ``Dataset.source``.
+    label_column : str, optional
+        Label column or array of a table (ignored, with a warning, for images).
+    on_progress : callable
+        Receives progress events while extracting and checking images.
+    cancel : CancelToken, optional
+        Checked between files.
+
+    Returns
+    -------
+    Dataset
+
+    Raises
+    ------
+    DataError
+        If the path is missing, of an unsupported kind, or its content cannot be used.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path} does not exist; check the path")
+    suffix = path.suffix.lower()
+    if path.is_dir() or suffix == ".zip":
+        if label_column is not None:
+            logger.warning("label_column=%r ignored: image labels come from folder names", label_column)
+        folder = path if path.is_dir() else extract_zip(path, workspace, on_progress=on_progress, cancel=cancel)
+        return load_image_folder(folder, on_progress=on_progress, cancel=cancel)
+    if suffix in TABLE_SUFFIXES:
+        return load_table(path, label_column=label_column)
+    if _looks_like_idx(path):
+        raise DataError(f"{path.name} looks like an IDX (MNIST-style) or gzip file, which is not loaded directly; "
+                        "use core.data.load_idx_images and materialize_images, or pass a folder or .zip of images")
+    if suffix in IMAGE_SUFFIXES:
+        raise DataError(f"{path.name} is a single image; put the images in a folder (or a .zip) and pass that")
+    raise DataError(f"{path.name}: unsupported format {suffix or '(no suffix)'}; pass {SUPPORTED_FORMATS}")

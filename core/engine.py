@@ -1,0 +1,313 @@
+"""The facade the app and the CLI call: load data, fit a run, open a run, score data.
+
+A fit: encode the training data -> STOC refinement rounds -> final detector on the kept samples
+-> anomaly scores, threshold and metrics -> run directory + registry entry. Labels, when present,
+are used only for metrics; the fit itself never reads them.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from core.config import FitConfig
+from core.data import Dataset, load_dataset
+from core.detectors import make_detector
+from core.errors import DataError, RunError
+from core.metrics import DetectionMetrics, detection_metrics
+from core.models.encoder import Encoder, load_encoder, make_encoder, save_encoder
+from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
+from core.refine import MIN_SAMPLES_PER_DETECTOR, RefinementRound, contamination_from_data, iter_refine
+from core.store import (
+    Registry,
+    atomic_write_text,
+    read_arrays,
+    read_json,
+    refinery_home,
+    staged_directory,
+    write_arrays,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
+
+RUN_FORMAT = 1
+SCORE_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Anomaly scores of a data set under a run (higher = more anomalous)."""
+
+    ids: list[str]
+    anomaly_score: np.ndarray
+    is_anomaly: np.ndarray
+    threshold: float
+    labels: np.ndarray | None = None
+
+    def to_frame(self) -> pd.DataFrame:
+        """The SCORES.csv table: ``id, anomaly_score, is_anomaly[, label]``."""
+        frame = pd.DataFrame(
+            {"id": self.ids, "anomaly_score": self.anomaly_score, "is_anomaly": self.is_anomaly.astype(int)}
+        )
+        if self.labels is not None:
+            frame["label"] = self.labels.astype(int)
+        return frame
+
+    def metrics(self) -> DetectionMetrics | None:
+        return detection_metrics(self.labels, self.anomaly_score, self.is_anomaly)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What :func:`fit` produced; everything here is also saved in ``run_dir``."""
+
+    run_dir: Path
+    run_id: str
+    config: FitConfig
+    rounds: list[RefinementRound]
+    kept: np.ndarray
+    contamination: float
+    scores: Scores
+    metrics: DetectionMetrics | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def load_data(path: Path | str, *, label_column: str | None = None, workspace: Path | None = None) -> Dataset:
+    """Load a folder, zip or table; archives are extracted under ``workspace`` (default: the Refinery home)."""
+    workspace = Path(workspace) if workspace else refinery_home() / "workspace"
+    return load_dataset(Path(path), workspace=workspace, label_column=label_column)
+
+
+def fit(
+    dataset: Dataset,
+    config: FitConfig,
+    out_dir: Path | str,
+    *,
+    registry: Registry | None = None,
+    on_progress: ProgressCallback = ignore_progress,
+    cancel: CancelToken | None = None,
+) -> FitResult:
+    """Fit a run on ``dataset`` and save it to ``out_dir`` (which must not hold anything yet)."""
+    config.validate()
+    _check_trainable(dataset, config)
+    registry = registry or Registry()
+    out_dir = Path(out_dir)
+    with staged_directory(out_dir) as staging:
+        run_id = registry.start_run(
+            out_dir, kind=dataset.kind, data_source=str(dataset.source), fingerprint=dataset.fingerprint,
+            n_samples=len(dataset), config=asdict(config),
+        )
+        try:
+            result = _fit(dataset, config, out_dir, staging, run_id, registry, on_progress, cancel)
+        except BaseException as error:
+            registry.fail_run(run_id, str(error) or type(error).__name__)
+            raise
+    registry.finish_run(run_id, result.metrics.as_dict() if result.metrics else {})
+    return result
+
+
+def _fit(dataset, config, out_dir, staging, run_id, registry, on_progress, cancel) -> FitResult:
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    unlabeled = dataset.without_labels()
+    encoder = make_encoder(config, dataset).fit(unlabeled)
+    embeddings = _embed(encoder, unlabeled, on_progress, cancel)
+    timings["embed_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+
+    def record_round(record: RefinementRound) -> None:
+        registry.add_round(
+            run_id, round=record.round, n_active=int(np.sum(record.votes >= 0)), n_removed=len(record.removed),
+            gamma=record.gamma, precision=record.precision, recall=record.recall, seconds=record.seconds,
+            note=record.note,
+        )
+
+    model = refine_and_fit(
+        embeddings, config, labels=dataset.labels, on_round=record_round, on_progress=on_progress, cancel=cancel
+    )
+    timings["refine_and_detector_s"] = time.perf_counter() - started
+    scores = Scores(dataset.ids, model.train_score, model.train_score > model.threshold, model.threshold, dataset.labels)
+    on_progress(ProgressEvent("score", len(dataset), len(dataset), f"threshold {model.threshold:.4g}"))
+
+    result = FitResult(
+        run_dir=out_dir, run_id=run_id, config=config, rounds=model.rounds, kept=model.kept,
+        contamination=model.contamination,
+        scores=scores, metrics=scores.metrics(), timings=timings,
+    )
+    _save_run(staging, result, dataset, encoder, embeddings)
+    return result
+
+
+@dataclass(frozen=True)
+class RefinedModel:
+    """The outcome of refinement plus the final detector, on embeddings."""
+
+    rounds: list[RefinementRound]
+    kept: np.ndarray
+    contamination: float
+    detector: object
+    train_score: np.ndarray
+    threshold: float
+
+
+def refine_and_fit(
+    embeddings: np.ndarray,
+    config: FitConfig,
+    *,
+    labels: np.ndarray | None = None,
+    on_round: Callable[[RefinementRound], None] | None = None,
+    on_progress: ProgressCallback = ignore_progress,
+    cancel: CancelToken | None = None,
+) -> RefinedModel:
+    """STOC refinement (when configured), the final detector on the kept samples, and the threshold.
+
+    This is the whole fit after encoding; benchmarks call it directly so that they measure exactly
+    what ``refinery fit`` does. ``labels`` only feed the rounds' precision/recall fields.
+    """
+    factory = partial(make_detector, config.detector, random_state=config.seed)
+    rounds: list[RefinementRound] = []
+    kept = np.ones(len(embeddings), dtype=bool)
+    if config.refine and config.rounds > 0:
+        refinement = iter_refine(
+            embeddings, factory, ensemble=config.ensemble, gamma=config.gamma, rounds=config.rounds,
+            threshold_source=config.threshold_source, min_keep_fraction=config.min_keep_fraction,
+            seed=config.seed, labels=labels, on_progress=on_progress, cancel=cancel,
+        )
+        for record in refinement:
+            rounds.append(record)
+            kept = record.kept
+            if on_round is not None:
+                on_round(record)
+    contamination = _contamination(config, embeddings, factory, rounds)
+    detector = factory().fit(embeddings[kept])
+    train_score = -detector.score_samples(embeddings).astype(np.float64)
+    threshold = float(np.quantile(train_score, 1.0 - contamination))
+    return RefinedModel(rounds, kept, contamination, detector, train_score, threshold)
+
+
+def _check_trainable(dataset: Dataset, config: FitConfig) -> None:
+    needed = max(2 * MIN_SAMPLES_PER_DETECTOR, config.ensemble * MIN_SAMPLES_PER_DETECTOR if config.refine else 0)
+    if len(dataset) < needed:
+        unit = "rows" if dataset.kind == "table" else "images"
+        raise DataError(
+            f"{len(dataset)} {unit} is too few: this fit needs at least {needed} "
+            f"({MIN_SAMPLES_PER_DETECTOR} per detector with K={config.ensemble})"
+        )
+
+
+def _embed(encoder: Encoder, dataset: Dataset, on_progress, cancel) -> np.ndarray:
+    embeddings = encoder.embed(dataset, on_progress=on_progress, cancel=cancel)
+    if not np.all(np.isfinite(embeddings)):
+        raise DataError("the representation produced NaN or infinite values; check the input data")
+    return embeddings
+
+
+def _contamination(config, embeddings, factory, rounds) -> float:
+    """Share of the training data expected to be anomalous; sets the is_anomaly threshold.
+
+    A numeric gamma is taken as the user's statement of the contamination; ``auto`` uses the
+    first round's estimate (made on all training data) or, without refinement, the same estimate.
+    """
+    if config.gamma != "auto":
+        return float(config.gamma)
+    if rounds:
+        return rounds[0].gamma
+    return contamination_from_data(embeddings, factory, ensemble=config.ensemble, seed=config.seed)
+
+
+def _save_run(directory: Path, result: FitResult, dataset: Dataset, encoder: Encoder, embeddings: np.ndarray) -> None:
+    result.config.save(directory / "config.json")
+    save_encoder(encoder, directory)
+    write_json(directory / "run.json", {
+        "format": RUN_FORMAT,
+        "run_id": result.run_id,
+        "kind": dataset.kind,
+        "data_source": str(dataset.source),
+        "fingerprint": dataset.fingerprint,
+        "n_samples": len(dataset),
+        "embedding_dim": int(embeddings.shape[1]),
+        "contamination": result.contamination,
+        "threshold": result.scores.threshold,
+        "metrics": result.metrics.as_dict() if result.metrics else None,
+        "timings": result.timings,
+        "skipped": [asdict(item) for item in dataset.skipped],
+    })
+    write_arrays(directory / "embeddings.safetensors", {
+        "train": embeddings.astype(np.float32),
+        "kept": result.kept.astype(np.uint8),
+        "train_anomaly_score": result.scores.anomaly_score,
+    })
+    write_json(directory / "refinement.json", [
+        {
+            "round": r.round, "n_removed": len(r.removed), "removed_ids": [dataset.ids[i] for i in r.removed],
+            "thresholds": r.thresholds.tolist(), "gamma": r.gamma, "seconds": r.seconds, "capped": r.capped,
+            "precision": r.precision, "recall": r.recall, "note": r.note,
+        }
+        for r in result.rounds
+    ])
+    if result.rounds:
+        write_arrays(directory / "refinement.safetensors", {
+            **{f"kept_{r.round}": r.kept.astype(np.uint8) for r in result.rounds},
+            **{f"votes_{r.round}": r.votes for r in result.rounds},
+            **{f"anomaly_score_{r.round}": r.anomaly_score for r in result.rounds},
+        })
+    frame = result.scores.to_frame()
+    frame["kept"] = result.kept.astype(int)
+    frame["round_removed"] = _round_removed(result.rounds, len(dataset))
+    atomic_write_text(directory / "scores.csv", frame.to_csv(index=False))
+
+
+def _round_removed(rounds: list[RefinementRound], n: int) -> np.ndarray:
+    """Round in which each training sample was removed (0 = kept)."""
+    removed_in = np.zeros(n, dtype=np.int64)
+    for record in rounds:
+        removed_in[record.removed] = record.round
+    return removed_in
+
+
+class FittedRun:
+    """A saved run, ready to score new data.
+
+    The final detector is re-fitted on the run's saved kept embeddings (deterministic under the
+    run's seed), then checked against the training scores saved at fit time: any difference
+    means the artifacts were damaged or tampered with, and opening fails.
+    """
+
+    def __init__(self, run_dir: Path | str) -> None:
+        self.run_dir = Path(run_dir)
+        if not (self.run_dir / "run.json").is_file():
+            raise RunError(f"{self.run_dir} is not a Refinery run (no run.json); pass the --out folder of a fit")
+        self.info = read_json(self.run_dir / "run.json")
+        self.config = FitConfig.load(self.run_dir / "config.json")
+        arrays = read_arrays(self.run_dir / "embeddings.safetensors")
+        train, kept = arrays["train"], arrays["kept"].astype(bool)
+        self.detector = make_detector(self.config.detector, random_state=self.config.seed).fit(train[kept])
+        check = -self.detector.score_samples(train)
+        if not np.allclose(check, arrays["train_anomaly_score"], rtol=SCORE_TOLERANCE, atol=SCORE_TOLERANCE):
+            raise RunError(f"{self.run_dir} does not reproduce its saved scores: the run is damaged or was tampered with")
+        self.encoder = load_encoder(self.config, self.info["kind"], self.run_dir)
+        self.threshold = float(self.info["threshold"])
+
+    def score(
+        self, dataset: Dataset, on_progress: ProgressCallback = ignore_progress, cancel: CancelToken | None = None
+    ) -> Scores:
+        """Score every sample of ``dataset`` with this run's encoder, detector and threshold."""
+        if dataset.kind != self.info["kind"]:
+            raise DataError(f"this run was fitted on {self.info['kind']} but the data is {dataset.kind}")
+        embeddings = _embed(self.encoder, dataset, on_progress, cancel)
+        anomaly_score = -self.detector.score_samples(embeddings).astype(np.float64)
+        on_progress(ProgressEvent("score", len(dataset), len(dataset), "scored"))
+        return Scores(dataset.ids, anomaly_score, anomaly_score > self.threshold, self.threshold, dataset.labels)
+
+
+def open_run(run_dir: Path | str) -> FittedRun:
+    """Open a saved run for scoring (see :class:`FittedRun`)."""
+    return FittedRun(run_dir)

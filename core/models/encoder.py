@@ -1,0 +1,55 @@
+"""The encoder interface and the choice of encoder for a data set."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from core.config import FitConfig
+from core.data.dataset import IMAGES, Dataset
+from core.progress import CancelToken, ProgressCallback
+
+
+class Encoder(Protocol):
+    """Turns a Dataset into ``(N, D) float32`` embeddings.
+
+    ``fit`` learns from the training data only (a no-op for frozen backbones); ``embed``
+    reports progress per batch and honours the cancel token.
+    """
+
+    kind: str
+
+    def fit(self, dataset: Dataset) -> "Encoder": ...
+
+    def embed(
+        self, dataset: Dataset, on_progress: ProgressCallback = ..., cancel: CancelToken | None = None
+    ) -> np.ndarray: ...
+
+
+def make_encoder(config: FitConfig, dataset: Dataset) -> Encoder:
+    """The unfitted encoder the config asks for, for this kind of data."""
+    if dataset.kind == IMAGES:
+        from core.models.image_encoder import ImageEncoder
+
+        return ImageEncoder(config)
+    from core.models.tabular import TableEncoder
+
+    return TableEncoder()
+
+
+def save_encoder(encoder: Encoder, directory: Path) -> None:
+    """Persist what the encoder learned (frozen backbones have nothing to save)."""
+    if hasattr(encoder, "save"):
+        encoder.save(directory)
+
+
+def load_encoder(config: FitConfig, kind: str, directory: Path) -> Encoder:
+    """Rebuild the encoder of a saved run."""
+    if kind == IMAGES:
+        from core.models.image_encoder import ImageEncoder
+
+        return ImageEncoder(config)
+    from core.models.tabular import TableEncoder
+
+    return TableEncoder.load(directory)

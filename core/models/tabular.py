@@ -1,0 +1,160 @@
+"""Encoding table rows as numeric feature vectors: robust scaling, one-hot categories, imputation.
+
+The encoder is fitted on the training table only and saved as plain JSON with the run, so
+scoring a new table applies exactly the same transformation.
+
+Rules (documented for users in README.md):
+- numeric and boolean columns are features; text columns whose values all parse as numbers
+  are numeric;
+- other text columns with at most ``MAX_CATEGORIES`` distinct values are one-hot encoded
+  (a category unseen in training encodes as all zeros); more distinct values is an error;
+- NaN and +-inf are imputed with the training median of the column (counted and logged);
+  a column with no finite value in training is an error;
+- each numeric column is centred on its median and divided by its interquartile range
+  (its standard deviation when the IQR is 0; 1 when the column is constant).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from core.data.dataset import Dataset
+from core.errors import DataError
+from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
+
+log = logging.getLogger(__name__)
+
+MAX_CATEGORIES = 50
+
+
+@dataclass
+class TableEncoderState:
+    """What a fitted :class:`TableEncoder` learned; JSON-serialisable."""
+
+    numeric: list[str] = field(default_factory=list)
+    medians: list[float] = field(default_factory=list)
+    scales: list[float] = field(default_factory=list)
+    categories: dict[str, list[str]] = field(default_factory=dict)
+
+
+class TableEncoder:
+    """Numeric columns robust-scaled, low-cardinality text columns one-hot encoded.
+
+    A learned tabular encoder (issue 5) plugs in behind the same ``fit`` / ``embed`` /
+    ``save`` / ``load`` interface.
+    """
+
+    kind = "table"
+    state_file = "table_encoder.json"
+
+    def __init__(self) -> None:
+        self.state_: TableEncoderState | None = None
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Names of the output columns, in order."""
+        state = self._state()
+        onehot = [f"{column}={value}" for column, values in state.categories.items() for value in values]
+        return state.numeric + onehot
+
+    def fit(self, dataset: Dataset) -> "TableEncoder":
+        """Learn column kinds, medians, scales and categories from ``dataset.table``."""
+        frame = _require_table(dataset)
+        state = TableEncoderState()
+        for column in frame.columns:
+            values = _as_numeric(frame[column])
+            if values is not None:
+                finite = values[np.isfinite(values)]
+                if finite.size == 0:
+                    raise DataError(f"column {column!r} has no finite value; drop it or fill it in")
+                median = float(np.median(finite))
+                q25, q75 = np.percentile(finite, [25, 75])
+                scale = float(q75 - q25) or float(np.std(finite)) or 1.0
+                state.numeric.append(str(column))
+                state.medians.append(median)
+                state.scales.append(scale)
+                continue
+            distinct = sorted(frame[column].dropna().astype(str).unique())
+            if len(distinct) > MAX_CATEGORIES:
+                raise DataError(
+                    f"column {column!r} holds text with {len(distinct)} distinct values (more than "
+                    f"{MAX_CATEGORIES}); it cannot be encoded as categories: drop it or convert it to numbers"
+                )
+            state.categories[str(column)] = distinct
+        self.state_ = state
+        return self
+
+    def embed(
+        self,
+        dataset: Dataset,
+        on_progress: ProgressCallback = ignore_progress,
+        cancel: CancelToken | None = None,
+    ) -> np.ndarray:
+        """Return ``(N, D) float32`` encoded rows; D = numeric columns + one-hot columns."""
+        state = self._state()
+        frame = _require_table(dataset)
+        frame.columns = [str(column) for column in frame.columns]
+        missing = [c for c in state.numeric + list(state.categories) if c not in frame.columns]
+        if missing:
+            raise DataError(f"the table lacks columns the run was fitted on: {', '.join(missing[:10])}")
+        extra = [c for c in frame.columns if c not in state.numeric and c not in state.categories]
+        if extra:
+            log.warning("ignoring %d columns the run was not fitted on: %s", len(extra), ", ".join(extra[:10]))
+        parts = [self._numeric_block(frame, state)]
+        for column, values in state.categories.items():
+            text = frame[column].astype(str).to_numpy()
+            parts.append((text[:, None] == np.asarray(values)[None, :]).astype(np.float32))
+        encoded = np.concatenate(parts, axis=1).astype(np.float32)
+        on_progress(ProgressEvent("embed", len(frame), len(frame), "table encoded"))
+        return encoded
+
+    def save(self, directory: Path) -> None:
+        from core.store import atomic_write_text
+
+        atomic_write_text(Path(directory) / self.state_file, json.dumps(asdict(self._state()), indent=1))
+
+    @classmethod
+    def load(cls, directory: Path) -> "TableEncoder":
+        encoder = cls()
+        raw = json.loads((Path(directory) / cls.state_file).read_text())
+        encoder.state_ = TableEncoderState(**raw)
+        return encoder
+
+    def _numeric_block(self, frame: pd.DataFrame, state: TableEncoderState) -> np.ndarray:
+        block = np.empty((len(frame), len(state.numeric)), np.float64)
+        for j, column in enumerate(state.numeric):
+            values = _as_numeric(frame[column])
+            if values is None:
+                raise DataError(f"column {column!r} was numeric when the run was fitted but now holds text")
+            block[:, j] = values
+        bad = ~np.isfinite(block)
+        if bad.any():
+            log.warning("imputed %d NaN/inf values with the training medians", int(bad.sum()))
+            block = np.where(bad, np.asarray(state.medians)[None, :], block)
+        return (block - np.asarray(state.medians)) / np.asarray(state.scales)
+
+    def _state(self) -> TableEncoderState:
+        if self.state_ is None:
+            raise RuntimeError("TableEncoder is not fitted; call fit() first")
+        return self.state_
+
+
+def _require_table(dataset: Dataset) -> pd.DataFrame:
+    if dataset.table is None:
+        raise DataError("expected a table, got images")
+    return dataset.table.copy()
+
+
+def _as_numeric(series: pd.Series) -> np.ndarray | None:
+    """The column as float64 (NaN where empty), or None when it holds text that is not a number."""
+    if pd.api.types.is_bool_dtype(series) or pd.api.types.is_numeric_dtype(series):
+        return series.to_numpy(dtype=np.float64, na_value=np.nan)
+    converted = pd.to_numeric(series, errors="coerce")
+    if converted.isna().sum() > series.isna().sum():
+        return None
+    return converted.to_numpy(dtype=np.float64, na_value=np.nan)

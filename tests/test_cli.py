@@ -1,0 +1,206 @@
+"""The refinery command line, end to end on small real data, including the bad-input contract."""
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from core.cli import main
+from core.store import Registry
+from sample_data import write_digits_images, write_digits_table
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("REFINERY_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def registry_rows():
+    return Registry().runs()
+
+
+def fails_cleanly(capsys, argv, message):
+    """The CLI exits 1 with a one-line error containing ``message`` and registers no run."""
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err and err[-1].startswith("refinery: error:") and message in err[-1], err
+    assert all(run.status != "running" for run in registry_rows())
+    return err[-1]
+
+
+def test_fit_and_score_a_table_end_to_end(tmp_path, capsys):
+    table = write_digits_table(tmp_path / "digits.csv")
+    run = tmp_path / "run"
+    assert main(["fit", str(table), "--out", str(run), "--label-column", "label"]) == 0
+    out = capsys.readouterr().out
+    assert "AUROC" in out and "run saved" in out
+    for name in ("config.json", "run.json", "embeddings.safetensors", "scores.csv", "refinement.json"):
+        assert (run / name).is_file()
+    scores_path = tmp_path / "scores.csv"
+    assert main(["score", str(run), str(table), "--out", str(scores_path)]) == 0
+    scores = pd.read_csv(scores_path)
+    assert list(scores.columns) == ["id", "anomaly_score", "is_anomaly", "label"]
+    assert scores["id"].tolist() == list(range(len(scores)))
+    assert set(scores["is_anomaly"]) <= {0, 1}
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(scores["label"], scores["anomaly_score"]) > 0.9
+    [record] = registry_rows()
+    assert record.status == "done" and record.metrics["auroc"] > 0.9
+    assert main(["runs"]) == 0 and record.run_id in capsys.readouterr().out
+
+
+def test_fit_and_score_images_end_to_end(tmp_path, capsys):
+    folder = write_digits_images(tmp_path / "digits", n_normal=60, n_anomalous=6)
+    run = tmp_path / "run"
+    assert main(["fit", str(folder), "--out", str(run), "--image-size", "64", "--ensemble", "3"]) == 0
+    # Score other modes and sizes: converted, not rejected.
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.new("L", (50, 70), 30).save(other / "gray.png")
+    Image.new("RGBA", (90, 40), (200, 10, 10, 128)).save(other / "rgba.png")
+    Image.new("P", (64, 64)).save(other / "palette.bmp")
+    out_csv = tmp_path / "s.csv"
+    assert main(["score", str(run), str(other), "--out", str(out_csv)]) == 0
+    scores = pd.read_csv(out_csv)
+    assert sorted(scores["id"]) == ["gray.png", "palette.bmp", "rgba.png"]
+    assert np.isfinite(scores["anomaly_score"]).all()
+
+
+def test_console_script_runs_and_exit_codes(tmp_path):
+    table = write_digits_table(tmp_path / "digits.csv", n_normal=40, n_anomalous=4)
+    env = {**os.environ, "REFINERY_HOME": str(tmp_path / "home")}
+    ok = subprocess.run([sys.executable, "-m", "core.cli", "fit", str(table), "--out", str(tmp_path / "r")],
+                        capture_output=True, text=True, env=env)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "core.cli", "fit", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "r2")],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 1 and "does not exist" in bad.stderr
+    usage = subprocess.run([sys.executable, "-m", "core.cli", "fit"], capture_output=True, text=True, env=env)
+    assert usage.returncode == 2
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--out", "--backbone", "--objective", "--detector", "--refine", "--no-refine", "--ensemble",
+                   "--gamma", "--rounds", "--device", "--seed", "--label-column"):
+        assert option in text
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_missing_path(tmp_path, capsys):
+    fails_cleanly(capsys, ["fit", str(tmp_path / "missing"), "--out", str(tmp_path / "r")], "does not exist")
+    assert not (tmp_path / "r").exists()
+
+
+def test_empty_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    fails_cleanly(capsys, ["fit", str(tmp_path / "empty"), "--out", str(tmp_path / "r")], "empty")
+
+
+def test_folder_with_no_readable_image(tmp_path, capsys):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.png").write_text("not an image")
+    (folder / "b.jpg").write_bytes(b"")
+    fails_cleanly(capsys, ["fit", str(folder), "--out", str(tmp_path / "r")], "no readable image")
+
+
+def test_corrupt_image_is_skipped_with_count(tmp_path, capsys):
+    folder = write_digits_images(tmp_path / "digits", labelled_folders=False, n_normal=30, n_anomalous=3)
+    (folder / "all" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    good = folder / "all" / "0000.png"
+    (folder / "all" / "truncated.png").write_bytes(good.read_bytes()[:60])
+    code = main(["fit", str(folder), "--out", str(tmp_path / "r"), "--image-size", "32", "--ensemble", "3"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "skipped 2 unreadable file(s)" in err and "broken.png" in err and "truncated.png" in err
+
+
+def test_zip_with_parent_entries_is_refused(tmp_path, capsys):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("../evil.png", b"x")
+    fails_cleanly(capsys, ["fit", str(archive), "--out", str(tmp_path / "r")], "..")
+    assert not (tmp_path / "evil.png").exists()
+
+
+def test_zip_over_the_size_limit_is_refused(tmp_path, capsys, monkeypatch):
+    import core.data.archive as archive_module
+
+    monkeypatch.setattr(archive_module, "MAX_TOTAL_BYTES", 10_000)
+    folder = write_digits_images(tmp_path / "digits", n_normal=30, n_anomalous=3)
+    archive = tmp_path / "big.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(folder.rglob("*.png")):
+            zf.write(path, path.relative_to(folder).as_posix())
+    fails_cleanly(capsys, ["fit", str(archive), "--out", str(tmp_path / "r")], "limit")
+
+
+def test_table_with_too_few_rows(tmp_path, capsys):
+    table = write_digits_table(tmp_path / "t.csv", n_normal=8, n_anomalous=2)
+    fails_cleanly(capsys, ["fit", str(table), "--out", str(tmp_path / "r")], "too few")
+
+
+def test_single_row_table(tmp_path, capsys):
+    pd.DataFrame({"a": [1.0], "b": [2.0]}).to_csv(tmp_path / "one.csv", index=False)
+    fails_cleanly(capsys, ["fit", str(tmp_path / "one.csv"), "--out", str(tmp_path / "r")], "too few")
+
+
+def test_text_columns_that_cannot_be_encoded(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"x": rng.normal(size=200), "name": [f"user-{i}" for i in range(200)]})
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    fails_cleanly(capsys, ["fit", str(tmp_path / "t.csv"), "--out", str(tmp_path / "r")], "'name'")
+
+
+def test_nan_and_inf_are_imputed(tmp_path, capsys):
+    table = write_digits_table(tmp_path / "t.csv", with_labels=False)
+    frame = pd.read_csv(table)
+    frame.iloc[3, 5] = np.nan
+    frame.iloc[7, 9] = np.inf
+    frame.to_csv(table, index=False)
+    assert main(["fit", str(table), "--out", str(tmp_path / "r")]) == 0
+    assert main(["score", str(tmp_path / "r"), str(table), "--out", str(tmp_path / "s.csv")]) == 0
+    assert np.isfinite(pd.read_csv(tmp_path / "s.csv")["anomaly_score"]).all()
+
+
+def test_score_with_mismatched_columns(tmp_path, capsys):
+    table = write_digits_table(tmp_path / "t.csv", with_labels=False)
+    assert main(["fit", str(table), "--out", str(tmp_path / "r")]) == 0
+    pd.read_csv(table).drop(columns=["px10", "px11"]).to_csv(tmp_path / "other.csv", index=False)
+    fails_cleanly(capsys, ["score", str(tmp_path / "r"), str(tmp_path / "other.csv"), "--out", str(tmp_path / "s.csv")],
+                  "px10")
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_score_images_with_a_table_run(tmp_path, capsys):
+    table = write_digits_table(tmp_path / "t.csv", with_labels=False)
+    assert main(["fit", str(table), "--out", str(tmp_path / "r")]) == 0
+    folder = write_digits_images(tmp_path / "imgs", n_normal=5, n_anomalous=1)
+    fails_cleanly(capsys, ["score", str(tmp_path / "r"), str(folder), "--out", str(tmp_path / "s.csv")], "table")
+
+
+def test_out_folder_that_is_not_empty(tmp_path, capsys):
+    table = write_digits_table(tmp_path / "t.csv")
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "keep.txt").write_text("mine")
+    fails_cleanly(capsys, ["fit", str(table), "--out", str(tmp_path / "r")], "not empty")
+    assert (tmp_path / "r" / "keep.txt").read_text() == "mine"
+
+
+def test_bad_option_values_are_named(tmp_path, capsys):
+    table = write_digits_table(tmp_path / "t.csv")
+    fails_cleanly(capsys, ["fit", str(table), "--out", str(tmp_path / "r"), "--gamma", "0.9"], "gamma")
+    fails_cleanly(capsys, ["fit", str(table), "--out", str(tmp_path / "r"), "--feature-layers", "stride4"], "stride16")
