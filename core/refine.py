@@ -16,7 +16,7 @@ suspicious samples are removed, and the record says so). ``gamma="auto"`` re-est
 contamination in every round from the ensemble's cross-fitted scores
 (:func:`estimate_contamination`), so rounds stop removing once the data look clean.
 
-A ``retrain`` callback, when given, receives the kept mask after each round and returns new
+A ``retrain`` callback, when given, receives the kept mask between rounds and returns new
 embeddings for all samples: this is where self-supervised retraining plugs in.
 """
 from __future__ import annotations
@@ -147,7 +147,7 @@ def iter_refine(
         yield round_record
         if len(removed) == 0 or capped:
             return
-        if retrain is not None:
+        if retrain is not None and round_number < rounds:
             features = np.asarray(retrain(kept))
 
 

@@ -115,6 +115,12 @@ def test_no_normal_folder_means_no_labels(tmp_path):
     assert load_image_folder(tmp_path).labels is None
 
 
+def test_folder_of_masks_only_is_a_data_error(tmp_path):
+    write_mask(tmp_path / "a_mask.png")
+    with pytest.raises(DataError, match="every image is a mask"):
+        load_image_folder(tmp_path)
+
+
 def test_mask_suffix_files_are_masks_not_samples(tmp_path):
     write_image(tmp_path / "good" / "a.png")
     write_image(tmp_path / "bad" / "b.png")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -125,6 +124,9 @@ def test_parquet_round_trip_and_duplicates(tmp_path):
                    tmp_path / "dup.parquet")
     with pytest.raises(DataError, match="duplicate column names"):
         load_table(tmp_path / "dup.parquet")
+    pq.write_table(pa.table({"a": [1, 2], "tags": [[1], [2, 3]]}), tmp_path / "nested.parquet")
+    with pytest.raises(DataError, match=r"nested columns \['tags'\]"):
+        load_table(tmp_path / "nested.parquet")
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 but not really")
     with pytest.raises(DataError, match="cannot read bad.parquet as Parquet"):
         load_table(tmp_path / "bad.parquet")
@@ -172,6 +174,9 @@ def test_mat_files(tmp_path):
     scipy.io.savemat(tmp_path / "nox.mat", {"data": X})
     with pytest.raises(DataError, match=r"no variable 'X' \(found \['data'\]\)"):
         load_table(tmp_path / "nox.mat")
+    scipy.io.savemat(tmp_path / "cells.mat", {"X": np.array([[1, "a"]], dtype=object)})
+    with pytest.raises(DataError, match="cell or struct array"):
+        load_table(tmp_path / "cells.mat")
     header = b"MATLAB 7.3 MAT-file, HDF5 schema 1.00 .".ljust(116, b" ") + bytes(8) + b"\x00\x02IM"
     (tmp_path / "v73.mat").write_bytes(header + bytes(512))
     with pytest.raises(DataError, match=r"v7.3 \(HDF5\).*save\(..., '-v7'\)"):

@@ -44,20 +44,21 @@ legitimately compress 1000-fold, and it cannot exhaust a disk."""
 
 _CHUNK_BYTES = 1 << 20
 _DRIVE = re.compile(r"^[A-Za-z]:")
+_REZIP = "re-create the archive from a plain folder of images"
 
 
 def _entry_parts(name: str) -> tuple[str, ...]:
     """The safe relative path components of an entry name, or raise DataError."""
     if "\x00" in name:
-        raise DataError(f"unsafe entry name {name!r}: contains a NUL character")
+        raise DataError(f"unsafe entry name {name!r}: contains a NUL character; {_REZIP}")
     unified = name.replace("\\", "/")
     if unified.startswith("/") or _DRIVE.match(unified):
-        raise DataError(f"unsafe entry {name!r}: absolute path")
+        raise DataError(f"unsafe entry {name!r}: absolute path; {_REZIP}")
     parts = tuple(p for p in unified.split("/") if p not in ("", "."))
     if ".." in parts:
-        raise DataError(f"unsafe entry {name!r}: '..' would write outside the extraction folder")
+        raise DataError(f"unsafe entry {name!r}: '..' would write outside the extraction folder; {_REZIP}")
     if any(_DRIVE.match(p) for p in parts):
-        raise DataError(f"unsafe entry {name!r}: drive letter in path")
+        raise DataError(f"unsafe entry {name!r}: drive letter in path; {_REZIP}")
     return parts
 
 
@@ -72,14 +73,14 @@ def _check_entries(
     for info in infos:
         parts = _entry_parts(info.filename)
         if stat.S_ISLNK(info.external_attr >> 16):
-            raise DataError(f"unsafe entry {info.filename!r}: symbolic links are refused")
+            raise DataError(f"unsafe entry {info.filename!r}: symbolic links are refused; {_REZIP}")
         if info.is_dir():
             checked.append((info, parts))
             continue
         if not parts:
-            raise DataError(f"unsafe entry {info.filename!r}: empty file name")
+            raise DataError(f"unsafe entry {info.filename!r}: empty file name; {_REZIP}")
         if parts in seen:
-            raise DataError(f"entry {info.filename!r} appears twice")
+            raise DataError(f"entry {info.filename!r} appears twice; {_REZIP}")
         seen.add(parts)
         n_files += 1
         if n_files > max_files:
@@ -187,14 +188,14 @@ def _extract_into(
             target.parent.mkdir(parents=True, exist_ok=True)
             # Defence in depth: the names were checked, but a folder on the way must not be a link.
             if not target.parent.resolve().is_relative_to(dest):
-                raise DataError(f"unsafe entry {info.filename!r}: resolves outside the extraction folder")
+                raise DataError(f"unsafe entry {info.filename!r}: resolves outside the extraction folder; {_REZIP}")
             written = 0
             with archive.open(info) as source, open(target, "xb") as sink:
                 while chunk := source.read(_CHUNK_BYTES):
                     written += len(chunk)
                     written_total += len(chunk)
                     if written > info.file_size:
-                        raise DataError(f"entry {info.filename!r} holds more bytes than it declares")
+                        raise DataError(f"entry {info.filename!r} holds more bytes than it declares; {_REZIP}")
                     if written_total > max_total_bytes:
                         raise DataError(f"uncompressed size over the limit of {max_total_bytes} bytes; "
                                         "split the archive or pass a folder")

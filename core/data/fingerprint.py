@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,13 +25,13 @@ FINGERPRINT_HEX_CHARS = 32
 _CHUNK_BYTES = 1 << 20
 
 
-def _update_field(digest: "hashlib._Hash", data: bytes) -> None:
+def _update_field(digest: Any, data: bytes) -> None:
     """Feed ``data`` preceded by its length, so field boundaries are unambiguous."""
     digest.update(len(data).to_bytes(8, "little"))
     digest.update(data)
 
 
-def _finish(digest: "hashlib._Hash") -> str:
+def _finish(digest: Any) -> str:
     return digest.hexdigest()[:FINGERPRINT_HEX_CHARS]
 
 

@@ -232,12 +232,18 @@ def _visible_subfolders(folder: Path) -> list[Path]:
                   if p.is_dir() and not p.name.startswith(".") and p.name not in _IGNORED_DIRS)
 
 
+def _by_stem(ids: list[str]) -> dict[tuple[str, str], list[str]]:
+    """Group ids by (folder, stem)."""
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for sample_id in ids:
+        path = PurePosixPath(sample_id)
+        groups[(str(path.parent), path.stem)].append(sample_id)
+    return groups
+
+
 def _attach_stem_masks(samples: list[str], mask_ids: list[str]) -> dict[str, str]:
     """Attach each ``X_mask.*`` to the single sample ``X.*`` in the same folder."""
-    by_key: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for sample_id in samples:
-        path = PurePosixPath(sample_id)
-        by_key[(str(path.parent), path.stem)].append(sample_id)
+    by_key = _by_stem(samples)
     masks: dict[str, str] = {}
     for mask_id in mask_ids:
         path = PurePosixPath(mask_id)
@@ -249,12 +255,8 @@ def _attach_stem_masks(samples: list[str], mask_ids: list[str]) -> dict[str, str
 
 def _sibling_pairs(samples: list[str]) -> list[tuple[str, str]]:
     """(jpeg id, png id) pairs with the same stem in the same folder."""
-    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for sample_id in samples:
-        path = PurePosixPath(sample_id)
-        groups[(str(path.parent), path.stem)].append(sample_id)
     pairs = []
-    for members in groups.values():
+    for members in _by_stem(samples).values():
         jpegs = [m for m in members if PurePosixPath(m).suffix.lower() in _JPEG_SUFFIXES]
         pngs = [m for m in members if PurePosixPath(m).suffix.lower() == ".png"]
         if len(jpegs) == 1 and len(pngs) == 1:
@@ -382,6 +384,10 @@ def load_image_folder(
     else:
         label_of = _plain_labels(root, samples)
 
+    if not samples:
+        raise DataError(f"no sample image in {root}: every image is a mask"
+                        + (" or lies outside train/good and test/" if mvtec is not None else "")
+                        + "; add the images themselves")
     kept, skipped = _validate(root, samples, on_progress, cancel)
     if skipped:
         logger.warning("skipped %d unreadable image(s) in %s", len(skipped), root)

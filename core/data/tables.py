@@ -98,11 +98,17 @@ def _read_csv(path: Path) -> pd.DataFrame:
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     with _parsing(path, "Parquet file"):
         with pq.ParquetFile(path) as parquet:
-            _check_columns(parquet.schema_arrow.names, path)
+            schema = parquet.schema_arrow
+            _check_columns(schema.names, path)
+            nested = [field.name for field in schema if pa.types.is_nested(field.type)]
+            if nested:
+                raise DataError(f"{path.name} has nested columns {nested[:10]} (lists, structs or maps); "
+                                "flatten them into plain columns")
             frame = parquet.read().to_pandas()
     return frame.reset_index(drop=True)
 
@@ -166,6 +172,8 @@ def _read_mat(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray | None
         raise DataError(f"{path.name} has no variable 'X' (found {keys}); "
                         "save features as X and optional labels as y")
     features = contents["X"]
+    if not scipy.sparse.issparse(features) and features.dtype.kind in "OV":
+        raise DataError(f"{path.name}: X is a cell or struct array; save X as a numeric matrix")
     if scipy.sparse.issparse(features):
         if features.shape[0] * features.shape[1] * 8 > MAX_TABLE_BYTES:
             raise DataError(f"{path.name}: sparse X of shape {features.shape} is too large as a dense table")

@@ -1,0 +1,1 @@
+"""Benchmarks of the Refinery engine; see bench/README.md."""
