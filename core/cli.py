@@ -138,7 +138,9 @@ def _fit(args: argparse.Namespace) -> None:
 
 def _score(args: argparse.Namespace) -> None:
     run = engine.open_run(args.run_dir)
-    dataset = engine.load_data(args.data, label_column=args.label_column or run.config.label_column)
+    dataset = engine.load_data(
+        args.data, label_column=args.label_column or run.config.label_column, label_required=bool(args.label_column)
+    )
     _report_skipped(dataset)
     with _ProgressBar() as progress:
         scores = run.score(dataset, on_progress=progress)

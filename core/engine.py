@@ -79,10 +79,25 @@ class FitResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def load_data(path: Path | str, *, label_column: str | None = None, workspace: Path | None = None) -> Dataset:
-    """Load a folder, zip or table; archives are extracted under ``workspace`` (default: the Refinery home)."""
+def load_data(
+    path: Path | str,
+    *,
+    label_column: str | None = None,
+    label_required: bool = True,
+    workspace: Path | None = None,
+    on_progress: ProgressCallback = ignore_progress,
+    cancel: CancelToken | None = None,
+) -> Dataset:
+    """Load a folder, zip or table; archives are extracted under ``workspace`` (default: the Refinery home).
+
+    ``label_required=False`` lets a table lack ``label_column`` (scoring new data with the name of
+    the run's label column).
+    """
     workspace = Path(workspace) if workspace else refinery_home() / "workspace"
-    return load_dataset(Path(path), workspace=workspace, label_column=label_column)
+    return load_dataset(
+        Path(path), workspace=workspace, label_column=label_column, label_required=label_required,
+        on_progress=on_progress, cancel=cancel,
+    )
 
 
 def fit(

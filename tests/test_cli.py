@@ -205,3 +205,13 @@ def test_bad_option_values_are_named(tmp_path, capsys):
     table = write_digits_table(tmp_path / "t.csv")
     fails_cleanly(capsys, ["fit", str(table), "--out", str(tmp_path / "r"), "--gamma", "0.9"], "gamma")
     fails_cleanly(capsys, ["fit", str(table), "--out", str(tmp_path / "r"), "--feature-layers", "stride4"], "stride16")
+
+
+def test_score_reuses_the_run_label_column_when_present(tmp_path, capsys):
+    table = write_digits_table(tmp_path / "t.csv")
+    assert main(["fit", str(table), "--out", str(tmp_path / "r"), "--label-column", "label"]) == 0
+    assert main(["score", str(tmp_path / "r"), str(table), "--out", str(tmp_path / "s.csv")]) == 0
+    assert "label" in pd.read_csv(tmp_path / "s.csv").columns
+    pd.read_csv(table).drop(columns=["label"]).to_csv(tmp_path / "new.csv", index=False)
+    assert main(["score", str(tmp_path / "r"), str(tmp_path / "new.csv"), "--out", str(tmp_path / "n.csv")]) == 0
+    assert "label" not in pd.read_csv(tmp_path / "n.csv").columns

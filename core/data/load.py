@@ -26,6 +26,7 @@ def load_dataset(
     *,
     workspace: Path | str,
     label_column: str | None = None,
+    label_required: bool = True,
     on_progress: ProgressCallback = ignore_progress,
     cancel: CancelToken | None = None,
 ) -> Dataset:
@@ -41,6 +42,8 @@ def load_dataset(
         extracted folder, which becomes ``Dataset.source``.
     label_column : str, optional
         Label column or array of a table (ignored, with a warning, for images).
+    label_required : bool
+        When False, a table without ``label_column`` loads without labels instead of failing.
     on_progress : callable
         Receives progress events while extracting and checking images.
     cancel : CancelToken, optional
@@ -60,12 +63,12 @@ def load_dataset(
         raise DataError(f"{path} does not exist; check the path")
     suffix = path.suffix.lower()
     if path.is_dir() or suffix == ".zip":
-        if label_column is not None:
+        if label_column is not None and label_required:
             logger.warning("label_column=%r ignored: image labels come from folder names", label_column)
         folder = path if path.is_dir() else extract_zip(path, workspace, on_progress=on_progress, cancel=cancel)
         return load_image_folder(folder, on_progress=on_progress, cancel=cancel)
     if suffix in TABLE_SUFFIXES:
-        return load_table(path, label_column=label_column)
+        return load_table(path, label_column=label_column, label_required=label_required)
     if _looks_like_idx(path):
         raise DataError(f"{path.name} looks like an IDX (MNIST-style) or gzip file, which is not loaded directly; "
                         "use core.data.load_idx_images and materialize_images, or pass a folder or .zip of images")

@@ -278,7 +278,7 @@ def table_dataset(features: pd.DataFrame, source: Path | str, labels: np.ndarray
     )
 
 
-def load_table(path: Path | str, label_column: str | None = None) -> Dataset:
+def load_table(path: Path | str, label_column: str | None = None, *, label_required: bool = True) -> Dataset:
     """Load a ``.csv``, ``.parquet``, ``.npz`` or ``.mat`` table as a table :class:`Dataset`.
 
     Parameters
@@ -288,6 +288,9 @@ def load_table(path: Path | str, label_column: str | None = None) -> Dataset:
     label_column : str, optional
         Label column (csv, parquet) or array name (npz, mat; default ``"y"`` when present).
         Labels are 0/1 (1 = anomaly) or booleans, used for metrics only.
+    label_required : bool
+        When False, a missing label column or array means "no labels" instead of an error
+        (scoring a table with the run's label column name, which new data may lack).
 
     Returns
     -------
@@ -320,10 +323,13 @@ def load_table(path: Path | str, label_column: str | None = None) -> Dataset:
     if suffix in (".csv", ".parquet"):
         frame = _read_csv(path) if suffix == ".csv" else _read_parquet(path)
         if label_column is not None:
-            if label_column not in frame.columns:
+            if label_column not in frame.columns and not label_required:
+                label_column = None
+            elif label_column not in frame.columns:
                 shown = [str(c) for c in frame.columns[:30]]
                 more = f" and {frame.shape[1] - 30} more" if frame.shape[1] > 30 else ""
                 raise DataError(f"{path.name} has no column {label_column!r}; columns are {shown}{more}")
+        if label_column is not None:
             labels = parse_labels(frame[label_column], f"label column {label_column!r} of {path.name}")
             frame = frame.drop(columns=[label_column])
         else:
@@ -332,7 +338,7 @@ def load_table(path: Path | str, label_column: str | None = None) -> Dataset:
         key = ARRAY_LABEL_KEY if label_column is None else label_column
         reader = _read_npz if suffix == ".npz" else _read_mat
         raw_features, raw_labels = reader(path, key)
-        if raw_labels is None and label_column is not None:
+        if raw_labels is None and label_column is not None and label_required:
             raise DataError(f"{path.name} has no array {label_column!r} to use as labels")
         matrix = _as_feature_matrix(raw_features, path)
         frame = pd.DataFrame(matrix, columns=[f"x{j}" for j in range(matrix.shape[1])])
