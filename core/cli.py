@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--objective", choices=OBJECTIVES, default=DEFAULTS.objective,
                      help="representation learning objective; 'none' keeps the pretrained features frozen (default)")
     fit.add_argument("--detector", choices=DETECTORS, default=DEFAULTS.detector,
-                     help="one-class detector used in the refinement ensemble and for the final scores (default: %(default)s)")
+                     help="one-class detector used in the refinement ensemble and for the final scores; "
+                     "auto = gde for images, knn for tables (default: %(default)s)")
     fit.add_argument("--refine", action=argparse.BooleanOptionalAction, default=DEFAULTS.refine,
                      help="remove what the detector ensemble agrees is anomalous before the final fit (default: on)")
     fit.add_argument("--ensemble", type=int, default=DEFAULTS.ensemble, metavar="K",

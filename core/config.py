@@ -11,7 +11,10 @@ from core.errors import ConfigError
 BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 FEATURE_LAYERS = ("stride8", "stride16", "stride32", "head")
 OBJECTIVES = ("none",)
-DETECTORS = ("gde", "kde", "ocsvm", "knn", "iforest", "ecod")
+DETECTORS = ("auto", "gde", "kde", "ocsvm", "knn", "iforest", "ecod")
+AUTO_DETECTOR = {"images": "gde", "table": "knn"}
+"""What ``detector="auto"`` means per kind of data, chosen by bench/tables.py, bench/mvtec_bottle.py
+and bench/fashion_mnist.py (docs/benchmarks.md)."""
 THRESHOLD_SOURCES = ("held_out", "in_sample")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -33,7 +36,8 @@ class FitConfig:
     objective : str
         Representation learning objective; ``none`` uses the frozen pretrained features.
     detector : str
-        One-class detector for refinement and final scoring (``DETECTORS``).
+        One-class detector for refinement and final scoring (``DETECTORS``); ``auto`` picks GDE
+        for images and kNN distance for tables (``AUTO_DETECTOR``), resolved by :meth:`for_data`.
     refine : bool
         Run STOC data refinement before fitting the final detector.
     ensemble : int
@@ -62,7 +66,7 @@ class FitConfig:
     image_size: int = 224
     feature_layers: tuple[str, ...] = ("stride16", "stride32")
     objective: str = "none"
-    detector: str = "gde"
+    detector: str = "auto"
     refine: bool = True
     ensemble: int = 5
     gamma: float | str = "auto"
@@ -101,6 +105,12 @@ class FitConfig:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         return self
+
+    def for_data(self, kind: str) -> "FitConfig":
+        """This config with ``detector="auto"`` resolved for ``kind`` (``images`` or ``table``)."""
+        if self.detector != "auto":
+            return self
+        return replace(self, detector=AUTO_DETECTOR[kind])
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

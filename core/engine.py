@@ -19,7 +19,7 @@ import pandas as pd
 from core.config import FitConfig
 from core.data import Dataset, load_dataset
 from core.detectors import make_detector
-from core.errors import DataError, RunError
+from core.errors import ConfigError, DataError, RunError
 from core.metrics import DetectionMetrics, detection_metrics
 from core.models.encoder import Encoder, load_encoder, make_encoder, save_encoder
 from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
@@ -110,7 +110,7 @@ def fit(
     cancel: CancelToken | None = None,
 ) -> FitResult:
     """Fit a run on ``dataset`` and save it to ``out_dir`` (which must not hold anything yet)."""
-    config.validate()
+    config = config.validate().for_data(dataset.kind)
     _check_trainable(dataset, config)
     registry = registry or Registry()
     out_dir = Path(out_dir)
@@ -186,7 +186,10 @@ def refine_and_fit(
 
     This is the whole fit after encoding; benchmarks call it directly so that they measure exactly
     what ``refinery fit`` does. ``labels`` only feed the rounds' precision/recall fields.
+    ``config.detector`` must be concrete: resolve ``auto`` with :meth:`FitConfig.for_data` first.
     """
+    if config.detector == "auto":
+        raise ConfigError("refine_and_fit needs a concrete detector; call config.for_data(kind) first")
     factory = partial(make_detector, config.detector, random_state=config.seed)
     rounds: list[RefinementRound] = []
     kept = np.ones(len(embeddings), dtype=bool)

@@ -48,7 +48,7 @@ def test_saved_run_scores_like_the_fit(tmp_path, registry):
     again = run.score(dataset)
     np.testing.assert_allclose(again.anomaly_score, result.scores.anomaly_score, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(again.is_anomaly, result.scores.is_anomaly)
-    assert FitConfig.load(tmp_path / "run" / "config.json") == FitConfig()
+    assert FitConfig.load(tmp_path / "run" / "config.json") == FitConfig(detector="knn"), "auto resolved for tables"
     history = json.loads((tmp_path / "run" / "refinement.json").read_text())
     assert [r["round"] for r in history] == [r.round for r in result.rounds]
     [record] = registry.runs()

@@ -1,0 +1,217 @@
+"""Patch localization maps: shape and range, determinism, planted defects, persistence, bounds."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.covariance import OAS
+from sklearn.exceptions import NotFittedError
+
+from core.errors import Cancelled, ConfigError
+from core.explain import PatchLocalizer, image_scores_from_maps
+from core.explain.patch import greedy_coreset, oas_shrinkage
+from core.explain.smoothing import gaussian_blur
+from core.progress import CancelToken
+
+SYNTHETIC_SIZE = 96          # working resolution for synthetic images (a 12 x 12 patch grid)
+REAL_SIZE = 128              # working resolution for the bottle images (a 16 x 16 patch grid)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on a shared, oversubscribed CPU two spinning threads make each small
+    convolution wait for a time slice (100x slower here); results do not depend on it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def stripes(rng: np.random.Generator, height: int = 96, width: int = 112) -> np.ndarray:
+    """A normal synthetic image: oblique stripes with a random phase and angle, plus noise."""
+    y, x = np.mgrid[0:height, 0:width]
+    angle, phase = rng.uniform(0.3, 0.5), rng.uniform(0, 2 * np.pi)
+    value = 0.5 + 0.25 * np.sin(0.6 * (x * np.cos(angle) + y * np.sin(angle)) + phase)
+    value += rng.normal(0, 0.05, (height, width))
+    return np.clip(value * 255, 0, 255).astype(np.uint8)
+
+
+def plant_square(image: np.ndarray, top: int, left: int, side: int, rng: np.random.Generator) -> np.ndarray:
+    """Paste a bright, textured (checker + noise) square; returns the ground-truth mask."""
+    yy, xx = np.mgrid[0:side, 0:side]
+    patch = np.where((yy // 4 + xx // 4) % 2, 255, 190) - rng.integers(0, 30, (side, side))
+    region = image[top:top + side, left:left + side]
+    region[...] = patch[..., None] if region.ndim == 3 else patch
+    mask = np.zeros(image.shape[:2], dtype=bool)
+    mask[top:top + side, left:left + side] = True
+    return mask
+
+
+def iou_at_true_area(anomaly_map: np.ndarray, mask: np.ndarray) -> float:
+    """IoU of the mask with the map's top pixels, as many as the mask has (chance: about area / 2)."""
+    predicted = anomaly_map >= np.quantile(anomaly_map, 1.0 - mask.mean())
+    return float((predicted & mask).sum() / (predicted | mask).sum())
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """16 normal striped images, a defective one (square at rows 30-53, cols 60-83) and its mask."""
+    folder = tmp_path_factory.mktemp("stripes")
+    rng = np.random.default_rng(0)
+    normal = []
+    for index in range(16):
+        path = folder / f"normal_{index:02d}.png"
+        Image.fromarray(stripes(rng)).save(path)
+        normal.append(path)
+    image = stripes(rng)
+    mask = plant_square(image, 30, 60, 24, rng)
+    defective = folder / "defective.png"
+    Image.fromarray(image).save(defective)
+    return normal, defective, mask
+
+
+@pytest.fixture(scope="module")
+def fitted(synthetic):
+    normal, _, _ = synthetic
+    return {method: PatchLocalizer(method, image_size=SYNTHETIC_SIZE, device="cpu", seed=0).fit(normal)
+            for method in ("memory", "gaussian")}
+
+
+@pytest.mark.parametrize("method", ["memory", "gaussian"])
+def test_planted_square_is_where_the_synthetic_map_peaks(fitted, synthetic, method):
+    _, defective, mask = synthetic
+    anomaly_map = fitted[method].anomaly_maps([defective])[0]
+    assert mask[np.unravel_index(np.argmax(anomaly_map), anomaly_map.shape)]
+    assert iou_at_true_area(anomaly_map, mask) > 0.5      # chance is about 0.03
+    # normalised for display, the defect stands far above the held-out normal 99th percentile
+    assert fitted[method].normalize(anomaly_map)[mask].max() > 2.0
+
+
+@pytest.mark.parametrize("method", ["memory", "gaussian"])
+def test_maps_have_each_input_size_and_are_finite_and_non_negative(fitted, synthetic, tmp_path, method):
+    rng = np.random.default_rng(1)
+    paths = []
+    for height, width in [(50, 70), (130, 61)]:
+        path = tmp_path / f"{height}x{width}.jpg"
+        Image.fromarray(stripes(rng, height, width)).convert("RGB").save(path)
+        paths.append(path)
+    maps = fitted[method].anomaly_maps(paths)
+    assert [m.shape for m in maps] == [(50, 70), (130, 61)]
+    for anomaly_map in maps:
+        assert anomaly_map.dtype == np.float32
+        assert np.all(np.isfinite(anomaly_map)) and anomaly_map.min() >= 0.0
+    assert fitted[method].anomaly_maps(paths, output_size=32)[1].shape == (32, 32)
+    assert fitted[method].anomaly_maps(paths, output_size=(20, 30))[0].shape == (20, 30)
+
+
+def test_same_seed_same_maps_and_another_seed_another_coreset(fitted, synthetic):
+    normal, defective, _ = synthetic
+    again = PatchLocalizer("memory", image_size=SYNTHETIC_SIZE, device="cpu", seed=0).fit(normal)
+    assert torch.equal(again.memory_bank_, fitted["memory"].memory_bank_)
+    np.testing.assert_array_equal(again.anomaly_maps([defective])[0], fitted["memory"].anomaly_maps([defective])[0])
+    other = PatchLocalizer("memory", image_size=SYNTHETIC_SIZE, device="cpu", seed=1).fit(normal)
+    assert not torch.equal(other.memory_bank_, fitted["memory"].memory_bank_)
+
+
+@pytest.mark.parametrize("method", ["memory", "gaussian"])
+def test_save_load_round_trip_gives_the_same_maps(fitted, synthetic, tmp_path, method):
+    _, defective, _ = synthetic
+    fitted[method].save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["patch_localizer.json", "patch_localizer.safetensors"]
+    loaded = PatchLocalizer.load(tmp_path)
+    assert loaded.get_params() == fitted[method].get_params()
+    assert loaded.display_scale_ == fitted[method].display_scale_
+    np.testing.assert_array_equal(loaded.anomaly_maps([defective])[0], fitted[method].anomaly_maps([defective])[0])
+
+
+def test_memory_is_bounded_by_the_pool_and_the_coreset(synthetic):
+    normal, _, _ = synthetic
+    localizer = PatchLocalizer("memory", image_size=SYNTHETIC_SIZE, device="cpu", coreset_size=50,
+                               coreset_ratio=0.5, max_pool_patches=300).fit(normal)
+    # 16 images, 2 held out (display scale): 14 fitted, ceil(300 / 14) = 22 of 144 patches each
+    pool = localizer.n_train_images_ * math.ceil(300 / localizer.n_train_images_)
+    assert localizer.n_train_images_ == 14 and pool == 308
+    assert localizer.memory_bank_.shape == (50, 152)
+    small = PatchLocalizer("memory", image_size=SYNTHETIC_SIZE, device="cpu", coreset_ratio=0.01,
+                           max_pool_patches=300).fit(normal)
+    assert small.memory_bank_.shape[0] == math.ceil(0.01 * pool)
+
+
+def test_greedy_coreset_matches_a_brute_force_k_center():
+    points = torch.randn(200, 8, generator=torch.Generator().manual_seed(0))
+    selected = greedy_coreset(points, 20, projection_dim=64, seed=3)     # 8 dims: no projection
+    assert len(set(selected.tolist())) == 20
+    chosen = [int(selected[0])]
+    for _ in range(19):
+        distance = torch.cdist(points, points[chosen]).min(dim=1).values
+        chosen.append(int(torch.argmax(distance)))
+    assert selected.tolist() == chosen
+    assert greedy_coreset(points, 500).tolist() == list(range(200))
+
+
+def test_oas_shrinkage_matches_scikit_learn():
+    rng = np.random.default_rng(0)
+    samples = rng.normal(size=(12, 6)) @ rng.normal(size=(6, 6))
+    centred = samples - samples.mean(axis=0)
+    covariance = torch.from_numpy(centred.T @ centred / len(samples))[None]
+    shrunk, shrinkage = oas_shrinkage(covariance, len(samples))
+    reference = OAS(assume_centered=False).fit(samples)
+    np.testing.assert_allclose(shrunk[0].numpy(), reference.covariance_, rtol=1e-9, atol=1e-12)
+    assert float(shrinkage[0]) == pytest.approx(reference.shrinkage_)
+
+
+def test_image_scores_from_maps():
+    maps = [np.arange(100, dtype=np.float32).reshape(10, 10), np.zeros((4, 5), np.float32)]
+    np.testing.assert_array_equal(image_scores_from_maps(maps), [99.0, 0.0])
+    np.testing.assert_allclose(image_scores_from_maps(maps, "topk_mean", topk_fraction=0.05), [97.0, 0.0])
+    with pytest.raises(ConfigError, match="max, topk_mean"):
+        image_scores_from_maps(maps, "mean")
+
+
+def test_gaussian_blur_keeps_mass_and_a_constant_map():
+    impulse = torch.zeros(1, 41, 41)
+    impulse[0, 20, 20] = 1.0
+    blurred = gaussian_blur(impulse, 2.0)
+    assert float(blurred.sum()) == pytest.approx(1.0, abs=1e-5)
+    assert int(torch.argmax(blurred)) == 20 * 41 + 20
+    constant = torch.full((1, 10, 7), 3.0)       # smaller than the kernel: replicated borders
+    torch.testing.assert_close(gaussian_blur(constant, 4.0), constant)
+
+
+def test_progress_cancel_and_validation(synthetic):
+    normal, _, _ = synthetic
+    with pytest.raises(NotFittedError):
+        PatchLocalizer(device="cpu").anomaly_maps(normal[:1])
+    with pytest.raises(ConfigError, match="memory, gaussian"):
+        PatchLocalizer("knn", device="cpu").fit(normal)
+    token = CancelToken()
+    events = []
+
+    def on_progress(event):
+        events.append(event)
+        token.cancel()
+
+    with pytest.raises(Cancelled):
+        PatchLocalizer(image_size=SYNTHETIC_SIZE, device="cpu", batch_size=4).fit(normal, on_progress, token)
+    assert [(e.stage, e.done, e.total) for e in events] == [("patch_fit", 4, 14)]
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("method", ["memory", "gaussian"])
+def test_planted_square_on_a_real_bottle_image(shared_data, tmp_path, method):
+    good = sorted((shared_data("mvtec_ad_bottle_256", "bottle", "train", "good")).glob("*.png"))
+    train, held_out = good[:20], good[30]
+    image = np.array(Image.open(held_out).convert("RGB"))
+    mask = plant_square(image, 150, 70, 36, np.random.default_rng(0))
+    defective = tmp_path / "bottle_defective.png"
+    Image.fromarray(image).save(defective)
+    localizer = PatchLocalizer(method, image_size=REAL_SIZE, device="cpu", seed=0).fit(train)
+    anomaly_map, untouched = localizer.anomaly_maps([defective, held_out])
+    assert anomaly_map.shape == image.shape[:2]
+    assert mask[np.unravel_index(np.argmax(anomaly_map), anomaly_map.shape)]
+    assert iou_at_true_area(anomaly_map, mask) > 0.4       # chance is about 0.01
+    assert anomaly_map.max() > 1.5 * untouched.max()
