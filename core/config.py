@@ -70,7 +70,7 @@ class FitConfig:
     refine: bool = True
     ensemble: int = 5
     gamma: float | str = "auto"
-    rounds: int = 2
+    rounds: int = 3
     threshold_source: str = "held_out"
     min_keep_fraction: float = 0.5
     device: str = "auto"

@@ -35,6 +35,7 @@ run-level scale for display belongs to the caller.
 from __future__ import annotations
 
 import threading
+from functools import cache
 from pathlib import Path
 from typing import Sequence
 
@@ -42,8 +43,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
-from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
 from torch import nn
 
 from core.config import FEATURE_LAYERS
@@ -53,8 +52,8 @@ from core.models.efficientnet import EfficientNetFeatures, normalize_images
 
 METHODS = ("gradcam", "gradcam++")
 
-# One explanation at a time per process: explain() flips the shared backbone's requires_grad flags
-# and mode, which two concurrent calls would restore in the wrong order.
+# One explanation at a time per process: explain() flips the shared backbone's requires_grad flags,
+# which two concurrent calls would restore in the wrong order.
 _EXPLAIN_LOCK = threading.RLock()
 
 _TINY = 1e-300  # keeps log() finite for an embedding exactly at the Gaussian's centre
@@ -83,8 +82,9 @@ class MahalanobisTarget:
     """
 
     def __init__(self, location, precision, log: bool = False) -> None:
-        location = torch.as_tensor(np.asarray(location, dtype=np.float64))
-        precision = torch.as_tensor(np.asarray(precision, dtype=np.float64))
+        with torch.inference_mode(False):  # built under inference mode, they could not join a backward pass
+            location = torch.tensor(np.asarray(location, dtype=np.float64))
+            precision = torch.tensor(np.asarray(precision, dtype=np.float64))
         if location.ndim != 1 or precision.shape != (location.shape[0], location.shape[0]):
             raise ValueError(
                 f"location must be (D,) and precision (D, D); got {tuple(location.shape)} and {tuple(precision.shape)}"
@@ -221,8 +221,7 @@ class ScoreExplainer:
         if self._cam is not None:
             return
         self._modes = {module: module.training for module in self.model.modules()}
-        cam_class = _UnscaledGradCAM if self.method == "gradcam" else _UnscaledGradCAMPlusPlus
-        self._cam = cam_class(self.model, [self.layer])  # BaseCAM puts the model in eval mode
+        self._cam = _cam_class(self.method)(self.model, [self.layer])  # BaseCAM puts the model in eval mode
 
     def close(self) -> None:
         """Remove the hooks and restore every module's train/eval mode; idempotent."""
@@ -249,6 +248,13 @@ class ScoreExplainer:
         -------
         list of ``(H, W) float32``
             Unnormalised, >= 0, higher = more anomalous; ``H, W`` of each input image.
+
+        Raises
+        ------
+        DataError
+            A file cannot be decoded.
+        ValueError
+            An array is not ``uint8`` RGB or grayscale.
         """
         items = list(images)
         if not items:
@@ -274,19 +280,6 @@ class ScoreExplainer:
         return maps
 
 
-class _OwnPassesOnly(ActivationsAndGradients):
-    """pytorch-grad-cam's hooks, recording only passes whose target activation requires grad.
-
-    The backbone is cached and shared: another thread may embed with it (under inference mode)
-    while an explainer is open. Those passes carry no gradient and are ignored here, instead of
-    being mixed into this explainer's activations.
-    """
-
-    def save_activation(self, module, input, output):
-        if getattr(output, "requires_grad", False):
-            super().save_activation(module, input, output)
-
-
 class _UnscaledCamMixin:
     """Keep the CAM in the score's units at feature resolution.
 
@@ -295,10 +288,12 @@ class _UnscaledCamMixin:
     :meth:`ScoreExplainer.explain`.
     """
 
+    hooks_class: type  # set by _cam_class
+
     def __init__(self, model: nn.Module, target_layers: list[nn.Module]) -> None:
         super().__init__(model, target_layers)
         self.activations_and_grads.release()
-        self.activations_and_grads = _OwnPassesOnly(model, target_layers, None)
+        self.activations_and_grads = self.hooks_class(model, target_layers, None)
         # Gradients reach the target layer through the input (parameters are frozen while explaining).
         self.compute_input_gradient = True
 
@@ -317,13 +312,30 @@ class _UnscaledCamMixin:
         return np.mean(np.stack(cam_per_target_layer), axis=0).astype(np.float32)
 
 
-class _UnscaledGradCAM(_UnscaledCamMixin, GradCAM):
-    pass
+@cache
+def _cam_class(method: str) -> type:
+    """pytorch-grad-cam's class for ``method`` with :class:`_UnscaledCamMixin` and own-pass hooks.
 
+    Imported on first use: the package pulls in torchvision, OpenCV and matplotlib, seconds of
+    start-up that every importer of ``core.explain`` would pay otherwise.
+    """
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+    from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
 
-class _UnscaledGradCAMPlusPlus(_UnscaledCamMixin, GradCAMPlusPlus):
-    pass
+    class OwnPassesOnly(ActivationsAndGradients):
+        """The package's hooks, recording only passes whose target activation requires grad.
 
+        The backbone is cached and shared: another thread may embed with it (under inference mode)
+        while an explainer is open. Those passes carry no gradient and are ignored here, instead of
+        being mixed into this explainer's activations.
+        """
+
+        def save_activation(self, module, input, output):
+            if getattr(output, "requires_grad", False):
+                super().save_activation(module, input, output)
+
+    base = GradCAM if method == "gradcam" else GradCAMPlusPlus
+    return type(f"Unscaled{base.__name__}", (_UnscaledCamMixin, base), {"hooks_class": OwnPassesOnly})
 
 
 class _frozen_parameters:
@@ -353,9 +365,10 @@ def _prefers_channels_last(model: nn.Module) -> bool:
 def _load(item, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """``(image_size, image_size, 3) uint8`` pixels and the original ``(H, W)`` of one input."""
     if isinstance(item, (str, Path)):
+        pixels = read_rgb(item, image_size)  # first: it turns an unreadable file into a DataError
         with Image.open(item) as image:
             width, height = image.size
-        return read_rgb(item, image_size), (height, width)
+        return pixels, (height, width)
     pixels = np.asarray(item)
     if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] != 3):
         raise ValueError(f"images must be (H, W, 3) or (H, W) uint8 arrays; got {pixels.dtype} {pixels.shape}")
