@@ -9,9 +9,11 @@ import argparse
 import logging
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from core import engine
 from core.config import BACKBONES, DETECTORS, DEVICES, FEATURE_LAYERS, OBJECTIVES, THRESHOLD_SOURCES, FitConfig, parse_gamma
@@ -81,6 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", type=Path, required=True, metavar="SCORES.csv", help="where to write the scores")
     score.add_argument("--label-column", metavar="NAME", help="table column with labels, for metrics only")
 
+    explain = commands.add_parser("explain", help="show which features make table rows anomalous",
+                                  description="For each row (default: the --top most anomalous), list the "
+                                  "features that deviate most from the run's kept training rows, with the "
+                                  "row's value, the typical range (5th-95th percentile) and the share of the "
+                                  "anomaly score.")
+    explain.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="folder written by 'refinery fit --out'")
+    explain.add_argument("data", type=Path, metavar="DATA", help="a table with the run's columns")
+    explain.add_argument("--ids", metavar="ID,ID", help="row ids (0-based) to explain; default: the most anomalous")
+    explain.add_argument("--top", type=int, default=5, metavar="N", help="rows to explain without --ids (default: %(default)s)")
+    explain.add_argument("--features", type=int, default=5, metavar="K", help="features per row (default: %(default)s)")
+    explain.add_argument("--out", type=Path, metavar="EXPLAIN.csv", help="also write one line per row and feature")
+
     commands.add_parser("runs", help="list the runs in the registry, newest first")
 
     demo = commands.add_parser("demo", help="fit the built-in demo (300 Fashion-MNIST images, 10%% contaminated)",
@@ -99,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             _fit(args)
         elif args.command == "score":
             _score(args)
+        elif args.command == "explain":
+            _explain(args)
         elif args.command == "demo":
             _demo(args)
         else:
@@ -150,6 +166,25 @@ def _score(args: argparse.Namespace) -> None:
     metrics = scores.metrics()
     if metrics:
         print(f"metrics (labels used for evaluation only): AUROC {metrics.auroc:.4f}  AP {metrics.ap:.4f}  F1 {metrics.f1:.4f}")
+
+
+def _explain(args: argparse.Namespace) -> None:
+    run = engine.open_run(args.run_dir)
+    dataset = engine.load_data(args.data, label_column=run.config.label_column, label_required=False)
+    ids = [part.strip() for part in args.ids.split(",") if part.strip()] if args.ids else None
+    explanations = run.explain_rows(dataset, ids=ids, k=args.features)
+    if ids is None:
+        explanations = explanations[: args.top]
+    rows = []
+    for explanation in explanations:
+        print(f"row {explanation.id}: anomaly_score {explanation.anomaly_score:.4g} ({explanation.method})")
+        for item in explanation.features:
+            print(f"  {item.feature:24s} value {item.value:<12.4g} typical {item.typical_low:.4g} .. "
+                  f"{item.typical_high:.4g}   share {item.share:6.1%}")
+            rows.append({"id": explanation.id, "anomaly_score": explanation.anomaly_score, **asdict(item)})
+    if args.out:
+        atomic_write_text(args.out, pd.DataFrame(rows).to_csv(index=False))
+        print(f"written to {args.out}")
 
 
 def _runs() -> None:

@@ -20,6 +20,7 @@ from core.config import FitConfig
 from core.data import Dataset, load_dataset
 from core.detectors import make_detector
 from core.errors import ConfigError, DataError, RunError
+from core.explain.attribution import RowExplanation, explain_table_rows
 from core.metrics import DetectionMetrics, detection_metrics
 from core.models.encoder import Encoder, load_encoder, make_encoder, save_encoder
 from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
@@ -307,7 +308,8 @@ class FittedRun:
         self.config = FitConfig.load(self.run_dir / "config.json")
         arrays = read_arrays(self.run_dir / "embeddings.safetensors")
         train, kept = arrays["train"], arrays["kept"].astype(bool)
-        self.detector = make_detector(self.config.detector, random_state=self.config.seed).fit(train[kept])
+        self.kept_embeddings = train[kept]
+        self.detector = make_detector(self.config.detector, random_state=self.config.seed).fit(self.kept_embeddings)
         check = -self.detector.score_samples(train)
         if not np.allclose(check, arrays["train_anomaly_score"], rtol=SCORE_TOLERANCE, atol=SCORE_TOLERANCE):
             raise RunError(f"{self.run_dir} does not reproduce its saved scores: the run is damaged or was tampered with")
@@ -324,6 +326,25 @@ class FittedRun:
         anomaly_score = -self.detector.score_samples(embeddings).astype(np.float64)
         on_progress(ProgressEvent("score", len(dataset), len(dataset), "scored"))
         return Scores(dataset.ids, anomaly_score, anomaly_score > self.threshold, self.threshold, dataset.labels)
+
+
+    def explain_rows(self, dataset: Dataset, ids: list[str] | None = None, k: int = 5) -> list[RowExplanation]:
+        """Top deviating features of table rows (all rows, or those with ``ids``), most anomalous first."""
+        if self.info["kind"] != "table" or dataset.kind != "table":
+            raise DataError("feature explanations are for tables; for images use localization maps")
+        if ids is not None:
+            position = {sample_id: index for index, sample_id in enumerate(dataset.ids)}
+            unknown = [i for i in ids if i not in position]
+            if unknown:
+                raise DataError(f"no row with id {', '.join(unknown[:5])} (ids are 0-based row numbers)")
+            dataset = dataset.subset(np.array([position[i] for i in ids]))
+        encoded = _embed(self.encoder, dataset, ignore_progress, None)
+        state = self.encoder.state_
+        explanations = explain_table_rows(
+            encoded, self.kept_embeddings, self.encoder.feature_names, self.detector,
+            medians=state.medians, scales=state.scales, ids=dataset.ids, k=k,
+        )
+        return sorted(explanations, key=lambda row: -row.anomaly_score)
 
 
 def open_run(run_dir: Path | str) -> FittedRun:

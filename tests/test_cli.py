@@ -215,3 +215,18 @@ def test_score_reuses_the_run_label_column_when_present(tmp_path, capsys):
     pd.read_csv(table).drop(columns=["label"]).to_csv(tmp_path / "new.csv", index=False)
     assert main(["score", str(tmp_path / "r"), str(tmp_path / "new.csv"), "--out", str(tmp_path / "n.csv")]) == 0
     assert "label" not in pd.read_csv(tmp_path / "n.csv").columns
+
+
+def test_explain_lists_the_planted_deviating_feature(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(300, 6)), columns=[f"f{i}" for i in range(6)])
+    frame.loc[17, "f4"] = 25.0  # one row, one feature far outside the usual range
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    assert main(["fit", str(tmp_path / "t.csv"), "--out", str(tmp_path / "r")]) == 0
+    capsys.readouterr()
+    out_csv = tmp_path / "why.csv"
+    assert main(["explain", str(tmp_path / "r"), str(tmp_path / "t.csv"), "--top", "1", "--out", str(out_csv)]) == 0
+    assert capsys.readouterr().out.startswith("row 17:")
+    why = pd.read_csv(out_csv)
+    assert why.iloc[0]["feature"] == "f4" and why.iloc[0]["value"] == 25.0
+    fails_cleanly(capsys, ["explain", str(tmp_path / "r"), str(tmp_path / "t.csv"), "--ids", "9999"], "9999")
