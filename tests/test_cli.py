@@ -228,5 +228,5 @@ def test_explain_lists_the_planted_deviating_feature(tmp_path, capsys):
     assert main(["explain", str(tmp_path / "r"), str(tmp_path / "t.csv"), "--top", "1", "--out", str(out_csv)]) == 0
     assert capsys.readouterr().out.startswith("row 17:")
     why = pd.read_csv(out_csv)
-    assert why.iloc[0]["feature"] == "f4" and why.iloc[0]["value"] == 25.0
+    assert why.iloc[0]["feature"] == "f4" and why.iloc[0]["value"] == pytest.approx(25.0)
     fails_cleanly(capsys, ["explain", str(tmp_path / "r"), str(tmp_path / "t.csv"), "--ids", "9999"], "9999")
