@@ -19,7 +19,7 @@ from core import engine
 from core.config import BACKBONES, DETECTORS, DEVICES, FEATURE_LAYERS, OBJECTIVES, THRESHOLD_SOURCES, FitConfig, parse_gamma
 from core.errors import Cancelled, RefineryError
 from core.progress import ProgressEvent
-from core.store import Registry, atomic_write_text, refinery_home
+from core.store import Registry, atomic_write_text, refinery_home, write_npy
 
 DEFAULTS = FitConfig()
 DEMO_DATA = Path(__file__).resolve().parents[1] / "assets" / "demo" / "fashion-mnist-sneakers"
@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="folder written by 'refinery fit --out'")
     score.add_argument("data", type=Path, metavar="DATA", help="images or a table of the same kind as the run's")
     score.add_argument("--out", type=Path, required=True, metavar="SCORES.csv", help="where to write the scores")
+    score.add_argument("--maps", type=Path, metavar="MAPS_DIR",
+                       help="also write one float32 .npy anomaly map per image (same height and width as the "
+                       "image, higher = more anomalous) at MAPS_DIR/<id with its suffix replaced by .npy>")
     score.add_argument("--label-column", metavar="NAME", help="table column with labels, for metrics only")
 
     explain = commands.add_parser("explain", help="show which features make table rows anomalous",
@@ -160,9 +163,14 @@ def _score(args: argparse.Namespace) -> None:
     )
     _report_skipped(dataset)
     with _ProgressBar() as progress:
+        maps = run.iter_anomaly_maps(dataset, on_progress=progress) if args.maps else None
         scores = run.score(dataset, on_progress=progress)
-    atomic_write_text(args.out, scores.to_frame().to_csv(index=False))
-    print(f"scored {len(dataset)} samples; {int(scores.is_anomaly.sum())} flagged; written to {args.out}")
+        atomic_write_text(args.out, scores.to_frame().to_csv(index=False))
+        print(f"scored {len(dataset)} samples; {int(scores.is_anomaly.sum())} flagged; written to {args.out}")
+        for sample_id, anomaly_map in maps or ():
+            write_npy(args.maps / Path(sample_id).with_suffix(".npy"), anomaly_map.astype(np.float32))
+    if args.maps:
+        print(f"anomaly maps written to {args.maps}")
     metrics = scores.metrics()
     if metrics:
         print(f"metrics (labels used for evaluation only): AUROC {metrics.auroc:.4f}  AP {metrics.ap:.4f}  F1 {metrics.f1:.4f}")

@@ -16,6 +16,7 @@ AUTO_DETECTOR = {"images": "gde", "table": "knn"}
 """What ``detector="auto"`` means per kind of data, chosen by bench/tables.py, bench/mvtec_bottle.py
 and bench/fashion_mnist.py (docs/benchmarks.md)."""
 THRESHOLD_SOURCES = ("held_out", "in_sample")
+LOCALIZATIONS = ("memory", "gaussian", "none")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -52,6 +53,10 @@ class FitConfig:
         train on; ``in_sample``: on its own training subset (collapses in high dimensions).
     min_keep_fraction : float
         Refinement never keeps fewer than this share of the training data.
+    localization : str
+        Patch model for image anomaly maps, fitted on the kept training images: ``memory``
+        (nearest-neighbour distance to a coreset of normal patches; any layout), ``gaussian`` (one
+        Gaussian per location; aligned objects) or ``none`` (no maps). Ignored for tables.
     device : str
         ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     batch_size : int
@@ -73,6 +78,7 @@ class FitConfig:
     rounds: int = 3
     threshold_source: str = "held_out"
     min_keep_fraction: float = 0.5
+    localization: str = "memory"
     device: str = "auto"
     batch_size: int = 32
     seed: int = 0
@@ -85,6 +91,7 @@ class FitConfig:
         _choice("detector", self.detector, DETECTORS)
         _choice("threshold_source", self.threshold_source, THRESHOLD_SOURCES)
         _choice("device", self.device, DEVICES)
+        _choice("localization", self.localization, LOCALIZATIONS)
         if not self.feature_layers:
             raise ConfigError(f"feature_layers is empty; choose from {', '.join(FEATURE_LAYERS)}")
         for layer in self.feature_layers:

@@ -11,16 +11,17 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
 
 from core.config import FitConfig
-from core.data import Dataset, load_dataset
+from core.data import IMAGES, Dataset, load_dataset
 from core.detectors import make_detector
 from core.errors import ConfigError, DataError, RunError
 from core.explain.attribution import RowExplanation, explain_table_rows
+from core.explain.patch import PatchLocalizer
 from core.metrics import DetectionMetrics, detection_metrics
 from core.models.encoder import Encoder, load_encoder, make_encoder, save_encoder
 from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
@@ -152,6 +153,15 @@ def _fit(dataset, config, out_dir, staging, run_id, registry, on_progress, cance
     timings["refine_and_detector_s"] = time.perf_counter() - started
     scores = Scores(dataset.ids, model.train_score, model.train_score > model.threshold, model.threshold, dataset.labels)
     on_progress(ProgressEvent("score", len(dataset), len(dataset), f"threshold {model.threshold:.4g}"))
+    if dataset.kind == IMAGES and config.localization != "none":
+        started = time.perf_counter()
+        kept_paths = [path for path, keep in zip(dataset.paths, model.kept) if keep]
+        localizer = PatchLocalizer(
+            config.localization, image_size=config.image_size, backbone=config.backbone, device=config.device,
+            seed=config.seed,
+        ).fit(kept_paths, on_progress=on_progress, cancel=cancel)
+        localizer.save(staging)
+        timings["localization_s"] = time.perf_counter() - started
 
     result = FitResult(
         run_dir=out_dir, run_id=run_id, config=config, rounds=model.rounds, kept=model.kept,
@@ -315,6 +325,10 @@ class FittedRun:
             raise RunError(f"{self.run_dir} does not reproduce its saved scores: the run is damaged or was tampered with")
         self.encoder = load_encoder(self.config, self.info["kind"], self.run_dir)
         self.threshold = float(self.info["threshold"])
+        self.localizer = (
+            PatchLocalizer.load(self.run_dir, device=self.config.device)
+            if self.info["kind"] == IMAGES and self.config.localization != "none" else None
+        )
 
     def score(
         self, dataset: Dataset, on_progress: ProgressCallback = ignore_progress, cancel: CancelToken | None = None
@@ -327,6 +341,19 @@ class FittedRun:
         on_progress(ProgressEvent("score", len(dataset), len(dataset), "scored"))
         return Scores(dataset.ids, anomaly_score, anomaly_score > self.threshold, self.threshold, dataset.labels)
 
+
+    def iter_anomaly_maps(
+        self, dataset: Dataset, on_progress: ProgressCallback = ignore_progress, cancel: CancelToken | None = None
+    ) -> Iterator[tuple[str, np.ndarray]]:
+        """``(id, (H, W) float32 map)`` per image, lazily, at the image's own size; higher = more anomalous.
+
+        Checks that maps are possible before returning, so a caller can fail before writing anything.
+        """
+        if self.localizer is None:
+            raise RunError("this run has no localization model (tables, or fitted with localization 'none')")
+        if dataset.kind != IMAGES:
+            raise DataError("anomaly maps are for images; this data is a table")
+        return zip(dataset.ids, self.localizer.iter_anomaly_maps(dataset.paths, on_progress=on_progress, cancel=cancel))
 
     def explain_rows(self, dataset: Dataset, ids: list[str] | None = None, k: int = 5) -> list[RowExplanation]:
         """Top deviating features of table rows (all rows, or those with ``ids``), most anomalous first."""

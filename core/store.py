@@ -8,6 +8,7 @@ app and the CLI can write at once.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -94,6 +95,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, payload: Any) -> None:
     atomic_write_text(path, json.dumps(payload, indent=1, sort_keys=True))
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    """Save one array as a ``.npy`` file (plain numpy format, no pickled objects), atomically."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def read_json(path: Path) -> Any:

@@ -67,10 +67,17 @@ def test_fit_and_score_images_end_to_end(tmp_path, capsys):
     Image.new("RGBA", (90, 40), (200, 10, 10, 128)).save(other / "rgba.png")
     Image.new("P", (64, 64)).save(other / "palette.bmp")
     out_csv = tmp_path / "s.csv"
-    assert main(["score", str(run), str(other), "--out", str(out_csv)]) == 0
+    maps = tmp_path / "maps"
+    assert main(["score", str(run), str(other), "--out", str(out_csv), "--maps", str(maps)]) == 0
     scores = pd.read_csv(out_csv)
     assert sorted(scores["id"]) == ["gray.png", "palette.bmp", "rgba.png"]
     assert np.isfinite(scores["anomaly_score"]).all()
+    # DESIGN.md: one float32 map per image, the image's own height and width, suffix replaced by .npy.
+    assert sorted(p.name for p in maps.iterdir()) == ["gray.npy", "palette.npy", "rgba.npy"]
+    for name, (width, height) in {"gray": (50, 70), "rgba": (90, 40), "palette": (64, 64)}.items():
+        anomaly_map = np.load(maps / f"{name}.npy", allow_pickle=False)
+        assert anomaly_map.dtype == np.float32 and anomaly_map.shape == (height, width)
+        assert np.isfinite(anomaly_map).all() and anomaly_map.min() >= 0
 
 
 def test_console_script_runs_and_exit_codes(tmp_path):
@@ -175,6 +182,14 @@ def test_nan_and_inf_are_imputed(tmp_path, capsys):
     assert main(["fit", str(table), "--out", str(tmp_path / "r")]) == 0
     assert main(["score", str(tmp_path / "r"), str(table), "--out", str(tmp_path / "s.csv")]) == 0
     assert np.isfinite(pd.read_csv(tmp_path / "s.csv")["anomaly_score"]).all()
+
+
+def test_maps_for_a_table_run_are_refused(tmp_path, capsys):
+    table = write_digits_table(tmp_path / "t.csv", with_labels=False)
+    assert main(["fit", str(table), "--out", str(tmp_path / "r")]) == 0
+    fails_cleanly(capsys, ["score", str(tmp_path / "r"), str(table), "--out", str(tmp_path / "s.csv"),
+                           "--maps", str(tmp_path / "maps")], "no localization model")
+    assert not (tmp_path / "maps").exists() and not (tmp_path / "s.csv").exists()
 
 
 def test_score_with_mismatched_columns(tmp_path, capsys):

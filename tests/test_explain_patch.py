@@ -13,7 +13,7 @@ from sklearn.exceptions import NotFittedError
 
 from core.errors import Cancelled, ConfigError
 from core.explain import PatchLocalizer, image_scores_from_maps
-from core.explain.patch import greedy_coreset, oas_shrinkage
+from core.explain.patch import greedy_coreset, nearest_distance, oas_shrinkage
 from core.explain.smoothing import gaussian_blur
 from core.progress import CancelToken
 
@@ -151,6 +151,41 @@ def test_greedy_coreset_matches_a_brute_force_k_center():
         chosen.append(int(torch.argmax(distance)))
     assert selected.tolist() == chosen
     assert greedy_coreset(points, 500).tolist() == list(range(200))
+
+
+@pytest.mark.parametrize("support_images,clustered", [(1, False), (2, False), (3, False), (2, True), (3, True)])
+def test_nearest_distance_from_the_m_th_distinct_image_matches_brute_force(support_images, clustered):
+    generator = torch.Generator().manual_seed(0)
+    memory = torch.randn(9000, 4, generator=generator)          # more rows than one memory chunk
+    owners = torch.randint(0, 40, (9000,), generator=generator)
+    queries = torch.randn(50, 4, generator=generator)
+    if clustered:   # each image owns a region, so the 16 nearest rows often share one image (exact path)
+        owners = (memory[:, 0] > 0).long() + 2 * (memory[:, 1] > 0).long()
+    got = nearest_distance(queries, memory, owners, support_images)
+    distances = torch.cdist(queries.double(), memory.double())
+    for row, query_distances in enumerate(distances):
+        seen = set()
+        for index in torch.argsort(query_distances).tolist():
+            seen.add(int(owners[index]))
+            if len(seen) == support_images:
+                assert float(got[row]) == pytest.approx(float(query_distances[index]), abs=1e-4)
+                break
+
+
+def test_a_defect_in_one_training_image_does_not_make_itself_normal(synthetic, tmp_path):
+    """The same planted square in one training image: plain nearest neighbour learns it as normal,
+    the default support_images=2 does not."""
+    normal, defective, mask = synthetic
+    contaminated = tmp_path / "contaminated.png"
+    image = np.array(Image.open(normal[0]))
+    plant_square(image, 30, 60, 24, np.random.default_rng(0))
+    Image.fromarray(image).save(contaminated)
+    training = [contaminated, *normal[1:]]
+    maps = {support: PatchLocalizer(image_size=SYNTHETIC_SIZE, device="cpu", support_images=support)
+            .fit(training).anomaly_maps([defective])[0] for support in (1, 2)}
+    assert maps[2][mask].max() > 3.0 * maps[1][mask].max()
+    assert mask[np.unravel_index(np.argmax(maps[2]), maps[2].shape)]
+    assert not mask[np.unravel_index(np.argmax(maps[1]), maps[1].shape)]
 
 
 def test_oas_shrinkage_matches_scikit_learn():

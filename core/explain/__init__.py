@@ -1,4 +1,4 @@
-"""Explanations and defect localization: patch-level anomaly maps (and, later, Grad-CAM, tables, rendering)."""
+"""Explanations and defect localization: patch maps, Grad-CAM of the anomaly score, table attributions, rendering."""
 from core.explain.attribution import (
     FeatureAttribution,
     RowExplanation,

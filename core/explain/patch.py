@@ -14,6 +14,13 @@ so refinement has already removed what it could of the contamination):
   random patches from each image), then greedy k-center selection on a random projection keeps a
   coreset of ``min(coreset_size, coreset_ratio * candidates)`` patches that covers the candidates.
   Suits objects and textures that are not aligned: any patch may match any location.
+  Contamination guard (``support_images = m``, default 2): the neighbour must come from the m-th
+  distinct training image, i.e. a patch counts as normal only when patches of at least m different
+  training images resemble it. A defect left in one training image (refinement is never perfect)
+  then cannot make the same kind of defect look normal; greedy k-center selection, which picks
+  isolated patches first, would otherwise put exactly those defect patches in the memory. On the
+  magnetic tiles with 10% planted defects this halves the loss of pixel AUROC for 0.007 on clean data
+  (bench/localization.py).
 - ``gaussian`` (PaDiM): one Gaussian per grid cell (mean and covariance of that cell over the
   training images, Oracle-Approximating-Shrinkage towards a scaled identity); a patch's score is its
   Mahalanobis distance. Suits aligned objects; memory is ``8 * cells * 152**2`` bytes while fitting
@@ -69,6 +76,7 @@ _STATE_FILE = "patch_localizer.json"
 _QUERY_CHUNK = 4096
 _MEMORY_CHUNK = 8192
 _DISPLAY_SAMPLE = 16384
+_CANDIDATES = 16
 
 
 # ----------------------------------------------------------------------------- features
@@ -114,12 +122,14 @@ class GaussianAccumulator:
     def finalize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``mean (L, D)``, ``precision (L, D, D)`` float32 and the OAS ``shrinkage (L,)``."""
         mean = self.sum / self.n
-        covariance = self.outer / self.n - torch.einsum("ld,le->lde", mean, mean)
+        covariance = self.outer.div_(self.n).sub_(torch.einsum("ld,le->lde", mean, mean))  # in place
+        self.outer = None
         shrunk, shrinkage = oas_shrinkage(covariance, self.n)
-        dim = shrunk.shape[-1]
-        scale = torch.diagonal(shrunk, dim1=-2, dim2=-1).mean()
-        shrunk = shrunk + (1e-6 * scale + 1e-12) * torch.eye(dim, dtype=shrunk.dtype)
+        del covariance
+        diagonal = torch.diagonal(shrunk, dim1=-2, dim2=-1)
+        diagonal += 1e-6 * diagonal.mean() + 1e-12
         precision = torch.linalg.inv(shrunk)
+        del shrunk
         return mean.float().contiguous(), precision.float().contiguous(), shrinkage.float()
 
 
@@ -135,8 +145,8 @@ def oas_shrinkage(covariance: torch.Tensor, n_samples: int) -> tuple[torch.Tenso
     denominator = (n_samples + 1) * (alpha - mu ** 2 / dim)
     shrinkage = torch.where(denominator > 0, numerator / denominator.clamp_min(1e-300),
                             torch.ones_like(denominator)).clamp(max=1.0)
-    eye = torch.eye(dim, dtype=covariance.dtype)
-    shrunk = (1.0 - shrinkage)[:, None, None] * covariance + (shrinkage * mu)[:, None, None] * eye
+    shrunk = covariance * (1.0 - shrinkage)[:, None, None]
+    torch.diagonal(shrunk, dim1=-2, dim2=-1).add_((shrinkage * mu)[:, None])
     return shrunk, shrinkage
 
 
@@ -147,22 +157,67 @@ def mahalanobis(features: torch.Tensor, mean: torch.Tensor, precision: torch.Ten
     return (projected * diff).sum(dim=-1).clamp_min(0.0).sqrt()
 
 
-def nearest_distance(queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+def nearest_distance(
+    queries: torch.Tensor, memory: torch.Tensor, owners: torch.Tensor | None = None, support_images: int = 1
+) -> torch.Tensor:
     """Euclidean distance ``(Q,)`` from each query ``(Q, D)`` to its nearest row of ``memory (M, D)``.
+
+    With ``support_images = m > 1`` and ``owners (M,)`` (the training image each memory row came
+    from): the distance to the nearest row whose image is the m-th distinct image met in order of
+    distance (m = 2: the nearest row from another image than the nearest row's). It is looked up
+    among the 16 nearest rows, and computed exactly over all rows for the queries whose 16 nearest
+    rows come from fewer than m images.
 
     Computed with ``torch.cdist`` in chunks of queries and memory rows, so the distance matrix held
     at once is at most 4096 x 8192 floats (128 MB).
     """
+    if support_images > 1 and owners is None:
+        raise ValueError("support_images > 1 needs the owner image of every memory row")
+    k = 1 if support_images == 1 else min(_CANDIDATES, memory.shape[0])
     out = torch.empty(queries.shape[0], dtype=queries.dtype, device=queries.device)
     for start in range(0, queries.shape[0], _QUERY_CHUNK):
         block = queries[start:start + _QUERY_CHUNK]
-        best = torch.full((block.shape[0],), float("inf"), dtype=queries.dtype, device=queries.device)
+        best_distance = best_index = None
         for m_start in range(0, memory.shape[0], _MEMORY_CHUNK):
             distances = torch.cdist(block, memory[m_start:m_start + _MEMORY_CHUNK],
                                     compute_mode="use_mm_for_euclid_dist")
-            best = torch.minimum(best, distances.min(dim=1).values)
-        out[start:start + block.shape[0]] = best
+            values, index = distances.topk(min(k, distances.shape[1]), dim=1, largest=False)
+            if best_distance is not None:
+                values, order = torch.cat([best_distance, values], dim=1).topk(k, dim=1, largest=False)
+                index = torch.cat([best_index, index + m_start], dim=1).gather(1, order)
+            best_distance, best_index = values, index
+        if support_images == 1:
+            out[start:start + block.shape[0]] = best_distance[:, 0]
+            continue
+        result, found = _distinct_owner_distance(best_distance, owners[best_index], support_images)
+        missing = torch.nonzero(~found).flatten()
+        for sub in range(0, len(missing), 512):
+            rows = missing[sub:sub + 512]
+            result[rows] = _exact_owner_distance(block[rows], memory, owners, support_images)
+        out[start:start + block.shape[0]] = result
     return out.clamp_min(0.0)
+
+
+def _distinct_owner_distance(distances: torch.Tensor, owners: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ascending ``(Q, K)`` candidate distances: the distance where the m-th distinct owner
+    first appears ``(Q,)``, and whether it appears at all ``(Q,) bool``."""
+    k = distances.shape[1]
+    same = owners[:, :, None] == owners[:, None, :]
+    earlier = torch.ones(k, k, dtype=torch.bool, device=owners.device).tril(-1)
+    new_owner = ~(same & earlier).any(dim=2)
+    reached = new_owner.cumsum(dim=1) >= m
+    first = reached.int().argmax(dim=1)             # the first True (argmax returns the first maximum)
+    return distances.gather(1, first[:, None])[:, 0], reached.any(dim=1)
+
+
+def _exact_owner_distance(queries: torch.Tensor, memory: torch.Tensor, owners: torch.Tensor, m: int) -> torch.Tensor:
+    """The m-th distinct-owner distance over every memory row: take the nearest row, rule out its
+    owner's rows, repeat."""
+    distances = torch.cdist(queries, memory, compute_mode="use_mm_for_euclid_dist")
+    for _ in range(m - 1):
+        nearest_owner = owners[distances.argmin(dim=1)]
+        distances = distances.masked_fill(owners[None, :] == nearest_owner[:, None], float("inf"))
+    return distances.min(dim=1).values
 
 
 def greedy_coreset(
@@ -238,6 +293,10 @@ class PatchLocalizer:
         image contributes ``min(cells, ceil(max_pool_patches / n_images))`` random patches.
     projection_dim : int
         ``memory`` only: dimensions of the random projection the coreset selection measures in.
+    support_images : int
+        ``memory`` only: a patch's neighbour must come from the ``support_images``-th distinct
+        training image (1: plain nearest neighbour; 2, the default, guards against defects left in
+        single training images; see the module docstring).
     sigma : float
         Gaussian smoothing of the upsampled map, in pixels at ``image_size`` (0: none).
     display_quantile : float in (0, 1)
@@ -259,6 +318,8 @@ class PatchLocalizer:
         Images the patch model was fitted on (the held-out ones excluded).
     memory_bank_ : (M, D) float32 tensor
         ``memory``: the coreset of normal patches.
+    memory_owner_ : (M,) int32 tensor
+        ``memory``: index (among the fitted images) of the image each memory patch came from.
     mean_, precision_ : (L, D) and (L, D, D) float32 tensors
         ``gaussian``: per-cell mean and inverse shrunk covariance (L = h * w cells).
     shrinkage_ : (L,) float32 tensor
@@ -279,6 +340,7 @@ class PatchLocalizer:
         coreset_ratio: float = 0.1,
         max_pool_patches: int = 65536,
         projection_dim: int = 64,
+        support_images: int = 2,
         sigma: float = DEFAULT_SIGMA,
         display_quantile: float = 0.99,
         display_holdout: float = 0.1,
@@ -293,6 +355,7 @@ class PatchLocalizer:
         self.coreset_ratio = coreset_ratio
         self.max_pool_patches = max_pool_patches
         self.projection_dim = projection_dim
+        self.support_images = support_images
         self.sigma = sigma
         self.display_quantile = display_quantile
         self.display_holdout = display_holdout
@@ -312,19 +375,20 @@ class PatchLocalizer:
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
         checks = [
-            (32 <= self.image_size <= 1024, "image_size must be in [32, 1024] pixels"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.coreset_size >= 1, "coreset_size must be >= 1"),
-            (0.0 < self.coreset_ratio <= 1.0, "coreset_ratio must be in (0, 1]"),
-            (self.max_pool_patches >= 1, "max_pool_patches must be >= 1"),
-            (self.projection_dim >= 1, "projection_dim must be >= 1"),
-            (self.sigma >= 0.0, "sigma must be >= 0 pixels"),
-            (0.0 < self.display_quantile < 1.0, "display_quantile must be in (0, 1)"),
-            (0.0 <= self.display_holdout <= 0.5, "display_holdout must be in [0, 0.5]"),
+            ("image_size", 32 <= self.image_size <= 1024, "in [32, 1024] pixels"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("coreset_size", self.coreset_size >= 1, ">= 1"),
+            ("coreset_ratio", 0.0 < self.coreset_ratio <= 1.0, "in (0, 1]"),
+            ("max_pool_patches", self.max_pool_patches >= 1, ">= 1"),
+            ("projection_dim", self.projection_dim >= 1, ">= 1"),
+            ("support_images", self.support_images >= 1, ">= 1"),
+            ("sigma", self.sigma >= 0.0, ">= 0 pixels"),
+            ("display_quantile", 0.0 < self.display_quantile < 1.0, "in (0, 1)"),
+            ("display_holdout", 0.0 <= self.display_holdout <= 0.5, "in [0, 0.5]"),
         ]
-        for ok, message in checks:
+        for name, ok, allowed in checks:
             if not ok:
-                raise ConfigError(f"{message}; got {self.get_params()}")
+                raise ConfigError(f"{name} must be {allowed}; got {getattr(self, name)!r}")
 
     @property
     def _torch_device(self) -> torch.device:
@@ -382,6 +446,8 @@ class PatchLocalizer:
         return self
 
     def _holdout_count(self, n: int) -> int:
+        """Images held out for the display scale: ``display_holdout`` of ``n``, at least 1, at most 100,
+        always leaving 2 to fit on; none below 3 images."""
         if self.display_holdout == 0 or n < 3:
             return 0
         return int(min(max(1, round(self.display_holdout * n)), 100, n - 2))
@@ -398,6 +464,9 @@ class PatchLocalizer:
 
     @torch.inference_mode()
     def _fit_memory(self, paths, rng, on_progress, cancel) -> None:
+        if len(paths) < self.support_images:
+            raise DataError(f"support_images={self.support_images} needs at least that many fitted images; "
+                            f"got {len(paths)}")
         per_image = None
         chunks: list[torch.Tensor] = []
         for _, features in self._feature_batches(paths, "patch_fit", on_progress, cancel):
@@ -411,8 +480,9 @@ class PatchLocalizer:
         del chunks
         size = min(self.coreset_size, max(1, math.ceil(self.coreset_ratio * len(pool))))
         selected = greedy_coreset(pool.to(self._torch_device), size, projection_dim=self.projection_dim,
-                                  seed=self.seed, on_progress=on_progress, cancel=cancel)
-        self.memory_bank_ = pool[selected.cpu()].contiguous()
+                                  seed=self.seed, on_progress=on_progress, cancel=cancel).cpu()
+        self.memory_bank_ = pool[selected].contiguous()
+        self.memory_owner_ = torch.div(selected, per_image, rounding_mode="floor").to(torch.int32)
         self.n_features_ = int(pool.shape[1])
         log.info("memory bank: %d of %d candidate patches (%d per image)", size, len(pool), per_image)
 
@@ -488,7 +558,9 @@ class PatchLocalizer:
         if self.method == "gaussian":
             return mahalanobis(features, self.mean_.to(device), self.precision_.to(device))
         flat = features.reshape(-1, features.shape[-1])
-        return nearest_distance(flat, self.memory_bank_.to(device)).reshape(features.shape[:2])
+        distances = nearest_distance(flat, self.memory_bank_.to(device), self.memory_owner_.to(device),
+                                     self.support_images)
+        return distances.reshape(features.shape[:2])
 
     def _feature_batches(
         self, paths: list[Path], stage: str, on_progress: ProgressCallback, cancel: CancelToken | None
@@ -540,7 +612,7 @@ class PatchLocalizer:
         if self.method == "gaussian":
             arrays = {"mean": self.mean_, "precision": self.precision_, "shrinkage": self.shrinkage_}
         else:
-            arrays = {"memory_bank": self.memory_bank_}
+            arrays = {"memory_bank": self.memory_bank_, "memory_owner": self.memory_owner_}
         write_arrays(directory / _ARRAYS_FILE, {k: v.cpu().numpy() for k, v in arrays.items()})
         write_json(directory / _STATE_FILE, {
             "format": STATE_FORMAT,
@@ -569,7 +641,8 @@ class PatchLocalizer:
         localizer = cls(**params)
         localizer._validate()
         arrays = {k: torch.from_numpy(v.copy()) for k, v in read_arrays(directory / _ARRAYS_FILE).items()}
-        needed = ("mean", "precision", "shrinkage") if localizer.method == "gaussian" else ("memory_bank",)
+        needed = ("mean", "precision", "shrinkage") if localizer.method == "gaussian" else ("memory_bank",
+                                                                                           "memory_owner")
         missing = [name for name in needed if name not in arrays]
         if missing:
             raise RunError(f"{directory / _ARRAYS_FILE} lacks {', '.join(missing)}; fit and save again")
@@ -583,7 +656,7 @@ class PatchLocalizer:
 
 
 _PARAMS = ("method", "image_size", "backbone", "device", "batch_size", "coreset_size", "coreset_ratio",
-           "max_pool_patches", "projection_dim", "sigma", "display_quantile", "display_holdout", "seed")
+           "max_pool_patches", "projection_dim", "support_images", "sigma", "display_quantile", "display_holdout", "seed")
 
 
 def _image_size(path: Path) -> tuple[int, int]:
