@@ -16,7 +16,17 @@ import numpy as np
 import pandas as pd
 
 from core import engine
-from core.config import BACKBONES, DETECTORS, DEVICES, FEATURE_LAYERS, OBJECTIVES, THRESHOLD_SOURCES, FitConfig, parse_gamma
+from core.config import (
+    BACKBONES,
+    DETECTORS,
+    DEVICES,
+    FEATURE_LAYERS,
+    LOCALIZATIONS,
+    OBJECTIVES,
+    THRESHOLD_SOURCES,
+    FitConfig,
+    parse_gamma,
+)
 from core.errors import Cancelled, RefineryError
 from core.progress import ProgressEvent
 from core.store import Registry, atomic_write_text, refinery_home, write_npy
@@ -64,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "(held_out, default) or its own subset (in_sample)")
     fit.add_argument("--min-keep-fraction", type=float, default=DEFAULTS.min_keep_fraction, metavar="F",
                      help="refinement never keeps less than this share of the data (default: %(default)s)")
+    fit.add_argument("--localization", choices=LOCALIZATIONS, default=DEFAULTS.localization,
+                     help="patch model for image anomaly maps, fitted on the kept images: memory (nearest normal "
+                     "patch; any layout), gaussian (per location; aligned objects) or none (default: %(default)s)")
     fit.add_argument("--image-size", type=int, default=DEFAULTS.image_size, metavar="PX",
                      help="images are resized to PX x PX (default: %(default)s)")
     fit.add_argument("--feature-layers", default=",".join(DEFAULTS.feature_layers), metavar="L1,L2",
@@ -137,8 +150,8 @@ def _fit(args: argparse.Namespace) -> None:
         feature_layers=tuple(part.strip() for part in args.feature_layers.split(",") if part.strip()),
         objective=args.objective, detector=args.detector, refine=args.refine, ensemble=args.ensemble,
         gamma=args.gamma, rounds=args.rounds, threshold_source=args.threshold_source,
-        min_keep_fraction=args.min_keep_fraction, device=args.device, batch_size=args.batch_size,
-        seed=args.seed, label_column=args.label_column,
+        min_keep_fraction=args.min_keep_fraction, localization=args.localization, device=args.device,
+        batch_size=args.batch_size, seed=args.seed, label_column=args.label_column,
     ).validate()
     dataset = engine.load_data(args.data, label_column=args.label_column)
     _report_skipped(dataset)
