@@ -8,7 +8,6 @@ import pandas as pd
 from PIL import Image
 from sklearn.datasets import load_digits
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def digits_contaminated(normal_digit=0, n_normal=150, n_anomalous=15, seed=0):
