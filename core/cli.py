@@ -27,7 +27,7 @@ from core.config import (
     FitConfig,
     parse_gamma,
 )
-from core.errors import Cancelled, RefineryError
+from core.errors import Cancelled, ConfigError, RefineryError
 from core.progress import ProgressEvent
 from core.store import Registry, atomic_write_text, refinery_home, write_npy
 
@@ -99,17 +99,23 @@ def build_parser() -> argparse.ArgumentParser:
                        "image, higher = more anomalous) at MAPS_DIR/<id with its suffix replaced by .npy>")
     score.add_argument("--label-column", metavar="NAME", help="table column with labels, for metrics only")
 
-    explain = commands.add_parser("explain", help="show which features make table rows anomalous",
-                                  description="For each row (default: the --top most anomalous), list the "
-                                  "features that deviate most from the run's kept training rows, with the "
+    explain = commands.add_parser("explain", help="explain anomaly scores: top features of table rows, "
+                                  "Grad-CAM maps of images",
+                                  description="Tables: for each row (default: the --top most anomalous), list "
+                                  "the features that deviate most from the run's kept training rows, with the "
                                   "row's value, the typical range (5th-95th percentile) and the share of the "
-                                  "anomaly score.")
+                                  "anomaly score. Images: write a Grad-CAM map of each image's anomaly score "
+                                  "(float32 .npy, the image's size, higher = raised the score more) into --out.")
     explain.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="folder written by 'refinery fit --out'")
-    explain.add_argument("data", type=Path, metavar="DATA", help="a table with the run's columns")
+    explain.add_argument("data", type=Path, metavar="DATA", help="a table with the run's columns, or images")
+    explain.add_argument("--method", choices=("gradcam", "gradcam++"), default="gradcam",
+                         help="images: Grad-CAM weighting (default: %(default)s)")
     explain.add_argument("--ids", metavar="ID,ID", help="row ids (0-based) to explain; default: the most anomalous")
     explain.add_argument("--top", type=int, default=5, metavar="N", help="rows to explain without --ids (default: %(default)s)")
     explain.add_argument("--features", type=int, default=5, metavar="K", help="features per row (default: %(default)s)")
-    explain.add_argument("--out", type=Path, metavar="EXPLAIN.csv", help="also write one line per row and feature")
+    explain.add_argument("--out", type=Path, metavar="EXPLAIN.csv|MAPS_DIR",
+                         help="tables: also write one line per row and feature; images (required): folder for "
+                         "the maps, named like 'score --maps'")
 
     commands.add_parser("runs", help="list the runs in the registry, newest first")
 
@@ -192,6 +198,9 @@ def _score(args: argparse.Namespace) -> None:
 def _explain(args: argparse.Namespace) -> None:
     run = engine.open_run(args.run_dir)
     dataset = engine.load_data(args.data, label_column=run.config.label_column, label_required=False)
+    if dataset.kind == "images":
+        _explain_images(run, dataset, args)
+        return
     ids = [part.strip() for part in args.ids.split(",") if part.strip()] if args.ids else None
     explanations = run.explain_rows(dataset, ids=ids, k=args.features)
     if ids is None:
@@ -206,6 +215,15 @@ def _explain(args: argparse.Namespace) -> None:
     if args.out:
         atomic_write_text(args.out, pd.DataFrame(rows).to_csv(index=False))
         print(f"written to {args.out}")
+
+
+def _explain_images(run, dataset, args: argparse.Namespace) -> None:
+    if args.out is None:
+        raise ConfigError("explaining images writes maps: pass --out MAPS_DIR")
+    with _ProgressBar() as progress:
+        for sample_id, anomaly_map in run.iter_gradcam_maps(dataset, method=args.method, on_progress=progress):
+            write_npy(args.out / Path(sample_id).with_suffix(".npy"), anomaly_map.astype(np.float32))
+    print(f"{args.method} maps of {len(dataset)} images written to {args.out}")
 
 
 def _runs() -> None:

@@ -21,6 +21,7 @@ from core.data import IMAGES, Dataset, load_dataset
 from core.detectors import make_detector
 from core.errors import ConfigError, DataError, RunError
 from core.explain.attribution import RowExplanation, explain_table_rows
+from core.explain.gradcam import ScoreExplainer
 from core.explain.patch import PatchLocalizer
 from core.metrics import DetectionMetrics, detection_metrics
 from core.models.encoder import Encoder, load_encoder, make_encoder, save_encoder
@@ -354,6 +355,37 @@ class FittedRun:
         if dataset.kind != IMAGES:
             raise DataError("anomaly maps are for images; this data is a table")
         return zip(dataset.ids, self.localizer.iter_anomaly_maps(dataset.paths, on_progress=on_progress, cancel=cancel))
+
+    def iter_gradcam_maps(
+        self,
+        dataset: Dataset,
+        method: str = "gradcam",
+        on_progress: ProgressCallback = ignore_progress,
+        cancel: CancelToken | None = None,
+    ) -> Iterator[tuple[str, np.ndarray]]:
+        """``(id, (H, W) float32 map)``: Grad-CAM of each image's anomaly score, at the image's own size.
+
+        The target is the squared Mahalanobis distance of the pooled embedding under the run's GDE
+        (for runs with another detector, a GDE fitted on the same kept embeddings stands in), so the
+        map shows which regions raised the score. ``method`` is ``gradcam`` or ``gradcam++``.
+        """
+        if self.info["kind"] != IMAGES or dataset.kind != IMAGES:
+            raise DataError("Grad-CAM explanations are for image runs and images; for tables use explain_rows")
+        gde = self.detector if hasattr(self.detector, "precision_") else make_detector("gde").fit(self.kept_embeddings)
+        explainer = ScoreExplainer(
+            self.encoder.model, self.config.feature_layers, gde.location_, gde.precision_, method=method,
+        )
+        return self._gradcam_batches(explainer, dataset, on_progress, cancel)
+
+    def _gradcam_batches(self, explainer, dataset, on_progress, cancel) -> Iterator[tuple[str, np.ndarray]]:
+        batch = self.config.batch_size
+        with explainer:
+            for start in range(0, len(dataset), batch):
+                if cancel is not None:
+                    cancel.raise_if_cancelled()
+                paths = dataset.paths[start : start + batch]
+                yield from zip(dataset.ids[start : start + batch], explainer.explain(paths, self.config.image_size))
+                on_progress(ProgressEvent("gradcam", min(start + batch, len(dataset)), len(dataset)))
 
     def explain_rows(self, dataset: Dataset, ids: list[str] | None = None, k: int = 5) -> list[RowExplanation]:
         """Top deviating features of table rows (all rows, or those with ``ids``), most anomalous first."""

@@ -78,6 +78,11 @@ def test_fit_and_score_images_end_to_end(tmp_path, capsys):
         anomaly_map = np.load(maps / f"{name}.npy", allow_pickle=False)
         assert anomaly_map.dtype == np.float32 and anomaly_map.shape == (height, width)
         assert np.isfinite(anomaly_map).all() and anomaly_map.min() >= 0
+    cams = tmp_path / "cams"
+    assert main(["explain", str(run), str(other), "--out", str(cams), "--method", "gradcam++"]) == 0
+    for name, (width, height) in {"gray": (50, 70), "rgba": (90, 40)}.items():
+        cam = np.load(cams / f"{name}.npy", allow_pickle=False)
+        assert cam.dtype == np.float32 and cam.shape == (height, width) and np.isfinite(cam).all()
 
 
 def test_console_script_runs_and_exit_codes(tmp_path):
