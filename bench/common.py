@@ -27,8 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 CACHE_DIR = REPO / "bench" / ".cache"
 
-log = logging.getLogger("bench")
-
 
 # ----------------------------------------------------------------------------- command line
 
@@ -49,7 +47,6 @@ def setup_logging(verbose: bool) -> None:
     """Bench progress on stderr; the engine's own logs only when ``verbose`` (warnings otherwise)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    log.setLevel(logging.INFO)
 
 
 def progress(message: str) -> None:
@@ -64,7 +61,6 @@ class Report:
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path
-        self._lines: list[str] = []
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("")
@@ -132,6 +128,12 @@ def machine_header(report: Report, title: str) -> None:
     report.line()
 
 
+def machine_footer(report: Report, seconds: float) -> None:
+    """Total wall time and the load average at the end (timings are only as quiet as the machine)."""
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    report.line(f"Total wall time: {seconds:.0f} s; load average at end {load} ({os.cpu_count()} CPUs)")
+
+
 # ----------------------------------------------------------------------------- timing and memory
 
 @dataclass
@@ -150,38 +152,64 @@ def timed() -> Iterator[Stopwatch]:
         watch.seconds = time.perf_counter() - started
 
 
+def _status_mb(field_name: str) -> float | None:
+    """A ``VmXXX`` field of /proc/self/status in MiB, or None where unavailable."""
+    try:
+        for text in Path("/proc/self/status").read_text().splitlines():
+            if text.startswith(field_name + ":"):
+                return int(text.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def current_rss_mb() -> float:
+    """Current resident set size in MiB (NaN where /proc is unavailable)."""
+    value = _status_mb("VmRSS")
+    return float("nan") if value is None else value
+
+
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (``getrusage``; Linux reports KiB)."""
+    """Peak resident set size in MiB: VmHWM (resettable, see :func:`memory_peak`), else getrusage."""
+    value = _status_mb("VmHWM")
+    if value is not None:
+        return value
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def current_rss_mb() -> float:
-    """Current resident set size in MiB (from /proc; NaN where unavailable)."""
+@dataclass
+class MemoryPeak:
+    before_mb: float = float("nan")
+    peak_mb: float = float("nan")
+    reset: bool = False  # False: the peak is the whole process's, not only the block's
+
+
+@contextmanager
+def memory_peak() -> Iterator[MemoryPeak]:
+    """Peak RSS over a block: resets the kernel's high-water mark (``/proc/self/clear_refs`` 5) first."""
+    result = MemoryPeak(before_mb=current_rss_mb())
     try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return float("nan")
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+        Path("/proc/self/clear_refs").write_text("5")
+        result.reset = True
+    except OSError:
+        result.reset = False
+    try:
+        yield result
+    finally:
+        result.peak_mb = peak_rss_mb()
 
 
-def _isolated_call(function: Callable, args: tuple) -> tuple[object, float, float]:
-    baseline = current_rss_mb()
-    result = function(*args)
-    return result, baseline, peak_rss_mb()
+def run_isolated(function: Callable, *args) -> object:
+    """``function(*args)`` in a fresh (spawned) process, so memory peaks and caches are its own.
 
-
-def run_isolated(function: Callable, *args) -> tuple[object, float, float]:
-    """Run ``function(*args)`` in a fresh (spawned) process, so its peak memory is its own.
-
-    Returns ``(result, rss_before_mb, peak_rss_mb)``: the child's RSS after importing the bench
-    modules and its peak RSS over the call. ``function`` must be importable (module level).
+    ``function`` must be importable (module level); its result must pickle.
     """
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
     with context.Pool(1) as pool:
-        return pool.apply(_isolated_call, (function, args))
+        return pool.apply(function, args)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -199,6 +227,37 @@ def removal_stats(kept: np.ndarray, labels: np.ndarray) -> tuple[float | None, f
     precision = float(np.mean(anomalous[removed])) if removed.any() else None
     recall = float(np.mean(removed[anomalous])) if anomalous.any() else None
     return precision, recall
+
+
+# ----------------------------------------------------------------------------- image files
+
+def materialized_images(images: np.ndarray, name: str):
+    """``images`` as PNG files under bench/.cache, written once, as an image Dataset in array order.
+
+    The first run writes them with ``core.data.materialize_images`` into a temporary folder that is
+    renamed when complete (so a concurrent run never reads a half-written file); later runs load
+    the folder with ``core.data.load_image_folder`` (ids ``00000.png``... sort in array order, and
+    the fingerprint is the same either way, so embedding caches stay valid).
+    """
+    import shutil
+
+    from core.data import load_image_folder, materialize_images
+
+    digest = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:12]
+    folder = CACHE_DIR / "images" / f"{name}-{len(images)}-{digest}"
+    if not folder.is_dir():
+        staging = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+        with timed() as watch:
+            materialize_images(images, None, staging)
+        try:
+            staging.rename(folder)
+        except OSError:  # another run finished first
+            shutil.rmtree(staging, ignore_errors=True)
+        progress(f"wrote {len(images)} {name} images as PNG in {watch.seconds:.1f}s")
+    dataset = load_image_folder(folder)
+    if len(dataset) != len(images):
+        raise RuntimeError(f"{folder} holds {len(dataset)} images, expected {len(images)}; delete it")
+    return dataset
 
 
 # ----------------------------------------------------------------------------- image embeddings
@@ -311,19 +370,21 @@ class Outcome:
     fit_seconds: float
 
 
-def fit_and_score(train: np.ndarray, test: np.ndarray, test_labels: np.ndarray, config,
+def fit_and_score(train: np.ndarray, test: np.ndarray, test_labels: np.ndarray, config, kind: str,
                   train_labels: np.ndarray | None = None) -> Outcome:
     """Fit exactly what ``refinery fit`` fits on ``train`` embeddings and score ``test``.
 
-    ``core.engine.refine_and_fit(train, config)`` (labels never reach the fit; they only feed
-    the removal statistics computed here), then ``anomaly_score = -detector.score_samples(test)``
-    and AUROC / AP / F1 at the run's threshold from :func:`core.metrics.detection_metrics`.
+    ``core.engine.refine_and_fit(train, config.validate().for_data(kind))`` (``kind`` is
+    ``"images"`` or ``"table"``, resolving ``detector="auto"`` as ``refinery fit`` does; labels
+    never reach the fit, they only feed the removal statistics computed here), then
+    ``anomaly_score = -detector.score_samples(test)`` and AUROC / AP / F1 at the run's threshold
+    from :func:`core.metrics.detection_metrics`.
     """
     from core.engine import refine_and_fit
     from core.metrics import detection_metrics
 
     with timed() as watch:
-        model = refine_and_fit(train, config)
+        model = refine_and_fit(train, config.validate().for_data(kind))
     score = -model.detector.score_samples(test).astype(np.float64)
     metrics = detection_metrics(np.asarray(test_labels), score, score > model.threshold)
     if metrics is None:

@@ -34,6 +34,7 @@ from bench.common import (
     Report,
     base_parser,
     fit_and_score,
+    machine_footer,
     machine_header,
     mean,
     progress,
@@ -41,7 +42,7 @@ from bench.common import (
     timed,
 )
 from core.config import FitConfig, parse_gamma
-from core.data import load_table
+from core.data import TABLE, load_table
 from core.models.tabular import TableEncoder
 
 DATA_DIR = SHARED_DATA / "adbench_classical"
@@ -139,7 +140,7 @@ def run_dataset(path: Path, methods: list[Method], seeds: list[int], max_rows: i
         for method in methods:
             features = x_train[y_train == 0] if method.oracle else x_train
             outcomes[method.name][seed] = fit_and_score(
-                features, x_test, test.labels, method.config(seed),
+                features, x_test, test.labels, method.config(seed), TABLE,
                 train_labels=None if method.oracle else y_train,
             )
     return {"outcomes": outcomes, "truth": truth, "n_train": n_train, "n_features": x_train.shape[1]}
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     for method in methods:
         note = " + trained on labelled training normals only (UPPER BOUND, uses labels)" if method.oracle else ""
         report.line(f"  - `{method.name}`: {method.changes or 'FitConfig defaults'}{note}")
-    report.line(f"- FitConfig defaults: {FitConfig()}")
+    report.line(f"- FitConfig defaults: {FitConfig()}; for tables detector resolves to "
+                f"`{FitConfig().for_data(TABLE).detector}`")
     report.line()
 
     results = {}
@@ -195,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
         column_means = [mean([row[4 + j] for row in rows]) for j in range(len(names))]
         rows.append(["MEAN", "", "", mean([row[3] for row in rows]), *column_means])
         report.table(["dataset", "n_train", "dims", "train anomaly share", *names], rows,
-                     title=f"Test {metric.upper()} (mean over seeds {seeds}); `oracle` is an upper bound that uses labels")
+                     title=f"Test {metric.upper()} (mean over seeds {seeds}); "
+                           "`oracle` is an upper bound that uses labels")
 
     per_seed_rows = []
     for seed in seeds:
@@ -240,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
                   "estimated contamination", "fit seconds (all)"], summary,
                  title="Summary over all sets and seeds (true mean training contamination "
                        f"{mean([t for r in results.values() for t in r['truth'].values()]):.3f})")
-    report.line(f"Total wall time: {total.seconds:.0f} s")
+    machine_footer(report, total.seconds)
 
 
 if __name__ == "__main__":
