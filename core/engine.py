@@ -156,21 +156,25 @@ def _fit(dataset, config, out_dir, staging, run_id, registry, on_progress, cance
     on_progress(ProgressEvent("score", len(dataset), len(dataset), f"threshold {model.threshold:.4g}"))
     if dataset.kind == IMAGES and config.localization != "none":
         started = time.perf_counter()
-        kept_paths = [path for path, keep in zip(dataset.paths, model.kept) if keep]
-        localizer = PatchLocalizer(
-            config.localization, image_size=config.image_size, backbone=config.backbone, device=config.device,
-            seed=config.seed,
-        ).fit(kept_paths, on_progress=on_progress, cancel=cancel)
-        localizer.save(staging)
+        _fit_localizer(dataset, config, model.kept, on_progress, cancel).save(staging)
         timings["localization_s"] = time.perf_counter() - started
 
     result = FitResult(
         run_dir=out_dir, run_id=run_id, config=config, rounds=model.rounds, kept=model.kept,
-        contamination=model.contamination,
-        scores=scores, metrics=scores.metrics(), timings=timings,
+        contamination=model.contamination, scores=scores, metrics=scores.metrics(), timings=timings,
     )
     _save_run(staging, result, dataset, encoder, embeddings)
     return result
+
+
+def _fit_localizer(dataset, config, kept, on_progress, cancel) -> PatchLocalizer:
+    """The patch model for anomaly maps, fitted on the kept training images only."""
+    kept_paths = [path for path, keep in zip(dataset.paths, kept) if keep]
+    localizer = PatchLocalizer(
+        config.localization, image_size=config.image_size, backbone=config.backbone, device=config.device,
+        seed=config.seed,
+    )
+    return localizer.fit(kept_paths, on_progress=on_progress, cancel=cancel)
 
 
 @dataclass(frozen=True)
