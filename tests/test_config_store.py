@@ -1,0 +1,108 @@
+"""FitConfig validation and JSON round-trip; run store: atomic files, staged folders, registry."""
+import sqlite3
+import threading
+
+import numpy as np
+import pytest
+
+from core.config import FitConfig, parse_gamma
+from core.errors import ConfigError, RunError
+from core.store import Registry, atomic_write_text, read_arrays, staged_directory, write_arrays
+
+
+def test_config_json_round_trip_and_resolution(tmp_path):
+    config = FitConfig(gamma=0.2, feature_layers=("stride8", "head"), rounds=4)
+    config.save(tmp_path / "config.json")
+    assert FitConfig.load(tmp_path / "config.json") == config
+    assert FitConfig().for_data("images").detector == "gde"
+    assert FitConfig().for_data("table").detector == "knn"
+    assert FitConfig(detector="ocsvm").for_data("table").detector == "ocsvm"
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"detector": "svm"}, "gde"), ({"gamma": 0.7}, "gamma"), ({"gamma": "often"}, "auto"),
+    ({"ensemble": 0}, "ensemble"), ({"image_size": 8}, "image_size"), ({"feature_layers": ()}, "stride16"),
+    ({"threshold_source": "both"}, "held_out"), ({"localization": "x"}, "memory"), ({"device": "tpu"}, "cuda"),
+])
+def test_config_errors_name_the_allowed_values(changes, named):
+    with pytest.raises(ConfigError, match=named):
+        FitConfig(**changes).validate()
+
+
+def test_config_rejects_unknown_json_keys():
+    with pytest.raises(ConfigError, match="unknown config keys: colour"):
+        FitConfig.from_json('{"colour": "red"}')
+
+
+def test_parse_gamma():
+    assert parse_gamma("AUTO") == "auto" and parse_gamma("0.25") == 0.25
+    with pytest.raises(ConfigError, match="gamma"):
+        parse_gamma("lots")
+
+
+def test_atomic_write_leaves_no_temporary_file(tmp_path):
+    atomic_write_text(tmp_path / "a.txt", "one")
+    atomic_write_text(tmp_path / "a.txt", "two")
+    assert (tmp_path / "a.txt").read_text() == "two"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_arrays_round_trip_and_damage_is_reported(tmp_path):
+    write_arrays(tmp_path / "x.safetensors", {"a": np.arange(6, dtype=np.float32).reshape(2, 3)})
+    np.testing.assert_array_equal(read_arrays(tmp_path / "x.safetensors")["a"], [[0, 1, 2], [3, 4, 5]])
+    (tmp_path / "x.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(RunError, match="damaged"):
+        read_arrays(tmp_path / "x.safetensors")
+    with pytest.raises(RunError, match="missing"):
+        read_arrays(tmp_path / "nope.safetensors")
+
+
+def test_staged_directory_appears_only_on_success(tmp_path):
+    with pytest.raises(ValueError):
+        with staged_directory(tmp_path / "run") as staging:
+            (staging / "half.txt").write_text("half")
+            raise ValueError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with staged_directory(tmp_path / "run") as staging:
+        (staging / "whole.txt").write_text("whole")
+    assert [p.name for p in tmp_path.iterdir()] == ["run"] and (tmp_path / "run" / "whole.txt").exists()
+
+
+def test_registry_lifecycle_rounds_and_verdicts(tmp_path):
+    registry = Registry(tmp_path / "r.sqlite")
+    run_id = registry.start_run(tmp_path / "run", kind="table", data_source="t.csv", fingerprint="f",
+                                n_samples=10, config={"seed": 0})
+    registry.add_round(run_id, round=1, n_active=10, n_removed=2, gamma=0.1, precision=0.5, recall=1.0,
+                       seconds=0.1, note="round 1")
+    registry.finish_run(run_id, {"auroc": 0.9})
+    registry.set_verdict(run_id, "3", "anomaly", "scratch")
+    registry.set_verdict(run_id, "3", "normal")  # a changed mind replaces the verdict
+    [record] = registry.runs()
+    assert record.status == "done" and record.metrics == {"auroc": 0.9} and record.config == {"seed": 0}
+    assert registry.rounds(run_id)[0]["n_removed"] == 2
+    assert registry.verdicts(run_id) == {"3": ("normal", "")}
+    with pytest.raises(sqlite3.IntegrityError):
+        registry.set_verdict(run_id, "4", "maybe")
+
+
+def test_registry_survives_concurrent_writers(tmp_path):
+    path = tmp_path / "r.sqlite"
+    errors = []
+
+    def writer(worker):
+        try:
+            registry = Registry(path)
+            for i in range(20):
+                run_id = registry.start_run(tmp_path / f"{worker}-{i}", kind="table", data_source="x",
+                                            fingerprint="f", n_samples=1, config={})
+                registry.finish_run(run_id, {})
+        except Exception as error:  # collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert len(Registry(path).runs()) == 80
