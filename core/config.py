@@ -100,6 +100,8 @@ class FitConfig:
             raise ConfigError(f"image_size must be in [32, 1024] pixels, got {self.image_size}")
         if self.ensemble < 1:
             raise ConfigError(f"ensemble (K) must be >= 1, got {self.ensemble}")
+        if self.refine and self.threshold_source == "held_out" and self.ensemble < 2:
+            raise ConfigError("held-out thresholds need an ensemble of K >= 2; raise ensemble or use in_sample")
         if self.rounds < 0:
             raise ConfigError(f"rounds must be >= 0, got {self.rounds}")
         if isinstance(self.gamma, str):

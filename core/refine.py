@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from core.errors import DataError
+from core.errors import ConfigError, DataError
 from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def iter_refine(
     *,
     ensemble: int = 5,
     gamma: float | str = "auto",
-    rounds: int = 2,
+    rounds: int = 3,
     threshold_source: str = "held_out",
     min_keep_fraction: float = 0.5,
     seed: int = 0,
@@ -114,6 +114,8 @@ def iter_refine(
     """
     features = np.asarray(embeddings)
     n = len(features)
+    if threshold_source == "held_out" and ensemble < 2:
+        raise ConfigError("held-out thresholds need an ensemble of K >= 2 detectors; raise --ensemble")
     if n < ensemble * MIN_SAMPLES_PER_DETECTOR:
         raise DataError(
             f"refinement with K={ensemble} needs at least {ensemble * MIN_SAMPLES_PER_DETECTOR} "
@@ -189,19 +191,23 @@ def _ensemble_vote(features, active, factory, ensemble, gamma, threshold_source,
         detector = factory().fit(features[active[part]])
         scores[k] = detector.score_samples(features[active])
         member[k, part] = True
-    # Robust location and spread of each detector's scores on samples it did not see.
-    centre = np.array([np.median(scores[k, ~member[k]]) for k in range(ensemble)])
-    spread = np.array([_mad(scores[k, ~member[k]]) for k in range(ensemble)])
-    standardized = (centre[:, None] - scores) / spread[:, None]
-    held_out = np.where(member, np.nan, standardized)
-    consensus_raw = np.nanmean(held_out, axis=0)
+    # Cross-fitting: each detector is judged on the samples it did not see. A single detector
+    # (K = 1, in-sample thresholds only) has no such samples and is judged on all of them.
+    unseen = ~member if ensemble > 1 else np.ones_like(member)
+    centre = np.array([np.median(scores[k, unseen[k]]) for k in range(ensemble)])
+    spread = np.array([_mad(scores[k, unseen[k]]) for k in range(ensemble)])
+    consensus_raw = _mean_over(unseen, (centre[:, None] - scores) / spread[:, None])
     chosen_gamma = estimate_contamination(consensus_raw) if gamma == "auto" else float(gamma)
-    reference = ~member if threshold_source == "held_out" else member
+    reference = unseen if threshold_source == "held_out" else member
     thresholds = np.array([np.quantile(scores[k, reference[k]], chosen_gamma) for k in range(ensemble)])
     votes = (scores < thresholds[:, None]).sum(axis=0).astype(np.int16)
-    relative = (thresholds[:, None] - scores) / spread[:, None]
-    consensus = np.nanmean(np.where(member, np.nan, relative), axis=0)
+    consensus = _mean_over(unseen, (thresholds[:, None] - scores) / spread[:, None])
     return _Vote(votes=votes, consensus=consensus, thresholds=thresholds, gamma=chosen_gamma)
+
+
+def _mean_over(mask: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Column means of ``values (K, A)`` over the rows where ``mask`` is True."""
+    return (values * mask).sum(axis=0) / mask.sum(axis=0)
 
 
 def _mad(values: np.ndarray) -> float:

@@ -93,6 +93,15 @@ def test_retrain_hook_receives_kept_mask_each_round():
         assert np.array_equal(mask, record.kept)
 
 
+def test_held_out_thresholds_need_two_detectors():
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="K >= 2"):
+        next(iter_refine(np.zeros((30, 2)), GDE, ensemble=1))
+    record = next(iter_refine(planted()[0], GDE, ensemble=1, gamma=0.1, threshold_source="in_sample"))
+    assert 0 < len(record.removed) < 100, "K=1 in-sample: fit on all, flag its own top gamma"
+
+
 def test_too_few_samples_is_a_clear_error():
     with pytest.raises(DataError, match="at least 15"):
         next(iter_refine(np.zeros((10, 2)), GDE, ensemble=5))
