@@ -5,24 +5,25 @@ Issue 2, "Benchmarks" 4, measured in one run:
 (a) images/s of ``ImageEncoder.embed`` (reading and decoding PNG files from disk, batching,
     normalising, forward, pooling) against a bare forward pass of the same backbone object on
     pre-decoded, pre-normalised tensors: same batch size, channels_last layout, image size,
-    feature layers, torch threads and ``torch.inference_mode``. Repeats alternate the two; the median
-    counts. Measured with torch's default thread count and with 1 thread: on a busy 2-core machine
-    two OpenMP threads can be several times slower than one.
+    feature layers, torch threads and ``torch.inference_mode``. Repeats alternate the two; the
+    fastest run of each counts (the least disturbed by other processes). Measured with torch's
+    default thread count and with 1 thread: on a busy 2-core machine two OpenMP threads can be
+    several times slower than one.
 (b) a whole fit as ``refinery fit`` runs it (encoder fit + embed, then
     ``core.engine.refine_and_fit``), split into encoding, refinement rounds (the rounds' own
     ``seconds``) and the rest (contamination estimate, final detector, training scores), for image
     sets and tables;
-(c) peak RSS of each fit, each in a fresh process (``resource.getrusage``), next to the RSS the
-    process had before the fit (after imports and, for tables, after loading the source file);
+(c) peak RSS of each embedding pass and each fit, each in a fresh process (the kernel's high-water
+    mark, reset just before the measured block), next to the RSS the process had before it (after
+    imports and data loading);
 (d) fit time for 1k / 10k / 50k rows of a real ADBench table (default 10_cover, stratified
     subsample, natural contamination), one line per size.
 
-Run: ``python bench/speed.py`` (about 5-10 minutes on 2 cores) or ``--quick``.
+Run: ``python bench/speed.py`` (about 4-10 minutes on 2 cores, depending on load) or ``--quick``.
 """
 from __future__ import annotations
 
 import itertools
-import statistics
 import sys
 import warnings
 from pathlib import Path
@@ -69,7 +70,10 @@ def fashion_test_dataset():
 # ----------------------------------------------------------------------------- (a) throughput
 
 def throughput(dataset, config: FitConfig, repeats: int) -> dict:
-    """Median images/s of ImageEncoder.embed and of the bare forward pass on the same images."""
+    """Images/s of ImageEncoder.embed and of the bare forward pass on the same images (best of ``repeats``).
+
+    The fastest run is the one least disturbed by other processes; runs alternate between the two.
+    """
     import torch
 
     from core.data import read_rgb
@@ -105,7 +109,7 @@ def throughput(dataset, config: FitConfig, repeats: int) -> dict:
         with memory_peak() as memory["bare"], timed() as watch:
             bare()
         bare_s.append(watch.seconds)
-    return {"n": n, "encoder": n / statistics.median(encoder_s), "bare": n / statistics.median(bare_s),
+    return {"n": n, "encoder": n / min(encoder_s), "bare": n / min(bare_s),
             "decode": n / decode.seconds, "encoder_runs": encoder_s, "bare_runs": bare_s, "memory": memory}
 
 
@@ -224,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         report.table(["images", "torch threads", "size", "feature_layers", "batch", "n",
                       "decode only img/s (1 thread)", "ImageEncoder.embed img/s", "bare forward img/s", "ratio",
                       f"target >= {SPEED_TARGET}x", "embed peak RSS increase MiB", "bare peak RSS increase MiB"],
-                     speed_rows, title=f"(a) Feature extraction (median of {args.repeats}; each set in a fresh "
+                     speed_rows, title=f"(a) Feature extraction (fastest of {args.repeats}; each set in a fresh "
                                        "process; bare = pre-decoded, pre-normalised tensors, not counted in its memory)")
 
         fits = []
