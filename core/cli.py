@@ -186,8 +186,8 @@ def _score(args: argparse.Namespace) -> None:
         scores = run.score(dataset, on_progress=progress)
         atomic_write_text(args.out, scores.to_frame().to_csv(index=False))
         print(f"scored {len(dataset)} samples; {int(scores.is_anomaly.sum())} flagged; written to {args.out}")
-        for sample_id, anomaly_map in maps or ():
-            write_npy(args.maps / Path(sample_id).with_suffix(".npy"), anomaly_map.astype(np.float32))
+        if maps is not None:
+            _write_maps(maps, args.maps)
     if args.maps:
         print(f"anomaly maps written to {args.maps}")
     metrics = scores.metrics()
@@ -221,9 +221,14 @@ def _explain_images(run, dataset, args: argparse.Namespace) -> None:
     if args.out is None:
         raise ConfigError("explaining images writes maps: pass --out MAPS_DIR")
     with _ProgressBar() as progress:
-        for sample_id, anomaly_map in run.iter_gradcam_maps(dataset, method=args.method, on_progress=progress):
-            write_npy(args.out / Path(sample_id).with_suffix(".npy"), anomaly_map.astype(np.float32))
+        _write_maps(run.iter_gradcam_maps(dataset, method=args.method, on_progress=progress), args.out)
     print(f"{args.method} maps of {len(dataset)} images written to {args.out}")
+
+
+def _write_maps(maps, folder: Path) -> None:
+    """One float32 ``.npy`` per ``(id, map)``, at ``folder/<id with its suffix replaced by .npy>`` (DESIGN.md)."""
+    for sample_id, anomaly_map in maps:
+        write_npy(folder / Path(sample_id).with_suffix(".npy"), anomaly_map.astype(np.float32))
 
 
 def _runs() -> None:
