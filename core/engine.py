@@ -78,8 +78,12 @@ class FitResult:
     kept: np.ndarray
     contamination: float
     scores: Scores
-    metrics: DetectionMetrics | None
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> DetectionMetrics | None:
+        """Training-set metrics (labels used for evaluation only), or None without labels."""
+        return self.scores.metrics()
 
 
 def load_data(
@@ -161,7 +165,7 @@ def _fit(dataset, config, out_dir, staging, run_id, registry, on_progress, cance
 
     result = FitResult(
         run_dir=out_dir, run_id=run_id, config=config, rounds=model.rounds, kept=model.kept,
-        contamination=model.contamination, scores=scores, metrics=scores.metrics(), timings=timings,
+        contamination=model.contamination, scores=scores, timings=timings,
     )
     _save_run(staging, result, dataset, encoder, embeddings)
     return result
