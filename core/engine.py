@@ -6,27 +6,36 @@ are used only for metrics; the fit itself never reads them.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
-from dataclasses import asdict, dataclass, field
-from functools import partial
+from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property, partial
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
 
 from core.config import FitConfig
 from core.data import IMAGES, Dataset, load_dataset
+from core.data.images import image_shape
 from core.detectors import make_detector
 from core.errors import ConfigError, DataError, RunError
+from core.jobs import JobContext
 from core.explain.attribution import RowExplanation, explain_table_rows
 from core.explain.gradcam import ScoreExplainer
 from core.explain.patch import PatchLocalizer
 from core.metrics import DetectionMetrics, detection_metrics
 from core.models.encoder import Encoder, load_encoder, make_encoder, save_encoder
 from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
-from core.refine import MIN_SAMPLES_PER_DETECTOR, RefinementRound, contamination_from_data, iter_refine
+from core.refine import (
+    MIN_SAMPLES_PER_DETECTOR,
+    RefinementRound,
+    check_pinned,
+    contamination_from_data,
+    iter_refine,
+)
 from core.store import (
     Registry,
     atomic_write_text,
@@ -107,18 +116,121 @@ def load_data(
     )
 
 
+VERDICT_CODES = {"anomaly": 1, "normal": 0, "unsure": -1}
+
+
+def pinned_from_verdicts(ids: list[str], verdicts: Mapping[str, str] | None) -> np.ndarray:
+    """(N,) int8: 1 for ids an expert confirmed anomalous, 0 for confirmed normal, -1 otherwise.
+
+    Verdicts for ids that are not in ``ids`` are ignored (an expert may have judged other data).
+    """
+    pinned = np.full(len(ids), -1, dtype=np.int8)
+    if verdicts:
+        unknown = set(verdicts.values()) - set(VERDICT_CODES)
+        if unknown:
+            raise DataError(f"unknown verdict {sorted(unknown)[0]!r}; use one of {', '.join(VERDICT_CODES)}")
+        for index, sample_id in enumerate(ids):
+            if sample_id in verdicts:
+                pinned[index] = VERDICT_CODES[verdicts[sample_id]]
+    return pinned
+
+
+SMALL_IMAGE_SIDE = 64
+
+
+def suggested_config(dataset: Dataset, base: FitConfig | None = None) -> FitConfig:
+    """A config for ``dataset``: ``base`` (default: the defaults) with ``detector`` resolved and, for
+    small images (longest side at most ``SMALL_IMAGE_SIDE`` px in a sample of 16), ``image_size``
+    64: upsampling tiny images to 224 px costs 10x the compute and adds nothing they do not hold.
+    """
+    config = (base or FitConfig()).for_data(dataset.kind)
+    if dataset.kind == IMAGES and dataset.paths:
+        step = max(1, len(dataset.paths) // 16)
+        if max(max(image_shape(path)) for path in dataset.paths[::step]) <= SMALL_IMAGE_SIDE:
+            config = config.with_changes(image_size=SMALL_IMAGE_SIDE)
+    return config
+
+
+def new_run_dir(name: str, root: Path | None = None) -> Path:
+    """A fresh run folder path under ``root`` (default: the Refinery home's ``runs``), named by time and ``name``."""
+    root = Path(root) if root else refinery_home() / "runs"
+    stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:40].strip("-") or "run"
+    candidate = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{stem}"
+    suffix = 1
+    while candidate.exists():
+        suffix += 1
+        candidate = candidate.with_name(f"{candidate.name.rsplit('~', 1)[0]}~{suffix}")
+    return candidate
+
+
+def fit_work(
+    dataset: Dataset, config: FitConfig, out_dir: Path, *, verdicts: Mapping[str, str] | None = None,
+    registry: Registry | None = None,
+) -> Callable[[JobContext], FitResult]:
+    """A background-job body (:class:`core.jobs.JobRunner`) that fits ``dataset`` into ``out_dir``.
+
+    It publishes ``rounds`` (the finished :class:`RefinementRound` list) after every round and
+    ``run_dir`` when the run is saved.
+    """
+
+    def work(context: JobContext) -> FitResult:
+        rounds: list[RefinementRound] = []
+
+        def publish_round(record: RefinementRound) -> None:
+            rounds.append(record)
+            context.publish("rounds", tuple(rounds))
+
+        result = fit(
+            dataset, config, out_dir, verdicts=verdicts, registry=registry, on_round=publish_round,
+            on_progress=context.on_progress, cancel=context.cancel,
+        )
+        context.publish("run_dir", result.run_dir)
+        return result
+
+    return work
+
+
+def run_dataset(run_dir: Path | str, *, workspace: Path | None = None) -> Dataset:
+    """The training data of a saved run, in the run's sample order, with its labels and masks.
+
+    Reloads the run's data source and keeps the run's samples (a run may have used a subset, e.g.
+    a contamination protocol); fails clearly when the data moved or changed.
+    """
+    saved = read_json(Path(run_dir) / "run.json")
+    frame = pd.read_csv(Path(run_dir) / "scores.csv", dtype={"id": str}, keep_default_na=False)
+    dataset = load_data(saved["data_source"], label_required=False, workspace=workspace,
+                        label_column=FitConfig.load(Path(run_dir) / "config.json").label_column)
+    position = {sample_id: index for index, sample_id in enumerate(dataset.ids)}
+    missing = [i for i in frame["id"] if i not in position]
+    if missing:
+        raise RunError(f"{len(missing)} of the run's samples (e.g. {missing[0]}) are no longer in "
+                       f"{saved['data_source']}; the data was moved or changed")
+    subset = dataset.subset(np.array([position[i] for i in frame["id"]]))
+    if "label" in frame:
+        subset = replace(subset, labels=frame["label"].to_numpy().astype(np.int8))
+    return subset
+
+
 def fit(
     dataset: Dataset,
     config: FitConfig,
     out_dir: Path | str,
     *,
+    verdicts: Mapping[str, str] | None = None,
     registry: Registry | None = None,
+    on_round: Callable[[RefinementRound], None] | None = None,
     on_progress: ProgressCallback = ignore_progress,
     cancel: CancelToken | None = None,
 ) -> FitResult:
-    """Fit a run on ``dataset`` and save it to ``out_dir`` (which must not hold anything yet)."""
+    """Fit a run on ``dataset`` and save it to ``out_dir`` (which must not hold anything yet).
+
+    ``verdicts`` maps sample ids to an expert's ``normal`` / ``anomaly`` / ``unsure``: confirmed
+    normals are always kept, confirmed anomalies always removed (see :mod:`core.refine`).
+    ``on_round`` receives each refinement round as soon as it is done.
+    """
     config = config.validate().for_data(dataset.kind)
     _check_trainable(dataset, config)
+    pinned = pinned_from_verdicts(dataset.ids, verdicts)
     registry = registry or Registry()
     out_dir = Path(out_dir)
     with staged_directory(out_dir) as staging:
@@ -127,7 +239,7 @@ def fit(
             n_samples=len(dataset), config=asdict(config),
         )
         try:
-            result = _fit(dataset, config, out_dir, staging, run_id, registry, on_progress, cancel)
+            result = _fit(dataset, config, pinned, out_dir, staging, run_id, registry, on_round, on_progress, cancel)
         except BaseException as error:
             registry.fail_run(run_id, str(error) or type(error).__name__)
             raise
@@ -135,7 +247,7 @@ def fit(
     return result
 
 
-def _fit(dataset, config, out_dir, staging, run_id, registry, on_progress, cancel) -> FitResult:
+def _fit(dataset, config, pinned, out_dir, staging, run_id, registry, on_round, on_progress, cancel) -> FitResult:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     unlabeled = dataset.without_labels()
@@ -151,9 +263,12 @@ def _fit(dataset, config, out_dir, staging, run_id, registry, on_progress, cance
             gamma=record.gamma, precision=record.precision, recall=record.recall, seconds=record.seconds,
             note=record.note,
         )
+        if on_round is not None:
+            on_round(record)
 
     model = refine_and_fit(
-        embeddings, config, labels=dataset.labels, on_round=record_round, on_progress=on_progress, cancel=cancel
+        embeddings, config, labels=dataset.labels, pinned=pinned, on_round=record_round, on_progress=on_progress,
+        cancel=cancel,
     )
     timings["refine_and_detector_s"] = time.perf_counter() - started
     scores = Scores(dataset.ids, model.train_score, model.train_score > model.threshold, model.threshold, dataset.labels)
@@ -167,7 +282,7 @@ def _fit(dataset, config, out_dir, staging, run_id, registry, on_progress, cance
         run_dir=out_dir, run_id=run_id, config=config, rounds=model.rounds, kept=model.kept,
         contamination=model.contamination, scores=scores, timings=timings,
     )
-    _save_run(staging, result, dataset, encoder, embeddings)
+    _save_run(staging, result, dataset, encoder, embeddings, pinned)
     return result
 
 
@@ -198,6 +313,7 @@ def refine_and_fit(
     config: FitConfig,
     *,
     labels: np.ndarray | None = None,
+    pinned: np.ndarray | None = None,
     on_round: Callable[[RefinementRound], None] | None = None,
     on_progress: ProgressCallback = ignore_progress,
     cancel: CancelToken | None = None,
@@ -205,19 +321,21 @@ def refine_and_fit(
     """STOC refinement (when configured), the final detector on the kept samples, and the threshold.
 
     This is the whole fit after encoding; benchmarks call it directly so that they measure exactly
-    what ``refinery fit`` does. ``labels`` only feed the rounds' precision/recall fields.
+    what ``refinery fit`` does. ``labels`` only feed the rounds' precision/recall fields;
+    ``pinned`` carries an expert's verdicts (:func:`pinned_from_verdicts`).
     ``config.detector`` must be concrete: resolve ``auto`` with :meth:`FitConfig.for_data` first.
     """
     if config.detector == "auto":
         raise ConfigError("refine_and_fit needs a concrete detector; call config.for_data(kind) first")
     factory = partial(make_detector, config.detector, random_state=config.seed)
     rounds: list[RefinementRound] = []
-    kept = np.ones(len(embeddings), dtype=bool)
+    pinned = check_pinned(pinned, len(embeddings))
+    kept = pinned != 1
     if config.refine and config.rounds > 0:
         refinement = iter_refine(
             embeddings, factory, ensemble=config.ensemble, gamma=config.gamma, rounds=config.rounds,
             threshold_source=config.threshold_source, min_keep_fraction=config.min_keep_fraction,
-            seed=config.seed, labels=labels, on_progress=on_progress, cancel=cancel,
+            seed=config.seed, labels=labels, pinned=pinned, on_progress=on_progress, cancel=cancel,
         )
         for record in refinement:
             rounds.append(record)
@@ -261,7 +379,9 @@ def _contamination(config, embeddings, factory, rounds) -> float:
     return contamination_from_data(embeddings, factory, ensemble=config.ensemble, seed=config.seed)
 
 
-def _save_run(directory: Path, result: FitResult, dataset: Dataset, encoder: Encoder, embeddings: np.ndarray) -> None:
+def _save_run(
+    directory: Path, result: FitResult, dataset: Dataset, encoder: Encoder, embeddings: np.ndarray, pinned: np.ndarray
+) -> None:
     result.config.save(directory / "config.json")
     save_encoder(encoder, directory)
     write_json(directory / "run.json", {
@@ -282,6 +402,7 @@ def _save_run(directory: Path, result: FitResult, dataset: Dataset, encoder: Enc
         "train": embeddings.astype(np.float32),
         "kept": result.kept.astype(np.uint8),
         "train_anomaly_score": result.scores.anomaly_score,
+        "pinned": pinned,
     })
     write_json(directory / "refinement.json", [
         {
@@ -377,13 +498,32 @@ class FittedRun:
         (for runs with another detector, a GDE fitted on the same kept embeddings stands in), so the
         map shows which regions raised the score. ``method`` is ``gradcam`` or ``gradcam++``.
         """
-        if self.info["kind"] != IMAGES or dataset.kind != IMAGES:
-            raise DataError("Grad-CAM explanations are for image runs and images; for tables use explain_rows")
+        if dataset.kind != IMAGES:
+            raise DataError("Grad-CAM explanations are for images; for tables use explain_rows")
+        return self._gradcam_batches(self._explainer(method), dataset, on_progress, cancel)
+
+    def anomaly_map(self, image_path: Path) -> np.ndarray:
+        """``(H, W) float32`` localization map of one image file, at its own size."""
+        if self.localizer is None:
+            raise RunError("this run has no localization model (tables, or fitted with localization 'none')")
+        return next(iter(self.localizer.iter_anomaly_maps([Path(image_path)])))
+
+    def gradcam_map(self, image_path: Path, method: str = "gradcam") -> np.ndarray:
+        """``(H, W) float32`` Grad-CAM of one image file's anomaly score (see :meth:`iter_gradcam_maps`)."""
+        with self._explainer(method) as explainer:
+            return explainer.explain([Path(image_path)], self.config.image_size)[0]
+
+    def _explainer(self, method: str) -> ScoreExplainer:
+        if self.info["kind"] != IMAGES:
+            raise DataError("Grad-CAM explanations are for image runs; for tables use explain_rows")
         gde = self.detector if hasattr(self.detector, "precision_") else make_detector("gde").fit(self.kept_embeddings)
-        explainer = ScoreExplainer(
-            self.encoder.model, self.config.feature_layers, gde.location_, gde.precision_, method=method,
-        )
-        return self._gradcam_batches(explainer, dataset, on_progress, cancel)
+        return ScoreExplainer(self._gradcam_model, self.config.feature_layers, gde.location_, gde.precision_, method=method)
+
+    @cached_property
+    def _gradcam_model(self):
+        """A private copy of the backbone: Grad-CAM hooks must not touch the process-wide shared one,
+        which a background job may be running at the same moment."""
+        return copy.deepcopy(self.encoder.model)
 
     def _gradcam_batches(self, explainer, dataset, on_progress, cancel) -> Iterator[tuple[str, np.ndarray]]:
         batch = self.config.batch_size

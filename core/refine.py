@@ -18,6 +18,10 @@ contamination in every round from the ensemble's cross-fitted scores
 
 A ``retrain`` callback, when given, receives the kept mask between rounds and returns new
 embeddings for all samples: this is where self-supervised retraining plugs in.
+
+An expert's verdicts enter as ``pinned``: confirmed anomalies are removed before round 1 (no
+detector ever trains on them; round 1 lists them first among its removals) and confirmed
+normals are never removed.
 """
 from __future__ import annotations
 
@@ -97,6 +101,7 @@ def iter_refine(
     min_keep_fraction: float = 0.5,
     seed: int = 0,
     labels: np.ndarray | None = None,
+    pinned: np.ndarray | None = None,
     retrain: Callable[[np.ndarray], np.ndarray] | None = None,
     on_progress: ProgressCallback = ignore_progress,
     cancel: CancelToken | None = None,
@@ -111,9 +116,13 @@ def iter_refine(
         Returns a fresh unfitted detector with the scikit-learn outlier API.
     labels : (N,) int array, optional
         1 = anomaly, 0 = normal, -1 = unknown; used only for the precision/recall fields.
+    pinned : (N,) int array, optional
+        An expert's verdicts, same coding as ``labels``: 1 = always removed, 0 = never removed,
+        -1 = left to the detectors (see :func:`core.engine.pinned_from_verdicts`).
     """
     features = np.asarray(embeddings)
     n = len(features)
+    pinned = check_pinned(pinned, n)
     if threshold_source == "held_out" and ensemble < 2:
         raise ConfigError("held-out thresholds need an ensemble of K >= 2 detectors; raise --ensemble")
     if n < ensemble * MIN_SAMPLES_PER_DETECTOR:
@@ -121,7 +130,8 @@ def iter_refine(
             f"refinement with K={ensemble} needs at least {ensemble * MIN_SAMPLES_PER_DETECTOR} "
             f"training samples, got {n}; lower --ensemble or turn refinement off"
         )
-    kept = np.ones(n, dtype=bool)
+    kept = pinned != 1
+    confirmed_anomalies = np.flatnonzero(~kept)
     min_kept = int(np.ceil(min_keep_fraction * n))
     rng = np.random.default_rng(seed)
     for round_number in range(1, rounds + 1):
@@ -136,13 +146,16 @@ def iter_refine(
         flagged = active[vote.votes > 0]
         order = np.argsort(-vote.consensus[vote.votes > 0], kind="stable")
         flagged = flagged[order]
+        flagged = flagged[pinned[flagged] != 0]
         budget = max(int(kept.sum()) - min_kept, 0)
         capped = len(flagged) > budget
         removed = flagged[:budget]
         kept = kept.copy()
         kept[removed] = False
+        confirmed = confirmed_anomalies if round_number == 1 else confirmed_anomalies[:0]
         round_record = _record(
-            round_number, kept, removed, vote, active, n, started, capped, labels, len(flagged)
+            round_number, kept, np.concatenate([confirmed, removed]), vote, active, n, started, capped, labels,
+            len(flagged), len(confirmed),
         )
         on_progress(ProgressEvent("refine", round_number, rounds, round_record.note))
         log.info(round_record.note)
@@ -215,7 +228,17 @@ def _mad(values: np.ndarray) -> float:
     return float(spread) if spread > 0 else float(np.std(values)) or 1.0
 
 
-def _record(round_number, kept, removed, vote, active, n, started, capped, labels, n_flagged):
+def check_pinned(pinned: np.ndarray | None, n: int) -> np.ndarray:
+    """``pinned`` as an (N,) int8 array in {-1, 0, 1} (all -1 when None); a clear error otherwise."""
+    if pinned is None:
+        return np.full(n, -1, dtype=np.int8)
+    pinned = np.asarray(pinned)
+    if pinned.shape != (n,) or not np.isin(pinned, (-1, 0, 1)).all():
+        raise DataError(f"pinned verdicts must be an ({n},) array of -1, 0 and 1, got shape {pinned.shape}")
+    return pinned.astype(np.int8)
+
+
+def _record(round_number, kept, removed, vote, active, n, started, capped, labels, n_flagged, n_confirmed):
     votes = np.full(n, -1, dtype=np.int16)
     votes[active] = vote.votes
     score = np.full(n, np.nan, dtype=np.float32)
@@ -225,10 +248,12 @@ def _record(round_number, kept, removed, vote, active, n, started, capped, label
         known = labels[removed]
         precision = float(np.mean(known == 1)) if len(removed) else None
         recall = float(np.mean(~kept[labels == 1]))
-    note = f"round {round_number}: removed {len(removed)} of {len(active)} (gamma {vote.gamma:.3f})"
+    note = f"round {round_number}: removed {len(removed) - n_confirmed} of {len(active)} (gamma {vote.gamma:.3f})"
+    if n_confirmed:
+        note += f" and {n_confirmed} confirmed anomalies"
     if capped:
         note += f"; capped: {n_flagged} were flagged but the kept share may not fall below the guard"
-    elif len(removed) == 0:
+    elif len(removed) == n_confirmed:
         note += "; no detector flagged any sample: refinement stops here"
     if precision is not None:
         note += f"; removal precision {precision:.2f}, cumulative recall {recall:.2f}"

@@ -163,6 +163,13 @@ def read_rgb(path: Path | str, size: int) -> np.ndarray:
                         "replace or remove the file") from exc
 
 
+def image_shape(path: Path | str) -> tuple[int, int]:
+    """``(height, width)`` of an image file, read from its header."""
+    with _open_checked(Path(path)) as image:
+        width, height = image.size
+    return height, width
+
+
 def _probe(path: Path) -> str | None:
     """Decode ``path`` cheaply; return why it cannot be used, or None when it is fine."""
     try:

@@ -53,11 +53,10 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from sklearn.exceptions import NotFittedError
 
 from core.config import BACKBONES, DEVICES
-from core.data.images import read_rgb
+from core.data.images import image_shape, read_rgb
 from core.errors import ConfigError, DataError, RunError
 from core.explain.smoothing import DEFAULT_SIGMA, resize_map, upsample_and_smooth
 from core.models.device import resolve_device
@@ -574,7 +573,7 @@ class PatchLocalizer:
 
         def read(batch_paths):
             pixels = np.stack([read_rgb(path, size) for path in batch_paths])
-            return pixels, [_image_size(path) for path in batch_paths]
+            return pixels, [image_shape(path) for path in batch_paths]
 
         started = time.perf_counter()
         with ThreadPoolExecutor(max_workers=1) as reader:
@@ -660,13 +659,6 @@ class PatchLocalizer:
 
 _PARAMS = ("method", "image_size", "backbone", "device", "batch_size", "coreset_size", "coreset_ratio",
            "max_pool_patches", "projection_dim", "support_images", "sigma", "display_quantile", "display_holdout", "seed")
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    """``(height, width)`` of an image file, read from its header."""
-    with Image.open(path) as image:
-        width, height = image.size
-    return height, width
 
 
 def image_scores_from_maps(

@@ -1,0 +1,229 @@
+"""Background jobs: long engine work runs on one worker thread while the UI polls its status.
+
+There is one worker per process, so jobs queue instead of oversubscribing the CPU cores or the
+one GPU: a second job waits until the first has finished. A job is a callable that receives a
+:class:`JobContext` (progress callback, cancel token, ``publish`` for partial results such as
+finished refinement rounds) and returns its result. Pages read immutable :class:`JobStatus`
+snapshots; the worker never touches the UI.
+
+Example
+-------
+>>> runner = JobRunner()
+>>> job_id = runner.submit("add", lambda context: 1 + 1)
+>>> runner.wait(job_id, timeout=5).result
+2
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+from core.errors import Cancelled, RefineryError
+from core.progress import CancelToken, ProgressEvent
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+FINISHED_STATES = (DONE, FAILED, CANCELLED)
+MAX_FINISHED_JOBS = 50
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """A snapshot of one job, safe to read from any thread.
+
+    Attributes
+    ----------
+    job_id, title : str
+    state : {"queued", "running", "done", "failed", "cancelled"}
+    stage : str
+        The stage of the latest progress event (``""`` before the first).
+    done, total : int
+        Progress within the stage (``total`` 0 when unknown).
+    message : str
+        The latest progress message, or the error message of a failed job.
+    eta_s : float or None
+        Estimated seconds left in the current stage, from its pace so far.
+    submitted, started, finished : float or None
+        ``time.time()`` stamps.
+    outputs : mapping
+        Partial results the job published, by name (the latest value of each).
+    result : object
+        What the job returned (``done`` jobs only).
+    """
+
+    job_id: str
+    title: str
+    state: str = QUEUED
+    stage: str = ""
+    done: int = 0
+    total: int = 0
+    message: str = ""
+    eta_s: float | None = None
+    submitted: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    outputs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    result: Any = None
+
+    @property
+    def active(self) -> bool:
+        """True while the job is queued or running."""
+        return self.state not in FINISHED_STATES
+
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds the job has been running (0 while queued)."""
+        if self.started is None:
+            return 0.0
+        return (self.finished or time.time()) - self.started
+
+    @property
+    def fraction(self) -> float:
+        """Progress within the current stage, 0..1."""
+        return min(self.done / self.total, 1.0) if self.total > 0 else 0.0
+
+
+class JobContext:
+    """What a running job uses to report progress, publish partial results and notice a cancel."""
+
+    def __init__(self, runner: "JobRunner", job_id: str, cancel: CancelToken) -> None:
+        self._runner = runner
+        self._job_id = job_id
+        self.cancel = cancel
+        self._stage = ""
+        self._stage_started = time.monotonic()
+
+    def on_progress(self, event: ProgressEvent) -> None:
+        """A ``ProgressCallback``: records the event and estimates the time left in its stage."""
+        now = time.monotonic()
+        if event.stage != self._stage:
+            self._stage, self._stage_started = event.stage, now
+        eta = None
+        if 0 < event.done < event.total:
+            eta = (now - self._stage_started) / event.done * (event.total - event.done)
+        self._runner._update(
+            self._job_id, stage=event.stage, done=event.done, total=event.total, message=event.message, eta_s=eta
+        )
+
+    def publish(self, name: str, value: Any) -> None:
+        """Make ``value`` visible to the UI as ``status.outputs[name]`` (replacing an earlier value)."""
+        self._runner._publish(self._job_id, name, value)
+
+
+Work = Callable[[JobContext], Any]
+
+
+class JobRunner:
+    """Runs submitted jobs one at a time, in submission order, on a daemon worker thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._statuses: dict[str, JobStatus] = {}
+        self._cancels: dict[str, CancelToken] = {}
+        self._queue: queue.Queue[tuple[str, Work]] = queue.Queue()
+        self._ids = itertools.count(1)
+        self._worker: threading.Thread | None = None
+
+    def submit(self, title: str, work: Work) -> str:
+        """Queue ``work`` and return its job id; it starts when the jobs before it have finished."""
+        job_id = f"job-{next(self._ids)}-{int(time.time())}"
+        with self._lock:
+            self._statuses[job_id] = JobStatus(job_id, title)
+            self._cancels[job_id] = CancelToken()
+            self._forget_old_jobs()
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._work_forever, name="refinery-jobs", daemon=True)
+                self._worker.start()
+        self._queue.put((job_id, work))
+        return job_id
+
+    def status(self, job_id: str) -> JobStatus | None:
+        """The job's latest snapshot, or None for an unknown (or long forgotten) id."""
+        with self._lock:
+            return self._statuses.get(job_id)
+
+    def jobs(self) -> list[JobStatus]:
+        """All remembered jobs, newest first."""
+        with self._lock:
+            return sorted(self._statuses.values(), key=lambda status: status.submitted, reverse=True)
+
+    def active(self) -> JobStatus | None:
+        """The job running now, else the oldest queued one, else None."""
+        pending = [status for status in self.jobs() if status.active]
+        running = [status for status in pending if status.state == RUNNING]
+        return (running or pending[::-1] or [None])[0]
+
+    def cancel(self, job_id: str) -> None:
+        """Ask a job to stop at its next check; a queued job is cancelled before it starts."""
+        with self._lock:
+            token = self._cancels.get(job_id)
+        if token is not None:
+            token.cancel()
+
+    def wait(self, job_id: str, timeout: float) -> JobStatus:
+        """Block until the job has finished or ``timeout`` seconds passed; returns its snapshot."""
+        deadline = time.monotonic() + timeout
+        status = self.status(job_id)
+        while status is not None and status.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+            status = self.status(job_id)
+        if status is None:
+            raise KeyError(job_id)
+        return status
+
+    # ------------------------------------------------------------------ worker side
+
+    def _work_forever(self) -> None:
+        while True:
+            job_id, work = self._queue.get()
+            try:
+                self._run(job_id, work)
+            finally:
+                self._queue.task_done()
+
+    def _run(self, job_id: str, work: Work) -> None:
+        with self._lock:
+            cancel = self._cancels[job_id]
+        if cancel.cancelled:
+            self._update(job_id, state=CANCELLED, finished=time.time(), message="cancelled before it started")
+            return
+        self._update(job_id, state=RUNNING, started=time.time())
+        try:
+            result = work(JobContext(self, job_id, cancel))
+        except Cancelled:
+            self._update(job_id, state=CANCELLED, finished=time.time(), message="cancelled", eta_s=None)
+        except RefineryError as error:
+            self._update(job_id, state=FAILED, finished=time.time(), message=str(error), eta_s=None)
+        except Exception as error:  # noqa: BLE001 - a job must never take the worker down
+            log.exception("job %s failed", job_id)
+            self._update(
+                job_id, state=FAILED, finished=time.time(), eta_s=None,
+                message=f"unexpected error ({type(error).__name__}: {error}); the server log has the details",
+            )
+        else:
+            self._update(job_id, state=DONE, finished=time.time(), result=result, eta_s=None)
+
+    def _update(self, job_id: str, **changes: Any) -> None:
+        with self._lock:
+            self._statuses[job_id] = replace(self._statuses[job_id], **changes)
+
+    def _publish(self, job_id: str, name: str, value: Any) -> None:
+        with self._lock:
+            status = self._statuses[job_id]
+            outputs = MappingProxyType({**status.outputs, name: value})
+            self._statuses[job_id] = replace(status, outputs=outputs)
+
+    def _forget_old_jobs(self) -> None:
+        finished = sorted(
+            (status for status in self._statuses.values() if not status.active), key=lambda status: status.submitted
+        )
+        for status in finished[: max(0, len(finished) - MAX_FINISHED_JOBS)]:
+            del self._statuses[status.job_id]
+            del self._cancels[status.job_id]

@@ -1,0 +1,263 @@
+"""A saved run read back for display and export: samples, rounds, neighbours, curves, comparisons.
+
+:class:`SavedRun` only reads the run directory (no model is loaded), so the app can open any
+run in the registry quickly; scoring new data and anomaly maps go through
+:class:`core.engine.FittedRun`.
+"""
+from __future__ import annotations
+
+import io
+import zipfile
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import precision_recall_curve, roc_curve
+
+from core.config import FitConfig
+from core.errors import DataError, RunError
+from core.metrics import DetectionMetrics, detection_metrics
+from core.store import read_arrays, read_json
+
+BUNDLE_SUFFIXES = (".json", ".safetensors", ".csv", ".pt")
+
+
+@dataclass(frozen=True)
+class RoundView:
+    """One saved refinement round (see :class:`core.refine.RefinementRound` for the fields)."""
+
+    round: int
+    kept: np.ndarray            # (N,) bool, after this round
+    removed: np.ndarray         # (R,) int64 indices removed in this round, most suspicious first
+    anomaly_score: np.ndarray   # (N,) float32 consensus score, NaN for samples not in the round; 0 = threshold
+    gamma: float
+    seconds: float
+    capped: bool
+    precision: float | None
+    recall: float | None
+    note: str
+
+
+class SavedRun:
+    """A run directory, read for display.
+
+    Attributes
+    ----------
+    run_dir : Path
+    info : dict
+        ``run.json``: kind, data source, threshold, contamination, metrics, timings, skipped files.
+    config : FitConfig
+    samples : DataFrame
+        ``scores.csv`` of the training data: ``id, anomaly_score, is_anomaly[, label], kept,
+        round_removed`` (0 = kept), plus ``rank`` (1 = most anomalous).
+    rounds : list of RoundView
+    """
+
+    def __init__(self, run_dir: Path | str) -> None:
+        self.run_dir = Path(run_dir)
+        if not (self.run_dir / "run.json").is_file():
+            raise RunError(f"{self.run_dir} is not a finished Refinery run (no run.json)")
+        self.info = read_json(self.run_dir / "run.json")
+        self.config = FitConfig.load(self.run_dir / "config.json")
+        samples = pd.read_csv(self.run_dir / "scores.csv", dtype={"id": str}, keep_default_na=False)
+        samples["rank"] = samples["anomaly_score"].rank(ascending=False, method="first").astype(int)
+        self.samples = samples
+        self.rounds = self._read_rounds()
+
+    def _read_rounds(self) -> list[RoundView]:
+        records = read_json(self.run_dir / "refinement.json")
+        if not records:
+            return []
+        arrays = read_arrays(self.run_dir / "refinement.safetensors")
+        position = {sample_id: index for index, sample_id in enumerate(self.samples["id"])}
+        return [
+            RoundView(
+                round=record["round"],
+                kept=arrays[f"kept_{record['round']}"].astype(bool),
+                removed=np.array([position[i] for i in record["removed_ids"]], dtype=np.int64),
+                anomaly_score=arrays[f"anomaly_score_{record['round']}"],
+                gamma=record["gamma"], seconds=record["seconds"], capped=record["capped"],
+                precision=record["precision"], recall=record["recall"], note=record["note"],
+            )
+            for record in records
+        ]
+
+    # ------------------------------------------------------------------ facts
+
+    @property
+    def run_id(self) -> str:
+        return self.info["run_id"]
+
+    @property
+    def kind(self) -> str:
+        return self.info["kind"]
+
+    @property
+    def source(self) -> Path:
+        """The folder (images) or table file the run was fitted on."""
+        return Path(self.info["data_source"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.info["threshold"])
+
+    @property
+    def contamination(self) -> float:
+        """The contamination the threshold was set from (estimated without labels, or the user's gamma)."""
+        return float(self.info["contamination"])
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """(N,) 1 anomaly / 0 normal / -1 unknown, or None; for display and metrics only."""
+        return self.samples["label"].to_numpy() if "label" in self.samples else None
+
+    @property
+    def metrics(self) -> DetectionMetrics | None:
+        return detection_metrics(self.labels, self.samples["anomaly_score"].to_numpy(), self.samples["is_anomaly"].to_numpy())
+
+    @cached_property
+    def embeddings(self) -> np.ndarray:
+        """(N, D) float32 training embeddings of the final representation."""
+        return read_arrays(self.run_dir / "embeddings.safetensors")["train"]
+
+    def kept_after(self, round_number: int) -> np.ndarray:
+        """(N,) bool: samples still kept after ``round_number`` (0 = before refinement: all)."""
+        kept = np.ones(len(self.samples), dtype=bool)
+        for record in self.rounds:
+            if record.round <= round_number:
+                kept = record.kept
+        return kept
+
+    def index_of(self, sample_id: str) -> int:
+        matches = np.flatnonzero(self.samples["id"].to_numpy() == sample_id)
+        if len(matches) == 0:
+            raise DataError(f"no sample with id {sample_id!r} in run {self.run_id}")
+        return int(matches[0])
+
+    def image_path(self, sample_id: str) -> Path:
+        """The image file of a training sample; refuses ids that would leave the data folder."""
+        if self.kind != "images":
+            raise DataError("this run was fitted on a table; its samples are rows, not image files")
+        root = self.source.resolve()
+        path = (root / sample_id).resolve()
+        if not path.is_relative_to(root):
+            raise DataError(f"sample id {sample_id!r} points outside the run's data folder")
+        if not path.is_file():
+            raise DataError(f"{path} is gone: the run's data folder was moved or deleted")
+        return path
+
+    def nearest_kept(self, index: int, k: int = 6) -> pd.DataFrame:
+        """The ``k`` kept training samples closest to sample ``index`` in embedding space (itself excluded).
+
+        Columns: ``index, id, distance, anomaly_score``; nearest first.
+        """
+        embeddings = self.embeddings
+        candidates = np.flatnonzero(self.samples["kept"].to_numpy().astype(bool))
+        candidates = candidates[candidates != index]
+        distance = np.linalg.norm(embeddings[candidates] - embeddings[index], axis=1)
+        order = np.argsort(distance, kind="stable")[:k]
+        chosen = candidates[order]
+        return pd.DataFrame({
+            "index": chosen,
+            "id": self.samples["id"].to_numpy()[chosen],
+            "distance": distance[order],
+            "anomaly_score": self.samples["anomaly_score"].to_numpy()[chosen],
+        })
+
+    def export_frame(self, verdicts: dict[str, tuple[str, str]]) -> pd.DataFrame:
+        """Scores with the expert's ``verdict`` and ``verdict_note`` columns (empty where none)."""
+        frame = self.samples.drop(columns=["rank"]).copy()
+        frame["verdict"] = [verdicts.get(i, ("", ""))[0] for i in frame["id"]]
+        frame["verdict_note"] = [verdicts.get(i, ("", ""))[1] for i in frame["id"]]
+        return frame
+
+
+# ---------------------------------------------------------------------------- evaluation helpers
+
+
+@dataclass(frozen=True)
+class Curves:
+    """ROC and precision-recall curves of anomaly scores against labels."""
+
+    fpr: np.ndarray
+    tpr: np.ndarray
+    precision: np.ndarray
+    recall: np.ndarray
+
+
+def score_curves(labels: np.ndarray, anomaly_score: np.ndarray) -> Curves | None:
+    """ROC and PR curves over the labelled samples, or None unless both classes are present."""
+    known = np.asarray(labels) >= 0
+    y, score = np.asarray(labels)[known], np.asarray(anomaly_score)[known]
+    if len(np.unique(y)) < 2:
+        return None
+    fpr, tpr, _ = roc_curve(y, score)
+    precision, recall, _ = precision_recall_curve(y, score)
+    return Curves(fpr, tpr, precision, recall)
+
+
+def confusion_at(labels: np.ndarray, anomaly_score: np.ndarray, threshold: float) -> pd.DataFrame:
+    """2x2 counts of labelled samples: rows ``label normal/anomaly``, columns ``called normal/anomaly``."""
+    known = np.asarray(labels) >= 0
+    truth = np.asarray(labels)[known] == 1
+    called = np.asarray(anomaly_score)[known] > threshold
+    counts = [[int(np.sum(~truth & ~called)), int(np.sum(~truth & called))],
+              [int(np.sum(truth & ~called)), int(np.sum(truth & called))]]
+    return pd.DataFrame(counts, index=["label normal", "label anomaly"], columns=["called normal", "called anomaly"])
+
+
+def verdict_agreement(samples: pd.DataFrame, verdicts: dict[str, tuple[str, str]]) -> pd.DataFrame:
+    """Expert verdicts against the model's call: rows verdict, columns ``model normal/anomaly``, counts."""
+    judged = samples[samples["id"].isin(verdicts.keys())]
+    verdict = judged["id"].map(lambda i: verdicts[i][0])
+    called = np.where(judged["is_anomaly"].astype(bool), "model anomaly", "model normal")
+    table = pd.crosstab(pd.Categorical(verdict, ["normal", "anomaly", "unsure"]),
+                        pd.Categorical(called, ["model normal", "model anomaly"]), dropna=False)
+    table.index.name, table.columns.name = "verdict", None
+    return table
+
+
+@dataclass(frozen=True)
+class RunComparison:
+    """Two runs on the same samples: their metrics side by side and the samples whose call changed."""
+
+    metrics: pd.DataFrame     # rows: metric names; columns: the two run ids
+    changed: pd.DataFrame     # id, anomaly_score and is_anomaly under each run, for samples whose call differs
+
+
+def compare_runs(before: SavedRun, after: SavedRun) -> RunComparison:
+    """Compare two runs fitted on the same data (e.g. before and after verdict-guided refinement)."""
+    if list(before.samples["id"]) != list(after.samples["id"]):
+        raise DataError("these runs were fitted on different samples; compare runs of the same data set")
+    rows = {}
+    for run in (before, after):
+        metrics = run.metrics.as_dict() if run.metrics else {}
+        rows[run.run_id] = {
+            "kept": int(run.samples["kept"].sum()),
+            "removed": int((~run.samples["kept"].astype(bool)).sum()),
+            "called anomaly": int(run.samples["is_anomaly"].sum()),
+            "threshold": run.threshold,
+            **{name: metrics.get(name, np.nan) for name in ("auroc", "ap", "f1")},
+        }
+    merged = pd.DataFrame({
+        "id": before.samples["id"],
+        f"anomaly_score {before.run_id}": before.samples["anomaly_score"],
+        f"anomaly_score {after.run_id}": after.samples["anomaly_score"],
+        f"is_anomaly {before.run_id}": before.samples["is_anomaly"],
+        f"is_anomaly {after.run_id}": after.samples["is_anomaly"],
+    })
+    changed = merged[before.samples["is_anomaly"].to_numpy() != after.samples["is_anomaly"].to_numpy()]
+    return RunComparison(pd.DataFrame(rows), changed.reset_index(drop=True))
+
+
+def bundle_run(run_dir: Path | str) -> bytes:
+    """A zip of the run's artifacts (config, weights, scores, refinement record), for download."""
+    run_dir = Path(run_dir)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(run_dir.rglob("*")):
+            if path.is_file() and not path.name.startswith(".") and path.suffix in BUNDLE_SUFFIXES:
+                archive.write(path, f"{run_dir.name}/{path.relative_to(run_dir).as_posix()}")
+    return buffer.getvalue()
