@@ -169,11 +169,12 @@ def fit_work(
 ) -> Callable[[JobContext], FitResult]:
     """A background-job body (:class:`core.jobs.JobRunner`) that fits ``dataset`` into ``out_dir``.
 
-    It publishes ``rounds`` (the finished :class:`RefinementRound` list) after every round and
-    ``run_dir`` when the run is saved.
+    It publishes ``dataset`` at the start, ``rounds`` (the finished :class:`RefinementRound` list)
+    after every round and ``run_dir`` when the run is saved.
     """
 
     def work(context: JobContext) -> FitResult:
+        context.publish("dataset", dataset)
         rounds: list[RefinementRound] = []
 
         def publish_round(record: RefinementRound) -> None:

@@ -12,6 +12,16 @@ from core.data.idx import (
 from core.data.images import IMAGE_SUFFIXES, load_image_folder, read_rgb
 from core.data.load import load_dataset
 from core.data.protocol import ProtocolSplit, anomaly_count, softpatch_protocol, srr_protocol
+from core.data.sources import (
+    DEMO_DIR,
+    MAX_UPLOAD_BYTES,
+    UPLOAD_SUFFIXES,
+    BuiltinSource,
+    builtin_sources,
+    prepare_builtin,
+    resolve_server_folder,
+    save_uploads,
+)
 from core.data.tables import TABLE_SUFFIXES, load_table, table_dataset
 
 __all__ = [
@@ -39,4 +49,12 @@ __all__ = [
     "softpatch_protocol",
     "srr_protocol",
     "table_dataset",
+    "BuiltinSource",
+    "DEMO_DIR",
+    "MAX_UPLOAD_BYTES",
+    "UPLOAD_SUFFIXES",
+    "builtin_sources",
+    "prepare_builtin",
+    "resolve_server_folder",
+    "save_uploads",
 ]

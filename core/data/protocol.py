@@ -246,3 +246,15 @@ def softpatch_protocol(dataset: Dataset, ratio: float, seed: int = 0) -> Protoco
         f"test {int(np.sum(labels[test] == 0))} normal + {int(np.sum(labels[test] == 1))} anomalous; seed {seed}"
     )
     return _finish(dataset, labels, train, test, description)
+
+
+def contaminate(dataset: Dataset, anomaly_ratio: float, seed: int = 0) -> ProtocolSplit:
+    """:func:`srr_protocol` on a data set labelled normal (0) / anomaly (1), e.g. good/ and other/ folders.
+
+    Training gets 80% of the normals plus anomalies making up ``anomaly_ratio`` of it; every sample
+    must be labelled (unknown labels cannot be placed on either side).
+    """
+    if dataset.labels is None or np.any(dataset.labels < 0):
+        raise DataError("a contamination protocol needs every sample labelled normal or anomaly "
+                        "(e.g. folders good/ and other/); this data has unlabelled samples")
+    return srr_protocol(dataset, dataset.labels, normal_classes=0, anomaly_ratio=anomaly_ratio, seed=seed)

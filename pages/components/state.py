@@ -1,0 +1,83 @@
+"""Every session-state key and query parameter the pages use, in one place.
+
+The active run and the watched job are mirrored into the URL (``?run=...&job=...``) so that a
+browser refresh, or a link opened in a second tab, comes back to the same run and job.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+# Session-state keys
+DATA_PATH = "data_path"              # str: the folder, zip or table being worked on
+LABEL_COLUMN = "label_column"        # str | None: a table's label column (metrics only)
+PROTOCOL = "protocol"                # tuple[float, int] | None: (anomaly ratio, seed) of a contamination protocol
+SELECTION = "selection"              # list[int]: sample indices selected on the Embeddings page
+INSPECT_QUEUE = "inspect_queue"      # str: which list the Inspect page pages through
+INSPECT_POSITION = "inspect_position"  # int: position in that list
+INSPECT_ID = "inspect_id"            # str: sample id to open on the Inspect page
+ADOPTED_JOB = "adopted_job"          # str: the finished job whose run this session made active
+
+# Query parameters
+RUN_PARAM = "run"
+JOB_PARAM = "job"
+
+
+def data_choice() -> tuple[str | None, str | None, tuple[float, int] | None]:
+    """(path, label column, protocol) of the active data; path None until one is chosen."""
+    return st.session_state.get(DATA_PATH), st.session_state.get(LABEL_COLUMN), st.session_state.get(PROTOCOL)
+
+
+def choose_data(path: Path | str, label_column: str | None = None) -> None:
+    """Make ``path`` the active data (clears a protocol and selection made on other data)."""
+    if st.session_state.get(DATA_PATH) != str(path) or st.session_state.get(LABEL_COLUMN) != label_column:
+        st.session_state[PROTOCOL] = None
+        st.session_state[SELECTION] = []
+    st.session_state[DATA_PATH] = str(path)
+    st.session_state[LABEL_COLUMN] = label_column
+
+
+def run_dir() -> str | None:
+    """The active run's folder, from the URL."""
+    return st.query_params.get(RUN_PARAM)
+
+
+def set_run_dir(path: Path | str | None) -> None:
+    if path is None:
+        st.query_params.pop(RUN_PARAM, None)
+    elif st.query_params.get(RUN_PARAM) != str(path):
+        st.query_params[RUN_PARAM] = str(path)
+        st.session_state[SELECTION] = []
+        st.session_state[INSPECT_POSITION] = 0
+
+
+def job_id() -> str | None:
+    return st.query_params.get(JOB_PARAM)
+
+
+def set_job_id(value: str | None) -> None:
+    if value is None:
+        st.query_params.pop(JOB_PARAM, None)
+    else:
+        st.query_params[JOB_PARAM] = value
+
+
+def selection() -> list[int]:
+    return list(st.session_state.get(SELECTION, []))
+
+
+def set_selection(indices: list[int]) -> None:
+    st.session_state[SELECTION] = list(indices)
+
+
+def adopt_job_result(job_id: str, run_dir: Path | str) -> None:
+    """Make a finished job's run active, once: later visits keep whatever run the user chose since."""
+    if st.session_state.get(ADOPTED_JOB) != job_id:
+        st.session_state[ADOPTED_JOB] = job_id
+        set_run_dir(run_dir)
+
+
+def open_in_inspect(sample_id: str) -> None:
+    """Ask the Inspect page to show ``sample_id`` next."""
+    st.session_state[INSPECT_ID] = sample_id

@@ -1,0 +1,65 @@
+"""Reusable page pieces: the error boundary, thumbnail galleries and a job's progress line."""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+import numpy as np
+import streamlit as st
+
+from core.errors import RefineryError
+from core.jobs import JobStatus
+
+log = logging.getLogger("refinery.app")
+
+
+def guarded(body: Callable[[], None]) -> None:
+    """Run a page body; errors become messages on the page, never tracebacks.
+
+    A :class:`~core.errors.RefineryError` already says what to do; anything else is logged with
+    its traceback on the server and summarised on the page. Streamlit's own control flow
+    (``st.rerun``, ``st.stop``) derives from ``BaseException`` and passes through.
+    """
+    try:
+        body()
+    except RefineryError as error:
+        st.error(str(error))
+    except Exception as error:  # noqa: BLE001 - the page must survive any failure
+        log.exception("page failed")
+        st.error(f"Something went wrong ({type(error).__name__}: {error}). The server log has the details; "
+                 "reload the page to start over.")
+
+
+def gallery(
+    images: Sequence[np.ndarray],
+    captions: Sequence[str],
+    *,
+    columns: int = 8,
+    key: str | None = None,
+    buttons: Sequence[str] | None = None,
+) -> int | None:
+    """Thumbnails in a grid; with ``key``, a small button under each returns the clicked position."""
+    clicked = None
+    for start in range(0, len(images), columns):
+        cells = st.columns(columns)
+        for offset, cell in enumerate(cells[: len(images) - start]):
+            position = start + offset
+            with cell:
+                st.image(images[position], caption=captions[position], width="stretch")
+                if key is not None and st.button(
+                    (buttons or ["Inspect"] * len(images))[position], key=f"{key}-{position}", width="stretch"
+                ):
+                    clicked = position
+    return clicked
+
+
+def job_progress(status: JobStatus) -> None:
+    """One progress bar with the stage, counts and ETA of a job."""
+    if status.state == "queued":
+        st.info(f"**{status.title}** is queued behind another job; it starts when that one finishes.")
+        return
+    counts = f" {status.done}/{status.total}" if status.total else ""
+    eta = f", about {status.eta_s:.0f} s left in this stage" if status.eta_s is not None else ""
+    text = f"{status.stage or 'starting'}{counts}{eta}" + (f" - {status.message}" if status.message else "")
+    st.progress(status.fraction, text=text)
+    st.caption(f"{status.title}: running for {status.elapsed_s:.0f} s")

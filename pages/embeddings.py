@@ -1,0 +1,72 @@
+"""Embeddings page: the UMAP map of a run's samples, coloured and sliced by round; select to browse."""
+import numpy as np
+import streamlit as st
+
+from pages.components import charts, services, state, widgets
+
+GALLERY_LIMIT = 48
+LABEL_NAMES = {0: "normal", 1: "anomaly", -1: "unknown"}
+COLOURINGS = ("anomaly_score", "kept / removed", "round removed", "label", "verdict")
+
+
+def colouring(run, name: str, round_number: int, verdicts: dict) -> tuple[np.ndarray, bool]:
+    """Values to colour by and whether they are categories."""
+    samples = run.samples
+    if name == "anomaly_score":
+        return samples["anomaly_score"].to_numpy(), False
+    if name == "kept / removed":
+        return np.where(run.kept_after(round_number), "kept", "removed"), True
+    if name == "round removed":
+        removed_in = samples["round_removed"].to_numpy()
+        return np.where((removed_in > 0) & (removed_in <= round_number), "round " + removed_in.astype(str), "kept"), True
+    if name == "label":
+        return samples["label"].map(LABEL_NAMES).to_numpy(), True
+    return np.array([verdicts.get(i, ("no verdict", ""))[0] for i in samples["id"]]), True
+
+
+def selected_gallery(run, selected: list[int]) -> None:
+    order = sorted(selected, key=lambda i: -run.samples["anomaly_score"].iat[i])[:GALLERY_LIMIT]
+    st.subheader(f"{len(selected)} selected" + (f" (the {GALLERY_LIMIT} most anomalous shown)" if len(selected) > GALLERY_LIMIT else ""))
+    ids = run.samples["id"].to_numpy()
+    if run.kind != "images":
+        st.dataframe(run.samples.iloc[order], hide_index=True)
+        return
+    captions = [f"{ids[i]} · {run.samples['anomaly_score'].iat[i]:.3g}" for i in order]
+    clicked = widgets.gallery([services.thumbnail(str(run.image_path(ids[i]))) for i in order], captions, key="selected")
+    if clicked is not None:
+        state.open_in_inspect(ids[order[clicked]])
+        st.switch_page("pages/inspect.py")
+
+
+def body() -> None:
+    st.title("Embeddings")
+    run_dir = services.active_run_dir()
+    if run_dir is None:
+        st.info("No run yet: start one on the Refine page.")
+        st.page_link("pages/refine.py", label="Refine", icon=":material/filter_alt:")
+        return
+    run = services.saved_run(run_dir)
+    layouts = services.layouts(run_dir)
+    verdicts = services.registry().verdicts(run.run_id)
+    choices = [name for name in COLOURINGS if (name != "label" or run.labels is not None) and (name != "verdict" or verdicts)]
+    left, right = st.columns([1, 2])
+    colour_name = left.selectbox("Colour by", choices, key="colour_by")
+    round_number = len(run.rounds)
+    if run.rounds:
+        round_number = right.slider("After refinement round", 0, len(run.rounds), len(run.rounds), key="map_round",
+                                    help="Round 0 is the data before refinement.")
+    values, categorical = colouring(run, colour_name, round_number, verdicts)
+    hover = [f"{i} · anomaly_score {s:.3g} · rank {r}"
+             for i, s, r in zip(run.samples["id"], run.samples["anomaly_score"], run.samples["rank"])]
+    layout = layouts[min(round_number, len(layouts) - 1)]
+    figure = charts.scatter_map(layout, values, colour_name=colour_name, categorical=categorical, hover=hover)
+    event = st.plotly_chart(figure, on_select="rerun", selection_mode=("points", "box", "lasso"), key="map")
+    picked = sorted({int(np.ravel(point["customdata"])[0]) for point in event.selection.points}) if event else []
+    if picked:
+        state.set_selection(picked)
+    st.caption("Drag a box or lasso round points (or click one) to list them below; Inspect opens one.")
+    if state.selection():
+        selected_gallery(run, state.selection())
+
+
+widgets.guarded(body)

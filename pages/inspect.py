@@ -1,0 +1,119 @@
+"""Inspect page: one sample at a time with its maps, neighbours and the expert's verdict."""
+import numpy as np
+import streamlit as st
+
+from pages.components import charts, services, state, widgets
+
+QUEUES = ("most anomalous first", "selection from the map", "removed during refinement")
+VERDICTS = (("normal", "N", ":material/check_circle:"), ("anomaly", "A", ":material/error:"),
+            ("unsure", "U", ":material/help:"))
+
+
+def queue_order(run, queue: str) -> np.ndarray:
+    by_score = np.argsort(-run.samples["anomaly_score"].to_numpy(), kind="stable")
+    if queue == "selection from the map":
+        chosen = set(state.selection())
+        return np.array([i for i in by_score if i in chosen], dtype=np.int64)
+    if queue == "removed during refinement":
+        return by_score[run.samples["kept"].to_numpy()[by_score] == 0]
+    return by_score
+
+
+def pager(order: np.ndarray) -> int:
+    """Previous/next buttons (keys Left/Right); returns the sample index shown."""
+    position = min(st.session_state.get(state.INSPECT_POSITION, 0), len(order) - 1)
+    previous, box, following = st.columns([1, 2, 1])
+    if previous.button("Previous", key="previous", shortcut="Left", icon=":material/chevron_left:", disabled=position == 0):
+        position -= 1
+    if following.button("Next", key="next", shortcut="Right", icon=":material/chevron_right:",
+                        disabled=position >= len(order) - 1):
+        position += 1
+    st.session_state[state.INSPECT_POSITION] = position
+    box.caption(f"{position + 1} of {len(order)}  ·  keys: Left / Right to page, N / A / U for a verdict")
+    return int(order[position])
+
+
+def facts(run, index: int) -> None:
+    row = run.samples.iloc[index]
+    cells = st.columns(5)
+    cells[0].metric("anomaly_score", f"{row['anomaly_score']:.4g}", help="Higher = more anomalous")
+    cells[1].metric("Rank", f"{row['rank']} of {len(run.samples)}")
+    cells[2].metric("Model says", "anomaly" if row["is_anomaly"] else "normal", help=f"Threshold {run.threshold:.4g}")
+    cells[3].metric("Refinement", f"removed in round {row['round_removed']}" if row["round_removed"] else "kept")
+    cells[4].metric("Label", {1: "anomaly", 0: "normal"}.get(row.get("label", -1), "unknown"))
+
+
+def image_views(run_dir: str, run, sample_id: str) -> None:
+    path = str(run.image_path(sample_id))
+    mask = services.run_dataset(run_dir).masks.get(sample_id)
+    mask_path = str(mask) if mask else None
+    columns = st.columns(3)
+    columns[0].image(services.image(path), caption="image", width="stretch")
+    if run.config.localization != "none":
+        columns[1].image(services.localization_overlay(run_dir, path, mask_path), width="stretch",
+                         caption="localization map" + (" · green: ground-truth mask" if mask_path else ""))
+    with columns[2]:
+        if st.toggle("Grad-CAM of the anomaly score", key="show_gradcam"):
+            st.image(services.gradcam_overlay(run_dir, path, mask_path), caption="Grad-CAM", width="stretch")
+
+
+def neighbours(run, index: int) -> None:
+    near = run.nearest_kept(index)
+    st.markdown("**Nearest kept samples** (embedding distance)")
+    if run.kind == "images":
+        widgets.gallery([services.thumbnail(str(run.image_path(i))) for i in near["id"]],
+                        [f"{i} · {d:.3g}" for i, d in zip(near["id"], near["distance"])], columns=6)
+    else:
+        st.dataframe(near, hide_index=True)
+
+
+def table_views(run_dir: str, sample_id: str) -> None:
+    dataset = services.run_dataset(run_dir)
+    explanation = services.fitted_run(run_dir).explain_rows(dataset, [sample_id])[0]
+    features = explanation.features
+    st.plotly_chart(charts.feature_bars([f.feature for f in features], [f.share for f in features]))
+    st.dataframe([{"feature": f.feature, "value": f.value, "typical range (5-95%)": f"{f.typical_low:.4g} - {f.typical_high:.4g}",
+                   "share of score": f"{f.share:.0%}"} for f in features], hide_index=True)
+
+
+def verdict_form(run, sample_id: str) -> None:
+    registry = services.registry()
+    current = registry.verdicts(run.run_id).get(sample_id)
+    st.markdown("**Your verdict**" + (f": {current[0]}" + (f" ({current[1]})" if current[1] else "") if current else ""))
+    note = st.text_input("Note (optional)", key=f"note-{sample_id}", value=current[1] if current else "")
+    for column, (verdict, key, icon) in zip(st.columns(3), VERDICTS):
+        if column.button(verdict.capitalize(), key=f"verdict-{verdict}", shortcut=key, icon=icon, width="stretch"):
+            registry.set_verdict(run.run_id, sample_id, verdict, note)
+            st.toast(f"{sample_id}: {verdict}")
+            st.rerun()
+
+
+def body() -> None:
+    st.title("Inspect")
+    run_dir = services.active_run_dir()
+    if run_dir is None:
+        st.info("No run yet: start one on the Refine page.")
+        return
+    run = services.saved_run(run_dir)
+    requested = st.session_state.pop(state.INSPECT_ID, None)
+    if requested is not None:  # opened from another page: find it in the full ranked list
+        st.session_state[state.INSPECT_QUEUE] = QUEUES[0]
+        st.session_state[state.INSPECT_POSITION] = int(run.samples["rank"].iat[run.index_of(requested)]) - 1
+    queue = st.radio("Browse", QUEUES, horizontal=True, key=state.INSPECT_QUEUE)
+    order = queue_order(run, queue)
+    if len(order) == 0:
+        st.info("This list is empty: select points on the Embeddings page, or browse another list.")
+        return
+    index = pager(order)
+    sample_id = run.samples["id"].iat[index]
+    st.subheader(sample_id)
+    facts(run, index)
+    if run.kind == "images":
+        image_views(run_dir, run, sample_id)
+    else:
+        table_views(run_dir, sample_id)
+    verdict_form(run, sample_id)
+    neighbours(run, index)
+
+
+widgets.guarded(body)

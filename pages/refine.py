@@ -1,0 +1,120 @@
+"""Refine page: choose the method, start a fit in the background, watch rounds remove suspects live."""
+import streamlit as st
+
+from core import engine
+from core.config import BACKBONES, DETECTORS, DEVICES, LOCALIZATIONS, THRESHOLD_SOURCES, parse_gamma
+from pages.components import services, state, widgets
+from pages.components.rounds import show_rounds
+
+LIVE_REFRESH_S = 1.0
+
+
+def method_form(dataset, job_running: bool):
+    """The fit settings; returns a FitConfig when Start was pressed, else None."""
+    suggested = engine.suggested_config(dataset)
+    images = dataset.kind == "images"
+    with st.form("fit_form"):
+        left, middle, right = st.columns(3)
+        detector = left.selectbox("Detector", DETECTORS, index=DETECTORS.index(suggested.detector), key="detector",
+                                  help="One-class detector of each ensemble member and of the final model.")
+        refine = left.toggle("Refine the training data (STOC)", value=suggested.refine, key="refine")
+        ensemble = middle.number_input("Ensemble size K", 2, 20, suggested.ensemble, key="ensemble",
+                                       help="Disjoint subsets, one detector each; a sample is kept only if all call it normal.")
+        gamma = middle.text_input("Gamma (share flagged per round, or 'auto')", str(suggested.gamma), key="gamma",
+                                  help="'auto' estimates the contamination from the data in every round.")
+        rounds = middle.number_input("Rounds", 1, 10, suggested.rounds, key="rounds")
+        threshold_source = right.selectbox("Thresholds from", THRESHOLD_SOURCES, key="threshold_source",
+                                           help="held_out: each detector is thresholded on samples it did not train on.")
+        seed = right.number_input("Seed", 0, 1_000_000, suggested.seed, key="seed")
+        device = right.selectbox("Device", DEVICES, key="device")
+        backbone, image_size, localization = suggested.backbone, suggested.image_size, suggested.localization
+        if images:
+            backbone = left.selectbox("Backbone (ImageNet-pretrained)", BACKBONES, key="backbone")
+            image_size = middle.select_slider("Image size (px)", [32, 64, 96, 128, 160, 192, 224, 256, 320],
+                                              suggested.image_size, key="image_size")
+            localization = right.selectbox("Localization maps", LOCALIZATIONS, key="localization")
+        label = "Start refinement" if not job_running else "A job is running; this one would wait in the queue"
+        if not st.form_submit_button(label, type="primary", disabled=job_running):
+            return None
+    return suggested.with_changes(
+        detector=detector, refine=refine, ensemble=int(ensemble), gamma=parse_gamma(gamma), rounds=int(rounds),
+        threshold_source=threshold_source, seed=int(seed), device=device, backbone=backbone,
+        image_size=int(image_size), localization=localization,
+    ).validate()
+
+
+def watched_job():
+    """The job this page follows: the one in the URL, else whatever runs now (refresh, second tab)."""
+    runner = services.job_runner()
+    status = runner.status(state.job_id()) if state.job_id() else None
+    if status is None or (not status.active and runner.active() is not None):
+        status = runner.active() or status
+    if status is not None:
+        state.set_job_id(status.job_id)
+    return status
+
+
+@st.fragment(run_every=LIVE_REFRESH_S)
+def live_view(job_id: str) -> None:
+    status = services.job_runner().status(job_id)
+    if status is None:
+        return
+    if not status.active:
+        st.rerun()  # the whole page switches to the finished view
+    widgets.job_progress(status)
+    if st.button("Cancel", key="cancel_job", icon=":material/stop:"):
+        services.job_runner().cancel(job_id)
+        st.toast("Cancelling at the next batch...")
+    dataset = status.outputs.get("dataset")
+    if dataset is not None:
+        paths = dict(zip(dataset.ids, map(str, dataset.paths or [])))
+        show_rounds(status.outputs.get("rounds", ()), ids=dataset.ids, labels=dataset.labels,
+                    image_path=paths.get if dataset.paths else None, key="live", inspectable=False)
+
+
+def finished_view(status) -> None:
+    if status.state == "done":
+        state.adopt_job_result(status.job_id, status.result.run_dir)
+        metrics = status.result.metrics
+        summary = f"; training AUROC {metrics.auroc:.3f} from the labels" if metrics else ""
+        st.success(f"Finished in {status.elapsed_s:.0f} s: run {status.result.run_id} saved{summary}.")
+    elif status.state == "cancelled":
+        st.warning("The job was cancelled; nothing was saved.")
+    else:
+        st.error(f"The job failed: {status.message}")
+
+
+def saved_rounds(run_dir: str) -> None:
+    run = services.saved_run(run_dir)
+    st.subheader(f"Run {run.run_id}")
+    st.caption(f"{len(run.samples)} samples, {int(run.samples['kept'].sum())} kept; threshold from an estimated "
+               f"contamination of {run.contamination:.1%}")
+    image_path = (lambda sample_id: str(run.image_path(sample_id))) if run.kind == "images" else None
+    show_rounds(run.rounds, ids=list(run.samples["id"]), labels=run.labels, image_path=image_path, key="saved")
+    cells = st.columns(3)
+    cells[0].page_link("pages/embeddings.py", label="Explore the map", icon=":material/scatter_plot:")
+    cells[1].page_link("pages/inspect.py", label="Inspect samples", icon=":material/search:")
+    cells[2].page_link("pages/results.py", label="Results and export", icon=":material/analytics:")
+
+
+def body() -> None:
+    st.title("Refine")
+    path, label_column, protocol = services.active_data()
+    dataset = services.training_dataset(path, label_column, protocol)
+    st.caption(f"Training data: {len(dataset)} {'images' if dataset.kind == 'images' else 'rows'} from {path}"
+               + (" (contamination protocol applied)" if protocol else ""))
+    status = watched_job()
+    config = method_form(dataset, job_running=status is not None and status.active)
+    if config is not None:
+        state.set_job_id(services.start_fit(dataset, config))
+        st.rerun()
+    if status is not None and status.active:
+        live_view(status.job_id)
+        return
+    if status is not None:
+        finished_view(status)
+    if services.active_run_dir():
+        saved_rounds(services.active_run_dir())
+
+
+widgets.guarded(body)

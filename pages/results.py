@@ -1,0 +1,121 @@
+"""Results page: threshold, curves, verdicts vs model, verdict-guided re-run, comparison, downloads, past runs."""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from core.results import bundle_run, compare_runs, confusion_at, score_curves, verdict_agreement
+from pages.components import charts, services, state, widgets
+
+
+def threshold_section(run) -> None:
+    scores = run.samples["anomaly_score"].to_numpy()
+    low, high = float(np.min(scores)), float(np.max(scores))
+    threshold = st.slider("Threshold on anomaly_score", low, high, float(np.clip(run.threshold, low, high)),
+                          (high - low) / 500 or 1.0, format="%.4g", key="threshold")
+    above = scores > threshold
+    st.caption(f"{int(above.sum())} of {len(scores)} samples ({above.mean():.1%}) score above the threshold. "
+               f"The run's own threshold ({run.threshold:.4g}) flags the {run.contamination:.1%} estimated "
+               "without labels to be anomalous.")
+    st.plotly_chart(charts.score_histogram(
+        scores, threshold=threshold, threshold_name="threshold", marked=above, marked_name="above the threshold",
+        other_lines={f"label-free estimate ({run.contamination:.1%})": run.threshold},
+        title="anomaly_score of the training samples",
+    ), key="results-histogram")
+    curves = score_curves(run.labels, scores) if run.labels is not None else None
+    if curves is None:
+        st.caption("No labels of both kinds: ROC/PR curves and the confusion matrix need them.")
+        return
+    metrics = run.metrics
+    cells = st.columns(3)
+    cells[0].metric("AUROC", f"{metrics.auroc:.3f}")
+    cells[1].metric("Average precision", f"{metrics.ap:.3f}")
+    cells[2].metric("F1 at the run's threshold", f"{metrics.f1:.3f}")
+    roc, pr = charts.roc_and_pr(curves)
+    left, right = st.columns(2)
+    left.plotly_chart(roc, key="roc")
+    right.plotly_chart(pr, key="pr")
+    st.markdown("**Confusion at the threshold** (labels are used here only)")
+    st.dataframe(confusion_at(run.labels, scores, threshold))
+
+
+def verdict_section(run, verdicts: dict) -> None:
+    st.subheader("Expert verdicts")
+    if not verdicts:
+        st.caption("No verdicts yet: record them on the Inspect page.")
+        return
+    st.dataframe(verdict_agreement(run.samples, verdicts))
+    st.caption("Re-running refinement with the verdicts keeps every confirmed normal, removes every confirmed "
+               "anomaly before the first round (no detector trains on them), then compares the two runs.")
+    if st.button("Re-run refinement using the verdicts", key="rerun_with_verdicts", type="primary"):
+        dataset = services.run_dataset(str(run.run_dir))
+        job_id = services.start_fit(dataset, run.config, {i: v for i, (v, _) in verdicts.items()},
+                                    name=f"{run.run_dir.name}-verdicts")
+        state.set_job_id(job_id)
+        st.session_state["compare_with"] = str(run.run_dir)
+        st.switch_page("pages/refine.py")
+
+
+def comparison_section(run, runs) -> None:
+    same_data = [r for r in runs if r.status == "done" and r.fingerprint == run.info["fingerprint"]
+                 and r.run_id != run.run_id and Path(r.path).is_dir()]
+    if not same_data:
+        return
+    st.subheader("Compare with another run on the same data")
+    paths = [r.path for r in same_data]
+    default = paths.index(st.session_state["compare_with"]) if st.session_state.get("compare_with") in paths else 0
+    other = st.selectbox("Other run", paths, index=default, format_func=lambda p: Path(p).name, key="compare_run")
+    comparison = compare_runs(services.saved_run(other), run)
+    st.dataframe(comparison.metrics)
+    st.caption(f"{len(comparison.changed)} samples changed their call.")
+    if len(comparison.changed):
+        st.dataframe(comparison.changed, hide_index=True)
+
+
+def downloads(run, verdicts: dict) -> None:
+    st.subheader("Downloads")
+    left, right = st.columns(2)
+    left.download_button("Scores and verdicts (CSV)", run.export_frame(verdicts).to_csv(index=False),
+                         file_name=f"{run.run_dir.name}-scores.csv", mime="text/csv", key="download_scores",
+                         on_click="ignore")
+    right.download_button("Model bundle (zip)", lambda: bundle_run(run.run_dir), file_name=f"{run.run_dir.name}.zip",
+                          mime="application/zip", key="download_bundle", on_click="ignore")
+    st.caption("Score new data with the bundle: unzip it, then `refinery score RUN_DIR DATA --out scores.csv`.")
+
+
+def past_runs(runs) -> None:
+    st.subheader("Runs")
+    frame = pd.DataFrame([{
+        "run": Path(r.path).name, "status": r.status, "kind": r.kind, "samples": r.n_samples,
+        "created": pd.Timestamp(r.created, unit="s").strftime("%Y-%m-%d %H:%M"),
+        "AUROC": r.metrics.get("auroc"), "message": r.message or "", "path": r.path,
+    } for r in runs])
+    st.dataframe(frame, hide_index=True)
+    openable = [r.path for r in runs if r.status == "done" and Path(r.path).is_dir()]
+    chosen = st.selectbox("Open a run", openable, format_func=lambda p: Path(p).name, key="open_run",
+                          index=openable.index(services.active_run_dir()) if services.active_run_dir() in openable else 0)
+    if chosen != services.active_run_dir() and st.button("Open", key="open_run_button"):
+        state.set_run_dir(chosen)
+        st.rerun()
+
+
+def body() -> None:
+    st.title("Results")
+    run_dir = services.active_run_dir()
+    if run_dir is None:
+        st.info("No run yet: start one on the Refine page.")
+        return
+    run = services.saved_run(run_dir)
+    runs = services.registry().runs()
+    verdicts = services.registry().verdicts(run.run_id)
+    st.caption(f"Run {run.run_id}: {len(run.samples)} {run.kind} samples, detector {run.config.detector}, "
+               f"{len(run.rounds)} refinement rounds")
+    threshold_section(run)
+    verdict_section(run, verdicts)
+    comparison_section(run, runs)
+    downloads(run, verdicts)
+    past_runs(runs)
+
+
+widgets.guarded(body)
