@@ -54,7 +54,7 @@ def image_views(run_dir: str, run, sample_id: str) -> None:
                          caption="localization map" + (" · green: ground-truth mask" if mask_path else ""))
     with columns[2]:
         if st.toggle("Grad-CAM of the anomaly score", key="show_gradcam"):
-            st.image(services.gradcam_overlay(run_dir, path, mask_path), caption="Grad-CAM", width="stretch")
+            st.image(services.gradcam_overlay(run_dir, path, mask_path), caption="Grad-CAM (colours scaled to this image)", width="stretch")
 
 
 def neighbours(run, index: int) -> None:

@@ -125,9 +125,10 @@ def localization_overlay(run_dir: str, path: str, mask_path: str | None) -> np.n
 
 @st.cache_data(max_entries=128, show_spinner="Computing Grad-CAM...")
 def gradcam_overlay(run_dir: str, path: str, mask_path: str | None) -> np.ndarray:
-    """The image with the Grad-CAM of its anomaly score blended over it, mask outlined."""
+    """The image with the Grad-CAM of its anomaly score blended over it (scaled to this image's maximum),
+    mask outlined."""
     cam = fitted_run(run_dir).gradcam_map(Path(path))
-    return _outlined(overlay(image(path), cam, vmax=1.0), mask_path)
+    return _outlined(overlay(image(path), cam), mask_path)
 
 
 def _outlined(shown: np.ndarray, mask_path: str | None) -> np.ndarray:
