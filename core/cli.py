@@ -27,13 +27,12 @@ from core.config import (
     FitConfig,
     parse_gamma,
 )
+from core.data.sources import DEMO_DIR
 from core.errors import Cancelled, ConfigError, RefineryError
 from core.progress import ProgressEvent
 from core.store import Registry, atomic_write_text, refinery_home, write_npy
 
 DEFAULTS = FitConfig()
-DEMO_DATA = Path(__file__).resolve().parents[1] / "assets" / "demo" / "fashion-mnist-sneakers"
-DEMO_IMAGE_SIZE = 64
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,10 +244,10 @@ def _runs() -> None:
 
 def _demo(args: argparse.Namespace) -> None:
     out = args.out or refinery_home() / "runs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    dataset = engine.load_data(DEMO_DATA)
-    config = FitConfig(image_size=DEMO_IMAGE_SIZE)
-    print(f"demo: {len(dataset)} Fashion-MNIST images from {DEMO_DATA} (sneakers, 10% other classes planted); "
-          f"image size {DEMO_IMAGE_SIZE} px")
+    dataset = engine.load_data(DEMO_DIR)
+    config = engine.suggested_config(dataset)
+    print(f"demo: {len(dataset)} Fashion-MNIST images from {DEMO_DIR} (sneakers, 10% other classes planted); "
+          f"image size {config.image_size} px")
     with _ProgressBar() as progress:
         result = engine.fit(dataset, config, out, on_progress=progress)
     for record in result.rounds:
