@@ -206,7 +206,9 @@ def run_dataset(run_dir: Path | str, *, workspace: Path | None = None) -> Datase
     if missing:
         raise RunError(f"{len(missing)} of the run's samples (e.g. {missing[0]}) are no longer in "
                        f"{saved['data_source']}; the data was moved or changed")
-    subset = dataset.subset(np.array([position[i] for i in frame["id"]]))
+    indices = np.array([position[i] for i in frame["id"]], dtype=np.int64)
+    # A run on the whole data set keeps its fingerprint, so a re-run on it compares with this run.
+    subset = dataset if np.array_equal(indices, np.arange(len(dataset))) else dataset.subset(indices)
     if "label" in frame:
         subset = replace(subset, labels=frame["label"].to_numpy().astype(np.int8))
     return subset

@@ -98,13 +98,18 @@ class JobContext:
         self._job_id = job_id
         self.cancel = cancel
         self._stage = ""
-        self._stage_started = time.monotonic()
+        self._stage_started = self._last_event = time.monotonic()
 
     def on_progress(self, event: ProgressEvent) -> None:
-        """A ``ProgressCallback``: records the event and estimates the time left in its stage."""
+        """A ``ProgressCallback``: records the event and estimates the time left in its stage.
+
+        A stage is taken to have started at the previous event (or at the job's start): its first
+        event already reports work done since then.
+        """
         now = time.monotonic()
         if event.stage != self._stage:
-            self._stage, self._stage_started = event.stage, now
+            self._stage, self._stage_started = event.stage, self._last_event
+        self._last_event = now
         eta = None
         if 0 < event.done < event.total:
             eta = (now - self._stage_started) / event.done * (event.total - event.done)
@@ -152,7 +157,7 @@ class JobRunner:
     def jobs(self) -> list[JobStatus]:
         """All remembered jobs, newest first."""
         with self._lock:
-            return sorted(self._statuses.values(), key=lambda status: status.submitted, reverse=True)
+            return list(self._statuses.values())[::-1]  # dicts keep submission order
 
     def active(self) -> JobStatus | None:
         """The job running now, else the oldest queued one, else None."""
@@ -164,8 +169,14 @@ class JobRunner:
         """Ask a job to stop at its next check; a queued job is cancelled before it starts."""
         with self._lock:
             token = self._cancels.get(job_id)
-        if token is not None:
+            if token is None:
+                return
             token.cancel()
+            status = self._statuses[job_id]
+            if status.state == QUEUED:
+                self._statuses[job_id] = replace(
+                    status, state=CANCELLED, finished=time.time(), message="cancelled before it started"
+                )
 
     def wait(self, job_id: str, timeout: float) -> JobStatus:
         """Block until the job has finished or ``timeout`` seconds passed; returns its snapshot."""
@@ -190,9 +201,8 @@ class JobRunner:
 
     def _run(self, job_id: str, work: Work) -> None:
         with self._lock:
-            cancel = self._cancels[job_id]
-        if cancel.cancelled:
-            self._update(job_id, state=CANCELLED, finished=time.time(), message="cancelled before it started")
+            cancel = self._cancels.get(job_id)
+        if cancel is None or cancel.cancelled:  # cancelled (and maybe forgotten) while queued
             return
         self._update(job_id, state=RUNNING, started=time.time())
         try:
@@ -221,9 +231,7 @@ class JobRunner:
             self._statuses[job_id] = replace(status, outputs=outputs)
 
     def _forget_old_jobs(self) -> None:
-        finished = sorted(
-            (status for status in self._statuses.values() if not status.active), key=lambda status: status.submitted
-        )
+        finished = [status for status in self._statuses.values() if not status.active]  # oldest first
         for status in finished[: max(0, len(finished) - MAX_FINISHED_JOBS)]:
             del self._statuses[status.job_id]
             del self._cancels[status.job_id]

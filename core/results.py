@@ -258,6 +258,8 @@ def bundle_run(run_dir: Path | str) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(run_dir.rglob("*")):
-            if path.is_file() and not path.name.startswith(".") and path.suffix in BUNDLE_SUFFIXES:
-                archive.write(path, f"{run_dir.name}/{path.relative_to(run_dir).as_posix()}")
+            relative = path.relative_to(run_dir)
+            hidden = any(part.startswith(".") for part in relative.parts)  # also files in hidden folders
+            if path.is_file() and not hidden and path.suffix in BUNDLE_SUFFIXES:
+                archive.write(path, f"{run_dir.name}/{relative.as_posix()}")
     return buffer.getvalue()

@@ -6,7 +6,7 @@ import pytest
 
 from core.detectors import make_detector
 from core.errors import DataError
-from core.refine import contamination_from_data, estimate_contamination, iter_refine
+from core.refine import check_pinned, contamination_from_data, estimate_contamination, iter_refine
 
 
 def planted(n_normal=450, n_outlier=50, dim=8, seed=0):
@@ -129,3 +129,105 @@ def test_estimate_ignores_a_long_clean_tail_less_than_planted_outliers():
     assert estimate_contamination(clean) <= 0.02
     assert 0.08 <= estimate_contamination(contaminated) <= 0.14
     assert estimate_contamination(np.ones(50)) == 0.01, "no spread: the lower bound"
+
+
+# ---------------------------------------------------------------------------- an expert's pinned verdicts
+
+
+class RecordingDetector:
+    """GDE that remembers every training set it was fitted on."""
+
+    fitted: list = []
+
+    def __init__(self):
+        self._inner = make_detector("gde")
+
+    def fit(self, X):
+        RecordingDetector.fitted.append(np.array(X))
+        self._inner.fit(X)
+        return self
+
+    def score_samples(self, X):
+        return self._inner.score_samples(X)
+
+
+def most_obvious_outlier(features, labels):
+    outliers = np.flatnonzero(labels == 1)
+    return int(outliers[np.argmax(np.linalg.norm(features[outliers], axis=1))])
+
+
+def most_typical_normals(features, labels, k):
+    normals = np.flatnonzero(labels == 0)
+    return normals[np.argsort(np.linalg.norm(features[normals], axis=1))[:k]]
+
+
+def test_an_outlier_pinned_normal_is_kept_in_every_round():
+    features, labels = planted()
+    outlier = most_obvious_outlier(features, labels)
+    free = list(iter_refine(features, GDE, gamma=0.1, rounds=3, seed=0))
+    assert not free[-1].kept[outlier], "without the pin refinement removes it"
+    pinned = np.full(len(features), -1)
+    pinned[outlier] = 0
+    rounds = list(iter_refine(features, GDE, gamma=0.1, rounds=3, seed=0, pinned=pinned))
+    assert len(rounds) >= 2
+    for record in rounds:
+        assert record.kept[outlier] and outlier not in record.removed
+        assert record.votes[outlier] >= 0, "a confirmed normal still takes part in every round"
+    assert all(record.votes[outlier] > 0 for record in rounds), "flagged in every round, removed in none"
+    assert np.mean(~rounds[-1].kept[labels == 1]) >= 0.9, "the other outliers are still removed"
+
+
+def test_normals_pinned_anomalous_are_removed_first_and_never_seen_by_detectors():
+    features, labels = planted()
+    confirmed = most_typical_normals(features, labels, 3)
+    pinned = np.full(len(features), -1, dtype=np.int8)
+    pinned[confirmed] = 1
+    RecordingDetector.fitted = []
+    rounds = list(iter_refine(features, RecordingDetector, gamma=0.1, rounds=3, seed=0, labels=labels, pinned=pinned))
+    first = rounds[0]
+    assert sorted(first.removed[: len(confirmed)]) == sorted(confirmed), "listed first among round 1's removals"
+    assert len(first.removed) > len(confirmed), "the detectors still removed suspects of their own"
+    assert "3 confirmed anomalies" in first.note
+    for record in rounds:
+        assert not record.kept[confirmed].any()
+        assert np.all(record.votes[confirmed] == -1) and np.all(np.isnan(record.anomaly_score[confirmed]))
+    for record in rounds[1:]:
+        assert not set(confirmed) & set(record.removed), "removed once, in round 1"
+    seen = np.vstack(RecordingDetector.fitted)
+    for index in confirmed:
+        assert not np.any(np.all(seen == features[index], axis=1)), "no detector trained on a confirmed anomaly"
+    precision_of_own = np.mean(labels[first.removed] == 1)
+    assert first.precision == pytest.approx(precision_of_own), "precision counts every removal of the round"
+
+
+def test_all_free_pins_equal_no_pins():
+    features, labels = planted()
+    plain = list(iter_refine(features, GDE, gamma="auto", rounds=3, seed=2, labels=labels))
+    free = list(iter_refine(features, GDE, gamma="auto", rounds=3, seed=2, labels=labels,
+                            pinned=np.full(len(features), -1)))
+    assert len(plain) == len(free)
+    for a, b in zip(plain, free):
+        np.testing.assert_array_equal(a.kept, b.kept)
+        np.testing.assert_array_equal(a.removed, b.removed)
+        np.testing.assert_array_equal(a.votes, b.votes)
+        np.testing.assert_array_equal(a.anomaly_score, b.anomaly_score)
+        assert (a.gamma, a.precision, a.recall, a.note) == (b.gamma, b.precision, b.recall, b.note)
+
+
+@pytest.mark.parametrize("bad", [
+    np.full(10, -1),                 # wrong length
+    np.full((20, 1), -1),            # wrong shape
+    np.r_[np.full(19, -1), 2],       # value outside -1, 0, 1
+    np.r_[np.full(19, -1.0), np.nan],
+])
+def test_bad_pins_are_a_clear_error(bad):
+    with pytest.raises(DataError, match="pinned verdicts"):
+        next(iter_refine(np.random.default_rng(0).normal(size=(20, 2)), GDE, ensemble=2, pinned=bad))
+    with pytest.raises(DataError, match="pinned verdicts"):
+        check_pinned(bad, 20)
+
+
+def test_check_pinned_defaults_to_all_free():
+    pins = check_pinned(None, 4)
+    assert pins.dtype == np.int8 and list(pins) == [-1, -1, -1, -1]
+    assert list(check_pinned([1, 0, -1, 0], 4)) == [1, 0, -1, 0]

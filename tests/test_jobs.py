@@ -1,0 +1,265 @@
+"""Background jobs: one at a time in submission order, cancel, failures, published outputs, ETA."""
+import dataclasses
+import threading
+import time
+
+import pytest
+
+from core import jobs
+from core.errors import DataError
+from core.jobs import JobRunner
+from core.progress import ProgressEvent
+
+TIMEOUT = 10.0
+
+
+@pytest.fixture
+def runner():
+    return JobRunner()
+
+
+def blocked_job(log=None, name=""):
+    """A job that runs until its ``release`` event is set; ``started`` is set when it begins."""
+    started, release = threading.Event(), threading.Event()
+
+    def work(context):
+        started.set()
+        if log is not None:
+            log.append(("start", name, time.monotonic()))
+        while not release.wait(0.01):
+            context.cancel.raise_if_cancelled()
+        if log is not None:
+            log.append(("end", name, time.monotonic()))
+        return name
+
+    return work, started, release
+
+
+def test_jobs_run_one_at_a_time_in_submission_order(runner):
+    log = []
+
+    def work(name):
+        def run(context):
+            log.append(("start", name, time.monotonic()))
+            time.sleep(0.05)
+            log.append(("end", name, time.monotonic()))
+            return name
+        return run
+
+    ids = [runner.submit(f"job {name}", work(name)) for name in "abcd"]
+    results = [runner.wait(job_id, TIMEOUT) for job_id in ids]
+    assert [status.state for status in results] == ["done"] * 4
+    assert [status.result for status in results] == list("abcd")
+    assert [(kind, name) for kind, name, _ in log] == [(kind, name) for name in "abcd" for kind in ("start", "end")]
+    stamps = [stamp for _, _, stamp in log]
+    assert stamps == sorted(stamps), "no job started before the previous one ended"
+    for earlier, later in zip(results, results[1:]):
+        assert earlier.finished <= later.started
+
+
+def test_a_queued_job_waits_and_active_is_the_running_one(runner):
+    first, first_started, release_first = blocked_job()
+    second, second_started, release_second = blocked_job()
+    first_id = runner.submit("first", first)
+    second_id = runner.submit("second", second)
+    assert first_started.wait(TIMEOUT)
+    time.sleep(0.1)
+    assert not second_started.is_set(), "the second job waits for the first"
+    assert runner.status(first_id).state == "running" and runner.status(second_id).state == "queued"
+    assert runner.status(second_id).started is None and runner.status(second_id).elapsed_s == 0.0
+    assert runner.active().job_id == first_id
+    assert [status.job_id for status in runner.jobs()] == [second_id, first_id], "newest first"
+
+    release_first.set()
+    assert second_started.wait(TIMEOUT)
+    assert runner.wait(first_id, TIMEOUT).state == "done"
+    assert runner.active().job_id == second_id
+    release_second.set()
+    assert runner.wait(second_id, TIMEOUT).state == "done"
+    assert runner.active() is None
+
+
+def test_active_is_the_oldest_queued_job_when_none_runs(runner):
+    hold = threading.Event()
+    idle_worker = threading.Thread(target=hold.wait, daemon=True)
+    idle_worker.start()
+    runner._worker = idle_worker  # a live worker that takes nothing from the queue: jobs stay queued
+    queued = [runner.submit(f"queued {i}", lambda context, i=i: i) for i in range(3)]
+    assert [runner.status(job_id).state for job_id in queued] == ["queued"] * 3
+    assert runner.active().job_id == queued[0]
+    hold.set()
+    idle_worker.join(TIMEOUT)
+    last = runner.submit("starts a worker", lambda context: None)
+    assert [runner.wait(job_id, TIMEOUT).result for job_id in queued] == [0, 1, 2]
+    assert runner.wait(last, TIMEOUT).state == "done"
+
+
+def test_cancel_a_running_job(runner):
+    work, started, _ = blocked_job()
+    job_id = runner.submit("long", work)
+    assert started.wait(TIMEOUT)
+    runner.cancel(job_id)
+    status = runner.wait(job_id, TIMEOUT)
+    assert status.state == "cancelled" and not status.active
+    assert status.result is None and status.eta_s is None and status.finished >= status.started
+
+
+def test_cancel_a_queued_job_before_it_starts(runner):
+    gate, gate_started, release = blocked_job()
+    ran = threading.Event()
+    gate_id = runner.submit("gate", gate)
+    queued_id = runner.submit("never", lambda context: ran.set())
+    after_id = runner.submit("after", lambda context: "after")
+    assert gate_started.wait(TIMEOUT)
+    runner.cancel(queued_id)
+    release.set()
+    status = runner.wait(queued_id, TIMEOUT)
+    assert status.state == "cancelled" and status.started is None
+    assert "before it started" in status.message
+    assert runner.wait(after_id, TIMEOUT).result == "after", "later jobs still run"
+    assert not ran.is_set(), "the cancelled job's work never ran"
+    assert runner.status(gate_id).state == "done"
+
+
+def test_refinery_error_fails_the_job_with_its_message(runner):
+    def work(context):
+        raise DataError("the table has no rows; add some")
+
+    status = runner.wait(runner.submit("bad data", work), TIMEOUT)
+    assert status.state == "failed" and status.message == "the table has no rows; add some"
+    assert status.result is None and status.finished is not None
+
+
+def test_unexpected_error_fails_the_job_and_the_worker_keeps_running(runner, caplog):
+    def work(context):
+        raise ZeroDivisionError("division by zero")
+
+    status = runner.wait(runner.submit("crash", work), TIMEOUT)
+    assert status.state == "failed"
+    assert "ZeroDivisionError" in status.message and "division by zero" in status.message
+    assert any(record.exc_info for record in caplog.records), "the traceback goes to the server log"
+    later = runner.wait(runner.submit("later", lambda context: 42), TIMEOUT)
+    assert later.state == "done" and later.result == 42
+
+
+def test_published_outputs_are_visible_while_running(runner):
+    seen = {}
+    published, release = threading.Event(), threading.Event()
+
+    def work(context):
+        context.publish("rounds", (1,))
+        context.publish("rounds", (1, 2))
+        context.publish("dataset", "digits")
+        published.set()
+        release.wait(TIMEOUT)
+        return "done"
+
+    job_id = runner.submit("publisher", work)
+    assert published.wait(TIMEOUT)
+    seen.update(runner.status(job_id).outputs)
+    release.set()
+    final = runner.wait(job_id, TIMEOUT)
+    assert seen == {"rounds": (1, 2), "dataset": "digits"}, "the latest value of each name"
+    assert dict(final.outputs) == seen and final.result == "done"
+
+
+def test_progress_and_eta_from_the_pace_of_the_stage(runner):
+    observed = []
+
+    def work(context):
+        time.sleep(0.2)
+        context.on_progress(ProgressEvent("embed", 1, 4, "batch 1"))
+        observed.append(runner.status(job_id))
+        time.sleep(0.2)
+        context.on_progress(ProgressEvent("embed", 2, 4, "batch 2"))
+        observed.append(runner.status(job_id))
+        context.on_progress(ProgressEvent("embed", 4, 4, "all"))
+        observed.append(runner.status(job_id))
+        time.sleep(0.1)
+        context.on_progress(ProgressEvent("refine", 1, 2, "round 1"))
+        observed.append(runner.status(job_id))
+
+    job_id = runner.submit("progress", work)
+    assert runner.wait(job_id, TIMEOUT).state == "done"
+    first, second, finished, next_stage = observed
+    assert (first.stage, first.done, first.total, first.message) == ("embed", 1, 4, "batch 1")
+    assert first.fraction == 0.25
+    assert first.eta_s == pytest.approx(3 * 0.2, rel=0.5), "three more units at 0.2 s each"
+    assert second.eta_s == pytest.approx(2 * 0.2, rel=0.5)
+    assert finished.eta_s is None and finished.fraction == 1.0
+    assert next_stage.stage == "refine"
+    assert 0.05 <= next_stage.eta_s < 0.4, "a new stage is paced from its own start, not the job's (0.5 s)"
+
+
+def test_snapshots_are_immutable(runner):
+    published, release = threading.Event(), threading.Event()
+
+    def work(context):
+        context.publish("a", 1)
+        published.set()
+        release.wait(TIMEOUT)
+        context.publish("b", 2)
+        return "result"
+
+    job_id = runner.submit("snap", work)
+    assert published.wait(TIMEOUT)
+    early = runner.status(job_id)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        early.state = "done"
+    with pytest.raises(TypeError):
+        early.outputs["a"] = 99
+    release.set()
+    final = runner.wait(job_id, TIMEOUT)
+    assert early.state == "running" and dict(early.outputs) == {"a": 1}, "an old snapshot does not change"
+    assert dict(final.outputs) == {"a": 1, "b": 2}
+
+
+def test_old_finished_jobs_are_forgotten(runner, monkeypatch):
+    monkeypatch.setattr(jobs, "MAX_FINISHED_JOBS", 3)
+    ids = [runner.submit(f"job {i}", lambda context, i=i: i) for i in range(5)]
+    for job_id in ids:
+        runner.wait(job_id, TIMEOUT)
+    newest = runner.submit("newest", lambda context: "new")
+    runner.wait(newest, TIMEOUT)
+    assert runner.status(ids[0]) is None and runner.status(ids[1]) is None
+    assert [runner.status(job_id).result for job_id in ids[2:]] == [2, 3, 4]
+    assert len(runner.jobs()) == 4
+    with pytest.raises(KeyError):
+        runner.wait(ids[0], 0.1)
+
+
+def test_active_jobs_are_never_forgotten(runner, monkeypatch):
+    monkeypatch.setattr(jobs, "MAX_FINISHED_JOBS", 0)
+    work, started, release = blocked_job()
+    running = runner.submit("running", work)
+    assert started.wait(TIMEOUT)
+    queued = runner.submit("queued", lambda context: "q")
+    runner.submit("another", lambda context: None)
+    assert runner.status(running).state == "running" and runner.status(queued).state == "queued"
+    release.set()
+    assert runner.wait(queued, TIMEOUT).result == "q"
+
+
+def test_wait_returns_the_active_snapshot_on_timeout(runner):
+    work, started, release = blocked_job()
+    job_id = runner.submit("slow", work)
+    assert started.wait(TIMEOUT)
+    began = time.monotonic()
+    status = runner.wait(job_id, timeout=0.2)
+    assert 0.15 <= time.monotonic() - began < 5
+    assert status.active and status.state == "running"
+    release.set()
+    assert runner.wait(job_id, TIMEOUT).state == "done"
+
+
+def test_unknown_job_id(runner):
+    assert runner.status("job-0-0") is None
+    runner.cancel("job-0-0")  # a no-op, not an error
+    with pytest.raises(KeyError):
+        runner.wait("job-0-0", timeout=0.1)
+
+
+def test_job_ids_are_distinct_and_titles_kept(runner):
+    ids = [runner.submit("same title", lambda context: None) for _ in range(3)]
+    assert len(set(ids)) == 3
+    assert all(runner.wait(job_id, TIMEOUT).title == "same title" for job_id in ids)
