@@ -211,10 +211,11 @@ def confusion_at(labels: np.ndarray, anomaly_score: np.ndarray, threshold: float
 def verdict_agreement(samples: pd.DataFrame, verdicts: dict[str, tuple[str, str]]) -> pd.DataFrame:
     """Expert verdicts against the model's call: rows verdict, columns ``model normal/anomaly``, counts."""
     judged = samples[samples["id"].isin(verdicts.keys())]
-    verdict = judged["id"].map(lambda i: verdicts[i][0])
+    verdict = judged["id"].map(lambda i: verdicts[i][0]).to_numpy()
     called = np.where(judged["is_anomaly"].astype(bool), "model anomaly", "model normal")
-    table = pd.crosstab(pd.Categorical(verdict, ["normal", "anomaly", "unsure"]),
-                        pd.Categorical(called, ["model normal", "model anomaly"]), dropna=False)
+    table = pd.crosstab(verdict, called).reindex(
+        index=["normal", "anomaly", "unsure"], columns=["model normal", "model anomaly"], fill_value=0
+    )
     table.index.name, table.columns.name = "verdict", None
     return table
 

@@ -91,11 +91,11 @@ def protocol_form(path: str, label_column: str | None, protocol) -> None:
 
 def body() -> None:
     st.title("Data")
-    choose_source()
+    widgets.guarded(choose_source)  # a refused choice shows its message; the active data stays below
     path, label_column, protocol = services.active_data()
     show_dataset(path, label_column)
     protocol_form(path, label_column, protocol)
-    st.page_link("pages/refine.py", label="Next: refine this data", icon=":material/arrow_forward:")
+    widgets.page_link("pages/refine.py", "Next: refine this data", ":material/arrow_forward:")
 
 
 widgets.guarded(body)

@@ -43,7 +43,7 @@ def body() -> None:
     run_dir = services.active_run_dir()
     if run_dir is None:
         st.info("No run yet: start one on the Refine page.")
-        st.page_link("pages/refine.py", label="Refine", icon=":material/filter_alt:")
+        widgets.page_link("pages/refine.py", "Refine", ":material/filter_alt:")
         return
     run = services.saved_run(run_dir)
     layouts = services.layouts(run_dir)

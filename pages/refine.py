@@ -9,7 +9,7 @@ from pages.components.rounds import show_rounds
 LIVE_REFRESH_S = 1.0
 
 
-def method_form(dataset, job_running: bool):
+def method_form(dataset, label_column: str | None, job_running: bool):
     """The fit settings; returns a FitConfig when Start was pressed, else None."""
     suggested = engine.suggested_config(dataset)
     images = dataset.kind == "images"
@@ -39,7 +39,7 @@ def method_form(dataset, job_running: bool):
     return suggested.with_changes(
         detector=detector, refine=refine, ensemble=int(ensemble), gamma=parse_gamma(gamma), rounds=int(rounds),
         threshold_source=threshold_source, seed=int(seed), device=device, backbone=backbone,
-        image_size=int(image_size), localization=localization,
+        image_size=int(image_size), localization=localization, label_column=label_column,
     ).validate()
 
 
@@ -92,9 +92,9 @@ def saved_rounds(run_dir: str) -> None:
     image_path = (lambda sample_id: str(run.image_path(sample_id))) if run.kind == "images" else None
     show_rounds(run.rounds, ids=list(run.samples["id"]), labels=run.labels, image_path=image_path, key="saved")
     cells = st.columns(3)
-    cells[0].page_link("pages/embeddings.py", label="Explore the map", icon=":material/scatter_plot:")
-    cells[1].page_link("pages/inspect.py", label="Inspect samples", icon=":material/search:")
-    cells[2].page_link("pages/results.py", label="Results and export", icon=":material/analytics:")
+    widgets.page_link("pages/embeddings.py", "Explore the map", ":material/scatter_plot:", cells[0])
+    widgets.page_link("pages/inspect.py", "Inspect samples", ":material/search:", cells[1])
+    widgets.page_link("pages/results.py", "Results and export", ":material/analytics:", cells[2])
 
 
 def body() -> None:
@@ -104,7 +104,7 @@ def body() -> None:
     st.caption(f"Training data: {len(dataset)} {'images' if dataset.kind == 'images' else 'rows'} from {path}"
                + (" (contamination protocol applied)" if protocol else ""))
     status = watched_job()
-    config = method_form(dataset, job_running=status is not None and status.active)
+    config = method_form(dataset, label_column, job_running=status is not None and status.active)
     if config is not None:
         state.set_job_id(services.start_fit(dataset, config))
         st.rerun()

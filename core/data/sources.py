@@ -80,9 +80,11 @@ DIGITS_NORMALS = 180
 DIGITS_FILE = "digits.csv"
 DIGITS_LABEL_COLUMN = "label"
 
-MAX_UPLOAD_BYTES = 2 * 1024**3
-"""Default cap on the total size of one upload (2 GiB, the loaders' own cap on a table or an
-extracted archive)."""
+MAX_UPLOAD_MB = 512
+"""Default cap on the total size of one upload, in MiB; the studio's ``.streamlit/config.toml``
+sets ``server.maxUploadSize`` to the same number (a test checks it). Browsers hold an upload in
+the server's memory, so larger data belongs in a server folder."""
+MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024**2
 
 MAX_NAME_CHARS = 100
 """Longest stored upload name, suffix included."""

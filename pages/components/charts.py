@@ -75,11 +75,13 @@ def scatter_map(
                 x=layout[chosen, 0], y=layout[chosen, 1], mode="markers", name=value, customdata=index[chosen],
                 text=np.asarray(hover)[chosen], hovertemplate="%{text}<extra></extra>", marker=dict(size=6),
             ))
-    else:
+    else:  # anomaly scores are heavy-tailed: spread the colours over the 2nd-98th percentile
+        low, high = np.nanquantile(colour, [0.02, 0.98])
         figure.add_trace(trace_type(
             x=layout[:, 0], y=layout[:, 1], mode="markers", customdata=index, text=list(hover),
             hovertemplate="%{text}<extra></extra>",
-            marker=dict(size=6, color=colour, colorscale="Turbo", colorbar=dict(title=colour_name)),
+            marker=dict(size=6, color=colour, colorscale="Turbo", cmin=low, cmax=high,
+                        colorbar=dict(title=colour_name)),
         ))
     figure.update_layout(dragmode="lasso", xaxis_visible=False, yaxis_visible=False)
     return _layout(figure, "", height=600)

@@ -1,7 +1,9 @@
 """Every session-state key and query parameter the pages use, in one place.
 
 The active run and the watched job are mirrored into the URL (``?run=...&job=...``) so that a
-browser refresh, or a link opened in a second tab, comes back to the same run and job.
+browser refresh, or a link opened in a second tab, comes back to the same run and job. Streamlit
+clears the URL's parameters on every page change (navigation menu, ``st.page_link``,
+``st.switch_page``), so the session keeps them too and puts them back into the URL.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ INSPECT_QUEUE = "inspect_queue"      # str: which list the Inspect page pages th
 INSPECT_POSITION = "inspect_position"  # int: position in that list
 INSPECT_ID = "inspect_id"            # str: sample id to open on the Inspect page
 ADOPTED_JOB = "adopted_job"          # str: the finished job whose run this session made active
+ACTIVE_RUN = "active_run"            # str: the active run's folder (the URL's ``run``, kept across page changes)
+WATCHED_JOB = "watched_job"          # str: the watched job's id (the URL's ``job``, kept across page changes)
 
 # Query parameters
 RUN_PARAM = "run"
@@ -38,29 +42,45 @@ def choose_data(path: Path | str, label_column: str | None = None) -> None:
     st.session_state[LABEL_COLUMN] = label_column
 
 
+def _mirrored(param: str, key: str) -> str | None:
+    """The URL's value of ``param`` (a link or a refresh), else the session's, put back into the URL."""
+    value = st.query_params.get(param)
+    if value is not None:
+        st.session_state[key] = value
+    elif st.session_state.get(key) is not None:
+        value = st.session_state[key]
+        st.query_params[param] = value
+    return value
+
+
+def _set_mirrored(param: str, key: str, value: str | None) -> None:
+    if value is None:
+        st.query_params.pop(param, None)
+        st.session_state.pop(key, None)
+    else:
+        st.query_params[param] = value
+        st.session_state[key] = value
+
+
 def run_dir() -> str | None:
-    """The active run's folder, from the URL."""
-    return st.query_params.get(RUN_PARAM)
+    """The active run's folder (URL, else this session)."""
+    return _mirrored(RUN_PARAM, ACTIVE_RUN)
 
 
 def set_run_dir(path: Path | str | None) -> None:
-    if path is None:
-        st.query_params.pop(RUN_PARAM, None)
-    elif st.query_params.get(RUN_PARAM) != str(path):
-        st.query_params[RUN_PARAM] = str(path)
+    if path is not None and run_dir() != str(path):
         st.session_state[SELECTION] = []
         st.session_state[INSPECT_POSITION] = 0
+    _set_mirrored(RUN_PARAM, ACTIVE_RUN, None if path is None else str(path))
 
 
 def job_id() -> str | None:
-    return st.query_params.get(JOB_PARAM)
+    """The watched job's id (URL, else this session)."""
+    return _mirrored(JOB_PARAM, WATCHED_JOB)
 
 
 def set_job_id(value: str | None) -> None:
-    if value is None:
-        st.query_params.pop(JOB_PARAM, None)
-    else:
-        st.query_params[JOB_PARAM] = value
+    _set_mirrored(JOB_PARAM, WATCHED_JOB, value)
 
 
 def selection() -> list[int]:

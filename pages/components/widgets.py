@@ -1,4 +1,4 @@
-"""Reusable page pieces: the error boundary, thumbnail galleries and a job's progress line."""
+"""Reusable page pieces: the error boundary, links between pages, thumbnail galleries and a job's progress line."""
 from __future__ import annotations
 
 import logging
@@ -6,6 +6,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import streamlit as st
+from streamlit.errors import StreamlitPageNotFoundError
 
 from core.errors import RefineryError
 from core.jobs import JobStatus
@@ -28,6 +29,18 @@ def guarded(body: Callable[[], None]) -> None:
         log.exception("page failed")
         st.error(f"Something went wrong ({type(error).__name__}: {error}). The server log has the details; "
                  "reload the page to start over.")
+
+
+def page_link(page: str, label: str, icon: str, where=st) -> None:
+    """A link to another page of the studio, drawn in ``where`` (``st`` or a column).
+
+    Left out when the page runs on its own (``streamlit run pages/x.py``, ``AppTest`` of one page):
+    without ``app.py``'s navigation Streamlit knows no other page and would raise.
+    """
+    try:
+        where.page_link(page, label=label, icon=icon)
+    except StreamlitPageNotFoundError:
+        log.debug("no link to %s: the page runs without the studio's navigation", page)
 
 
 def gallery(

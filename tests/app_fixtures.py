@@ -1,0 +1,92 @@
+"""Real runs and ``AppTest`` helpers for the studio's page tests (``tests/test_app_pages.py``).
+
+Runs are fitted by the engine itself on the bundled demo images and the built-in digits table,
+straight into a given Refinery home (its ``runs/`` and ``registry.sqlite``), so the pages read
+exactly what a user's fit would leave behind.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from core import engine
+from core.config import FitConfig
+from core.data.sources import DEMO_DIR, prepare_builtin
+from core.store import Registry
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "app.py"
+RUN_TIMEOUT_S = 120.0
+"""One script run may open a model or compute a UMAP layout: far above a page's usual second."""
+
+
+def clear_streamlit_caches() -> None:
+    """Forget every ``st.cache_resource`` / ``st.cache_data`` entry (job runner, registry, data, arrays)."""
+    st.cache_resource.clear()
+    st.cache_data.clear()
+
+
+def fit_demo_run(home: Path, **changes) -> Path:
+    """Fit the bundled 300-image demo (suggested config, with ``changes``) into ``home``; returns the run folder."""
+    dataset = engine.load_data(DEMO_DIR, workspace=home / "workspace")
+    config = engine.suggested_config(dataset).with_changes(**changes)
+    result = engine.fit(dataset, config, engine.new_run_dir("demo", root=home / "runs"),
+                        registry=Registry(home / "registry.sqlite"))
+    return result.run_dir.resolve()
+
+
+def fit_digits_run(home: Path) -> Path:
+    """Fit the built-in 200-row digits table (label column ``label``) into ``home``; returns the run folder."""
+    workspace = home / "workspace"
+    dataset = engine.load_data(prepare_builtin("digits", workspace), label_column="label", workspace=workspace)
+    config = engine.suggested_config(dataset, FitConfig(label_column="label"))  # as `refinery fit --label-column`
+    result = engine.fit(dataset, config, engine.new_run_dir("digits", root=home / "runs"),
+                        registry=Registry(home / "registry.sqlite"))
+    return result.run_dir.resolve()
+
+
+def run_id(run_dir: Path | str) -> str:
+    return json.loads((Path(run_dir) / "run.json").read_text())["run_id"]
+
+
+def studio(page: str | None = None, *, run: Path | str | None = None) -> AppTest:
+    """The whole app (``app.py``) after its first run, switched to ``pages/<page>.py`` when given.
+
+    ``run`` goes into the URL as ``?run=...``, as a link to a run would.
+    """
+    at = AppTest.from_file(str(APP), default_timeout=RUN_TIMEOUT_S)
+    if run is not None:
+        at.query_params["run"] = str(run)
+    at.run()
+    if page is not None:
+        at.switch_page(f"pages/{page}.py").run()
+    return at
+
+
+def standalone(page: str, *, run: Path | str | None = None) -> AppTest:
+    """One page run on its own, without ``app.py`` (its navigation and sidebar)."""
+    at = AppTest.from_file(str(ROOT / "pages" / f"{page}.py"), default_timeout=RUN_TIMEOUT_S)
+    if run is not None:
+        at.query_params["run"] = str(run)
+    return at.run()
+
+
+def wait_for_job(at: AppTest, runner, timeout_s: float = 120.0) -> AppTest:
+    """Rerun ``at`` once a second, as the page's live fragment does, until its watched job has finished.
+
+    ``runner`` is the process-wide :class:`core.jobs.JobRunner` the pages use; the job is the one
+    in ``at``'s URL (``?job=...``). Ends with one more run, which draws the finished view.
+    """
+    job_id = at.query_params.get("job")
+    assert job_id, f"no job in the URL: {dict(at.query_params)}"
+    deadline = time.monotonic() + timeout_s
+    while runner.status(job_id).active:
+        assert time.monotonic() < deadline, f"job {job_id} still {runner.status(job_id).state} after {timeout_s} s"
+        time.sleep(1.0)
+        at.run()
+        assert not at.exception, at.exception
+    return at.run()

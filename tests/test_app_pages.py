@@ -1,0 +1,419 @@
+"""Every page of the studio through Streamlit's ``AppTest``, against real runs fitted by the engine.
+
+Each test gets its own Refinery home (``$REFINERY_HOME``) unless it uses the session's shared
+``studio_runs`` (one demo image run, one digits table run); Streamlit's process-wide caches are
+cleared around every test so that no job runner, registry or data set leaks from one home to
+another. Plotly selection events (lasso/box on the map) cannot be sent through ``AppTest``: the
+Embeddings tests set the selection the event would produce in session state instead.
+"""
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from app_fixtures import (
+    ROOT,
+    clear_streamlit_caches,
+    fit_demo_run,
+    fit_digits_run,
+    run_id,
+    standalone,
+    studio,
+    wait_for_job,
+)
+from core import engine
+from core.data.protocol import contaminate
+from core.data.sources import DEMO_DIR, MAX_UPLOAD_BYTES, builtin_sources
+from core.results import SavedRun
+from core.store import Registry
+
+
+@dataclass(frozen=True)
+class StudioRuns:
+    home: Path
+    images: Path   # the demo: 300 images, 30 labelled anomalies, localization maps
+    table: Path    # the digits table: 200 rows, 20 labelled anomalies
+
+
+@pytest.fixture(scope="session")
+def studio_runs(tmp_path_factory) -> StudioRuns:
+    home = tmp_path_factory.mktemp("studio-home").resolve()
+    return StudioRuns(home, fit_demo_run(home), fit_digits_run(home))
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch) -> Path:
+    """A fresh, empty Refinery home for the test, and Streamlit caches that know nothing yet."""
+    home = (tmp_path / "refinery-home").resolve()
+    monkeypatch.setenv("REFINERY_HOME", str(home))
+    clear_streamlit_caches()
+    yield home
+    clear_streamlit_caches()
+
+
+@pytest.fixture
+def shared(studio_runs, home, monkeypatch) -> StudioRuns:
+    """Use the session's home with its two runs instead of the empty one."""
+    monkeypatch.setenv("REFINERY_HOME", str(studio_runs.home))
+    return studio_runs
+
+
+@pytest.fixture
+def runner(home):
+    """The job runner the pages share (a ``st.cache_resource``, the same object in every session)."""
+    from pages.components import services
+
+    return services.job_runner()
+
+
+def metrics(at) -> dict[str, str]:
+    return {metric.label: metric.value for metric in at.metric}
+
+
+def charts(at) -> list:
+    return list(at.get("plotly_chart"))
+
+
+def captions(at) -> list[str]:
+    """Captions of every image on the page."""
+    return [caption for image in at.image for caption in image.captions]
+
+
+def frames(at) -> list[pd.DataFrame]:
+    """Every ``st.dataframe`` on the page."""
+    return [element.value for element in at.dataframe]
+
+
+def assert_clean(at) -> None:
+    assert not at.exception, at.exception
+    assert not at.error, [error.value for error in at.error]
+
+
+# ----------------------------------------------------------------------------------------- Data
+
+
+def test_data_page_first_shows_the_builtin_demo(home):
+    at = studio()
+    assert_clean(at)
+    assert at.title[0].value == "Data"
+    shown = metrics(at)
+    assert (shown["Kind"], shown["Samples"], shown["Labelled anomalous"]) == ("images", "300", "30")
+    assert len(at.image) == 24 and all(captions(at))  # the preview gallery, each image named
+    assert at.session_state["data_path"] == str(DEMO_DIR)
+    assert "fashion-mnist-sneakers" in at.sidebar.caption.values
+
+
+def test_data_page_switches_to_a_builtin_table(home):
+    at = studio()
+    digits = next(source for source in builtin_sources() if source.key == "digits")
+    at.radio(key="builtin_choice").set_value(digits).run()
+    at.button(key="use_builtin").click().run()
+    assert_clean(at)
+    shown = metrics(at)
+    assert (shown["Kind"], shown["Samples"], shown["Labelled anomalous"]) == ("table", "200", "20")
+    assert len(at.dataframe) == 1 and at.dataframe[0].value.shape == (50, 64)  # the first 50 rows, 64 pixel columns
+    assert len(at.image) == 0
+    assert at.session_state["label_column"] == "label"
+    assert Path(at.session_state["data_path"]).is_relative_to(home / "workspace")
+
+
+def test_data_page_says_clearly_that_a_server_path_does_not_exist(home):
+    at = studio()
+    at.text_input(key="server_path").set_value(str(home / "no-such-folder")).run()
+    at.button(key="use_server").click().run()
+    assert not at.exception
+    assert len(at.error) == 1 and "does not exist on the server" in at.error[0].value
+    assert "Something went wrong" not in at.error[0].value  # a message written for the user, not a crash summary
+    assert at.session_state["data_path"] == str(DEMO_DIR)  # the active data did not change
+
+
+def test_contamination_protocol_sets_the_training_set_of_the_refine_page(home):
+    at = studio("refine")
+    assert at.caption[0].value.startswith("Training data: 300 images")
+    at.switch_page("pages/data.py").run()
+    at.slider(key="protocol_ratio").set_value(0.05).run()
+    at.button(key="apply_protocol").click().run()
+    assert_clean(at)
+    assert at.session_state["protocol"] == (0.05, 0)
+    assert at.success and "anomal" in at.success[0].value
+    expected = contaminate(engine.load_data(DEMO_DIR), 0.05, 0).train
+    at.switch_page("pages/refine.py").run()
+    assert_clean(at)
+    caption = at.caption[0].value
+    assert caption.startswith(f"Training data: {len(expected)} images") and "contamination protocol applied" in caption
+    assert len(expected) < 300
+
+
+# --------------------------------------------------------------------------------------- Refine
+
+
+def test_refine_runs_a_job_to_a_saved_run_and_a_second_tab_follows_it(home, runner):
+    at = studio("refine")
+    assert_clean(at)
+    at.number_input(key="rounds").set_value(2)
+    at.selectbox(key="localization").set_value("none")
+    at.form_submit_button[0].click().run()
+    assert_clean(at)
+    job_id = at.query_params["job"]
+
+    second = studio("refine")  # another tab of the same server, opened while the job runs
+    assert_clean(second)
+    assert len(runner.jobs()) == 1
+    assert second.query_params["job"] == job_id  # it attached to the running job
+    if runner.status(job_id).active:
+        assert second.form_submit_button[0].disabled  # no second job from this tab meanwhile
+
+    wait_for_job(at, runner)
+    assert_clean(at)
+    assert at.success and at.success[0].value.startswith("Finished")
+    run_dir = Path(at.query_params["run"])
+    assert run_dir.parent == home / "runs" and (run_dir / "run.json").is_file()
+    saved = SavedRun(run_dir)
+    assert 1 <= len(saved.rounds) <= 2
+    assert [tab.label for tab in at.tabs] == [f"Round {record.round}" for record in saved.rounds]
+    record = next(run for run in Registry().runs() if run.run_id == saved.run_id)
+    assert (record.status, Path(record.path)) == ("done", run_dir)
+
+    second.run()
+    assert_clean(second)
+    assert second.success and saved.run_id in second.success[0].value
+    assert second.query_params["run"] == str(run_dir)
+    assert len(runner.jobs()) == 1
+
+
+def test_refine_cancel_stops_the_job_and_saves_nothing(home, runner):
+    at = studio("refine")
+    at.form_submit_button[0].click().run()
+    at.button(key="cancel_job").click().run()
+    wait_for_job(at, runner)
+    assert not at.exception
+    assert runner.status(at.query_params["job"]).state == "cancelled"
+    assert at.warning and "cancelled" in at.warning[0].value
+    assert "run" not in at.query_params
+    runs = home / "runs"
+    assert not runs.exists() or not any(runs.iterdir())  # no run folder, no half-written staging folder
+    records = Registry().runs()
+    assert all(record.status == "failed" and "cancel" in record.message for record in records)
+
+
+def test_refine_rejects_a_gamma_that_is_not_a_number(home, runner):
+    at = studio("refine")
+    at.text_input(key="gamma").set_value("abc")
+    at.form_submit_button[0].click().run()
+    assert not at.exception
+    assert len(at.error) == 1 and "gamma must be a number" in at.error[0].value
+    assert runner.jobs() == []
+    assert "job" not in at.query_params
+
+
+# ----------------------------------------------------------------------------------- Embeddings
+
+
+def test_embeddings_map_colours_slices_and_selects(shared):
+    at = studio("embeddings", run=shared.images)
+    assert_clean(at)
+    assert len(charts(at)) == 1
+    colour = at.selectbox(key="colour_by")
+    assert "label" in colour.options and "anomaly_score" in colour.options
+    colour.set_value("kept / removed").run()
+    assert_clean(at)
+
+    def legend(at) -> set[str]:
+        return {trace.get("name") for trace in json.loads(charts(at)[0].proto.spec)["data"]}
+
+    slider = at.slider(key="map_round")
+    assert slider.value == len(SavedRun(shared.images).rounds)
+    assert legend(at) == {"kept", "removed"}
+    slider.set_value(0).run()  # before refinement: nothing is removed yet
+    assert_clean(at)
+    assert legend(at) == {"kept"}
+
+    run = SavedRun(shared.images)
+    selection = [3, 10, 200, 299]
+    at.session_state["selection"] = selection  # what a lasso on the map leaves behind
+    at.run()
+    assert_clean(at)
+    assert at.subheader[0].value == f"{len(selection)} selected"
+    assert [button.key for button in at.button if (button.key or "").startswith("selected-")] == [
+        f"selected-{i}" for i in range(len(selection))]
+    most_anomalous = run.samples["id"].iat[max(selection, key=lambda i: run.samples["anomaly_score"].iat[i])]
+    at.button(key="selected-0").click().run()
+    assert_clean(at)
+    assert at.title[0].value == "Inspect"
+    assert at.subheader[0].value == most_anomalous
+
+
+# -------------------------------------------------------------------------------------- Inspect
+
+
+def test_inspect_pages_through_samples_and_records_a_verdict(shared):
+    run = SavedRun(shared.images)
+    by_rank = run.samples.sort_values("rank")["id"].tolist()
+    at = studio("inspect", run=shared.images)
+    assert_clean(at)
+    assert at.subheader[0].value == by_rank[0]
+    shown = metrics(at)
+    assert shown["Rank"] == "1 of 300"
+    assert float(shown["anomaly_score"]) == pytest.approx(run.samples["anomaly_score"].max(), rel=1e-3)
+    assert any(caption.startswith("localization map") for caption in captions(at))
+
+    at.button(key="next").click().run()
+    assert_clean(at)
+    assert metrics(at)["Rank"] == "2 of 300" and at.subheader[0].value == by_rank[1]
+
+    at.text_input(key=f"note-{by_rank[1]}").set_value("scuffed toe")
+    at.button(key="verdict-anomaly").click().run()
+    assert_clean(at)
+    assert Registry().verdicts(run.run_id)[by_rank[1]] == ("anomaly", "scuffed toe")
+    assert any(text.startswith("**Your verdict**: anomaly (scuffed toe)") for text in at.markdown.values)
+    assert metrics(at)["Rank"] == "2 of 300"  # the verdict keeps the sample on screen
+
+
+def test_inspect_shows_grad_cam_on_request(shared):
+    at = studio("inspect", run=shared.images)
+    assert not any(caption.startswith("Grad-CAM") for caption in captions(at))
+    at.toggle(key="show_gradcam").set_value(True).run()
+    assert_clean(at)
+    assert any(caption.startswith("Grad-CAM") for caption in captions(at))
+
+
+def test_inspect_explains_a_table_row_by_its_features(shared):
+    at = studio("inspect", run=shared.table)
+    assert_clean(at)
+    assert metrics(at)["Rank"] == "1 of 200"
+    bars = json.loads(charts(at)[0].proto.spec)
+    assert bars["data"][0]["type"] == "bar" and len(bars["data"][0]["y"]) > 0
+    features = at.dataframe[0].value
+    assert list(features.columns) == ["feature", "value", "typical range (5-95%)", "share of score"]
+    assert len(features) == len(bars["data"][0]["y"])
+    assert len(at.image) == 0
+
+
+# -------------------------------------------------------------------------------------- Results
+
+
+def test_results_threshold_curves_verdicts_rerun_and_runs(home, runner):
+    at = studio()  # a table fitted from the studio: Data -> Refine -> Results
+    digits = next(source for source in builtin_sources() if source.key == "digits")
+    at.radio(key="builtin_choice").set_value(digits).run()
+    at.button(key="use_builtin").click().run()
+    at.switch_page("pages/refine.py").run()
+    at.form_submit_button[0].click().run()
+    wait_for_job(at, runner)
+    first = Path(at.query_params["run"])
+    run = SavedRun(first)
+    assert run.config.label_column == "label"  # so that reloading the run's data keeps labels out of the features
+    at.switch_page("pages/results.py").run()
+    assert_clean(at)
+    assert len(charts(at)) == 3  # histogram, ROC, PR (the run has labels)
+    assert {"AUROC", "Average precision", "F1 at the run's threshold"} <= set(metrics(at))
+    scores = run.samples["anomaly_score"].to_numpy()
+
+    def above_caption(at) -> str:
+        return next(value for value in at.caption.values if "score above the threshold" in value)
+
+    assert above_caption(at).startswith(f"{int(np.sum(scores > run.threshold))} of 200 samples")
+    slider = at.slider(key="threshold")
+    slider.set_value(float(np.quantile(scores, 0.5))).run()
+    assert_clean(at)
+    assert above_caption(at).startswith(f"{int(np.sum(scores > at.slider(key='threshold').value))} of 200 samples")
+    assert int(above_caption(at).split()[0]) != int(np.sum(scores > run.threshold))
+    assert {"download_scores", "download_bundle"} <= {button.key for button in at.get("download_button")}
+    assert any(value.startswith("No verdicts yet") for value in at.caption.values)
+
+    # An expert overrules the run twice: its most suspicious removed row is normal, its most typical
+    # kept row is an anomaly.
+    samples = run.samples.sort_values("rank")
+    normal = samples[samples["kept"] == 0]["id"].iat[0]
+    anomaly = samples[samples["kept"] == 1]["id"].iat[-1]
+    Registry().set_verdict(run.run_id, normal, "normal")
+    Registry().set_verdict(run.run_id, anomaly, "anomaly")
+    at.run()
+    assert_clean(at)
+    agreement = next(frame for frame in frames(at) if "model normal" in frame.columns)
+    assert int(agreement.to_numpy().sum()) == 2
+    assert int(agreement.loc["normal"].sum()) == 1 and int(agreement.loc["anomaly"].sum()) == 1
+
+    at.button(key="rerun_with_verdicts").click().run()
+    assert_clean(at)
+    assert at.title[0].value == "Refine"
+    # The browser stays on the page st.switch_page opened; AppTest would rerun the last page given to
+    # its own switch_page, so it is told where the user is.
+    at.switch_page("pages/refine.py")
+    wait_for_job(at, runner)
+    assert_clean(at)
+    assert at.success and at.success[0].value.startswith("Finished")
+    second = Path(at.query_params["run"])
+    assert second != first and second.name.endswith("-verdicts")
+    rerun = pd.read_csv(second / "scores.csv", dtype={"id": str}).set_index("id")
+    assert rerun.loc[normal, "kept"] == 1 and rerun.loc[anomaly, "kept"] == 0
+    assert "label" not in engine.open_run(second).encoder.feature_names
+    assert len(runner.jobs()) == 2
+
+    at.switch_page("pages/results.py").run()
+    assert_clean(at)
+    assert at.selectbox(key="compare_run").value == str(first)  # compared with the run it came from
+    comparison = next(frame for frame in frames(at) if "kept" in frame.index)
+    assert set(comparison.columns) == {run.run_id, run_id(second)}
+    past = next(frame for frame in frames(at) if "path" in frame.columns)
+    assert set(past["path"]) == {str(first), str(second)} and set(past["status"]) == {"done"}
+
+
+# ----------------------------------------------------------------------------------- Navigation
+
+
+def test_the_run_opened_on_results_stays_active_across_page_changes(shared):
+    at = studio("results")  # no run in the URL: the newest finished run, the table
+    assert at.query_params["run"] == str(shared.table)
+    at.selectbox(key="open_run").set_value(str(shared.images)).run()
+    at.button(key="open_run_button").click().run()
+    assert_clean(at)
+    assert at.query_params["run"] == str(shared.images)
+    at.query_params.clear()  # what the navigation menu does to the URL on every page change
+    at.switch_page("pages/inspect.py").run()
+    assert_clean(at)
+    assert metrics(at)["Rank"] == "1 of 300"  # still the image run, not the newest run
+    assert at.query_params["run"] == str(shared.images)  # and back in the URL, ready to share
+
+
+# ----------------------------------------------------------------------------------- Standalone
+
+
+@pytest.mark.parametrize("page", ["data", "refine", "embeddings", "inspect", "results"])
+def test_every_page_runs_on_its_own_without_a_run(home, page):
+    at = standalone(page)
+    assert_clean(at)
+    assert at.title[0].value == page.capitalize()
+    if page in ("embeddings", "inspect", "results"):
+        assert at.info and at.info[0].value.startswith("No run yet")
+
+
+@pytest.mark.parametrize("page", ["refine", "results"])
+def test_pages_with_links_run_on_their_own_with_a_run(shared, page):
+    at = standalone(page, run=shared.table)
+    assert_clean(at)
+    assert any(run_id(shared.table) in value for value in at.subheader.values + at.caption.values)
+
+
+# --------------------------------------------------------------------------------------- Config
+
+
+@pytest.fixture(scope="module")
+def server_config() -> dict:
+    return tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+
+
+def test_streamlit_config_is_local_and_quiet(server_config):
+    assert server_config["server"]["address"] == "localhost"
+    assert server_config["server"]["enableXsrfProtection"] is True
+    assert server_config["client"]["showErrorDetails"] == "none"
+
+
+def test_streamlit_upload_limit_equals_the_engine_limit(server_config):
+    assert server_config["server"]["maxUploadSize"] * 1024**2 == MAX_UPLOAD_BYTES
