@@ -39,7 +39,7 @@ def facts(run, index: int) -> None:
     cells[0].metric("anomaly_score", f"{row['anomaly_score']:.4g}", help="Higher = more anomalous")
     cells[1].metric("Rank", f"{row['rank']} of {len(run.samples)}")
     cells[2].metric("Model says", "anomaly" if row["is_anomaly"] else "normal", help=f"Threshold {run.threshold:.4g}")
-    cells[3].metric("Refinement", f"removed in round {row['round_removed']}" if row["round_removed"] else "kept")
+    cells[3].metric("Removed in round", row["round_removed"] or "- (kept)")
     cells[4].metric("Label", {1: "anomaly", 0: "normal"}.get(row.get("label", -1), "unknown"))
 
 

@@ -109,7 +109,8 @@ def body() -> None:
     run = services.saved_run(run_dir)
     runs = services.registry().runs()
     verdicts = services.registry().verdicts(run.run_id)
-    st.caption(f"Run {run.run_id}: {len(run.samples)} {run.kind} samples, detector {run.config.detector}, "
+    st.caption(f"Run {run.run_id}: {len(run.samples)} {'images' if run.kind == 'images' else 'rows'}, "
+               f"detector {run.config.detector}, "
                f"{len(run.rounds)} refinement rounds")
     threshold_section(run)
     verdict_section(run, verdicts)
