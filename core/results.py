@@ -19,25 +19,10 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from core.config import FitConfig
 from core.errors import DataError, RunError
 from core.metrics import DetectionMetrics, detection_metrics
+from core.refine import RefinementRound
 from core.store import read_arrays, read_json
 
 BUNDLE_SUFFIXES = (".json", ".safetensors", ".csv", ".pt")
-
-
-@dataclass(frozen=True)
-class RoundView:
-    """One saved refinement round (see :class:`core.refine.RefinementRound` for the fields)."""
-
-    round: int
-    kept: np.ndarray            # (N,) bool, after this round
-    removed: np.ndarray         # (R,) int64 indices removed in this round, most suspicious first
-    anomaly_score: np.ndarray   # (N,) float32 consensus score, NaN for samples not in the round; 0 = threshold
-    gamma: float
-    seconds: float
-    capped: bool
-    precision: float | None
-    recall: float | None
-    note: str
 
 
 class SavedRun:
@@ -52,7 +37,8 @@ class SavedRun:
     samples : DataFrame
         ``scores.csv`` of the training data: ``id, anomaly_score, is_anomaly[, label], kept,
         round_removed`` (0 = kept), plus ``rank`` (1 = most anomalous).
-    rounds : list of RoundView
+    rounds : list of RefinementRound
+        The saved refinement rounds, as the fit produced them.
     """
 
     def __init__(self, run_dir: Path | str) -> None:
@@ -66,17 +52,19 @@ class SavedRun:
         self.samples = samples
         self.rounds = self._read_rounds()
 
-    def _read_rounds(self) -> list[RoundView]:
+    def _read_rounds(self) -> list[RefinementRound]:
         records = read_json(self.run_dir / "refinement.json")
         if not records:
             return []
         arrays = read_arrays(self.run_dir / "refinement.safetensors")
         position = {sample_id: index for index, sample_id in enumerate(self.samples["id"])}
         return [
-            RoundView(
+            RefinementRound(
                 round=record["round"],
                 kept=arrays[f"kept_{record['round']}"].astype(bool),
                 removed=np.array([position[i] for i in record["removed_ids"]], dtype=np.int64),
+                thresholds=np.asarray(record["thresholds"], dtype=np.float64),
+                votes=arrays[f"votes_{record['round']}"],
                 anomaly_score=arrays[f"anomaly_score_{record['round']}"],
                 gamma=record["gamma"], seconds=record["seconds"], capped=record["capped"],
                 precision=record["precision"], recall=record["recall"], note=record["note"],

@@ -22,8 +22,8 @@ def show_rounds(
 ) -> None:
     """Timeline plus one tab per round: note, removal precision/recall, score histogram, removed samples.
 
-    ``rounds`` are :class:`core.refine.RefinementRound` (live) or :class:`core.results.RoundView`
-    (saved); ``image_path`` maps an id to its file (None for tables). ``inspectable`` adds an
+    ``rounds`` are :class:`core.refine.RefinementRound` (of a running job or a saved run);
+    ``image_path`` maps an id to its file (None for tables). ``inspectable`` adds an
     Inspect button under each removed image (not inside a live fragment, which cannot switch pages).
     """
     if not rounds:
