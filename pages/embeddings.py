@@ -2,7 +2,7 @@
 import numpy as np
 import streamlit as st
 
-from pages.components import charts, services, state, widgets
+from pages.components import charts, runs, services, state, widgets
 
 GALLERY_LIMIT = 48
 LABEL_NAMES = {0: "normal", 1: "anomaly", -1: "unknown"}
@@ -45,8 +45,8 @@ def body() -> None:
         st.info("No run yet: start one on the Refine page.")
         widgets.page_link("pages/refine.py", "Refine", ":material/filter_alt:")
         return
-    run = services.saved_run(run_dir)
-    layouts = services.layouts(run_dir)
+    run = runs.saved_run(run_dir)
+    layouts = runs.layouts(run_dir)
     verdicts = services.registry().verdicts(run.run_id)
     choices = [name for name in COLOURINGS if (name != "label" or run.labels is not None) and (name != "verdict" or verdicts)]
     left, right = st.columns([1, 2])

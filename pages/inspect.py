@@ -2,7 +2,7 @@
 import numpy as np
 import streamlit as st
 
-from pages.components import charts, services, state, widgets
+from pages.components import charts, runs, services, state, widgets
 
 QUEUES = ("most anomalous first", "selection from the map", "removed during refinement")
 VERDICTS = (("normal", "N", ":material/check_circle:"), ("anomaly", "A", ":material/error:"),
@@ -45,16 +45,16 @@ def facts(run, index: int) -> None:
 
 def image_views(run_dir: str, run, sample_id: str) -> None:
     path = str(run.image_path(sample_id))
-    mask = services.run_dataset(run_dir).masks.get(sample_id)
+    mask = runs.run_dataset(run_dir).masks.get(sample_id)
     mask_path = str(mask) if mask else None
     columns = st.columns(3)
     columns[0].image(services.image(path), caption="image", width="stretch")
     if run.config.localization != "none":
-        columns[1].image(services.localization_overlay(run_dir, path, mask_path), width="stretch",
+        columns[1].image(runs.localization_overlay(run_dir, path, mask_path), width="stretch",
                          caption="localization map" + (" · green: ground-truth mask" if mask_path else ""))
     with columns[2]:
         if st.toggle("Grad-CAM of the anomaly score", key="show_gradcam"):
-            st.image(services.gradcam_overlay(run_dir, path, mask_path), caption="Grad-CAM (colours scaled to this image)", width="stretch")
+            st.image(runs.gradcam_overlay(run_dir, path, mask_path), caption="Grad-CAM (colours scaled to this image)", width="stretch")
 
 
 def neighbours(run, index: int) -> None:
@@ -68,8 +68,8 @@ def neighbours(run, index: int) -> None:
 
 
 def table_views(run_dir: str, sample_id: str) -> None:
-    dataset = services.run_dataset(run_dir)
-    explanation = services.fitted_run(run_dir).explain_rows(dataset, [sample_id])[0]
+    dataset = runs.run_dataset(run_dir)
+    explanation = runs.fitted_run(run_dir).explain_rows(dataset, [sample_id])[0]
     features = explanation.features
     st.plotly_chart(charts.feature_bars([f.feature for f in features], [f.share for f in features]))
     st.dataframe([{"feature": f.feature, "value": f.value, "typical range (5-95%)": f"{f.typical_low:.4g} - {f.typical_high:.4g}",
@@ -103,7 +103,7 @@ def body() -> None:
     if run_dir is None:
         st.info("No run yet: start one on the Refine page.")
         return
-    run = services.saved_run(run_dir)
+    run = runs.saved_run(run_dir)
     requested = st.session_state.pop(state.INSPECT_ID, None)
     if requested is not None:  # opened from another page: find it in the full ranked list
         st.session_state[state.INSPECT_QUEUE] = QUEUES[0]

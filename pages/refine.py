@@ -3,7 +3,7 @@ import streamlit as st
 
 from core import engine
 from core.config import BACKBONES, DETECTORS, DEVICES, LOCALIZATIONS, THRESHOLD_SOURCES, parse_gamma
-from pages.components import services, state, widgets
+from pages.components import runs, services, state, widgets
 from pages.components.rounds import show_rounds
 
 LIVE_REFRESH_S = 1.0
@@ -85,7 +85,7 @@ def finished_view(status) -> None:
 
 
 def saved_rounds(run_dir: str) -> None:
-    run = services.saved_run(run_dir)
+    run = runs.saved_run(run_dir)
     st.subheader(f"Run {run.run_id}")
     st.caption(f"{len(run.samples)} samples, {int(run.samples['kept'].sum())} kept; threshold from an estimated "
                f"contamination of {run.contamination:.1%}")
@@ -106,7 +106,7 @@ def body() -> None:
     status = watched_job()
     config = method_form(dataset, label_column, job_running=status is not None and status.active)
     if config is not None:
-        state.set_job_id(services.start_fit(dataset, config))
+        state.set_job_id(runs.start_fit(dataset, config))
         st.rerun()
     if status is not None and status.active:
         live_view(status.job_id)

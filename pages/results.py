@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from core.results import bundle_run, compare_runs, confusion_at, score_curves, verdict_agreement
-from pages.components import charts, services, state, widgets
+from pages.components import charts, runs, services, state, widgets
 
 
 def threshold_section(run) -> None:
@@ -49,16 +49,16 @@ def verdict_section(run, verdicts: dict) -> None:
     st.caption("Re-running refinement with the verdicts keeps every confirmed normal, removes every confirmed "
                "anomaly before the first round (no detector trains on them), then compares the two runs.")
     if st.button("Re-run refinement using the verdicts", key="rerun_with_verdicts", type="primary"):
-        dataset = services.run_dataset(str(run.run_dir))
-        job_id = services.start_fit(dataset, run.config, {i: v for i, (v, _) in verdicts.items()},
+        dataset = runs.run_dataset(str(run.run_dir))
+        job_id = runs.start_fit(dataset, run.config, {i: v for i, (v, _) in verdicts.items()},
                                     name=f"{run.run_dir.name}-verdicts")
         state.set_job_id(job_id)
         st.session_state["compare_with"] = str(run.run_dir)
         st.switch_page("pages/refine.py")
 
 
-def comparison_section(run, runs) -> None:
-    same_data = [r for r in runs if r.status == "done" and r.fingerprint == run.info["fingerprint"]
+def comparison_section(run, records) -> None:
+    same_data = [r for r in records if r.status == "done" and r.fingerprint == run.info["fingerprint"]
                  and r.run_id != run.run_id and Path(r.path).is_dir()]
     if not same_data:
         return
@@ -66,7 +66,7 @@ def comparison_section(run, runs) -> None:
     paths = [r.path for r in same_data]
     default = paths.index(st.session_state["compare_with"]) if st.session_state.get("compare_with") in paths else 0
     other = st.selectbox("Other run", paths, index=default, format_func=lambda p: Path(p).name, key="compare_run")
-    comparison = compare_runs(services.saved_run(other), run)
+    comparison = compare_runs(runs.saved_run(other), run)
     st.dataframe(comparison.metrics)
     st.caption(f"{len(comparison.changed)} samples changed their call.")
     if len(comparison.changed):
@@ -84,15 +84,15 @@ def downloads(run, verdicts: dict) -> None:
     st.caption("Score new data with the bundle: unzip it, then `refinery score RUN_DIR DATA --out scores.csv`.")
 
 
-def past_runs(runs) -> None:
+def past_runs(records) -> None:
     st.subheader("Runs")
     frame = pd.DataFrame([{
         "run": Path(r.path).name, "status": r.status, "kind": r.kind, "samples": r.n_samples,
         "created": pd.Timestamp(r.created, unit="s").strftime("%Y-%m-%d %H:%M"),
         "AUROC": r.metrics.get("auroc"), "message": r.message or "", "path": r.path,
-    } for r in runs])
+    } for r in records])
     st.dataframe(frame, hide_index=True)
-    openable = [r.path for r in runs if r.status == "done" and Path(r.path).is_dir()]
+    openable = [r.path for r in records if r.status == "done" and Path(r.path).is_dir()]
     chosen = st.selectbox("Open a run", openable, format_func=lambda p: Path(p).name, key="open_run",
                           index=openable.index(services.active_run_dir()) if services.active_run_dir() in openable else 0)
     if chosen != services.active_run_dir() and st.button("Open", key="open_run_button"):
@@ -106,17 +106,17 @@ def body() -> None:
     if run_dir is None:
         st.info("No run yet: start one on the Refine page.")
         return
-    run = services.saved_run(run_dir)
-    runs = services.registry().runs()
+    run = runs.saved_run(run_dir)
+    records = services.registry().runs()
     verdicts = services.registry().verdicts(run.run_id)
     st.caption(f"Run {run.run_id}: {len(run.samples)} {'images' if run.kind == 'images' else 'rows'}, "
                f"detector {run.config.detector}, "
                f"{len(run.rounds)} refinement rounds")
     threshold_section(run)
     verdict_section(run, verdicts)
-    comparison_section(run, runs)
+    comparison_section(run, records)
     downloads(run, verdicts)
-    past_runs(runs)
+    past_runs(records)
 
 
 widgets.guarded(body)

@@ -1,24 +1,23 @@
-"""The engine as the pages see it: cached resources (models, runs, arrays) and one call per action.
+"""The engine as the pages see it, light part: data, registry, jobs, thumbnails, device.
 
-``st.cache_resource`` holds shared objects (the job runner, the registry, loaded data sets and
-runs); ``st.cache_data`` holds arrays keyed by their run folder or file, so page switches are fast.
+Nothing here imports torch, so the first page a visitor opens (Data) renders without waiting for
+it; :func:`device_name` imports it in a background thread, which also warms the engine for the
+Refine page. Run-level resources (models, layouts, maps) live in :mod:`pages.components.runs`.
+``st.cache_resource`` holds shared objects (the job runner, the registry, loaded data sets);
+``st.cache_data`` holds arrays keyed by their file, so page switches are fast.
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
 import streamlit as st
 
-from core import engine
-from core.data import Dataset, read_rgb
+from core.data import Dataset, load_dataset, read_rgb
 from core.data.protocol import contaminate
 from core.data.sources import DEMO_DIR
-from core.explain.render import mask_contour, overlay
 from core.jobs import JobRunner
-from core.models.device import resolve_device
-from core.project import run_layouts
-from core.results import SavedRun
 from core.store import Registry, refinery_home
 from pages.components import state
 
@@ -63,7 +62,7 @@ def active_run_dir() -> str | None:
 
 @st.cache_resource(show_spinner="Loading data...", max_entries=4)
 def dataset(path: str, label_column: str | None) -> Dataset:
-    return engine.load_data(path, label_column=label_column, workspace=workspace())
+    return load_dataset(path, label_column=label_column, workspace=workspace())
 
 
 @st.cache_resource(max_entries=8)
@@ -77,27 +76,6 @@ def training_dataset(path: str, label_column: str | None, protocol: tuple[float,
     if protocol is None:
         return dataset(path, label_column)
     return protocol_dataset(path, label_column, *protocol).train
-
-
-@st.cache_resource(max_entries=8)
-def saved_run(run_dir: str) -> SavedRun:
-    return SavedRun(run_dir)
-
-
-@st.cache_resource(show_spinner="Opening the run's model...", max_entries=2)
-def fitted_run(run_dir: str) -> engine.FittedRun:
-    return engine.open_run(run_dir)
-
-
-@st.cache_resource(show_spinner="Loading the run's data...", max_entries=2)
-def run_dataset(run_dir: str) -> Dataset:
-    return engine.run_dataset(run_dir, workspace=workspace())
-
-
-@st.cache_data(show_spinner="Computing the UMAP map (cached for this run)...", max_entries=8)
-def layouts(run_dir: str) -> np.ndarray:
-    """(S, N, 2) UMAP layouts of the run's samples (see core.project)."""
-    return run_layouts(run_dir).layouts
 
 
 @st.cache_data(max_entries=4096, show_spinner=False)
@@ -114,43 +92,25 @@ def image(path: str) -> np.ndarray:
         return np.asarray(opened.convert("RGB"))
 
 
-@st.cache_data(max_entries=128, show_spinner="Localizing...")
-def localization_overlay(run_dir: str, path: str, mask_path: str | None) -> np.ndarray:
-    """The image with its anomaly map blended over it (run-level colour scale) and the mask outlined."""
-    run = fitted_run(run_dir)
-    amap = run.anomaly_map(Path(path))
-    shown = overlay(image(path), amap, vmax=run.localizer.display_scale_)
-    return _outlined(shown, mask_path)
+@st.cache_resource
+def _device_probe() -> dict[str, str]:
+    """Start importing torch in the background (about 2 s on 2 cores) and record the device it finds."""
+    found: dict[str, str] = {}
 
-
-@st.cache_data(max_entries=128, show_spinner="Computing Grad-CAM...")
-def gradcam_overlay(run_dir: str, path: str, mask_path: str | None) -> np.ndarray:
-    """The image with the Grad-CAM of its anomaly score blended over it (scaled to this image's maximum),
-    mask outlined."""
-    cam = fitted_run(run_dir).gradcam_map(Path(path))
-    return _outlined(overlay(image(path), cam), mask_path)
-
-
-def _outlined(shown: np.ndarray, mask_path: str | None) -> np.ndarray:
-    if mask_path is None:
-        return shown
-    mask = image(mask_path)[..., 0] > 127
-    return mask_contour(shown, mask)
-
-
-@st.cache_data(show_spinner=False)
-def device_name() -> str:
-    device = resolve_device("auto")
-    if device.type == "cuda":
+    def probe() -> None:
         import torch
 
-        return f"GPU ({torch.cuda.get_device_name(0)})"
-    return "CPU"
+        from core.models.device import resolve_device
+
+        if resolve_device("auto").type == "cuda":
+            found["name"] = f"GPU ({torch.cuda.get_device_name(0)})"
+        else:
+            found["name"] = "CPU"
+
+    threading.Thread(target=probe, name="refinery-device-probe", daemon=True).start()
+    return found
 
 
-def start_fit(dataset_: Dataset, config, verdicts: dict[str, str] | None = None, name: str = "") -> str:
-    """Queue a fit of ``dataset_`` and return the job id."""
-    out_dir = engine.new_run_dir(name or Path(dataset_.source).name)
-    work = engine.fit_work(dataset_, config, out_dir, verdicts=verdicts, registry=registry())
-    title = f"fit {out_dir.name}" + (" with verdicts" if verdicts else "")
-    return job_runner().submit(title, work)
+def device_name() -> str:
+    """``GPU (name)`` or ``CPU``; ``detecting...`` while torch is still being imported."""
+    return _device_probe().get("name", "detecting...")
