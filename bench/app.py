@@ -1,6 +1,6 @@
 """App: the studio's responsiveness, measured in a real browser (Debian's chromium through Playwright).
 
-Issue 3, "Benchmarks", measured in one run against ``streamlit run app.py`` servers started here,
+Issue 4, "Tests" (bench/app.py), measured in one run against ``streamlit run app.py`` servers started here,
 each with its own ``REFINERY_HOME`` in a temporary folder:
 
 (a) start-up, ``--repeats`` times, each on a fresh server: seconds from launching the process to
@@ -26,31 +26,21 @@ Run: ``python bench/app.py --out bench/results/app.txt`` (1.5-3 minutes on 2 cor
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from bench.common import REPO, Report, base_parser, machine_footer, machine_header, progress, setup_logging, timed
+from bench.common import Report, base_parser, machine_footer, machine_header, progress, setup_logging, timed
+from bench.studio import CHROMIUM, VIEWPORT, browser_page, launch_chromium, served
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
-VIEWPORT = {"width": 1400, "height": 900}
 STARTUP_TARGET_S = 3.0
 REFRESH_TARGET_S = 2.0
 MAP_TARGET_S = 2.0
@@ -86,68 +76,6 @@ LIVE_STATE = """() => {
 
 # ----------------------------------------------------------------------------- server and browser
 
-@dataclass
-class Server:
-    url: str
-    health_s: float  # process launch to /_stcore/health answering "ok"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        return probe.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as answer:
-            return answer.read().decode().strip() == "ok"
-    except (OSError, urllib.error.URLError):
-        return False
-
-
-@contextlib.contextmanager
-def served(home: Path) -> Iterator[Server]:
-    """``streamlit run app.py`` on a free port with ``REFINERY_HOME=home``; terminated on exit."""
-    port = _free_port()
-    url = f"http://localhost:{port}"
-    log_path = home / f"server-{port}.log"
-    env = {**os.environ, "REFINERY_HOME": str(home), "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
-    started = time.perf_counter()
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-             "--server.headless", "true", "--server.fileWatcherType", "none"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-    try:
-        while not _healthy(url):
-            if process.poll() is not None or time.perf_counter() - started > 60:
-                raise RuntimeError(f"the server did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.05)
-        yield Server(url, time.perf_counter() - started)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
-        if "Traceback" in log_path.read_text():
-            progress(f"the server logged a traceback; see {log_path}")
-
-
-@contextlib.contextmanager
-def browser_page(browser) -> Iterator[object]:
-    """A fresh browser context (its own Streamlit session) and page."""
-    context = browser.new_context(viewport=VIEWPORT)
-    context.set_default_timeout(WAIT_MS)
-    try:
-        yield context.new_page()
-    finally:
-        context.close()
-
-
 def open_data_page(page, url: str) -> float:
     """Seconds from navigating to ``url`` until the Data page is interactive."""
     started = time.perf_counter()
@@ -168,9 +96,9 @@ def startup(browser, home: Path, repeats: int) -> list[tuple[float, float, float
     rows = []
     for repeat in range(repeats):
         with served(home) as server:
-            with browser_page(browser) as page:
+            with browser_page(browser, WAIT_MS) as page:
                 first = open_data_page(page, server.url)
-            with browser_page(browser) as page:
+            with browser_page(browser, WAIT_MS) as page:
                 second = open_data_page(page, server.url)
         progress(f"start-up {repeat + 1}/{repeats}: health {server.health_s:.2f} s, first page {first:.2f} s, "
                  f"second session {second:.2f} s")
@@ -205,7 +133,7 @@ def set_image_size(page, size: int) -> None:
 
 def live_view(browser, home: Path, data_title: str, image_size: int) -> LiveTrace:
     """Fit ``data_title`` at ``image_size`` px from the Refine page; read the live view every SAMPLE_EVERY_S."""
-    with served(home) as server, browser_page(browser) as page:
+    with served(home) as server, browser_page(browser, WAIT_MS) as page:
         open_data_page(page, server.url)
         page.get_by_text(data_title, exact=True).click()
         page.get_by_role("button", name="Use this data set").click()
@@ -281,7 +209,7 @@ def table_run(home: Path, rows: int, seed: int) -> tuple[float, float]:
 def map_render(browser, home: Path, rows: int, repeats: int) -> list[float]:
     """Seconds from clicking "Embeddings" until the map holds ``rows`` points, per visit."""
     times = []
-    with served(home) as server, browser_page(browser) as page:
+    with served(home) as server, browser_page(browser, WAIT_MS) as page:
         open_data_page(page, server.url)
         for visit in range(repeats):
             started = time.perf_counter()
@@ -324,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with timed() as total, tempfile.TemporaryDirectory(prefix="refinery-bench-app-") as scratch, \
             sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        browser = launch_chromium(playwright)
         report.line(f"- streamlit {streamlit.__version__}; chromium {browser.version} (headless, --disable-gpu: "
                     f"WebGL in software); viewport {VIEWPORT['width']}x{VIEWPORT['height']}")
         report.line()

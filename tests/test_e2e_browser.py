@@ -12,27 +12,17 @@ so nothing touches ``~/.refinery``.
 """
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
 
+from bench.studio import CHROMIUM, VIEWPORT, browser_page, launch_chromium, served
+
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(240)]
 
-REPO = Path(__file__).resolve().parents[1]
-SCREENSHOTS = REPO / "docs" / "screenshots"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
-VIEWPORT = {"width": 1400, "height": 900}
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 SERVER_START_S = 60
 PAGE_S = 60_000      # ms: a page's first render (the first one imports torch and the engine)
 FIT_S = 150_000      # ms: the demo fit, about 20 s on 2 idle cores; generous for a busy machine
@@ -46,56 +36,19 @@ expect = playwright_api.expect
 expect.set_options(timeout=PAGE_S)  # every expect() below waits this long unless told otherwise
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        return probe.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as answer:
-            return answer.read().decode().strip() == "ok"
-    except (OSError, urllib.error.URLError):
-        return False
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """``streamlit run app.py`` on a free port with its own REFINERY_HOME; yields the base URL."""
-    home = tmp_path_factory.mktemp("refinery-home")
-    port = _free_port()
-    log_path = home / "server.log"
-    env = {**os.environ, "REFINERY_HOME": str(home), "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-             "--server.headless", "true", "--server.fileWatcherType", "none"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-    url = f"http://localhost:{port}"
-    try:
-        deadline = time.monotonic() + SERVER_START_S
-        while not _healthy(url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the server did not answer on {url}/_stcore/health:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.25)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
-    server_log = log_path.read_text()
+    with served(tmp_path_factory.mktemp("refinery-home"), SERVER_START_S) as running:
+        yield running.url
+    server_log = running.log_path.read_text()
     assert "Traceback" not in server_log, server_log[-3000:]
 
 
 @pytest.fixture(scope="module")
 def browser():
     with playwright_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        launched = launch_chromium(playwright)
         try:
             yield launched
         finally:
@@ -104,12 +57,8 @@ def browser():
 
 @pytest.fixture
 def page(browser):
-    context = browser.new_context(viewport=VIEWPORT)
-    context.set_default_timeout(PAGE_S)
-    try:
-        yield context.new_page()
-    finally:
-        context.close()
+    with browser_page(browser, PAGE_S) as opened:
+        yield opened
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -94,12 +94,15 @@ def image(path: str) -> np.ndarray:
 
 @st.cache_resource
 def _device_probe() -> dict[str, str]:
-    """Start importing torch in the background (about 2 s on 2 cores) and record the device it finds."""
+    """Import the engine (torch included, about 2 s on 2 cores) in the background, so the run pages
+    find it loaded, and record the device torch finds."""
     found: dict[str, str] = {}
 
     def probe() -> None:
         import torch
 
+        import core.engine  # noqa: F401 - warm-up for the run pages
+        import core.project  # noqa: F401
         from core.models.device import resolve_device
 
         if resolve_device("auto").type == "cuda":
