@@ -20,6 +20,7 @@ from core.config import (
     BACKBONES,
     DETECTORS,
     DEVICES,
+    ENCODERS,
     FEATURE_LAYERS,
     LOCALIZATIONS,
     OBJECTIVES,
@@ -54,7 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--backbone", choices=BACKBONES, default=DEFAULTS.backbone,
                      help="ImageNet-pretrained image backbone (default: %(default)s); ignored for tables")
     fit.add_argument("--objective", choices=OBJECTIVES, default=DEFAULTS.objective,
-                     help="representation learning objective; 'none' keeps the pretrained features frozen (default)")
+                     help="representation learning objective; 'none' keeps the pretrained features frozen (default); "
+                     "the others train an encoder self-supervised and, with refinement, retrain it on the kept "
+                     "data after every round (STOC). Tables: none, contrastive, contrastive-imix")
+    fit.add_argument("--encoder", choices=ENCODERS, default=DEFAULTS.encoder,
+                     help="what the objective trains: auto = fine-tune the pretrained backbone for CutPaste, "
+                     "ResNet-18 from scratch for the other image objectives (a small CNN at <= 32 px), "
+                     "an MLP for tables (default: %(default)s)")
+    fit.add_argument("--epochs", type=int, default=DEFAULTS.epochs,
+                     help="training epochs before the first refinement round (default: %(default)s)")
+    fit.add_argument("--retrain-epochs", type=int, default=DEFAULTS.retrain_epochs,
+                     help="fine-tuning epochs on the kept data after each round; 0 = no self-training "
+                     "(default: %(default)s)")
+    fit.add_argument("--learning-rate", type=float, default=DEFAULTS.learning_rate, metavar="LR",
+                     help="peak learning rate of the training loop (default: the loop's own)")
     fit.add_argument("--detector", choices=DETECTORS, default=DEFAULTS.detector,
                      help="one-class detector used in the refinement ensemble and for the final scores; "
                      "auto = gde for images, knn for tables (default: %(default)s)")
@@ -153,7 +167,8 @@ def _fit(args: argparse.Namespace) -> None:
     config = FitConfig(
         backbone=args.backbone, image_size=args.image_size,
         feature_layers=tuple(part.strip() for part in args.feature_layers.split(",") if part.strip()),
-        objective=args.objective, detector=args.detector, refine=args.refine, ensemble=args.ensemble,
+        objective=args.objective, encoder=args.encoder, epochs=args.epochs, retrain_epochs=args.retrain_epochs,
+        learning_rate=args.learning_rate, detector=args.detector, refine=args.refine, ensemble=args.ensemble,
         gamma=args.gamma, rounds=args.rounds, threshold_source=args.threshold_source,
         min_keep_fraction=args.min_keep_fraction, localization=args.localization, device=args.device,
         batch_size=args.batch_size, seed=args.seed, label_column=args.label_column,

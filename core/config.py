@@ -10,7 +10,10 @@ from core.errors import ConfigError
 
 BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 FEATURE_LAYERS = ("stride8", "stride16", "stride32", "head")
-OBJECTIVES = ("none",)
+OBJECTIVES = ("none", "cutpaste", "cutpaste-binary", "cutpaste-scar", "rotation", "contrastive", "contrastive-imix")
+TABLE_OBJECTIVES = ("none", "contrastive", "contrastive-imix")
+ENCODERS = ("auto", "pretrained-finetune", "resnet18", "small-cnn", "mlp")
+SMALL_CNN_MAX_SIDE = 32
 DETECTORS = ("auto", "gde", "kde", "ocsvm", "knn", "iforest", "ecod")
 AUTO_DETECTOR = {"images": "gde", "table": "knn"}
 """What ``detector="auto"`` means per kind of data, chosen by bench/tables.py, bench/mvtec_bottle.py
@@ -35,7 +38,23 @@ class FitConfig:
         Which global-average-pooled stage ends form the image embedding, concatenated:
         ``stride8`` (40 channels on Lite0), ``stride16`` (112), ``stride32`` (320), ``head`` (1280).
     objective : str
-        Representation learning objective; ``none`` uses the frozen pretrained features.
+        Representation learning objective (``OBJECTIVES``): ``none`` uses the frozen pretrained
+        features (images) or the scaled columns (tables); the others train an encoder
+        self-supervised: CutPaste (3-way, binary, scar), rotation prediction, contrastive learning
+        with distribution augmentation (optionally with i-Mix). Tables allow ``TABLE_OBJECTIVES``.
+    encoder : str
+        What the objective trains (``ENCODERS``): ``auto`` fine-tunes the pretrained backbone for
+        CutPaste (ImageNet features transfer best, as in the CutPaste paper), trains a ResNet-18
+        from scratch for the other image objectives (a small CNN at 32 px and below) and an MLP
+        for tables. Ignored when ``objective`` is ``none``.
+    epochs : int
+        Training epochs on all the data before the first refinement round.
+    retrain_epochs : int
+        Epochs of fine-tuning on the kept data after each refinement round (STOC self-training);
+        0 keeps the first representation throughout.
+    learning_rate : float or None
+        Peak learning rate of the training loop; None uses the loop's default
+        (:class:`core.train.TrainConfig`).
     detector : str
         One-class detector for refinement and final scoring (``DETECTORS``); ``auto`` picks GDE
         for images and kNN distance for tables (``AUTO_DETECTOR``), resolved by :meth:`for_data`.
@@ -71,6 +90,10 @@ class FitConfig:
     image_size: int = 224
     feature_layers: tuple[str, ...] = ("stride16", "stride32")
     objective: str = "none"
+    encoder: str = "auto"
+    epochs: int = 20
+    retrain_epochs: int = 5
+    learning_rate: float | None = None
     detector: str = "auto"
     refine: bool = True
     ensemble: int = 5
@@ -88,6 +111,11 @@ class FitConfig:
         """Return self, or raise ConfigError naming the bad value and the allowed ones."""
         _choice("backbone", self.backbone, BACKBONES)
         _choice("objective", self.objective, OBJECTIVES)
+        _choice("encoder", self.encoder, ENCODERS)
+        if self.epochs < 1 or self.retrain_epochs < 0:
+            raise ConfigError(f"epochs must be >= 1 and retrain_epochs >= 0, got {self.epochs} and {self.retrain_epochs}")
+        if self.learning_rate is not None and not 0.0 < self.learning_rate < 10.0:
+            raise ConfigError(f"learning_rate must be in (0, 10) or None for the default, got {self.learning_rate}")
         _choice("detector", self.detector, DETECTORS)
         _choice("threshold_source", self.threshold_source, THRESHOLD_SOURCES)
         _choice("device", self.device, DEVICES)
@@ -116,10 +144,20 @@ class FitConfig:
         return self
 
     def for_data(self, kind: str) -> "FitConfig":
-        """This config with ``detector="auto"`` resolved for ``kind`` (``images`` or ``table``)."""
-        if self.detector != "auto":
-            return self
-        return replace(self, detector=AUTO_DETECTOR[kind])
+        """This config with ``detector`` and ``encoder`` ``auto`` resolved for ``kind`` (``images`` or ``table``).
+
+        Raises ConfigError when the objective or encoder does not apply to that kind of data.
+        """
+        config = self if self.detector != "auto" else replace(self, detector=AUTO_DETECTOR[kind])
+        if config.objective == "none":
+            return config
+        if kind == "table" and config.objective not in TABLE_OBJECTIVES:
+            raise ConfigError(f"objective {config.objective!r} is for images; tables allow {', '.join(TABLE_OBJECTIVES)}")
+        if config.encoder == "auto":
+            config = replace(config, encoder=_auto_encoder(kind, config.objective, config.image_size))
+        if (kind == "table") != (config.encoder == "mlp"):
+            raise ConfigError(f"encoder {config.encoder!r} does not fit {kind} data; use 'auto'")
+        return config
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -147,6 +185,14 @@ class FitConfig:
 
     def with_changes(self, **changes: Any) -> "FitConfig":
         return replace(self, **changes).validate()
+
+
+def _auto_encoder(kind: str, objective: str, image_size: int) -> str:
+    if kind == "table":
+        return "mlp"
+    if objective.startswith("cutpaste"):
+        return "pretrained-finetune"
+    return "small-cnn" if image_size <= SMALL_CNN_MAX_SIDE else "resnet18"
 
 
 def parse_gamma(text: str) -> float | str:
