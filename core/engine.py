@@ -254,9 +254,15 @@ def _fit(dataset, config, pinned, out_dir, staging, run_id, registry, on_round, 
     timings: dict[str, float] = {}
     started = time.perf_counter()
     unlabeled = dataset.without_labels()
-    encoder = make_encoder(config, dataset).fit(unlabeled)
-    embeddings = _embed(encoder, unlabeled, on_progress, cancel)
+    encoder = make_encoder(config, dataset)
+    if config.objective == "none":
+        encoder.fit(unlabeled)
+        embeddings = _embed(encoder, unlabeled, on_progress, cancel)
+    else:
+        encoder.fit(unlabeled, on_progress=on_progress, cancel=cancel)
+        embeddings = _checked(encoder.embed_training_data(on_progress, cancel))
     timings["embed_s"] = time.perf_counter() - started
+    retrain = _self_training(encoder, config, staging, on_progress, cancel)
 
     started = time.perf_counter()
 
@@ -270,8 +276,8 @@ def _fit(dataset, config, pinned, out_dir, staging, run_id, registry, on_round, 
             on_round(record)
 
     model = refine_and_fit(
-        embeddings, config, labels=dataset.labels, pinned=pinned, on_round=record_round, on_progress=on_progress,
-        cancel=cancel,
+        embeddings, config, labels=dataset.labels, pinned=pinned, retrain=retrain, on_round=record_round,
+        on_progress=on_progress, cancel=cancel,
     )
     timings["refine_and_detector_s"] = time.perf_counter() - started
     scores = Scores(dataset.ids, model.train_score, model.train_score > model.threshold, model.threshold, dataset.labels)
@@ -285,8 +291,23 @@ def _fit(dataset, config, pinned, out_dir, staging, run_id, registry, on_round, 
         run_dir=out_dir, run_id=run_id, config=config, rounds=model.rounds, kept=model.kept,
         contamination=model.contamination, scores=scores, timings=timings,
     )
-    _save_run(staging, result, dataset, encoder, embeddings, pinned)
+    _save_run(staging, result, dataset, encoder, model.embeddings, pinned,
+              model.round_embeddings if retrain is not None else [])
     return result
+
+
+def _self_training(encoder, config, staging, on_progress, cancel) -> Callable[[np.ndarray], np.ndarray] | None:
+    """STOC's retrain step for refinement: fine-tune on the kept samples, save the round's weights,
+    re-embed everything. None when the representation is frozen or self-training is off."""
+    if config.objective == "none" or not config.refine or config.retrain_epochs == 0:
+        return None
+
+    def retrain(kept: np.ndarray) -> np.ndarray:
+        encoder.retrain(kept, on_progress=on_progress, cancel=cancel)
+        encoder.save(staging, suffix=f"_round_{encoder.rounds_trained}")
+        return _checked(encoder.embed_training_data(on_progress, cancel))
+
+    return retrain
 
 
 def _fit_localizer(dataset, config, kept, on_progress, cancel) -> PatchLocalizer:
@@ -309,6 +330,10 @@ class RefinedModel:
     detector: object
     train_score: np.ndarray
     threshold: float
+    embeddings: np.ndarray
+    """(N, D) embeddings the final detector scores: the last representation when it was retrained."""
+    round_embeddings: list[np.ndarray]
+    """The embeddings each refinement round worked on (round 1 first)."""
 
 
 def refine_and_fit(
@@ -317,6 +342,7 @@ def refine_and_fit(
     *,
     labels: np.ndarray | None = None,
     pinned: np.ndarray | None = None,
+    retrain: Callable[[np.ndarray], np.ndarray] | None = None,
     on_round: Callable[[RefinementRound], None] | None = None,
     on_progress: ProgressCallback = ignore_progress,
     cancel: CancelToken | None = None,
@@ -325,7 +351,9 @@ def refine_and_fit(
 
     This is the whole fit after encoding; benchmarks call it directly so that they measure exactly
     what ``refinery fit`` does. ``labels`` only feed the rounds' precision/recall fields;
-    ``pinned`` carries an expert's verdicts (:func:`pinned_from_verdicts`).
+    ``pinned`` carries an expert's verdicts (:func:`pinned_from_verdicts`). ``retrain`` (STOC
+    self-training) receives the kept mask after every round, returns new embeddings of all samples,
+    and runs once more after the last round so that the final detector sees the last representation.
     ``config.detector`` must be concrete: resolve ``auto`` with :meth:`FitConfig.for_data` first.
     """
     if config.detector == "auto":
@@ -334,22 +362,31 @@ def refine_and_fit(
     rounds: list[RefinementRound] = []
     pinned = check_pinned(pinned, len(embeddings))
     kept = pinned != 1
+    round_embeddings = [embeddings]
     if config.refine and config.rounds > 0:
+
+        def retrain_and_record(kept_now: np.ndarray) -> np.ndarray:
+            round_embeddings.append(retrain(kept_now))
+            return round_embeddings[-1]
+
         refinement = iter_refine(
             embeddings, factory, ensemble=config.ensemble, gamma=config.gamma, rounds=config.rounds,
             threshold_source=config.threshold_source, min_keep_fraction=config.min_keep_fraction,
-            seed=config.seed, labels=labels, pinned=pinned, on_progress=on_progress, cancel=cancel,
+            seed=config.seed, labels=labels, pinned=pinned, retrain=retrain and retrain_and_record,
+            on_progress=on_progress, cancel=cancel,
         )
         for record in refinement:
             rounds.append(record)
             kept = record.kept
             if on_round is not None:
                 on_round(record)
-    contamination = _contamination(config, embeddings, factory, rounds)
-    detector = factory().fit(embeddings[kept])
-    train_score = -detector.score_samples(embeddings).astype(np.float64)
+    worked_on = round_embeddings[: len(rounds)] if rounds else []
+    final = retrain(kept) if retrain is not None and rounds else round_embeddings[-1]
+    contamination = _contamination(config, final, factory, rounds)
+    detector = factory().fit(final[kept])
+    train_score = -detector.score_samples(final).astype(np.float64)
     threshold = float(np.quantile(train_score, 1.0 - contamination))
-    return RefinedModel(rounds, kept, contamination, detector, train_score, threshold)
+    return RefinedModel(rounds, kept, contamination, detector, train_score, threshold, final, worked_on)
 
 
 def _check_trainable(dataset: Dataset, config: FitConfig) -> None:
@@ -363,7 +400,10 @@ def _check_trainable(dataset: Dataset, config: FitConfig) -> None:
 
 
 def _embed(encoder: Encoder, dataset: Dataset, on_progress, cancel) -> np.ndarray:
-    embeddings = encoder.embed(dataset, on_progress=on_progress, cancel=cancel)
+    return _checked(encoder.embed(dataset, on_progress=on_progress, cancel=cancel))
+
+
+def _checked(embeddings: np.ndarray) -> np.ndarray:
     if not np.all(np.isfinite(embeddings)):
         raise DataError("the representation produced NaN or infinite values; check the input data")
     return embeddings
@@ -383,8 +423,11 @@ def _contamination(config, embeddings, factory, rounds) -> float:
 
 
 def _save_run(
-    directory: Path, result: FitResult, dataset: Dataset, encoder: Encoder, embeddings: np.ndarray, pinned: np.ndarray
+    directory: Path, result: FitResult, dataset: Dataset, encoder: Encoder, embeddings: np.ndarray, pinned: np.ndarray,
+    round_embeddings: list[np.ndarray],
 ) -> None:
+    """Write the run's artifacts; ``round_embeddings`` (self-training only) are the representation
+    each round worked on, saved as ``round_<r>`` beside the final ``train`` embeddings."""
     result.config.save(directory / "config.json")
     save_encoder(encoder, directory)
     write_json(directory / "run.json", {
@@ -406,6 +449,7 @@ def _save_run(
         "kept": result.kept.astype(np.uint8),
         "train_anomaly_score": result.scores.anomaly_score,
         "pinned": pinned,
+        **{f"round_{number}": rows.astype(np.float32) for number, rows in enumerate(round_embeddings, start=1)},
     })
     write_json(directory / "refinement.json", [
         {
@@ -542,6 +586,9 @@ class FittedRun:
         """Top deviating features of table rows (all rows, or those with ``ids``), most anomalous first."""
         if self.info["kind"] != "table" or dataset.kind != "table":
             raise DataError("feature explanations are for tables; for images use localization maps")
+        if self.config.objective != "none":
+            raise RunError("feature explanations need a run on the columns themselves (objective 'none'); "
+                           "this run scores a learned representation")
         if ids is not None:
             position = {sample_id: index for index, sample_id in enumerate(dataset.ids)}
             unknown = [i for i in ids if i not in position]

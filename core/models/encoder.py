@@ -28,7 +28,11 @@ class Encoder(Protocol):
 
 
 def make_encoder(config: FitConfig, dataset: Dataset) -> Encoder:
-    """The unfitted encoder the config asks for, for this kind of data."""
+    """The unfitted encoder the config asks for, for this kind of data (``config`` resolved by ``for_data``)."""
+    if config.objective != "none":
+        from core.models.ssl_encoder import SelfSupervisedEncoder
+
+        return SelfSupervisedEncoder(config, dataset.kind)
     if dataset.kind == IMAGES:
         from core.models.image_encoder import ImageEncoder
 
@@ -46,6 +50,10 @@ def save_encoder(encoder: Encoder, directory: Path) -> None:
 
 def load_encoder(config: FitConfig, kind: str, directory: Path) -> Encoder:
     """Rebuild the encoder of a saved run."""
+    if config.objective != "none":
+        from core.models.ssl_encoder import SelfSupervisedEncoder
+
+        return SelfSupervisedEncoder.load(config, kind, directory)
     if kind == IMAGES:
         from core.models.image_encoder import ImageEncoder
 
