@@ -2,7 +2,17 @@
 import streamlit as st
 
 from core import engine
-from core.config import BACKBONES, DETECTORS, DEVICES, LOCALIZATIONS, THRESHOLD_SOURCES, parse_gamma
+from core.config import (
+    BACKBONES,
+    DETECTORS,
+    DEVICES,
+    ENCODERS,
+    LOCALIZATIONS,
+    OBJECTIVES,
+    TABLE_OBJECTIVES,
+    THRESHOLD_SOURCES,
+    parse_gamma,
+)
 from pages.components import runs, services, state, widgets
 from pages.components.rounds import show_rounds
 
@@ -33,13 +43,27 @@ def method_form(dataset, label_column: str | None, job_running: bool):
             image_size = middle.select_slider("Image size (px)", [32, 64, 96, 128, 160, 192, 224, 256, 320],
                                               suggested.image_size, key="image_size")
             localization = right.selectbox("Localization maps", LOCALIZATIONS, key="localization")
+        st.markdown("**Representation**")
+        left, middle, right = st.columns(3)
+        objective = left.selectbox(
+            "Self-supervised objective", OBJECTIVES if images else TABLE_OBJECTIVES, key="objective",
+            help="'none' uses the pretrained features (images) or the scaled columns (tables); the others train "
+                 "an encoder on this data and, when refining, retrain it on the kept samples after every round.",
+        )
+        encoder = left.selectbox("Encoder trained", ENCODERS, key="encoder",
+                                 help="auto: fine-tune the pretrained backbone for CutPaste, ResNet-18 for the other "
+                                      "image objectives (a small CNN at 32 px), an MLP for tables.")
+        epochs = middle.number_input("Training epochs", 1, 500, suggested.epochs, key="epochs")
+        retrain_epochs = right.number_input("Retraining epochs per round", 0, 200, suggested.retrain_epochs,
+                                            key="retrain_epochs", help="0 keeps the first representation.")
         label = "Start refinement" if not job_running else "A job is running; this one would wait in the queue"
         if not st.form_submit_button(label, type="primary", disabled=job_running):
             return None
     return suggested.with_changes(
         detector=detector, refine=refine, ensemble=int(ensemble), gamma=parse_gamma(gamma), rounds=int(rounds),
         threshold_source=threshold_source, seed=int(seed), device=device, backbone=backbone,
-        image_size=int(image_size), localization=localization, label_column=label_column,
+        image_size=int(image_size), localization=localization, label_column=label_column, objective=objective,
+        encoder=encoder, epochs=int(epochs), retrain_epochs=int(retrain_epochs),
     ).validate()
 
 
