@@ -19,3 +19,7 @@ class RunError(RefineryError):
 
 class Cancelled(RefineryError):
     """Long work was stopped through its cancel token."""
+
+
+class TrainingError(RefineryError):
+    """Representation training diverged (a non-finite loss); the message names where and what to change."""
