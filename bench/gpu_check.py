@@ -10,7 +10,10 @@ Run on a machine with a CUDA GPU: ``python bench/gpu_check.py [--out bench/resul
 2. embedding throughput (``ImageEncoder.embed``: read, decode, forward, pool) at 224 px on the
    demo files repeated to 3,000 images, per batch size, GPU vs CPU, and the peak GPU memory;
 3. anomaly maps (patch localizer) and Grad-CAM maps per second on each device;
-4. the CUDA-marked tests (``pytest -m gpu``) are run separately by the caller.
+4. self-supervised training on CUDA with bf16 AMP, for every image objective with its ``auto``
+   encoder at ``TRAIN_IMAGE_SIZE`` px: training images/s, peak GPU memory, and the mean loss of
+   the first and the last epoch (it must fall);
+5. the CUDA-marked tests (``pytest -m gpu``) are run separately by the caller.
 """
 from __future__ import annotations
 
@@ -36,6 +39,10 @@ IMAGE_SIZE = 224
 THROUGHPUT_IMAGES = 3_000
 BATCH_SIZES = (32, 128)
 MAP_IMAGES = 64
+TRAIN_IMAGE_SIZE = 64
+TRAIN_IMAGES = 4_096
+TRAIN_EPOCHS = 8
+TRAIN_BATCH = 128
 
 
 def repeated(dataset: Dataset, n: int) -> Dataset:
@@ -84,6 +91,36 @@ def map_rates(run_dir: Path, dataset: Dataset) -> tuple[float, float]:
     return rates[0], rates[1]
 
 
+def training_rows(dataset: Dataset) -> list[list[object]]:
+    """One row per image objective: training throughput, peak memory and loss trend on CUDA."""
+    import torch
+
+    from core.config import OBJECTIVES
+    from core.data import read_rgb
+    from core.models.backbones import make_backbone
+    from core.models.objectives import make_objective
+    from core.train import TrainConfig, train
+
+    images = np.stack([read_rgb(path, TRAIN_IMAGE_SIZE) for path in dataset.paths])
+    images = images[np.arange(TRAIN_IMAGES) % len(images)]
+    rows = []
+    for objective_name in OBJECTIVES[1:]:
+        config = FitConfig(objective=objective_name, image_size=TRAIN_IMAGE_SIZE).for_data("images")
+        name = f"{config.backbone}-finetune" if config.encoder == "pretrained-finetune" else config.encoder
+        torch.manual_seed(0)
+        encoder = make_backbone(name, image_size=TRAIN_IMAGE_SIZE).cuda()
+        objective = make_objective(objective_name, encoder.embedding_dim, "images").cuda()
+        torch.cuda.reset_peak_memory_stats()
+        train_config = TrainConfig(epochs=TRAIN_EPOCHS, batch_size=TRAIN_BATCH, device="cuda",
+                                   learning_rate=0.01 if config.encoder == "pretrained-finetune" else 0.03)
+        result = train(encoder, objective, images, train_config)
+        steps = TRAIN_EPOCHS * (TRAIN_IMAGES // TRAIN_BATCH)
+        rows.append([objective_name, name, steps, f"{TRAIN_EPOCHS * TRAIN_IMAGES / result.seconds:.0f}",
+                     f"{torch.cuda.max_memory_allocated() / 2**20:.0f}", result.losses[0], result.losses[-1],
+                     "yes" if result.losses[-1] < result.losses[0] else "NO"])
+    return rows
+
+
 def main() -> None:
     import torch
 
@@ -127,6 +164,10 @@ def main() -> None:
             rows.append([device, f"{maps:.1f}", f"{cams:.1f}"])
         report.table(["device", "anomaly maps / s", "Grad-CAM maps / s"], rows,
                      title=f"3. Maps for {MAP_IMAGES} images at {IMAGE_SIZE} px")
+    report.table(["objective", "encoder", "steps", "train images/s", "peak GPU MiB", "loss epoch 1", "loss last", "falls"],
+                 training_rows(dataset),
+                 title=f"4. Self-supervised training on CUDA, bf16 AMP, {TRAIN_IMAGE_SIZE} px, {TRAIN_IMAGES} images x "
+                       f"{TRAIN_EPOCHS} epochs, batch {TRAIN_BATCH}")
     machine_footer(report, time.perf_counter() - started)
 
 

@@ -19,7 +19,7 @@ AUTO_DETECTOR = {"images": "gde", "table": "knn"}
 """What ``detector="auto"`` means per kind of data, chosen by bench/tables.py, bench/mvtec_bottle.py
 and bench/fashion_mnist.py (docs/benchmarks.md)."""
 THRESHOLD_SOURCES = ("held_out", "in_sample")
-LOCALIZATIONS = ("memory", "gaussian", "none")
+LOCALIZATIONS = ("memory", "gaussian", "cutpaste", "none")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -75,7 +75,9 @@ class FitConfig:
     localization : str
         Patch model for image anomaly maps, fitted on the kept training images: ``memory``
         (nearest-neighbour distance to a coreset of normal patches; any layout), ``gaussian`` (one
-        Gaussian per location; aligned objects) or ``none`` (no maps). Ignored for tables.
+        Gaussian per location; aligned objects), ``cutpaste`` (a CutPaste patch model trained on
+        the kept images, dense Mahalanobis scores at stride 4, receptive-field upsampling; see
+        :mod:`core.explain.cutpaste_patch`) or ``none`` (no maps). Ignored for tables.
     device : str
         ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     batch_size : int

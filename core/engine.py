@@ -25,6 +25,7 @@ from core.errors import ConfigError, DataError, RunError
 from core.jobs import JobContext
 from core.explain.attribution import RowExplanation, explain_table_rows
 from core.explain.gradcam import ScoreExplainer
+from core.explain.cutpaste_patch import CutPastePatchLocalizer
 from core.explain.patch import PatchLocalizer
 from core.metrics import DetectionMetrics, detection_metrics
 from core.models.encoder import Encoder, load_encoder, make_encoder, save_encoder
@@ -310,13 +311,16 @@ def _self_training(encoder, config, staging, on_progress, cancel) -> Callable[[n
     return retrain
 
 
-def _fit_localizer(dataset, config, kept, on_progress, cancel) -> PatchLocalizer:
+def _fit_localizer(dataset, config, kept, on_progress, cancel):
     """The patch model for anomaly maps, fitted on the kept training images only."""
     kept_paths = [path for path, keep in zip(dataset.paths, kept) if keep]
-    localizer = PatchLocalizer(
-        config.localization, image_size=config.image_size, backbone=config.backbone, device=config.device,
-        seed=config.seed,
-    )
+    if config.localization == "cutpaste":
+        localizer = CutPastePatchLocalizer(device=config.device, seed=config.seed)
+    else:
+        localizer = PatchLocalizer(
+            config.localization, image_size=config.image_size, backbone=config.backbone, device=config.device,
+            seed=config.seed,
+        )
     return localizer.fit(kept_paths, on_progress=on_progress, cancel=cancel)
 
 
@@ -502,10 +506,10 @@ class FittedRun:
             raise RunError(f"{self.run_dir} does not reproduce its saved scores: the run is damaged or was tampered with")
         self.encoder = load_encoder(self.config, self.info["kind"], self.run_dir)
         self.threshold = float(self.info["threshold"])
-        self.localizer = (
-            PatchLocalizer.load(self.run_dir, device=self.config.device)
-            if self.info["kind"] == IMAGES and self.config.localization != "none" else None
-        )
+        self.localizer = None
+        if self.info["kind"] == IMAGES and self.config.localization != "none":
+            localizer_class = CutPastePatchLocalizer if self.config.localization == "cutpaste" else PatchLocalizer
+            self.localizer = localizer_class.load(self.run_dir, device=self.config.device)
 
     def score(
         self, dataset: Dataset, on_progress: ProgressCallback = ignore_progress, cancel: CancelToken | None = None

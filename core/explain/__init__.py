@@ -6,12 +6,14 @@ from core.explain.attribution import (
     feature_contributions,
     top_deviating_features,
 )
+from core.explain.cutpaste_patch import CutPastePatchLocalizer
 from core.explain.gradcam import MahalanobisTarget, ScoreExplainer, find_target_layer
 from core.explain.patch import PatchLocalizer, image_scores_from_maps
 from core.explain.render import colorize, mask_contour, overlay, threshold_map
 from core.explain.smoothing import gaussian_blur, upsample_and_smooth
 
 __all__ = [
+    "CutPastePatchLocalizer",
     "FeatureAttribution",
     "MahalanobisTarget",
     "PatchLocalizer",
