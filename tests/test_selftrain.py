@@ -86,3 +86,19 @@ def test_image_objectives_are_refused_for_tables(tmp_path):
         FitConfig(objective="rotation").validate().for_data("table")
     with pytest.raises(ConfigError, match="does not fit"):
         FitConfig(objective="contrastive", encoder="resnet18").validate().for_data("table")
+
+
+def test_table_embeddings_keep_outliers_apart(tmp_path):
+    """Far-out rows must stay far out in the learned table representation (no L2 normalisation)."""
+    import pandas as pd
+
+    from core.data.tables import table_dataset
+
+    rng = np.random.default_rng(0)
+    normal = rng.normal(size=(380, 8))
+    outliers = rng.normal(size=(20, 8)) * 6.0
+    labels = np.r_[np.zeros(380), np.ones(20)].astype(np.int8)
+    table = table_dataset(pd.DataFrame(np.vstack([normal, outliers]).astype(np.float32)), tmp_path / "t.csv", labels)
+    config = FitConfig(objective="contrastive", epochs=10, retrain_epochs=2, rounds=1)
+    result = engine.fit(table, config, tmp_path / "run", registry=Registry(tmp_path / "registry.sqlite"))
+    assert result.metrics.auroc > 0.9
