@@ -202,6 +202,23 @@ def test_refine_cancel_stops_the_job_and_saves_nothing(home, runner):
     assert all(record.status == "failed" and "cancel" in record.message for record in records)
 
 
+def test_refine_trains_a_self_supervised_encoder_with_self_training(home, runner):
+    at = studio("refine")
+    at.selectbox(key="objective").set_value("contrastive")
+    at.number_input(key="epochs").set_value(1)
+    at.number_input(key="retrain_epochs").set_value(1)
+    at.number_input(key="rounds").set_value(2)
+    at.select_slider(key="image_size").set_value(32)
+    at.selectbox(key="localization").set_value("none")
+    at.form_submit_button[0].click().run()
+    wait_for_job(at, runner)
+    assert_clean(at)
+    assert at.success and at.success[0].value.startswith("Finished")
+    saved = SavedRun(at.query_params["run"])
+    assert (saved.config.objective, saved.config.encoder, saved.config.retrain_epochs) == ("contrastive", "small-cnn", 1)
+    assert (saved.run_dir / "ssl_encoder_round_1.safetensors").is_file()
+
+
 def test_refine_rejects_a_gamma_that_is_not_a_number(home, runner):
     at = studio("refine")
     at.text_input(key="gamma").set_value("abc")

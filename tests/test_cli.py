@@ -85,6 +85,23 @@ def test_fit_and_score_images_end_to_end(tmp_path, capsys):
         assert cam.dtype == np.float32 and cam.shape == (height, width) and np.isfinite(cam).all()
 
 
+def test_self_supervised_fit_and_score_a_table(tmp_path, capsys):
+    table = write_digits_table(tmp_path / "digits.csv")
+    run = tmp_path / "run"
+    argv = ["fit", str(table), "--out", str(run), "--label-column", "label", "--objective", "contrastive-imix",
+            "--epochs", "3", "--retrain-epochs", "1", "--rounds", "2"]
+    assert main(argv) == 0
+    assert "run saved" in capsys.readouterr().out
+    assert (run / "ssl_encoder.safetensors").is_file() and (run / "ssl_encoder_round_1.safetensors").is_file()
+    assert main(["score", str(run), str(table), "--out", str(tmp_path / "scores.csv")]) == 0
+    assert len(pd.read_csv(tmp_path / "scores.csv")) == len(pd.read_csv(table))
+
+
+def test_an_image_objective_on_a_table_fails_cleanly(tmp_path, capsys):
+    table = write_digits_table(tmp_path / "digits.csv")
+    fails_cleanly(capsys, ["fit", str(table), "--out", str(tmp_path / "r"), "--objective", "cutpaste"], "tables allow")
+
+
 def test_console_script_runs_and_exit_codes(tmp_path):
     table = write_digits_table(tmp_path / "digits.csv", n_normal=40, n_anomalous=4)
     env = {**os.environ, "REFINERY_HOME": str(tmp_path / "home")}
@@ -103,7 +120,8 @@ def test_help_explains_every_option(capsys):
         main(["fit", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--out", "--backbone", "--objective", "--detector", "--refine", "--no-refine", "--ensemble",
+    for option in ("--out", "--backbone", "--objective", "--encoder", "--epochs", "--retrain-epochs",
+                   "--learning-rate", "--detector", "--refine", "--no-refine", "--ensemble",
                    "--gamma", "--rounds", "--device", "--seed", "--label-column"):
         assert option in text
 
