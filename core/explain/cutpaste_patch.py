@@ -59,7 +59,7 @@ from core.config import DEVICES
 from core.data.images import image_shape, read_rgb
 from core.detectors.gde import SHRINKAGE_METHODS, GaussianDensity
 from core.errors import ConfigError, DataError, RunError
-from core.explain.smoothing import resize_map
+from core.explain.localizer import MapLocalizer
 from core.models.backbones import IMAGE_SIZE_LIMITS, load_state, make_backbone, save_state
 from core.models.device import resolve_device
 from core.models.objectives import make_objective
@@ -76,7 +76,6 @@ STATE_FORMAT = 1
 _STATE_FILE = "cutpaste_patch.json"
 _ENCODER_FILE = "cutpaste_patch_encoder.safetensors"
 _GAUSSIAN_FILE = "cutpaste_patch_gaussian.safetensors"
-_DISPLAY_SAMPLE = 16384
 _MAX_IMAGE_SIZE = 1024
 
 
@@ -167,7 +166,7 @@ class RandomPatchObjective(nn.Module):
 
 # ----------------------------------------------------------------------------- the localizer
 
-class CutPastePatchLocalizer:
+class CutPastePatchLocalizer(MapLocalizer):
     """Defect localization maps from a CutPaste-trained patch encoder and a Gaussian of normal patches.
 
     Parameters
@@ -459,64 +458,7 @@ class CutPastePatchLocalizer:
         self.n_features_ = int(embeddings.shape[1])
         self.n_fit_patches_ = int(embeddings.shape[0])
 
-    def _display_scale(self, paths, rng, on_progress, cancel) -> float:
-        samples = []
-        for _, maps in self._map_batches(paths, "display_scale", on_progress, cancel):
-            for anomaly_map in maps.cpu().numpy():
-                values = anomaly_map.ravel()
-                if values.size > _DISPLAY_SAMPLE:
-                    values = values[rng.choice(values.size, _DISPLAY_SAMPLE, replace=False)]
-                samples.append(values)
-        scale = float(np.quantile(np.concatenate(samples), self.display_quantile))
-        return scale if scale > 0 and np.isfinite(scale) else 1.0
-
     # ------------------------------------------------------------------ maps
-
-    def iter_anomaly_maps(
-        self,
-        paths: Sequence[Path | str],
-        output_size: int | tuple[int, int] | None = None,
-        on_progress: ProgressCallback = ignore_progress,
-        cancel: CancelToken | None = None,
-    ) -> Iterator[np.ndarray]:
-        """Yield one anomaly map per image, in order, holding one batch at a time.
-
-        Parameters
-        ----------
-        paths : sequence of image paths
-        output_size : None, int or (height, width)
-            None (default): each map has its input image's own height and width. An int ``S``
-            gives ``(S, S)`` maps; a pair gives that size.
-        on_progress, cancel
-            ``ProgressEvent("maps", images_done, images_total)`` per batch; cancel checked between
-            batches of patches.
-
-        Yields
-        ------
-        (H, W) float32 array, finite and >= 0; higher = more anomalous, unnormalised.
-        """
-        self._check_fitted()
-        if isinstance(output_size, int):
-            output_size = (output_size, output_size)
-        for sizes, maps in self._map_batches([Path(p) for p in paths], "maps", on_progress, cancel):
-            for anomaly_map, size in zip(maps, sizes):
-                height, width = output_size or size
-                yield resize_map(anomaly_map, height, width)
-
-    def anomaly_maps(
-        self,
-        paths: Sequence[Path | str],
-        output_size: int | tuple[int, int] | None = None,
-        on_progress: ProgressCallback = ignore_progress,
-        cancel: CancelToken | None = None,
-    ) -> list[np.ndarray]:
-        """Anomaly maps of ``paths`` as a list of ``(H, W) float32`` arrays (see :meth:`iter_anomaly_maps`)."""
-        return list(self.iter_anomaly_maps(paths, output_size, on_progress, cancel))
-
-    def normalize(self, anomaly_map: np.ndarray) -> np.ndarray:
-        """``anomaly_map / display_scale_``: 1.0 is the ``display_quantile`` of held-out normal pixels."""
-        self._check_fitted()
-        return (np.asarray(anomaly_map, dtype=np.float32) / np.float32(self.display_scale_)).astype(np.float32)
 
     def _map_batches(
         self, paths: list[Path], stage: str, on_progress: ProgressCallback, cancel: CancelToken | None

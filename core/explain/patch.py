@@ -58,7 +58,8 @@ from sklearn.exceptions import NotFittedError
 from core.config import BACKBONES, DEVICES
 from core.data.images import image_shape, read_rgb
 from core.errors import ConfigError, DataError, RunError
-from core.explain.smoothing import DEFAULT_SIGMA, resize_map, upsample_and_smooth
+from core.explain.localizer import MapLocalizer
+from core.explain.smoothing import DEFAULT_SIGMA, upsample_and_smooth
 from core.models.device import resolve_device
 from core.models.efficientnet import load_backbone, normalize_images
 from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
@@ -74,7 +75,6 @@ _ARRAYS_FILE = "patch_localizer.safetensors"
 _STATE_FILE = "patch_localizer.json"
 _QUERY_CHUNK = 4096
 _MEMORY_CHUNK = 8192
-_DISPLAY_SAMPLE = 16384
 _CANDIDATES = 16
 
 
@@ -263,7 +263,7 @@ def greedy_coreset(
 
 # ----------------------------------------------------------------------------- the localizer
 
-class PatchLocalizer:
+class PatchLocalizer(MapLocalizer):
     """Defect localization maps from a patch-level one-class model on pretrained features.
 
     Parameters
@@ -488,64 +488,14 @@ class PatchLocalizer:
         self.n_features_ = int(pool.shape[1])
         log.info("memory bank: %d of %d candidate patches (%d per image)", size, len(pool), per_image)
 
-    def _display_scale(self, paths, rng, on_progress, cancel) -> float:
-        samples = []
-        for _, features in self._feature_batches(paths, "display_scale", on_progress, cancel):
-            for anomaly_map in self._working_maps(features).cpu().numpy():
-                values = anomaly_map.ravel()
-                if values.size > _DISPLAY_SAMPLE:
-                    values = values[rng.choice(values.size, _DISPLAY_SAMPLE, replace=False)]
-                samples.append(values)
-        scale = float(np.quantile(np.concatenate(samples), self.display_quantile))
-        return scale if scale > 0 and np.isfinite(scale) else 1.0
-
     # ------------------------------------------------------------------ maps
 
-    def iter_anomaly_maps(
-        self,
-        paths: Sequence[Path | str],
-        output_size: int | tuple[int, int] | None = None,
-        on_progress: ProgressCallback = ignore_progress,
-        cancel: CancelToken | None = None,
-    ) -> Iterator[np.ndarray]:
-        """Yield one anomaly map per image, in order, holding one batch at a time.
-
-        Parameters
-        ----------
-        paths : sequence of image paths
-        output_size : None, int or (height, width)
-            None (default): each map has its input image's own height and width (read from the
-            file). An int ``S`` gives ``(S, S)`` maps; a pair gives that size.
-        on_progress, cancel
-            ``ProgressEvent("maps", images_done, images_total)`` per batch; cancel checked between batches.
-
-        Yields
-        ------
-        (H, W) float32 array, finite and >= 0; higher = more anomalous, unnormalised.
-        """
-        self._check_fitted()
-        if isinstance(output_size, int):
-            output_size = (output_size, output_size)
-        for sizes, features in self._feature_batches([Path(p) for p in paths], "maps", on_progress, cancel):
-            maps = self._working_maps(features)
-            for anomaly_map, size in zip(maps, sizes):
-                height, width = output_size or size
-                yield resize_map(anomaly_map, height, width)
-
-    def anomaly_maps(
-        self,
-        paths: Sequence[Path | str],
-        output_size: int | tuple[int, int] | None = None,
-        on_progress: ProgressCallback = ignore_progress,
-        cancel: CancelToken | None = None,
-    ) -> list[np.ndarray]:
-        """Anomaly maps of ``paths`` as a list of ``(H, W) float32`` arrays (see :meth:`iter_anomaly_maps`)."""
-        return list(self.iter_anomaly_maps(paths, output_size, on_progress, cancel))
-
-    def normalize(self, anomaly_map: np.ndarray) -> np.ndarray:
-        """``anomaly_map / display_scale_``: 1.0 is the 99th percentile of held-out normal pixels."""
-        self._check_fitted()
-        return (np.asarray(anomaly_map, dtype=np.float32) / np.float32(self.display_scale_)).astype(np.float32)
+    def _map_batches(
+        self, paths: list[Path], stage: str, on_progress: ProgressCallback, cancel: CancelToken | None
+    ) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor]]:
+        """Yield ``(original (H, W) sizes, (B, image_size, image_size) maps)`` per batch of images."""
+        for sizes, features in self._feature_batches(paths, stage, on_progress, cancel):
+            yield sizes, self._working_maps(features)
 
     @torch.inference_mode()
     def _working_maps(self, features: torch.Tensor) -> torch.Tensor:

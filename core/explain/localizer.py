@@ -1,0 +1,82 @@
+"""What every patch-level localizer shares: maps at each image's own size, the display scale, normalising.
+
+A localizer subclasses :class:`MapLocalizer` and provides ``_map_batches(paths, stage, on_progress,
+cancel)``, which yields ``(original (H, W) sizes, (B, S, S) maps)`` per batch of images at its
+working size ``S``, plus ``_check_fitted()`` and the ``display_quantile`` parameter.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from core.explain.smoothing import resize_map
+from core.progress import CancelToken, ProgressCallback, ignore_progress
+
+DISPLAY_SAMPLE = 16384
+"""Map values drawn per held-out image when estimating the display scale."""
+
+
+class MapLocalizer:
+    """Mixin: public map API on top of a subclass's ``_map_batches``."""
+
+    display_quantile: float
+    display_scale_: float
+
+    def iter_anomaly_maps(
+        self,
+        paths: Sequence[Path | str],
+        output_size: int | tuple[int, int] | None = None,
+        on_progress: ProgressCallback = ignore_progress,
+        cancel: CancelToken | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Yield one anomaly map per image, in order, holding one batch at a time.
+
+        Parameters
+        ----------
+        paths : sequence of image paths
+        output_size : None, int or (height, width)
+            None (default): each map has its input image's own height and width (read from the
+            file). An int ``S`` gives ``(S, S)`` maps; a pair gives that size.
+        on_progress, cancel
+            ``ProgressEvent("maps", images_done, images_total)`` per batch; cancel checked between batches.
+
+        Yields
+        ------
+        (H, W) float32 array, finite and >= 0; higher = more anomalous, unnormalised.
+        """
+        self._check_fitted()
+        if isinstance(output_size, int):
+            output_size = (output_size, output_size)
+        for sizes, maps in self._map_batches([Path(p) for p in paths], "maps", on_progress, cancel):
+            for anomaly_map, size in zip(maps, sizes):
+                height, width = output_size or size
+                yield resize_map(anomaly_map, height, width)
+
+    def anomaly_maps(
+        self,
+        paths: Sequence[Path | str],
+        output_size: int | tuple[int, int] | None = None,
+        on_progress: ProgressCallback = ignore_progress,
+        cancel: CancelToken | None = None,
+    ) -> list[np.ndarray]:
+        """Anomaly maps of ``paths`` as a list of ``(H, W) float32`` arrays (see :meth:`iter_anomaly_maps`)."""
+        return list(self.iter_anomaly_maps(paths, output_size, on_progress, cancel))
+
+    def normalize(self, anomaly_map: np.ndarray) -> np.ndarray:
+        """``anomaly_map / display_scale_``: 1.0 is the ``display_quantile`` of held-out normal pixels."""
+        self._check_fitted()
+        return (np.asarray(anomaly_map, dtype=np.float32) / np.float32(self.display_scale_)).astype(np.float32)
+
+    def _display_scale(self, paths, rng: np.random.Generator, on_progress, cancel) -> float:
+        """The ``display_quantile`` of the map values of ``paths`` (held-out normal images)."""
+        samples = []
+        for _, maps in self._map_batches(paths, "display_scale", on_progress, cancel):
+            for anomaly_map in maps.cpu().numpy():
+                values = anomaly_map.ravel()
+                if values.size > DISPLAY_SAMPLE:
+                    values = values[rng.choice(values.size, DISPLAY_SAMPLE, replace=False)]
+                samples.append(values)
+        scale = float(np.quantile(np.concatenate(samples), self.display_quantile))
+        return scale if scale > 0 and np.isfinite(scale) else 1.0
