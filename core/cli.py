@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="refinement never keeps less than this share of the data (default: %(default)s)")
     fit.add_argument("--localization", choices=LOCALIZATIONS, default=DEFAULTS.localization,
                      help="patch model for image anomaly maps, fitted on the kept images: memory (nearest normal "
-                     "patch; any layout), gaussian (per location; aligned objects) or none (default: %(default)s)")
+                     "patch; any layout), gaussian (per location; aligned objects), cutpaste (CutPaste's patch "
+                     "model, trained; slow on a CPU) or none (default: %(default)s)")
     fit.add_argument("--image-size", type=int, default=DEFAULTS.image_size, metavar="PX",
                      help="images are resized to PX x PX (default: %(default)s)")
     fit.add_argument("--feature-layers", default=",".join(DEFAULTS.feature_layers), metavar="L1,L2",
