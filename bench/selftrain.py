@@ -40,7 +40,6 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -108,9 +107,11 @@ def evaluate(trained: Trained, config: FitConfig, test, y_test: np.ndarray,
         encoder = copy.deepcopy(encoder)
         encoder.config = config  # same resolved config except refine / gamma / retrain_epochs
 
-        def retrain(kept: np.ndarray) -> np.ndarray:
+        def retrain_copy(kept: np.ndarray) -> np.ndarray:
             encoder.retrain(kept)
             return encoder.embed_training_data()
+
+        retrain = retrain_copy
 
     with timed() as watch:
         model = refine_and_fit(trained.x_train, config, labels=y_train, retrain=retrain)
@@ -251,7 +252,7 @@ def part_bottle(report: Report, args) -> None:
     top = np.array([i.split("/")[0] for i in dataset.ids])
     train_idx, test_idx = np.flatnonzero(top == "train"), np.flatnonzero(top == "test")
     train, test = dataset.subset(train_idx), dataset.subset(test_idx)
-    y_train, y_test = dataset.labels[train_idx], dataset.labels[test_idx]
+    y_test = dataset.labels[test_idx]
     size = args.bottle_size
     common = dict(image_size=size, localization="none", device="cpu", rounds=args.rounds)
     scratch = dict(encoder="small-cnn" if size <= 64 else "resnet18", epochs=args.bottle_epochs,

@@ -8,6 +8,7 @@ Refine page. Run-level resources (models, layouts, maps) live in :mod:`pages.com
 """
 from __future__ import annotations
 
+import importlib
 import threading
 from pathlib import Path
 
@@ -99,10 +100,10 @@ def _device_probe() -> dict[str, str]:
     found: dict[str, str] = {}
 
     def probe() -> None:
+        for module in ("core.engine", "core.project"):  # warm-up for the run pages
+            importlib.import_module(module)
         import torch
 
-        import core.engine  # noqa: F401 - warm-up for the run pages
-        import core.project  # noqa: F401
         from core.models.device import resolve_device
 
         if resolve_device("auto").type == "cuda":
