@@ -45,10 +45,13 @@ legitimately compress 1000-fold, and it cannot exhaust a disk."""
 _CHUNK_BYTES = 1 << 20
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _REZIP = "re-create the archive from a plain folder of images"
+_GENUINE = "if the data is genuine, unzip it yourself and pass the folder"
 
 
 def _entry_parts(name: str) -> tuple[str, ...]:
     """The safe relative path components of an entry name, or raise DataError."""
+    if not name:  # zipfile cuts a name at its first NUL, so "\x00evil" arrives empty
+        raise DataError(f"unsafe entry with an empty name (or one starting with a NUL character); {_REZIP}")
     if "\x00" in name:
         raise DataError(f"unsafe entry name {name!r}: contains a NUL character; {_REZIP}")
     unified = name.replace("\\", "/")
@@ -91,7 +94,7 @@ def _check_entries(
                             "split the archive or pass a folder")
         if info.file_size >= RATIO_MIN_BYTES and info.file_size > max_ratio * max(info.compress_size, 1):
             raise DataError(f"entry {info.filename!r} expands {info.file_size / max(info.compress_size, 1):.0f}-fold "
-                            f"(limit {max_ratio:.0f}); refused as a possible zip bomb")
+                            f"(limit {max_ratio:.0f}); refused as a possible zip bomb: {_GENUINE}")
         checked.append((info, parts))
     return checked
 
@@ -201,7 +204,7 @@ def _extract_into(
                                         "split the archive or pass a folder")
                     if written >= RATIO_MIN_BYTES and written > max_ratio * max(info.compress_size, 1):
                         raise DataError(f"entry {info.filename!r} expands over {max_ratio:.0f}-fold; "
-                                        "refused as a possible zip bomb")
+                                        f"refused as a possible zip bomb: {_GENUINE}")
                     sink.write(chunk)
             done += 1
             on_progress(ProgressEvent("extract", done, n_files, PurePosixPath(*parts).as_posix()))

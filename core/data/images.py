@@ -28,12 +28,16 @@ ids are POSIX paths relative to the root the caller gave.
 Decoding limits: :data:`MAX_IMAGE_PIXELS` (100 megapixels) bounds what is decoded. That is larger
 than any common industrial area-scan camera (a 10k x 10k image) while keeping one decoded image under
 about 600 MB even as 16-bit RGB; PIL's own ``Image.MAX_IMAGE_PIXELS`` is set to the same value at
-import, so its decompression-bomb error fires at twice that.
+import, so its decompression-bomb error fires at twice that. :func:`read_rgb` box-averages an image
+over :data:`REDUCE_ABOVE_PIXELS` before converting it to RGB, so reading a 100-megapixel file takes
+at most two full-size copies (about 800 MB for RGBA, 600 MB for 16-bit gray). Anything that is not
+a regular file (a named pipe would block the reader for ever) is skipped.
 """
 from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
@@ -60,12 +64,17 @@ NORMAL_FOLDER_NAMES = frozenset({"good", "normal", "ok"})
 MAX_IMAGE_PIXELS = 100_000_000
 """Largest image (width x height) that is decoded; bigger files are skipped or refused."""
 
+REDUCE_ABOVE_PIXELS = 4096 * 4096
+"""Images larger than this are box-averaged before conversion to RGB when read for embedding
+(see :func:`read_rgb`); smaller ones are converted at full size."""
+
 SIBLING_MASK_EXTREME_SHARE = 0.9
 """Share of near-black/near-white pixels a sibling ``.png`` needs to be taken as a mask."""
 
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 _PROBE_SIZE = (64, 64)
+_CHUNK = 256  # files checked per chunk of work queued on the thread pool
 _JPEG_SUFFIXES = (".jpg", ".jpeg")
 _IGNORED_DIRS = frozenset({"__MACOSX"})
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
@@ -107,8 +116,25 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _reduced(image: Image.Image, size: int) -> Image.Image:
+    """``image`` box-averaged by an integer factor when it has over :data:`REDUCE_ABOVE_PIXELS`,
+    keeping at least ``2 * size`` pixels on each side, so that :func:`_to_rgb` converts a small
+    image (at full size, a 100-megapixel 16-bit or transparent one took four or more full-size
+    copies: 2 to 2.5 GB). Bit and palette images are left as they are (their values cannot be
+    averaged); they convert to RGB in about 500 MB."""
+    width, height = image.size
+    factor = min(width, height) // (2 * size)
+    if width * height <= REDUCE_ABOVE_PIXELS or factor < 2 or image.mode in ("1", "P", "PA"):
+        return image
+    if image.mode.startswith("I;16"):
+        image = image.convert("I")  # PIL averages 32-bit integers, not 16-bit ones
+    return image.reduce(factor)
+
+
 def _open_checked(path: Path) -> Image.Image:
-    """Open ``path`` lazily, refusing images over :data:`MAX_IMAGE_PIXELS`."""
+    """Open ``path`` lazily, refusing non-regular files and images over :data:`MAX_IMAGE_PIXELS`."""
+    if not stat.S_ISREG(os.stat(path).st_mode):  # opening a named pipe would block for ever
+        raise ValueError("not a regular file (a named pipe, device or socket)")
     image = Image.open(path)
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
@@ -151,7 +177,7 @@ def read_rgb(path: Path | str, size: int) -> np.ndarray:
             if image.format == "JPEG":
                 image.draft("RGB", (size, size))
             image.load()
-            rgb = _to_rgb(image)
+            rgb = _to_rgb(_reduced(image, size))
             if rgb.size != (size, size):
                 rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
             return np.array(rgb, dtype=np.uint8)
@@ -372,8 +398,8 @@ def load_image_folder(
     mask_ids = [i for i in ids if _is_mask_id(i)]
     masks: dict[str, str] = {}
     pairs = _sibling_pairs(samples)
-    with ThreadPoolExecutor(max_workers=_workers()) as pool:
-        is_mask = list(pool.map(lambda p: _looks_like_mask(root / p[1], root / p[0]), pairs))
+    is_mask = [flag for _, flags in _map_in_chunks(lambda p: _looks_like_mask(root / p[1], root / p[0]), pairs)
+               for flag in flags]
     sibling_masks = {png: jpeg for (jpeg, png), flag in zip(pairs, is_mask) if flag}
     if sibling_masks:
         logger.info("%d .png file(s) taken as masks of the .jpg beside them", len(sibling_masks))
@@ -400,7 +426,8 @@ def load_image_folder(
         logger.warning("skipped %d unreadable image(s) in %s", len(skipped), root)
     if not kept:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3])
-        raise DataError(f"no readable image in {root} ({len(skipped)} files skipped: {reasons})")
+        raise DataError(f"no readable image in {root} ({len(skipped)} files skipped: {reasons}); "
+                        "replace or remove the damaged files")
 
     labels = None
     if label_of is not None:
@@ -427,17 +454,25 @@ def _validate(
     kept: list[str] = []
     skipped: list[SkippedFile] = []
     total = len(samples)
+    for start, reasons in _map_in_chunks(lambda s: _probe(root / s), samples, cancel):
+        for sample_id, reason in zip(samples[start:start + _CHUNK], reasons):
+            if reason is None:
+                kept.append(sample_id)
+            else:
+                skipped.append(SkippedFile(sample_id, reason))
+        on_progress(ProgressEvent("load", min(start + _CHUNK, total), total, "checking images"))
+    return kept, skipped
+
+
+def _map_in_chunks(function, items: list, cancel: CancelToken | None = None):
+    """Yield ``(start, results)`` for ``items[start:start + _CHUNK]``, chunk by chunk, in order.
+
+    The files are checked on :func:`_workers` threads; only one chunk is queued at a time, so
+    memory does not grow with the number of files (a queued call costs about 1.6 kB) and
+    ``cancel`` is checked between chunks.
+    """
     with ThreadPoolExecutor(max_workers=_workers()) as pool:
-        # Bounded chunks keep cancellation responsive without queueing every file at once.
-        chunk = 256
-        for start in range(0, total, chunk):
+        for start in range(0, len(items), _CHUNK):
             if cancel is not None:
                 cancel.raise_if_cancelled()
-            batch = samples[start:start + chunk]
-            for sample_id, reason in zip(batch, pool.map(lambda s: _probe(root / s), batch)):
-                if reason is None:
-                    kept.append(sample_id)
-                else:
-                    skipped.append(SkippedFile(sample_id, reason))
-            on_progress(ProgressEvent("load", min(start + chunk, total), total, "checking images"))
-    return kept, skipped
+            yield start, list(pool.map(function, items[start:start + _CHUNK]))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from core.data.archive import extract_zip
@@ -61,12 +62,15 @@ def load_dataset(
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path} does not exist; check the path")
+    if not path.is_dir() and not path.is_file():  # reading a named pipe would block for ever
+        raise DataError(f"{path} is neither a folder nor a regular file; pass {SUPPORTED_FORMATS}")
     suffix = path.suffix.lower()
     if path.is_dir() or suffix == ".zip":
         if label_column is not None and label_required:
             logger.warning("label_column=%r ignored: image labels come from folder names", label_column)
-        folder = path if path.is_dir() else extract_zip(path, workspace, on_progress=on_progress, cancel=cancel)
-        return load_image_folder(folder, on_progress=on_progress, cancel=cancel)
+        if path.is_dir():
+            return load_image_folder(path, on_progress=on_progress, cancel=cancel)
+        return _load_zip(path, workspace, on_progress, cancel)
     if suffix in TABLE_SUFFIXES:
         return load_table(path, label_column=label_column, label_required=label_required)
     if _looks_like_idx(path):
@@ -75,3 +79,16 @@ def load_dataset(
     if suffix in IMAGE_SUFFIXES:
         raise DataError(f"{path.name} is a single image; put the images in a folder (or a .zip) and pass that")
     raise DataError(f"{path.name}: unsupported format {suffix or '(no suffix)'}; pass {SUPPORTED_FORMATS}")
+
+
+def _load_zip(path: Path, workspace: Path | str, on_progress: ProgressCallback, cancel: CancelToken | None) -> Dataset:
+    """Extract ``path`` and load the images; an archive that gives no usable data is removed again."""
+    folder = extract_zip(path, workspace, on_progress=on_progress, cancel=cancel)
+    try:
+        return load_image_folder(folder, on_progress=on_progress, cancel=cancel)
+    except DataError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise DataError(f"{path.name}: {str(exc).replace(str(folder), 'the archive')}") from exc
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise

@@ -5,7 +5,8 @@ encoder in :mod:`core.models` does that). Labels are used for metrics only and n
 feature table.
 
 - ``.csv``: UTF-8 (a byte-order mark is accepted), first row is the header; the delimiter is sniffed
-  among ``, ; TAB |`` from the first 64 KB (comma when undecidable).
+  among ``, ; TAB |`` from the first 64 KB (comma when undecidable). In a semicolon table, a text
+  column whose values are all numbers with a decimal comma (``1,5``) is read as numbers.
 - ``.parquet``: read with pyarrow; the stored index is dropped.
 - ``.npz``: ``np.load(..., allow_pickle=False)`` always; array ``X`` (N, D) and optional ``y`` (N,).
   Object arrays are refused (they would need unpickling). 1-D ``X`` is one feature; ``X`` with more
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import logging
 import zipfile
 from collections import Counter
@@ -46,6 +46,8 @@ SNIFF_BYTES = 64 * 1024
 
 CSV_DELIMITERS = ",;\t|"
 
+_DECIMAL_COMMA_NUMBER = r"[+-]?\d*,?\d+(?:[eE][+-]?\d+)?"
+
 ARRAY_LABEL_KEY = "y"
 """Default label array name in ``.npz`` and ``.mat`` files."""
 
@@ -62,6 +64,9 @@ def _parsing(path: Path, what: str) -> Iterator[None]:
         raise
     except MemoryError as exc:
         raise DataError(f"{path.name} is too large to load into memory; use a smaller table") from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"cannot read {path.name} as {what}: byte {exc.start} is not UTF-8 text; "
+                        "save the file as UTF-8 (in Excel: 'CSV UTF-8')") from exc
     except Exception as exc:  # noqa: BLE001 - third-party parsers raise many types on bad input
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"cannot read {path.name} as {what} ({detail}); check the file is a valid {what}") from exc
@@ -90,10 +95,27 @@ def _read_csv(path: Path) -> pd.DataFrame:
         raise DataError(f"{path.name} is empty; a CSV needs a header row and at least one data row")
     delimiter = _sniff_delimiter(sample)
     with _parsing(path, "CSV"):
-        header = next(csv.reader(io.StringIO(sample), delimiter=delimiter), [])
+        # The header is read whole from the file (it may be longer than the sample), since pandas
+        # would silently rename a repeated name ("a", "a.1").
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            header = next(csv.reader(handle, delimiter=delimiter), [])
         _check_columns(header, path)
         frame = pd.read_csv(path, sep=delimiter, encoding="utf-8-sig", low_memory=False)
     logger.info("read %s with delimiter %r", path, delimiter)
+    return _decimal_commas(frame) if delimiter == ";" else frame
+
+
+def _decimal_commas(frame: pd.DataFrame) -> pd.DataFrame:
+    """Text columns of a semicolon table whose values are all numbers written with a decimal comma
+    (``1,5``, as spreadsheets write them in many locales) as float columns."""
+    for column in frame.columns:
+        series = frame[column]
+        if pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
+            continue
+        text = series.dropna().astype(str).str.strip()
+        if len(text) and text.str.fullmatch(_DECIMAL_COMMA_NUMBER).all() and text.str.contains(",").any():
+            frame[column] = pd.to_numeric(text.str.replace(",", ".", regex=False)).reindex(frame.index)
+            logger.info("column %r read as numbers with a decimal comma", column)
     return frame
 
 

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import logging
+import mmap
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,6 +21,19 @@ from core.models.efficientnet import load_backbone, normalize_images
 from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
 
 log = logging.getLogger(__name__)
+
+# Linux keeps the data of a shared file mapping when its pages are dropped with MADV_DONTNEED
+# (a later read faults them back in from the page cache or the file); elsewhere nothing is dropped.
+_DROP_PAGES = getattr(mmap, "MADV_DONTNEED", None) if sys.platform.startswith("linux") else None
+
+
+def embedding_memmap(path: Path | str, n: int, dim: int) -> np.memmap:
+    """A new ``(n, dim) float32`` ``.npy`` file at ``path``, memory-mapped for writing.
+
+    Pass it as ``out`` to :meth:`ImageEncoder.embed` to keep embeddings on disk; the file is a plain
+    ``.npy``, so ``np.load(path, mmap_mode="r")`` maps it again without reading it into memory.
+    """
+    return np.lib.format.open_memmap(Path(path), mode="w+", dtype=np.float32, shape=(int(n), int(dim)))
 
 
 class ImageEncoder:
@@ -49,40 +66,82 @@ class ImageEncoder:
         """Nothing to learn for a frozen backbone; present for the encoder interface."""
         return self
 
+    @property
+    def embedding_dim(self) -> int:
+        """D, the width of one embedding: the channels of ``feature_layers``, summed."""
+        model = self.model
+        return sum(model.channels(layer) for layer in self.config.feature_layers)
+
     def embed(
         self,
         dataset: Dataset,
         on_progress: ProgressCallback = ignore_progress,
         cancel: CancelToken | None = None,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Return ``(N, D) float32`` embeddings, one row per image of ``dataset``."""
+        """Return ``(N, D) float32`` embeddings, one row per image of ``dataset``.
+
+        Each batch's rows are written into the output as soon as they are computed, so memory is
+        one batch of pixels and features plus the output itself, never a second copy of it.
+
+        Parameters
+        ----------
+        dataset : Dataset
+            Images (``paths``), embedded in order.
+        on_progress : callable
+            Receives ``ProgressEvent("embed", images_done, images_total)`` after every batch.
+        cancel : CancelToken, optional
+            Checked between batches.
+        out : (N, D) float32 array, optional
+            Where to write the rows (``D`` is :attr:`embedding_dim`); default: a new array. A
+            writable ``np.memmap`` on a file (e.g. from :func:`embedding_memmap`) keeps the
+            embeddings on disk: the pages of finished batches are handed back to the operating
+            system as the rows are written, so resident memory stays flat however large N is.
+
+        Returns
+        -------
+        (N, D) float32 array
+            ``out`` itself when given.
+
+        Examples
+        --------
+        >>> rows = embedding_memmap(staging / "embeddings.npy", len(dataset), encoder.embedding_dim)  # doctest: +SKIP
+        >>> encoder.embed(dataset, out=rows)                                                          # doctest: +SKIP
+        """
         paths = dataset.paths or []
+        n, width = len(paths), self.embedding_dim
+        if out is None:
+            out = np.empty((n, width), np.float32)
+        elif out.shape != (n, width) or out.dtype != np.float32:
+            raise ValueError(f"out must be a ({n}, {width}) float32 array for this data and feature_layers, "
+                             f"got {out.shape} {out.dtype}")
         size, batch_size = self.config.image_size, self.config.batch_size
-        batches = [paths[start : start + batch_size] for start in range(0, len(paths), batch_size)]
+        starts = range(0, n, batch_size)
         model, layers = self.model, self.config.feature_layers
-        rows: list[np.ndarray] = []
+        pages = _MappedPages.of(out)
         started = time.perf_counter()
 
-        def read_batch(batch_paths):
-            return np.stack([read_rgb(path, size) for path in batch_paths])
+        def read_batch(start: int) -> np.ndarray:
+            return np.stack([read_rgb(path, size) for path in paths[start : start + batch_size]])
 
         with ThreadPoolExecutor(max_workers=1) as reader, torch.inference_mode():
-            pending = reader.submit(read_batch, batches[0]) if batches and self._overlap else None
-            for index in range(len(batches)):
+            pending = reader.submit(read_batch, starts[0]) if starts and self._overlap else None
+            for index, start in enumerate(starts):
                 if cancel is not None:
                     cancel.raise_if_cancelled()
                 if self._overlap:
                     pixels = pending.result()
-                    if index + 1 < len(batches):
-                        pending = reader.submit(read_batch, batches[index + 1])
+                    if index + 1 < len(starts):
+                        pending = reader.submit(read_batch, starts[index + 1])
                 else:
-                    pixels = read_batch(batches[index])
-                rows.append(self._forward(model, pixels, layers))
-                done = min((index + 1) * batch_size, len(paths))
+                    pixels = read_batch(start)
+                done = min(start + batch_size, n)
+                out[start:done] = self._forward(model, pixels, layers)
+                if pages is not None:
+                    pages.release(done)
                 rate = done / max(time.perf_counter() - started, 1e-9)
-                on_progress(ProgressEvent("embed", done, len(paths), f"{rate:.1f} images/s"))
-        width = sum(model.channels(layer) for layer in layers)
-        return np.concatenate(rows) if rows else np.zeros((0, width), np.float32)
+                on_progress(ProgressEvent("embed", done, n, f"{rate:.1f} images/s"))
+        return out
 
     @property
     def _overlap(self) -> bool:
@@ -94,3 +153,42 @@ class ImageEncoder:
         if self.device.type == "cpu":
             batch = batch.contiguous(memory_format=torch.channels_last)
         return model.pooled(batch, layers).float().cpu().numpy()
+
+
+@dataclass
+class _MappedPages:
+    """The shared file mapping under a C-contiguous view of a writable ``np.memmap``.
+
+    Rows already written sit in the page cache and in the file; :meth:`release` drops them from
+    this process's resident memory, so writing N rows does not grow it by N rows.
+    """
+
+    mapping: mmap.mmap
+    row_zero: int
+    """Byte offset of the view's first row in ``mapping``."""
+    row_bytes: int
+    released: int
+    """Bytes of ``mapping`` released so far (a multiple of the page size)."""
+
+    @classmethod
+    def of(cls, array: np.ndarray) -> "_MappedPages | None":
+        """The mapping under ``array``, or None when there is none whose pages can be dropped safely."""
+        if _DROP_PAGES is None or array.size == 0 or not array.flags.c_contiguous:
+            return None
+        memmap, base = None, array
+        while base is not None and not isinstance(base, mmap.mmap):
+            if memmap is None and isinstance(base, np.memmap):
+                memmap = base
+            base = getattr(base, "base", None)
+        # Copy-on-write ("c") pages hold the only copy of what was written: they are never dropped.
+        if base is None or memmap is None or memmap.mode not in ("r+", "w+"):
+            return None
+        row_zero = array.ctypes.data - np.frombuffer(base, np.uint8).ctypes.data
+        return cls(base, row_zero, array.strides[0], row_zero // mmap.PAGESIZE * mmap.PAGESIZE)
+
+    def release(self, rows: int) -> None:
+        """Drop the whole pages holding rows ``[0, rows)`` that are still resident."""
+        end = (self.row_zero + rows * self.row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > self.released:
+            self.mapping.madvise(_DROP_PAGES, self.released, end - self.released)
+            self.released = end

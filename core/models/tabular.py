@@ -11,7 +11,9 @@ Rules (documented for users in README.md):
 - NaN and +-inf are imputed with the training median of the column (counted and logged);
   a column with no finite value in training is an error;
 - each numeric column is centred on its median and divided by its interquartile range
-  (its standard deviation when the IQR is 0; 1 when the column is constant).
+  (its standard deviation when the IQR is 0; 1 when the column is constant); the result is
+  clipped to +-``MAX_SCALED`` so that a huge value (a sentinel such as 1e308) stays a finite,
+  very anomalous number instead of overflowing float32.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_p
 log = logging.getLogger(__name__)
 
 MAX_CATEGORIES = 50
+MAX_SCALED = 1e6
+"""Largest encoded magnitude of a numeric value, in interquartile ranges from the median."""
 
 
 @dataclass
@@ -136,7 +140,9 @@ class TableEncoder:
         if bad.any():
             log.warning("imputed %d NaN/inf values with the training medians", int(bad.sum()))
             block = np.where(bad, np.asarray(state.medians)[None, :], block)
-        return (block - np.asarray(state.medians)) / np.asarray(state.scales)
+        with np.errstate(over="ignore", invalid="ignore"):  # huge values: clipped just below
+            scaled = (block - np.asarray(state.medians)) / np.asarray(state.scales)
+        return np.clip(np.nan_to_num(scaled, nan=0.0), -MAX_SCALED, MAX_SCALED)
 
     def _state(self) -> TableEncoderState:
         if self.state_ is None:
