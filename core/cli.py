@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("data", type=Path, metavar="DATA", help="image folder (recursive; MVTec layout recognised), "
                      ".zip of images, or a table (.csv, .parquet, .npz with X[,y], .mat with X[,y])")
     fit.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="new folder for the run (must not exist or be empty)")
+    fit.add_argument("--resume", action="store_true",
+                     help="continue a fit into RUN_DIR that was interrupted (process killed, machine down) from its "
+                     "partial folder .RUN_DIR.partial beside it: cached embeddings and training checkpoints are "
+                     "reused; same data and settings required; gives the same run as an uninterrupted fit. "
+                     "Without a partial folder the fit starts afresh")
     fit.add_argument("--backbone", choices=BACKBONES, default=DEFAULTS.backbone,
                      help="ImageNet-pretrained image backbone (default: %(default)s); ignored for tables")
     fit.add_argument("--objective", choices=OBJECTIVES, default=DEFAULTS.objective,
@@ -177,7 +182,7 @@ def _fit(args: argparse.Namespace) -> None:
     dataset = engine.load_data(args.data, label_column=args.label_column)
     _report_skipped(dataset)
     with _ProgressBar() as progress:
-        result = engine.fit(dataset, config, args.out, on_progress=progress)
+        result = engine.fit(dataset, config, args.out, resume=args.resume, on_progress=progress)
     for record in result.rounds:
         print(record.note)
     flagged = int(result.scores.is_anomaly.sum())

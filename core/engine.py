@@ -7,6 +7,8 @@ are used only for metrics; the fit itself never reads them.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -21,7 +23,7 @@ from core.config import FitConfig
 from core.data import IMAGES, Dataset, load_dataset
 from core.data.images import image_shape
 from core.detectors import make_detector
-from core.errors import ConfigError, DataError, RunError
+from core.errors import ConfigError, DataError, RefineryError, RunError
 from core.jobs import JobContext
 from core.explain.attribution import RowExplanation, explain_table_rows
 from core.explain.gradcam import ScoreExplainer
@@ -38,8 +40,11 @@ from core.refine import (
     iter_refine,
 )
 from core.store import (
+    RESUME_DIR,
     Registry,
     atomic_write_text,
+    check_destination,
+    partial_dir,
     read_arrays,
     read_json,
     refinery_home,
@@ -52,6 +57,12 @@ log = logging.getLogger(__name__)
 
 RUN_FORMAT = 1
 SCORE_TOLERANCE = 1e-4
+ATTEMPT_FILE = "fit.json"
+"""In a partial run folder's ``resume/``: what the fit was started with (data, config, verdicts) and its run id."""
+EMBEDDINGS_CACHE = "embeddings.safetensors"
+"""In ``resume/``: the frozen encoder's embeddings, written as soon as they are extracted."""
+TRAINING_DIR = "training"
+"""In ``resume/``: the self-supervised training loop's checkpoints, one folder per training stage."""
 
 
 @dataclass(frozen=True)
@@ -158,7 +169,7 @@ def new_run_dir(name: str, root: Path | None = None) -> Path:
     stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:40].strip("-") or "run"
     candidate = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{stem}"
     suffix = 1
-    while candidate.exists():
+    while candidate.exists() or partial_dir(candidate).exists():
         suffix += 1
         candidate = candidate.with_name(f"{candidate.name.rsplit('~', 1)[0]}~{suffix}")
     return candidate
@@ -222,6 +233,7 @@ def fit(
     *,
     verdicts: Mapping[str, str] | None = None,
     registry: Registry | None = None,
+    resume: bool = False,
     on_round: Callable[[RefinementRound], None] | None = None,
     on_progress: ProgressCallback = ignore_progress,
     cancel: CancelToken | None = None,
@@ -231,34 +243,70 @@ def fit(
     ``verdicts`` maps sample ids to an expert's ``normal`` / ``anomaly`` / ``unsure``: confirmed
     normals are always kept, confirmed anomalies always removed (see :mod:`core.refine`).
     ``on_round`` receives each refinement round as soon as it is done.
+
+    The run is built in a partial folder beside ``out_dir`` (:func:`core.store.staged_directory`):
+    an error removes it, a killed process leaves it. ``resume=True`` continues such a fit (same
+    data, config and verdicts, else RunError) under the same run id: it reuses the frozen
+    encoder's cached embeddings and the training loop's checkpoints, recomputes the refinement
+    rounds (cheap, and deterministic under the seed), and saves the same run an uninterrupted fit
+    would have. Without a partial folder, ``resume=True`` starts afresh; without ``resume``, an
+    existing partial folder is refused.
     """
     config = config.validate().for_data(dataset.kind)
     _check_trainable(dataset, config)
     pinned = pinned_from_verdicts(dataset.ids, verdicts)
     registry = registry or Registry()
     out_dir = Path(out_dir)
-    with staged_directory(out_dir) as staging:
-        run_id = registry.start_run(
-            out_dir, kind=dataset.kind, data_source=str(dataset.source), fingerprint=dataset.fingerprint,
-            n_samples=len(dataset), config=asdict(config),
-        )
-        try:
+    attempt = {"fingerprint": dataset.fingerprint, "config": asdict(config),
+               "verdicts": hashlib.blake2b(pinned.tobytes(), digest_size=16).hexdigest()}
+    check_destination(out_dir, resume=resume)
+    run_id = registry.start_run(
+        out_dir, kind=dataset.kind, data_source=str(dataset.source), fingerprint=dataset.fingerprint,
+        n_samples=len(dataset), config=asdict(config), run_id=_interrupted_run(out_dir, attempt) if resume else None,
+    )
+    try:
+        with staged_directory(out_dir, resume=resume) as staging:
+            write_json(staging / RESUME_DIR / ATTEMPT_FILE, {**attempt, "run_id": run_id})
             result = _fit(dataset, config, pinned, out_dir, staging, run_id, registry, on_round, on_progress, cancel)
-        except BaseException as error:
+    except BaseException as error:
+        try:
             registry.fail_run(run_id, str(error) or type(error).__name__)
-            raise
+        except RefineryError as registry_error:  # e.g. the registry is on the disk that just filled up
+            log.warning("could not mark run %s failed: %s", run_id, registry_error)
+        raise
     registry.finish_run(run_id, result.metrics.as_dict() if result.metrics else {})
     return result
+
+
+def _interrupted_run(out_dir: Path, attempt: dict) -> str | None:
+    """The run id of the interrupted fit into ``out_dir``, after checking it was started like this one.
+
+    None when there is none to continue (no partial folder, or it was killed before it said).
+    """
+    saved_path = partial_dir(out_dir) / RESUME_DIR / ATTEMPT_FILE
+    if not saved_path.is_file():
+        return None
+    saved = read_json(saved_path)
+    run_id = saved.pop("run_id")
+    attempt = json.loads(json.dumps(attempt))  # tuples as lists, as saved
+    if saved != attempt:
+        changed = [name for name in ("fingerprint", "verdicts") if saved.get(name) != attempt[name]]
+        changed += [key for key in attempt["config"] if saved.get("config", {}).get(key) != attempt["config"][key]]
+        names = ", ".join("data" if name == "fingerprint" else name for name in changed)
+        raise RunError(f"the unfinished fit in {partial_dir(out_dir)} was started with other {names}; "
+                       "resume it with the same data and settings, or delete that folder to start over")
+    log.info("resuming run %s from %s", run_id, partial_dir(out_dir))
+    return run_id
 
 
 def _fit(dataset, config, pinned, out_dir, staging, run_id, registry, on_round, on_progress, cancel) -> FitResult:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     unlabeled = dataset.without_labels()
-    encoder = make_encoder(config, dataset)
+    encoder = make_encoder(config, dataset, checkpoint_dir=staging / RESUME_DIR / TRAINING_DIR)
     if config.objective == "none":
         encoder.fit(unlabeled)
-        embeddings = _embed(encoder, unlabeled, on_progress, cancel)
+        embeddings = _cached_embeddings(staging / RESUME_DIR / EMBEDDINGS_CACHE, encoder, unlabeled, on_progress, cancel)
     else:
         encoder.fit(unlabeled, on_progress=on_progress, cancel=cancel)
         embeddings = _checked(encoder.embed_training_data(on_progress, cancel))
@@ -401,6 +449,16 @@ def _check_trainable(dataset: Dataset, config: FitConfig) -> None:
             f"{len(dataset)} {unit} is too few: this fit needs at least {needed} "
             f"({MIN_SAMPLES_PER_DETECTOR} per detector with K={config.ensemble})"
         )
+
+
+def _cached_embeddings(path: Path, encoder: Encoder, dataset: Dataset, on_progress, cancel) -> np.ndarray:
+    """The embeddings saved at ``path`` by an interrupted attempt of this fit, or new ones saved there."""
+    if path.is_file():
+        log.info("reusing the embeddings extracted before the interruption (%s)", path)
+        return read_arrays(path)["embeddings"]
+    embeddings = _embed(encoder, dataset, on_progress, cancel)
+    write_arrays(path, {"embeddings": embeddings})
+    return embeddings
 
 
 def _embed(encoder: Encoder, dataset: Dataset, on_progress, cancel) -> np.ndarray:

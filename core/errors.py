@@ -23,3 +23,7 @@ class Cancelled(RefineryError):
 
 class TrainingError(RefineryError):
     """Representation training diverged (a non-finite loss); the message names where and what to change."""
+
+
+class StorageError(RefineryError):
+    """The disk refused a write (full, read-only, no permission); the message names the cause."""

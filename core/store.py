@@ -1,17 +1,30 @@
 """Runs on disk: atomic artifact files in a run directory and a SQLite registry of runs.
 
-A run directory is built under a temporary name beside its destination and renamed into place
-only when complete, so a crash or an error never leaves a half-written run behind. The registry
-(``registry.sqlite`` in the Refinery home, ``$REFINERY_HOME`` or ``~/.refinery``) lists runs,
-their rounds and metrics, and the expert's verdicts; it uses WAL mode and a busy timeout so the
-app and the CLI can write at once.
+A run directory is built in a partial folder beside its destination (``.<name>.partial``) and
+renamed into place only when complete, so a crash or an error never leaves a half-written run
+behind. Every file is written to a temporary name, synced and renamed, so a file is either whole
+or absent. An error removes the partial folder; a killed process leaves it, and a resumed fit
+continues from what it holds (cached embeddings, training checkpoints in its ``resume/``
+folder, which is dropped when the run is complete).
+
+The registry (``registry.sqlite`` in the Refinery home, ``$REFINERY_HOME`` or ``~/.refinery``)
+lists runs, their rounds and metrics, and the expert's verdicts; it uses WAL mode and a busy
+timeout so the app and the CLI can write at once. A running run records its owner process
+(host, pid, process start time); opening the registry marks runs whose owner has ended as
+failed, "interrupted (process ended)", so no run stays ``running`` forever.
+
+A write the disk refuses (full, read-only, no permission) is a :class:`~core.errors.StorageError`
+that names the cause.
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
+import logging
 import os
 import shutil
+import socket
 import sqlite3
 import tempfile
 import time
@@ -24,9 +37,15 @@ from typing import Any, Iterator
 import numpy as np
 from safetensors.numpy import load_file, save
 
-from core.errors import RunError
+from core.errors import RunError, StorageError
+
+log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_S = 30.0
+RESUME_DIR = "resume"
+"""Subfolder of a partial run folder for what only a resumed fit needs; not part of the finished run."""
+INTERRUPTED = "interrupted (process ended)"
+"""Registry message of a run whose process ended without finishing or failing it."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -40,7 +59,8 @@ CREATE TABLE IF NOT EXISTS runs (
     n_samples INTEGER,
     config TEXT,
     metrics TEXT,
-    message TEXT
+    message TEXT,
+    owner TEXT
 );
 CREATE TABLE IF NOT EXISTS rounds (
     run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
@@ -73,20 +93,42 @@ def refinery_home() -> Path:
 # ----------------------------------------------------------------------------- atomic files
 
 
+DISK_ERRORS = {
+    errno.ENOSPC: "no space left on the device; free some space and try again",
+    errno.EDQUOT: "the disk quota is exceeded; free some space and try again",
+    errno.EROFS: "the file system is read-only; choose a writable folder",
+    errno.EACCES: "permission denied; choose a folder you can write to",
+    errno.EPERM: "permission denied; choose a folder you can write to",
+}
+
+
+@contextmanager
+def disk_errors(path: Path) -> Iterator[None]:
+    """Turn the OS refusing a write under ``path`` (``DISK_ERRORS``) into a StorageError naming the cause."""
+    try:
+        yield
+    except OSError as error:
+        cause = DISK_ERRORS.get(error.errno)
+        if cause is None:
+            raise
+        raise StorageError(f"cannot write {path}: {cause}") from error
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a synced temporary file and an atomic rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with disk_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -124,28 +166,70 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
         raise RunError(f"{path} is damaged or was tampered with ({error}); fit the run again") from None
 
 
-@contextmanager
-def staged_directory(destination: Path) -> Iterator[Path]:
-    """Yield a temporary folder that becomes ``destination`` only if the block succeeds.
+def partial_dir(destination: Path) -> Path:
+    """The folder a run is built in before it becomes ``destination``: ``.<name>.partial`` beside it."""
+    destination = Path(destination)
+    return destination.parent / f".{destination.name}.partial"
 
-    ``destination`` must not exist or be an empty folder.
+
+def check_destination(destination: Path, *, resume: bool = False) -> None:
+    """Raise RunError unless a run can be built into ``destination``.
+
+    ``destination`` must not exist or be an empty folder, and its partial folder may exist only
+    when ``resume`` is set.
     """
     destination = Path(destination)
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
         raise RunError(f"{destination} already exists and is not empty; choose another --out or remove it")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.partial-"))
+    staging = partial_dir(destination)
+    if staging.exists() and not resume:
+        raise RunError(
+            f"{staging} holds an unfinished fit of {destination} (another fit is writing it, or one was "
+            "interrupted); continue it with --resume (same data and settings) or delete that folder"
+        )
+
+
+@contextmanager
+def staged_directory(destination: Path, *, resume: bool = False) -> Iterator[Path]:
+    """Yield the partial folder of ``destination``; it becomes ``destination`` if the block succeeds.
+
+    An exception in the block removes the folder; a killed process leaves it behind. With
+    ``resume``, an existing partial folder is reused: its ``RESUME_DIR`` (cached work) is kept and
+    everything else is cleared, since the run's files are all written again. ``RESUME_DIR`` is
+    dropped before the rename. See :func:`check_destination` for what ``destination`` may be.
+    """
+    destination = Path(destination)
+    check_destination(destination, resume=resume)
+    staging = partial_dir(destination)
+    with disk_errors(destination):
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            staging.mkdir()
+        except FileExistsError:
+            if not resume:  # another fit created it since the check
+                raise RunError(f"{staging} appeared while starting: another fit is writing {destination}") from None
+            for entry in staging.iterdir():
+                if not entry.is_dir():
+                    entry.unlink()
+                elif entry.name != RESUME_DIR:
+                    shutil.rmtree(entry)
+            for unfinished in staging.rglob(".*.tmp"):  # atomic writes the kill cut short
+                unfinished.unlink()
     try:
         yield staging
-        if destination.exists():
-            destination.rmdir()
-        os.replace(staging, destination)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        with disk_errors(destination):
+            shutil.rmtree(staging / RESUME_DIR, ignore_errors=True)
+            if destination.exists():
+                destination.rmdir()
+            os.replace(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 # ----------------------------------------------------------------------------- registry
+
+_RUN_COLUMNS = "run_id, path, created, status, kind, data_source, fingerprint, n_samples, config, metrics, message"
 
 
 @dataclass(frozen=True)
@@ -166,29 +250,61 @@ class RunRecord:
 
 
 class Registry:
-    """The SQLite list of runs. Each method opens its own short connection (thread- and process-safe)."""
+    """The SQLite list of runs. Each method opens its own short connection (thread- and process-safe).
+
+    Opening it (and listing runs) marks ``running`` runs whose owner process has ended as failed
+    (:meth:`reap_stale`).
+    """
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = Path(path) if path else refinery_home() / "registry.sqlite"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with disk_errors(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.executescript(_SCHEMA)
+            _add_missing_columns(db)
+        self.reap_stale()
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        with closing(sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)) as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA foreign_keys=ON")
-            with db:
-                yield db
+        try:
+            with closing(sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)) as db:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA foreign_keys=ON")
+                with db:
+                    yield db
+        except sqlite3.OperationalError as error:
+            cause = _SQLITE_DISK_ERRORS.get(error.sqlite_errorcode & 0xFF)  # the primary result code
+            if cause is None:
+                raise
+            raise StorageError(f"cannot write the registry {self.path}: {cause}") from error
 
-    def start_run(self, path: Path, *, kind: str, data_source: str, fingerprint: str, n_samples: int, config: dict) -> str:
-        """Register a run as ``running``; returns its id."""
-        run_id = uuid.uuid4().hex[:12]
+    def start_run(
+        self, path: Path, *, kind: str, data_source: str, fingerprint: str, n_samples: int, config: dict,
+        run_id: str | None = None,
+    ) -> str:
+        """Register a run as ``running``, owned by this process; returns its id.
+
+        With ``run_id`` (a resumed fit), that run is registered again: its rounds are cleared and
+        its status, owner and details replaced. RunError when a live process still owns it.
+        """
+        run_id = run_id or uuid.uuid4().hex[:12]
+        owner = _this_process()
         with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")  # the check and the claim below are one step for other writers
+            row = db.execute("SELECT status, owner FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            if row is not None and row[0] == "running" and row[1] not in (None, owner) and _owner_alive(row[1]):
+                host, pid, _ = row[1].rsplit(":", 2)
+                raise RunError(f"run {run_id} ({path}) is being fitted by process {pid} on {host}; "
+                               "wait for it to end or stop it")
+            db.execute("DELETE FROM rounds WHERE run_id=?", (run_id,))
             db.execute(
-                "INSERT INTO runs VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, '{}', NULL)",
-                (run_id, str(Path(path).resolve()), time.time(), kind, data_source, fingerprint, n_samples, json.dumps(config)),
+                f"INSERT INTO runs ({_RUN_COLUMNS}, owner) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, '{{}}', NULL, ?) "
+                "ON CONFLICT(run_id) DO UPDATE SET path=excluded.path, status='running', kind=excluded.kind, "
+                "data_source=excluded.data_source, fingerprint=excluded.fingerprint, n_samples=excluded.n_samples, "
+                "config=excluded.config, metrics='{}', message=NULL, owner=excluded.owner",
+                (run_id, str(Path(path).resolve()), time.time(), kind, data_source, fingerprint, n_samples,
+                 json.dumps(config), owner),
             )
         return run_id
 
@@ -202,16 +318,37 @@ class Registry:
 
     def finish_run(self, run_id: str, metrics: dict) -> None:
         with self._connect() as db:
-            db.execute("UPDATE runs SET status='done', metrics=? WHERE run_id=?", (json.dumps(metrics), run_id))
+            db.execute("UPDATE runs SET status='done', metrics=?, message=NULL WHERE run_id=?", (json.dumps(metrics), run_id))
 
     def fail_run(self, run_id: str, message: str) -> None:
         with self._connect() as db:
             db.execute("UPDATE runs SET status='failed', message=? WHERE run_id=?", (message, run_id))
 
-    def runs(self) -> list[RunRecord]:
-        """All runs, newest first."""
+    def reap_stale(self) -> list[str]:
+        """Mark ``running`` runs whose owner process has ended as failed (``INTERRUPTED``); their ids.
+
+        A run's owner is checked on this host only (pid and process start time on Linux, the pid
+        elsewhere); runs owned on another host, or anywhere on Windows, are left as they are.
+        Runs from before owners were recorded count as ended. A run marked by mistake is still
+        marked done or failed by its process when it ends.
+        """
         with self._connect() as db:
-            rows = db.execute("SELECT * FROM runs ORDER BY created DESC").fetchall()
+            rows = db.execute("SELECT run_id, owner FROM runs WHERE status='running'").fetchall()
+            ended = [(run_id, owner) for run_id, owner in rows if owner is None or not _owner_alive(owner)]
+            if ended:  # a registry with nothing to mark is only read
+                db.executemany(
+                    "UPDATE runs SET status='failed', message=? WHERE run_id=? AND status='running' AND owner IS ?",
+                    [(INTERRUPTED, run_id, owner) for run_id, owner in ended],
+                )
+        for run_id, _ in ended:
+            log.info("run %s: %s", run_id, INTERRUPTED)
+        return [run_id for run_id, _ in ended]
+
+    def runs(self) -> list[RunRecord]:
+        """All runs, newest first (after :meth:`reap_stale`)."""
+        self.reap_stale()
+        with self._connect() as db:
+            rows = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY created DESC").fetchall()
         return [
             RunRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], json.loads(r[8] or "{}"), json.loads(r[9] or "{}"), r[10])
             for r in rows
@@ -235,3 +372,53 @@ class Registry:
         with self._connect() as db:
             rows = db.execute("SELECT sample_id, verdict, note FROM verdicts WHERE run_id=?", (run_id,)).fetchall()
         return {sample: (verdict, note or "") for sample, verdict, note in rows}
+
+
+_SQLITE_DISK_ERRORS = {
+    sqlite3.SQLITE_FULL: DISK_ERRORS[errno.ENOSPC],
+    sqlite3.SQLITE_READONLY: DISK_ERRORS[errno.EROFS],
+    sqlite3.SQLITE_CANTOPEN: "it cannot be opened or created; check that its folder is writable",
+}
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """Bring a registry made by an older version up to the current schema."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+    if "owner" not in columns:
+        try:
+            db.execute("ALTER TABLE runs ADD COLUMN owner TEXT")
+        except sqlite3.OperationalError as error:  # another process added it since
+            if "duplicate column" not in str(error):
+                raise
+
+
+def _this_process() -> str:
+    """``host:pid:start`` of this process (``start`` empty where the OS does not tell)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid()) or ''}"
+
+
+def _process_start(pid: int) -> str | None:
+    """Linux: the process's start time in clock ticks since boot (tells a reused pid apart); else None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[19] if fields[0] not in ("Z", "X") else None  # a zombie has ended
+
+
+def _owner_alive(owner: str) -> bool:
+    """Whether the process recorded as ``host:pid:start`` may still be running (True when unsure)."""
+    host, pid_text, started = owner.rsplit(":", 2)
+    if host != socket.gethostname() or os.name == "nt":  # Windows: os.kill(pid, 0) would stop the process
+        return True
+    pid = int(pid_text)
+    if Path("/proc/self/stat").exists():
+        now = _process_start(pid)
+        return now is not None and (not started or now == started)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -27,12 +27,16 @@ class Encoder(Protocol):
     ) -> np.ndarray: ...
 
 
-def make_encoder(config: FitConfig, dataset: Dataset) -> Encoder:
-    """The unfitted encoder the config asks for, for this kind of data (``config`` resolved by ``for_data``)."""
+def make_encoder(config: FitConfig, dataset: Dataset, *, checkpoint_dir: Path | None = None) -> Encoder:
+    """The unfitted encoder the config asks for, for this kind of data (``config`` resolved by ``for_data``).
+
+    ``checkpoint_dir``: where a self-supervised encoder keeps its training checkpoints and resumes
+    from them (see :class:`~core.models.ssl_encoder.SelfSupervisedEncoder`); unused by frozen encoders.
+    """
     if config.objective != "none":
         from core.models.ssl_encoder import SelfSupervisedEncoder
 
-        return SelfSupervisedEncoder(config, dataset.kind)
+        return SelfSupervisedEncoder(config, dataset.kind, checkpoint_dir=checkpoint_dir)
     if dataset.kind == IMAGES:
         from core.models.image_encoder import ImageEncoder
 

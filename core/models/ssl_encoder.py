@@ -40,11 +40,17 @@ normal row's direction, and normalising it away put outliers in the dense part o
 
 
 class SelfSupervisedEncoder:
-    """Encoder of a run whose ``config.objective`` is not ``none`` (config resolved by ``for_data``)."""
+    """Encoder of a run whose ``config.objective`` is not ``none`` (config resolved by ``for_data``).
 
-    def __init__(self, config: FitConfig, kind: str) -> None:
+    With a ``checkpoint_dir``, every training stage (``initial``, then ``round-<r>`` for each
+    :meth:`retrain`) checkpoints into its own subfolder after every epoch and resumes from it
+    (:func:`core.train.train`), so a fit restarted after a crash skips the epochs already done.
+    """
+
+    def __init__(self, config: FitConfig, kind: str, checkpoint_dir: Path | None = None) -> None:
         self.config = config
         self.kind = kind
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.device = resolve_device(config.device)
         self.table = TableEncoder() if kind != IMAGES else None
         self.model: torch.nn.Module | None = None
@@ -92,7 +98,11 @@ class SelfSupervisedEncoder:
         def relabelled(event: ProgressEvent) -> None:
             on_progress(ProgressEvent(stage, event.done, event.total, event.message))
 
-        result = train(self.model, self.objective, inputs, config, on_progress=relabelled, cancel=cancel)
+        stage_dir = None
+        if self.checkpoint_dir is not None:
+            stage_dir = self.checkpoint_dir / (f"round-{self.rounds_trained}" if self.rounds_trained else "initial")
+        result = train(self.model, self.objective, inputs, config, checkpoint_dir=stage_dir, on_progress=relabelled,
+                       cancel=cancel)
         log.info("%s: %d epochs, loss %.4f -> %.4f in %.1f s", stage, result.epochs_run,
                  result.losses[0], result.losses[-1], result.seconds)
 
