@@ -183,7 +183,10 @@ class FitConfig:
 
     @classmethod
     def load(cls, path: Path) -> "FitConfig":
-        return cls.from_json(Path(path).read_text())
+        """Read a config written by :meth:`save`; a damaged file is a RunError."""
+        from core.store import read_json
+
+        return cls.from_json(json.dumps(read_json(path)))
 
     def with_changes(self, **changes: Any) -> "FitConfig":
         return replace(self, **changes).validate()

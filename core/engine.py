@@ -42,7 +42,9 @@ from core.refine import (
 from core.store import (
     RESUME_DIR,
     Registry,
+    artifact_manifest,
     atomic_write_text,
+    check_artifacts,
     check_destination,
     partial_dir,
     read_arrays,
@@ -492,20 +494,6 @@ def _save_run(
     each round worked on, saved as ``round_<r>`` beside the final ``train`` embeddings."""
     result.config.save(directory / "config.json")
     save_encoder(encoder, directory)
-    write_json(directory / "run.json", {
-        "format": RUN_FORMAT,
-        "run_id": result.run_id,
-        "kind": dataset.kind,
-        "data_source": str(dataset.source),
-        "fingerprint": dataset.fingerprint,
-        "n_samples": len(dataset),
-        "embedding_dim": int(embeddings.shape[1]),
-        "contamination": result.contamination,
-        "threshold": result.scores.threshold,
-        "metrics": result.metrics.as_dict() if result.metrics else None,
-        "timings": result.timings,
-        "skipped": [asdict(item) for item in dataset.skipped],
-    })
     write_arrays(directory / "embeddings.safetensors", {
         "train": embeddings.astype(np.float32),
         "kept": result.kept.astype(np.uint8),
@@ -531,6 +519,22 @@ def _save_run(
     frame["kept"] = result.kept.astype(int)
     frame["round_removed"] = _round_removed(result.rounds, len(dataset))
     atomic_write_text(directory / "scores.csv", frame.to_csv(index=False))
+    write_json(directory / "run.json", {
+        "format": RUN_FORMAT,
+        "run_id": result.run_id,
+        "kind": dataset.kind,
+        "data_source": str(dataset.source),
+        "fingerprint": dataset.fingerprint,
+        "n_samples": len(dataset),
+        "embedding_dim": int(embeddings.shape[1]),
+        "contamination": result.contamination,
+        "threshold": result.scores.threshold,
+        "metrics": result.metrics.as_dict() if result.metrics else None,
+        "timings": result.timings,
+        "skipped": [asdict(item) for item in dataset.skipped],
+        # Written last: the SHA-256 of every other artifact, checked when the run is opened.
+        "artifacts": artifact_manifest(directory, exclude=("run.json", RESUME_DIR)),
+    })
 
 
 def _round_removed(rounds: list[RefinementRound], n: int) -> np.ndarray:
@@ -554,6 +558,7 @@ class FittedRun:
         if not (self.run_dir / "run.json").is_file():
             raise RunError(f"{self.run_dir} is not a Refinery run (no run.json); pass the --out folder of a fit")
         self.info = read_json(self.run_dir / "run.json")
+        check_artifacts(self.run_dir, self.info.get("artifacts", {}))  # runs saved before manifests have none
         self.config = FitConfig.load(self.run_dir / "config.json")
         arrays = read_arrays(self.run_dir / "embeddings.safetensors")
         train, kept = arrays["train"], arrays["kept"].astype(bool)

@@ -19,6 +19,7 @@ that names the cause.
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import logging
@@ -147,7 +148,41 @@ def write_npy(path: Path, array: np.ndarray) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """Parse a JSON file of a run; a missing or damaged one is a RunError that says what to do."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{path} is missing: the run is incomplete; fit the run again") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RunError(f"{path} is damaged or was tampered with ({error}); fit the run again") from None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def artifact_manifest(directory: Path, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """SHA-256 of every visible file under ``directory`` (relative POSIX path -> hex), minus ``exclude`` names."""
+    directory = Path(directory)
+    return {
+        path.relative_to(directory).as_posix(): file_sha256(path)
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and not any(part.startswith(".") or part in exclude for part in path.relative_to(directory).parts)
+    }
+
+
+def check_artifacts(directory: Path, manifest: dict[str, str]) -> None:
+    """Raise RunError when a file listed in ``manifest`` is missing or its content changed."""
+    for name, expected in manifest.items():
+        path = Path(directory) / name
+        if not path.is_file():
+            raise RunError(f"{path} is missing: the run is incomplete; fit the run again")
+        if file_sha256(path) != expected:
+            raise RunError(f"{path} changed after the fit: the run is damaged or was tampered with; fit the run again")
 
 
 def write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
