@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property, partial
@@ -24,12 +25,13 @@ from core.data import IMAGES, Dataset, load_dataset
 from core.data.images import image_shape
 from core.detectors import make_detector
 from core.errors import ConfigError, DataError, RefineryError, RunError
-from core.jobs import JobContext
 from core.explain.attribution import RowExplanation, explain_table_rows
 from core.explain.gradcam import ScoreExplainer
 from core.explain.cutpaste_patch import CutPastePatchLocalizer
 from core.explain.patch import PatchLocalizer
+from core.jobs import JobContext
 from core.metrics import DetectionMetrics, detection_metrics
+from core.models.image_encoder import embedding_memmap
 from core.models.encoder import Encoder, load_encoder, make_encoder, save_encoder
 from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
 from core.refine import (
@@ -46,6 +48,7 @@ from core.store import (
     atomic_write_text,
     check_artifacts,
     check_destination,
+    disk_errors,
     partial_dir,
     read_arrays,
     read_json,
@@ -53,6 +56,7 @@ from core.store import (
     staged_directory,
     write_arrays,
     write_json,
+    write_npy,
 )
 
 log = logging.getLogger(__name__)
@@ -61,7 +65,7 @@ RUN_FORMAT = 1
 SCORE_TOLERANCE = 1e-4
 ATTEMPT_FILE = "fit.json"
 """In a partial run folder's ``resume/``: what the fit was started with (data, config, verdicts) and its run id."""
-EMBEDDINGS_CACHE = "embeddings.safetensors"
+EMBEDDINGS_CACHE = "embeddings.npy"
 """In ``resume/``: the frozen encoder's embeddings, written as soon as they are extracted."""
 TRAINING_DIR = "training"
 """In ``resume/``: the self-supervised training loop's checkpoints, one folder per training stage."""
@@ -454,13 +458,26 @@ def _check_trainable(dataset: Dataset, config: FitConfig) -> None:
 
 
 def _cached_embeddings(path: Path, encoder: Encoder, dataset: Dataset, on_progress, cancel) -> np.ndarray:
-    """The embeddings saved at ``path`` by an interrupted attempt of this fit, or new ones saved there."""
+    """The embeddings saved at ``path`` (a ``.npy`` file) by an interrupted attempt of this fit, or new ones.
+
+    Images are embedded straight into a memory-mapped file, so extraction holds one batch in memory
+    whatever the number of images; the file only gets its final name once complete.
+    """
     if path.is_file():
         log.info("reusing the embeddings extracted before the interruption (%s)", path)
-        return read_arrays(path)["embeddings"]
-    embeddings = _embed(encoder, dataset, on_progress, cancel)
-    write_arrays(path, {"embeddings": embeddings})
-    return embeddings
+        return _checked(np.load(path, mmap_mode="r"))
+    if dataset.kind != IMAGES:
+        embeddings = _embed(encoder, dataset, on_progress, cancel)
+        write_npy(path, embeddings)
+        return embeddings
+    partial = path.with_name(f".{path.name}.partial")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    rows = embedding_memmap(partial, len(dataset), encoder.embedding_dim)
+    encoder.embed(dataset, on_progress=on_progress, cancel=cancel, out=rows)
+    rows.flush()
+    with disk_errors(path):
+        os.replace(partial, path)
+    return _checked(rows)
 
 
 def _embed(encoder: Encoder, dataset: Dataset, on_progress, cancel) -> np.ndarray:

@@ -27,6 +27,7 @@ import pandas as pd
 import pytest
 from safetensors.numpy import load_file
 
+from core.engine import EMBEDDINGS_CACHE
 from core.errors import RunError, StorageError
 from core.store import INTERRUPTED, RESUME_DIR, Registry, partial_dir
 
@@ -98,9 +99,11 @@ def assert_interrupted(home: Path, out: Path) -> str:
     assert not out.exists()
     staging = partial_dir(out)
     for path in staging.rglob("*"):
-        if path.is_dir() or path.name.endswith(".tmp"):  # an atomic write cut short; never read
+        if path.is_dir() or path.name.endswith((".tmp", ".partial")):  # a write cut short; never read
             continue
-        if path.suffix == ".json":
+        if path.suffix == ".npy":
+            np.load(path, mmap_mode="r")
+        elif path.suffix == ".json":
             json.loads(path.read_text())
         elif path.suffix == ".safetensors":
             load_file(path)
@@ -144,7 +147,8 @@ def test_killed_during_feature_extraction(tmp_path, frozen_reference, monkeypatc
     home, out = tmp_path / "home", tmp_path / "run"
     fit_killed_at([*FROZEN, "--out", str(out)], home, "embed", 64)
     run_id = assert_interrupted(home, out)
-    assert sorted(p.name for p in (partial_dir(out) / RESUME_DIR).iterdir()) == ["fit.json"], "killed mid-extraction"
+    complete = sorted(p.name for p in (partial_dir(out) / RESUME_DIR).iterdir() if not p.name.startswith("."))
+    assert complete == ["fit.json"], "killed mid-extraction: the embeddings file never got its final name"
 
     from core.cli import main
 
@@ -164,7 +168,7 @@ def test_killed_during_a_refinement_round(tmp_path, frozen_reference):
     home, out = tmp_path / "home", tmp_path / "run"
     fit_killed_at([*FROZEN, "--out", str(out)], home, "refine", 1)
     run_id = assert_interrupted(home, out)
-    assert (partial_dir(out) / RESUME_DIR / "embeddings.safetensors").is_file(), "cached right after extraction"
+    assert (partial_dir(out) / RESUME_DIR / EMBEDDINGS_CACHE).is_file(), "cached right after extraction"
 
     log = fit([*FROZEN, "--out", str(out), "--resume"], home)
     assert "reusing the embeddings extracted before the interruption" in log

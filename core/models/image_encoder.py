@@ -1,6 +1,7 @@
 """Batched embedding of image datasets with a frozen pretrained backbone."""
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
@@ -19,6 +20,7 @@ from core.data.images import read_rgb
 from core.models.device import resolve_device
 from core.models.efficientnet import load_backbone, normalize_images
 from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
+from core.store import disk_errors
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,18 @@ def embedding_memmap(path: Path | str, n: int, dim: int) -> np.memmap:
     Pass it as ``out`` to :meth:`ImageEncoder.embed` to keep embeddings on disk; the file is a plain
     ``.npy``, so ``np.load(path, mmap_mode="r")`` maps it again without reading it into memory.
     """
-    return np.lib.format.open_memmap(Path(path), mode="w+", dtype=np.float32, shape=(int(n), int(dim)))
+    path = Path(path)
+    with disk_errors(path):
+        rows = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(int(n), int(dim)))
+        # Reserve the blocks now: on a full disk this is a clear error, where writing into a sparse
+        # mapping later would kill the process (SIGBUS) in the middle of extraction.
+        with open(path, "r+b") as handle:
+            try:
+                os.posix_fallocate(handle.fileno(), 0, path.stat().st_size)
+            except OSError as error:
+                if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # filesystems without fallocate
+                    raise
+    return rows
 
 
 class ImageEncoder:
