@@ -32,6 +32,7 @@ class Server:
     url: str
     health_s: float  # process launch to /_stcore/health answering "ok"
     log_path: Path   # the server's stdout and stderr
+    pid: int         # the server process (``python -m streamlit run``), e.g. for /proc/<pid>/status
 
 
 def free_port() -> int:
@@ -71,7 +72,7 @@ def served(home: Path, start_timeout_s: float = 60) -> Iterator[Server]:
             if process.poll() is not None or time.perf_counter() - started > start_timeout_s:
                 raise RuntimeError(f"the server did not answer on {url}/_stcore/health:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.05)
-        yield Server(url, time.perf_counter() - started, log_path)
+        yield Server(url, time.perf_counter() - started, log_path, process.pid)
     finally:
         process.terminate()
         try:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property, partial
@@ -170,15 +171,17 @@ def suggested_config(dataset: Dataset, base: FitConfig | None = None) -> FitConf
 
 
 def new_run_dir(name: str, root: Path | None = None) -> Path:
-    """A fresh run folder path under ``root`` (default: the Refinery home's ``runs``), named by time and ``name``."""
+    """A fresh run folder path under ``root`` (default: the Refinery home's ``runs``), named by time and ``name``.
+
+    A random tag ends the name: two fits of the same data queued in the same second (two sessions)
+    get different folders, although neither exists until its job runs.
+    """
     root = Path(root) if root else refinery_home() / "runs"
     stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:40].strip("-") or "run"
-    candidate = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{stem}"
-    suffix = 1
-    while candidate.exists() or partial_dir(candidate).exists():
-        suffix += 1
-        candidate = candidate.with_name(f"{candidate.name.rsplit('~', 1)[0]}~{suffix}")
-    return candidate
+    while True:
+        candidate = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{stem}-{secrets.token_hex(3)}"
+        if not candidate.exists() and not partial_dir(candidate).exists():
+            return candidate
 
 
 def fit_work(

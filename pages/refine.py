@@ -56,7 +56,7 @@ def method_form(dataset, label_column: str | None, job_running: bool):
         epochs = middle.number_input("Training epochs", 1, 500, suggested.epochs, key="epochs")
         retrain_epochs = right.number_input("Retraining epochs per round", 0, 200, suggested.retrain_epochs,
                                             key="retrain_epochs", help="0 keeps the first representation.")
-        label = "Start refinement" if not job_running else "A job is running; this one would wait in the queue"
+        label = "Start refinement" if not job_running else "A job is running; start another when it is done"
         if not st.form_submit_button(label, type="primary", disabled=job_running):
             return None
     return suggested.with_changes(
@@ -71,7 +71,7 @@ def watched_job():
     """The job this page follows: the one in the URL, else whatever runs now (refresh, second tab)."""
     runner = services.job_runner()
     status = runner.status(state.job_id()) if state.job_id() else None
-    if status is None or (not status.active and runner.active() is not None):
+    if status is None:  # a session keeps its own job, finished or not; one without follows the running job
         status = runner.active() or status
     if status is not None:
         state.set_job_id(status.job_id)

@@ -315,5 +315,7 @@ def test_new_run_dir_gives_fresh_paths(tmp_path, monkeypatch):
         assert "my-data-set" in path.name and "/" not in path.name and "?" not in path.name
         path.mkdir(parents=True)
         made.append(path)
-    assert engine.new_run_dir("", root=tmp_path / "elsewhere").name.endswith("-run")
+    assert "-run-" in engine.new_run_dir("", root=tmp_path / "elsewhere").name
+    # not yet created, as while a job waits in the queue: another request in the same second differs
+    assert engine.new_run_dir("same", root=tmp_path) != engine.new_run_dir("same", root=tmp_path)
     assert engine.new_run_dir("x" * 100, root=tmp_path).name.count("x") == 40

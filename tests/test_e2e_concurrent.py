@@ -1,0 +1,264 @@
+"""Two users on one studio server at once, in a real browser (issue 6, "Concurrent users").
+
+One ``streamlit run app.py`` (its own ``REFINERY_HOME``) and two Playwright browser contexts, i.e.
+two independent Streamlit sessions:
+
+- Session B uploads its own small image set on the Data page; session A keeps the built-in demo.
+  The data choice is per session: A still sees the demo's 300 samples and nothing of B's upload,
+  B sees its own count.
+- Both press "Start refinement" at nearly the same time (A first). The studio has one worker
+  thread, so jobs queue and two fits never run at once. Depending on which rerun reaches the
+  server first, B's press either queues a second job behind A's, or is dropped because B's page
+  already saw A's job (the form then offers no start button while a job runs: the session is
+  attached to the running job) and B starts its own job when A's has finished. Both outcomes
+  occur (the presses are scheduled 5 ms apart) and are accepted; either way each session ends
+  on its own run: a session whose job finished while another session's job waited in the queue
+  keeps showing its own result.
+- The registry then holds two finished runs on different data whose fit intervals do not
+  overlap, the server's peak resident memory stays bounded, and neither page nor the server log
+  shows a traceback.
+
+Needs Debian's chromium (``/usr/bin/chromium``) and the ``playwright`` Python package.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+from bench.studio import CHROMIUM, browser_page, launch_chromium, served
+from core.data.sources import DEMO_DIR
+from core.store import Registry
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(300)]
+
+SERVER_START_S = 60
+PAGE_S = 60_000          # ms: a page's first render (the first one imports torch and the engine)
+FIT_S = 150_000          # ms: one small fit, well under a minute on 2 idle cores; generous for a busy machine
+DEMO_SAMPLES = 300
+UPLOAD_GOOD, UPLOAD_OTHER = 34, 6
+UPLOAD_SAMPLES = UPLOAD_GOOD + UPLOAD_OTHER
+PEAK_RSS_LIMIT = 3 * 1024**3  # bytes: generous; two small fits at 64 px need well under half of it
+START_LEAD_MS = 1500     # both presses are scheduled this far ahead...
+START_GAP_MS = 5         # ...B's this much after A's
+QUEUED_LABEL = "A job is running; start another when it is done"
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+if not CHROMIUM.is_file():
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
+expect = playwright_api.expect
+expect.set_options(timeout=PAGE_S)
+
+FINISHED = re.compile(r"^Finished in \d+ s: run (\w+) saved")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _main(page):
+    return page.get_by_test_id("stMain")
+
+
+def _assert_clean(page) -> None:
+    """No traceback, exception block or error boundary message anywhere on the page."""
+    content = page.content()
+    assert "Traceback" not in content
+    assert "Something went wrong" not in content
+    expect(page.get_by_test_id("stException")).to_have_count(0)
+
+
+def _goto_page(page, title: str) -> None:
+    page.get_by_test_id("stSidebarNavLink").filter(has_text=title).click()
+    expect(page.get_by_role("heading", name=title, exact=True)).to_be_visible()
+
+
+def _query(page, name: str) -> str | None:
+    return parse_qs(urlparse(page.url).query).get(name, [None])[0]
+
+
+def _samples_metric(page):
+    return page.get_by_test_id("stMetric").filter(has_text="Samples").get_by_test_id("stMetricValue")
+
+
+def _upload_set(folder: Path) -> list[Path]:
+    """A small image set of B's own: copies of demo images under flat, new names."""
+    folder.mkdir()
+    chosen = ([("good", path) for path in sorted((DEMO_DIR / "good").glob("*.png"))[:UPLOAD_GOOD]]
+              + [("other", path) for path in sorted((DEMO_DIR / "other").glob("*.png"))[:UPLOAD_OTHER]])
+    assert len(chosen) == UPLOAD_SAMPLES, "the bundled demo folder is incomplete"
+    files = []
+    for kind, source in chosen:
+        files.append(folder / f"b-{kind}-{source.name}")
+        shutil.copyfile(source, files[-1])
+    return files
+
+
+def _choose(page, label: str, option: str) -> None:
+    """Pick ``option`` in the selectbox labelled ``label`` (inside the fit form: no rerun)."""
+    box = page.get_by_test_id("stSelectbox").filter(has_text=label)
+    combobox = box.get_by_role("combobox")
+    combobox.click()
+    page.get_by_role("option", name=option, exact=True).click()
+    expect(combobox).to_have_value(option)
+
+
+def _prepare_fit_form(page, samples: int) -> None:
+    """On the Refine page: the session's own data, 64 px images and no localization maps (speed)."""
+    _goto_page(page, "Refine")
+    expect(_main(page).get_by_text(f"Training data: {samples} images")).to_be_visible()
+    expect(page.get_by_test_id("stSlider").filter(has_text="Image size (px)")).to_contain_text("64")
+    _choose(page, "Localization maps", "none")
+
+
+def _press_start_at(page, when_ms: float) -> None:
+    """Press "Start refinement" at ``when_ms`` (epoch ms), scheduled in the page, so that two sessions
+    press within a few milliseconds of each other (Playwright's own clicks are seconds apart on a
+    busy machine). The button is looked up when the timer fires."""
+    expect(page.get_by_role("button", name="Start refinement")).to_be_enabled()
+    page.evaluate(
+        """when => setTimeout(() => [...document.querySelectorAll('button')]
+             .find(button => button.innerText.trim() === 'Start refinement').click(), when - Date.now())""",
+        when_ms,
+    )
+
+
+def _wait_for_job_param(page) -> str:
+    page.wait_for_function("() => new URLSearchParams(window.location.search).has('job')")
+    return _query(page, "job")
+
+
+def _wait_finished(page, other_than: str | None = None) -> str:
+    """Wait for the page's finished view (of a run other than ``other_than``); the run id it names."""
+    finished = page.get_by_text(FINISHED)
+    if other_than is not None:  # the earlier run's message may linger while the page reruns
+        finished = finished.filter(has_not_text=f"run {other_than} saved")
+    expect(finished).to_be_visible(timeout=FIT_S)
+    return FINISHED.match(finished.inner_text()).group(1)
+
+
+def _peak_rss_bytes(pid: int) -> int:
+    """The process's peak resident set size (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
+    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
+
+
+# ----------------------------------------------------------------------------- the test
+
+def test_two_sessions_keep_their_data_and_their_fits_queue(tmp_path):
+    home = tmp_path / "refinery-home"
+    home.mkdir()
+    upload = _upload_set(tmp_path / "b-images")
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    with served(home, SERVER_START_S) as server, playwright_api.sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        try:
+            with browser_page(browser, PAGE_S) as page_a, browser_page(browser, PAGE_S) as page_b:
+                # Both sessions open the studio on the built-in demo.
+                for page in (page_a, page_b):
+                    page.goto(server.url)
+                    expect(page.get_by_role("heading", name="Data", exact=True)).to_be_visible()
+                    expect(_samples_metric(page)).to_have_text(str(DEMO_SAMPLES))
+
+                # B uploads its own images; A keeps the demo.
+                page_b.get_by_role("tab", name="Upload").click()
+                page_b.get_by_test_id("stFileUploaderDropzoneInput").set_input_files([str(p) for p in upload])
+                use_upload = page_b.get_by_role("button", name="Use the uploaded files")
+                expect(use_upload).to_be_enabled()  # the uploader commits once every file has arrived
+                use_upload.click()
+                expect(_samples_metric(page_b)).to_have_text(str(UPLOAD_SAMPLES))
+                uploads = list((home / "workspace" / "uploads").iterdir())
+                assert len(uploads) == 1 and len(list(uploads[0].iterdir())) == UPLOAD_SAMPLES, uploads
+                upload_name = uploads[0].name
+                expect(_main(page_b).get_by_role("heading", name=upload_name)).to_be_visible()
+                _assert_clean(page_b)
+                timings["upload_s"] = time.perf_counter() - started
+
+                # A's session reruns (a page change and back) and still works on the demo only.
+                _goto_page(page_a, "Refine")
+                expect(_main(page_a).get_by_text(f"Training data: {DEMO_SAMPLES} images")).to_be_visible()
+                _goto_page(page_a, "Data")
+                expect(_samples_metric(page_a)).to_have_text(str(DEMO_SAMPLES))
+                expect(_main(page_a).get_by_role("heading", name=DEMO_DIR.name)).to_be_visible()
+                page_a.get_by_role("tab", name="Upload").click()
+                expect(page_a.get_by_test_id("stFileUploaderFile")).to_have_count(0)  # B's files are not here
+                assert upload_name not in page_a.content()
+                _assert_clean(page_a)
+
+                # Both prepare a fit of their own data, then press Start: A first, B right after.
+                _prepare_fit_form(page_a, DEMO_SAMPLES)
+                _prepare_fit_form(page_b, UPLOAD_SAMPLES)
+                fit_started = time.perf_counter()
+                press_at = time.time() * 1000 + START_LEAD_MS  # one clock: the browsers run on this machine
+                _press_start_at(page_a, press_at)
+                _press_start_at(page_b, press_at + START_GAP_MS)
+                job_a, job_b = _wait_for_job_param(page_a), _wait_for_job_param(page_b)
+                sessions = {"A": (page_a, DEMO_SAMPLES), "B": (page_b, UPLOAD_SAMPLES)}
+                for page, _ in sessions.values():  # while a job runs, no page offers to start another
+                    waiting = page.get_by_role("button", name=QUEUED_LABEL)
+                    expect(waiting.or_(page.get_by_text(FINISHED)).first).to_be_visible()
+                    if waiting.count():
+                        expect(waiting).to_be_disabled()
+                if job_a != job_b:
+                    # Both presses reached the server before either page saw the other's job: two
+                    # jobs, the second queued behind the first. Each page follows its own job.
+                    outcome = "queued"
+                    own_runs = {name: _wait_finished(page) for name, (page, _) in sessions.items()}
+                    assert (_query(page_a, "job"), _query(page_b, "job")) == (job_a, job_b)
+                else:
+                    # One press came after its page saw the other's job: the form had no start
+                    # button any more, the click started nothing and the session follows the
+                    # running job. It starts its own once that job has finished.
+                    outcome = "attached"
+                    first_run = _wait_finished(page_a)
+                    assert _wait_finished(page_b) == first_run
+                    record = next(run for run in Registry(path=home / "registry.sqlite").runs()
+                                  if run.run_id == first_run)
+                    owner = "A" if record.n_samples == DEMO_SAMPLES else "B"
+                    waiter = "B" if owner == "A" else "A"
+                    waiting_page = sessions[waiter][0]
+                    expect(waiting_page.get_by_role("button", name=QUEUED_LABEL)).to_have_count(0)
+                    waiting_page.get_by_role("button", name="Start refinement").click()
+                    waiting_page.wait_for_function(
+                        f"() => new URLSearchParams(window.location.search).get('job') !== {job_a!r}")
+                    own_runs = {owner: first_run, waiter: _wait_finished(waiting_page, other_than=first_run)}
+                timings["fits_s"] = time.perf_counter() - fit_started
+
+                # Each session ends on its own run, trained on its own data.
+                for name, (page, samples) in sessions.items():
+                    expect(_main(page).get_by_text(f"Training data: {samples} images")).to_be_visible()
+                    expect(page.get_by_role("heading", name=f"Run {own_runs[name]}")).to_be_visible()
+                    _assert_clean(page)
+                peak_rss = _peak_rss_bytes(server.pid)
+        finally:
+            browser.close()
+
+    server_log = server.log_path.read_text(errors="replace")
+    assert "Traceback" not in server_log, server_log[-3000:]
+    timings["total_s"] = time.perf_counter() - started
+
+    # The registry: two finished runs on different data, fitted one after the other.
+    runs = sorted(Registry(path=home / "registry.sqlite").runs(), key=lambda run: run.created)
+    assert [run.status for run in runs] == ["done", "done"], [(run.run_id, run.status, run.message) for run in runs]
+    by_session = {run.run_id: run for run in runs}
+    assert by_session[own_runs["A"]].n_samples == DEMO_SAMPLES
+    assert Path(by_session[own_runs["A"]].data_source) == DEMO_DIR
+    assert by_session[own_runs["B"]].n_samples == UPLOAD_SAMPLES
+    assert Path(by_session[own_runs["B"]].data_source) == uploads[0]
+    assert runs[0].fingerprint != runs[1].fingerprint
+    first, second = runs
+    first_finished = (Path(first.path) / "run.json").stat().st_mtime  # written as the fit's last step
+    second_finished = (Path(second.path) / "run.json").stat().st_mtime
+    assert first.created < first_finished <= second.created < second_finished, (
+        f"the fits overlap: {first.run_id} ran {first.created:.3f}..{first_finished:.3f}, "
+        f"{second.run_id} ran {second.created:.3f}..{second_finished:.3f}")
+    assert peak_rss < PEAK_RSS_LIMIT, f"the server's peak RSS was {peak_rss / 1024**3:.2f} GiB"
+    print(f"outcome={outcome} first={first.n_samples} samples, "
+          f"gap between fits {second.created - first_finished:.2f} s, peak RSS {peak_rss / 1024**2:.0f} MiB, "
+          + ", ".join(f"{key} {value:.1f}" for key, value in timings.items()))
