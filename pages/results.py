@@ -51,7 +51,7 @@ def verdict_section(run, verdicts: dict) -> None:
     if st.button("Re-run refinement using the verdicts", key="rerun_with_verdicts", type="primary"):
         dataset = runs.run_dataset(str(run.run_dir))
         job_id = runs.start_fit(dataset, run.config, {i: v for i, (v, _) in verdicts.items()},
-                                    name=f"{run.run_dir.name}-verdicts")
+                                    name=f"{run.source.name}-verdicts")
         state.set_job_id(job_id)
         st.session_state["compare_with"] = str(run.run_dir)
         st.switch_page("pages/refine.py")
