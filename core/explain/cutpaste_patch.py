@@ -64,7 +64,7 @@ from core.models.backbones import IMAGE_SIZE_LIMITS, load_state, make_backbone, 
 from core.models.device import resolve_device
 from core.models.objectives import make_objective
 from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
-from core.store import read_arrays, read_json, write_arrays, write_json
+from core.store import read_arrays, write_arrays, write_json
 from core.train import TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -538,19 +538,7 @@ class CutPastePatchLocalizer(MapLocalizer):
     def load(cls, directory: Path | str, device: str | None = None) -> "CutPastePatchLocalizer":
         """Read a localizer written by :meth:`save` (no pickle); ``device`` overrides the saved one."""
         directory = Path(directory)
-        if not (directory / _STATE_FILE).is_file():
-            raise RunError(f"{directory} holds no {_STATE_FILE}; save a fitted CutPastePatchLocalizer there first")
-        state = read_json(directory / _STATE_FILE)
-        if state.get("format") != STATE_FORMAT:
-            raise RunError(f"{directory / _STATE_FILE} has format {state.get('format')}; expected {STATE_FORMAT}")
-        params = dict(state["params"])
-        unknown = sorted(set(params) - set(_PARAMS))
-        if unknown:
-            raise RunError(f"{directory / _STATE_FILE} has unknown parameters: {', '.join(unknown)}")
-        if device is not None:
-            params["device"] = device
-        localizer = cls(**params)
-        localizer._validate()
+        state, localizer = cls._restore(directory, _STATE_FILE, STATE_FORMAT, _PARAMS, device)
         localizer.backbone_ = state["backbone"]
         encoder = make_backbone(localizer.backbone_, image_size=localizer.patch_size)
         encoder = load_state(encoder, directory / _ENCODER_FILE)

@@ -11,8 +11,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from core.errors import RunError
 from core.explain.smoothing import resize_map
 from core.progress import CancelToken, ProgressCallback, ignore_progress
+from core.store import read_json
 
 DISPLAY_SAMPLE = 16384
 """Map values drawn per held-out image when estimating the display scale."""
@@ -80,3 +82,22 @@ class MapLocalizer:
                 samples.append(values)
         scale = float(np.quantile(np.concatenate(samples), self.display_quantile))
         return scale if scale > 0 and np.isfinite(scale) else 1.0
+
+    @classmethod
+    def _restore(cls, directory: Path, state_file: str, state_format: int, param_names, device: str | None):
+        """Read ``state_file`` written by ``save``: returns (its state dict, an unfitted localizer built from
+        the saved parameters, ``device`` overriding the saved one). Errors are RunErrors that say what to do."""
+        if not (directory / state_file).is_file():
+            raise RunError(f"{directory} holds no {state_file}; save a fitted {cls.__name__} there first")
+        state = read_json(directory / state_file)
+        if state.get("format") != state_format:
+            raise RunError(f"{directory / state_file} has format {state.get('format')}; expected {state_format}")
+        params = dict(state["params"])
+        unknown = sorted(set(params) - set(param_names))
+        if unknown:
+            raise RunError(f"{directory / state_file} has unknown parameters: {', '.join(unknown)}")
+        if device is not None:
+            params["device"] = device
+        localizer = cls(**params)
+        localizer._validate()
+        return state, localizer

@@ -63,7 +63,7 @@ from core.explain.smoothing import DEFAULT_SIGMA, upsample_and_smooth
 from core.models.device import resolve_device
 from core.models.efficientnet import load_backbone, normalize_images
 from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
-from core.store import read_arrays, read_json, write_arrays, write_json
+from core.store import read_arrays, write_arrays, write_json
 
 log = logging.getLogger(__name__)
 
@@ -579,19 +579,7 @@ class PatchLocalizer(MapLocalizer):
     def load(cls, directory: Path | str, device: str | None = None) -> "PatchLocalizer":
         """Read a localizer written by :meth:`save` (no pickle); ``device`` overrides the saved one."""
         directory = Path(directory)
-        if not (directory / _STATE_FILE).is_file():
-            raise RunError(f"{directory} holds no {_STATE_FILE}; save a fitted PatchLocalizer there first")
-        state = read_json(directory / _STATE_FILE)
-        if state.get("format") != STATE_FORMAT:
-            raise RunError(f"{directory / _STATE_FILE} has format {state.get('format')}; expected {STATE_FORMAT}")
-        params = dict(state["params"])
-        unknown = sorted(set(params) - set(_PARAMS))
-        if unknown:
-            raise RunError(f"{directory / _STATE_FILE} has unknown parameters: {', '.join(unknown)}")
-        if device is not None:
-            params["device"] = device
-        localizer = cls(**params)
-        localizer._validate()
+        state, localizer = cls._restore(directory, _STATE_FILE, STATE_FORMAT, _PARAMS, device)
         arrays = {k: torch.from_numpy(v.copy()) for k, v in read_arrays(directory / _ARRAYS_FILE).items()}
         needed = ("mean", "precision", "shrinkage") if localizer.method == "gaussian" else ("memory_bank",
                                                                                            "memory_owner")
