@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
 
 import pytest
 
@@ -33,6 +32,7 @@ playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwrig
 if not CHROMIUM.is_file():
     pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
 expect = playwright_api.expect
+from studio_pages import assert_clean, goto_page, main_area, query_param  # noqa: E402
 expect.set_options(timeout=PAGE_S)  # every expect() below waits this long unless told otherwise
 
 
@@ -63,18 +63,6 @@ def page(browser):
 
 # ----------------------------------------------------------------------------- helpers
 
-def _main(page):
-    return page.get_by_test_id("stMain")
-
-
-def _assert_clean(page) -> None:
-    """No traceback, exception block or error boundary message anywhere on the page."""
-    content = page.content()
-    assert "Traceback" not in content
-    assert "Something went wrong" not in content
-    expect(page.get_by_test_id("stException")).to_have_count(0)
-
-
 def _screenshot(page, name: str) -> None:
     """The whole page: the viewport grows to the main area's scroll height for the shot."""
     page.wait_for_timeout(500)  # let charts finish their transitions
@@ -84,15 +72,6 @@ def _screenshot(page, name: str) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
     page.set_viewport_size(VIEWPORT)
-
-
-def _goto_page(page, title: str) -> None:
-    page.get_by_test_id("stSidebarNavLink").filter(has_text=title).click()
-    expect(page.get_by_role("heading", name=title, exact=True)).to_be_visible()
-
-
-def _run_param(page) -> str | None:
-    return parse_qs(urlparse(page.url).query).get("run", [None])[0]
 
 
 def _lasso_everything(page) -> None:
@@ -113,14 +92,14 @@ def _lasso_everything(page) -> None:
 
 def test_data_page_shows_the_builtin_demo(server, page):
     page.goto(server)
-    main = _main(page)
+    main = main_area(page)
     expect(page.get_by_role("heading", name="Data", exact=True)).to_be_visible()
     expect(page.get_by_role("button", name="Use this data set")).to_be_enabled()
     samples = page.get_by_test_id("stMetric").filter(has_text="Samples")
     expect(samples.get_by_test_id("stMetricValue")).to_have_text(str(DEMO_SAMPLES))
     expect(main.get_by_text("fashion-mnist-sneakers")).to_be_visible()
     expect(main.get_by_test_id("stImage").first).to_be_visible()
-    _assert_clean(page)
+    assert_clean(page)
     _screenshot(page, "data")
 
 
@@ -129,8 +108,8 @@ def test_refine_explore_inspect_and_results(server, page):
     expect(page.get_by_role("button", name="Use this data set")).to_be_visible()
 
     # Refine: start the demo fit, reload while it runs, wait for the finished run.
-    _goto_page(page, "Refine")
-    expect(_main(page).get_by_text(f"Training data: {DEMO_SAMPLES} images")).to_be_visible()
+    goto_page(page, "Refine")
+    expect(main_area(page).get_by_text(f"Training data: {DEMO_SAMPLES} images")).to_be_visible()
     page.get_by_role("button", name="Start refinement").click()
     expect(page.get_by_test_id("stProgress")).to_be_visible()
     assert "job=" in page.url
@@ -140,53 +119,53 @@ def test_refine_explore_inspect_and_results(server, page):
     finished = page.get_by_text(re.compile(r"^Finished in \d+ s: run \w+ saved"))
     expect(page.get_by_test_id("stProgress").or_(finished).first).to_be_visible()
     expect(finished).to_be_visible(timeout=FIT_S)
-    run = _run_param(page)
+    run = query_param(page, "run")
     assert run is not None and Path(run).is_dir(), page.url
     for round_number in (1, 2, 3):
         expect(page.get_by_role("tab", name=f"Round {round_number}")).to_be_visible()
-    _assert_clean(page)
+    assert_clean(page)
     _screenshot(page, "refine")
 
     # A reload after the job keeps the run (the URL holds it) and shows its rounds again.
     page.reload()
     expect(page.get_by_role("heading", name=re.compile(r"^Run \w+$"))).to_be_visible()
     expect(page.get_by_role("tab", name="Round 1")).to_be_visible()
-    assert _run_param(page) == run
+    assert query_param(page, "run") == run
 
     # Embeddings: the map renders; a lasso round all points lists them with Inspect buttons.
-    _goto_page(page, "Embeddings")
+    goto_page(page, "Embeddings")
     expect(page.locator(".js-plotly-plot .scatterlayer .point").first).to_be_attached(timeout=MAP_S)
     assert page.locator(".js-plotly-plot .scatterlayer .point").count() == DEMO_SAMPLES
-    assert _run_param(page) == run
+    assert query_param(page, "run") == run
     _lasso_everything(page)
     expect(page.get_by_role("heading", name=re.compile(r"^\d+ selected"))).to_be_visible()
     selected = int(page.get_by_role("heading", name=re.compile(r"^\d+ selected")).inner_text().split()[0])
     assert selected > DEMO_SAMPLES // 2  # the lasso ran round the plot area's border
-    inspect_buttons = _main(page).get_by_role("button", name="Inspect", exact=True)
+    inspect_buttons = main_area(page).get_by_role("button", name="Inspect", exact=True)
     expect(inspect_buttons.first).to_be_visible()
-    first_caption = _main(page).get_by_test_id("stImageCaption").first.inner_text()
+    first_caption = main_area(page).get_by_test_id("stImageCaption").first.inner_text()
     first_id = first_caption.split(" · ")[0]
-    _assert_clean(page)
+    assert_clean(page)
     _screenshot(page, "embeddings")
 
     # Inspect: the clicked sample opens; an Anomaly verdict is stored and shown.
     inspect_buttons.first.click()
     expect(page.get_by_role("heading", name="Inspect", exact=True)).to_be_visible()
     expect(page.get_by_role("heading", name=first_id, exact=True)).to_be_visible()
-    assert _run_param(page) == run
+    assert query_param(page, "run") == run
     page.get_by_role("button", name=re.compile("^Anomaly")).click()
     expect(page.get_by_test_id("stToast").filter(has_text=f"{first_id}: anomaly")).to_be_visible()
-    expect(_main(page).get_by_text("Your verdict: anomaly")).to_be_visible()
-    _assert_clean(page)
+    expect(main_area(page).get_by_text("Your verdict: anomaly")).to_be_visible()
+    assert_clean(page)
     _screenshot(page, "inspect")
 
     # Results: the run's metrics and the verdict just recorded.
-    _goto_page(page, "Results")
+    goto_page(page, "Results")
     expect(page.get_by_role("heading", name="Expert verdicts")).to_be_visible()
     expect(page.get_by_text("No verdicts yet")).to_have_count(0)
     expect(page.get_by_test_id("stMetric").filter(has_text="AUROC")).to_be_visible()
     expect(page.get_by_role("heading", name="Downloads")).to_be_visible()
-    assert _run_param(page) == run
-    _assert_clean(page)
+    assert query_param(page, "run") == run
+    assert_clean(page)
     expect(page.get_by_test_id("stToast")).to_have_count(0, timeout=20_000)  # the verdict's toast has gone
     _screenshot(page, "results")

@@ -26,7 +26,6 @@ import re
 import shutil
 import time
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
 
 import pytest
 
@@ -51,33 +50,13 @@ playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwrig
 if not CHROMIUM.is_file():
     pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
 expect = playwright_api.expect
+from studio_pages import assert_clean, goto_page, main_area, query_param  # noqa: E402
 expect.set_options(timeout=PAGE_S)
 
 FINISHED = re.compile(r"^Finished in \d+ s: run (\w+) saved")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _main(page):
-    return page.get_by_test_id("stMain")
-
-
-def _assert_clean(page) -> None:
-    """No traceback, exception block or error boundary message anywhere on the page."""
-    content = page.content()
-    assert "Traceback" not in content
-    assert "Something went wrong" not in content
-    expect(page.get_by_test_id("stException")).to_have_count(0)
-
-
-def _goto_page(page, title: str) -> None:
-    page.get_by_test_id("stSidebarNavLink").filter(has_text=title).click()
-    expect(page.get_by_role("heading", name=title, exact=True)).to_be_visible()
-
-
-def _query(page, name: str) -> str | None:
-    return parse_qs(urlparse(page.url).query).get(name, [None])[0]
-
 
 def _samples_metric(page):
     return page.get_by_test_id("stMetric").filter(has_text="Samples").get_by_test_id("stMetricValue")
@@ -107,8 +86,8 @@ def _choose(page, label: str, option: str) -> None:
 
 def _prepare_fit_form(page, samples: int) -> None:
     """On the Refine page: the session's own data, 64 px images and no localization maps (speed)."""
-    _goto_page(page, "Refine")
-    expect(_main(page).get_by_text(f"Training data: {samples} images")).to_be_visible()
+    goto_page(page, "Refine")
+    expect(main_area(page).get_by_text(f"Training data: {samples} images")).to_be_visible()
     expect(page.get_by_test_id("stSlider").filter(has_text="Image size (px)")).to_contain_text("64")
     _choose(page, "Localization maps", "none")
 
@@ -127,7 +106,7 @@ def _press_start_at(page, when_ms: float) -> None:
 
 def _wait_for_job_param(page) -> str:
     page.wait_for_function("() => new URLSearchParams(window.location.search).has('job')")
-    return _query(page, "job")
+    return query_param(page, "job")
 
 
 def _wait_finished(page, other_than: str | None = None) -> str:
@@ -176,20 +155,20 @@ def test_two_sessions_keep_their_data_and_their_fits_queue(tmp_path):
                 uploads = list((home / "workspace" / "uploads").iterdir())
                 assert len(uploads) == 1 and len(list(uploads[0].iterdir())) == UPLOAD_SAMPLES, uploads
                 upload_name = uploads[0].name
-                expect(_main(page_b).get_by_role("heading", name=upload_name)).to_be_visible()
-                _assert_clean(page_b)
+                expect(main_area(page_b).get_by_role("heading", name=upload_name)).to_be_visible()
+                assert_clean(page_b)
                 timings["upload_s"] = time.perf_counter() - started
 
                 # A's session reruns (a page change and back) and still works on the demo only.
-                _goto_page(page_a, "Refine")
-                expect(_main(page_a).get_by_text(f"Training data: {DEMO_SAMPLES} images")).to_be_visible()
-                _goto_page(page_a, "Data")
+                goto_page(page_a, "Refine")
+                expect(main_area(page_a).get_by_text(f"Training data: {DEMO_SAMPLES} images")).to_be_visible()
+                goto_page(page_a, "Data")
                 expect(_samples_metric(page_a)).to_have_text(str(DEMO_SAMPLES))
-                expect(_main(page_a).get_by_role("heading", name=DEMO_DIR.name)).to_be_visible()
+                expect(main_area(page_a).get_by_role("heading", name=DEMO_DIR.name)).to_be_visible()
                 page_a.get_by_role("tab", name="Upload").click()
                 expect(page_a.get_by_test_id("stFileUploaderFile")).to_have_count(0)  # B's files are not here
                 assert upload_name not in page_a.content()
-                _assert_clean(page_a)
+                assert_clean(page_a)
 
                 # Both prepare a fit of their own data, then press Start: A first, B right after.
                 _prepare_fit_form(page_a, DEMO_SAMPLES)
@@ -210,7 +189,7 @@ def test_two_sessions_keep_their_data_and_their_fits_queue(tmp_path):
                     # jobs, the second queued behind the first. Each page follows its own job.
                     outcome = "queued"
                     own_runs = {name: _wait_finished(page) for name, (page, _) in sessions.items()}
-                    assert (_query(page_a, "job"), _query(page_b, "job")) == (job_a, job_b)
+                    assert (query_param(page_a, "job"), query_param(page_b, "job")) == (job_a, job_b)
                 else:
                     # One press came after its page saw the other's job: the form had no start
                     # button any more, the click started nothing and the session follows the
@@ -232,9 +211,9 @@ def test_two_sessions_keep_their_data_and_their_fits_queue(tmp_path):
 
                 # Each session ends on its own run, trained on its own data.
                 for name, (page, samples) in sessions.items():
-                    expect(_main(page).get_by_text(f"Training data: {samples} images")).to_be_visible()
+                    expect(main_area(page).get_by_text(f"Training data: {samples} images")).to_be_visible()
                     expect(page.get_by_role("heading", name=f"Run {own_runs[name]}")).to_be_visible()
-                    _assert_clean(page)
+                    assert_clean(page)
                 peak_rss = _peak_rss_bytes(server.pid)
         finally:
             browser.close()
