@@ -261,6 +261,8 @@ def _runs() -> None:
         auroc = record.metrics.get("auroc")
         auroc_text = f"{auroc:.4f}" if auroc is not None else "-"
         print(f"{record.run_id:12}  {record.status:7}  {record.kind or '-':6}  {record.n_samples or 0:>7}  {auroc_text:>6}  {record.path}")
+        if record.status == "failed" and record.message:
+            print(f"{'':12}  why: {record.message}")
 
 
 def _demo(args: argparse.Namespace) -> None:

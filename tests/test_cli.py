@@ -102,6 +102,17 @@ def test_an_image_objective_on_a_table_fails_cleanly(tmp_path, capsys):
     fails_cleanly(capsys, ["fit", str(table), "--out", str(tmp_path / "r"), "--objective", "cutpaste"], "tables allow")
 
 
+def test_runs_lists_why_a_run_failed(tmp_path, capsys):
+    table = write_digits_table(tmp_path / "digits.csv")
+    registry = Registry()
+    run_id = registry.start_run(tmp_path / "r", kind="table", data_source=str(table), fingerprint="f",
+                                n_samples=3, config={})
+    registry.fail_run(run_id, "cancelled by the user")
+    assert main(["runs"]) == 0
+    out = capsys.readouterr().out
+    assert run_id in out and "why: cancelled by the user" in out
+
+
 def test_console_script_runs_and_exit_codes(tmp_path):
     table = write_digits_table(tmp_path / "digits.csv", n_normal=40, n_anomalous=4)
     env = {**os.environ, "REFINERY_HOME": str(tmp_path / "home")}
