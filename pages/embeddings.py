@@ -40,10 +40,8 @@ def selected_gallery(run, selected: list[int]) -> None:
 
 def body() -> None:
     st.title("Embeddings")
-    run_dir = services.active_run_dir()
+    run_dir = widgets.require_run()
     if run_dir is None:
-        st.info("No run yet: start one on the Refine page.")
-        widgets.page_link("pages/refine.py", "Refine", ":material/filter_alt:")
         return
     run = runs.saved_run(run_dir)
     layouts = runs.layouts(run_dir)

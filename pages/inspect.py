@@ -99,9 +99,8 @@ def record_verdict(run_id: str, sample_id: str, verdict: str, note_key: str) -> 
 
 def body() -> None:
     st.title("Inspect")
-    run_dir = services.active_run_dir()
+    run_dir = widgets.require_run()
     if run_dir is None:
-        st.info("No run yet: start one on the Refine page.")
         return
     run = runs.saved_run(run_dir)
     requested = st.session_state.pop(state.INSPECT_ID, None)

@@ -84,7 +84,8 @@ def downloads(run, verdicts: dict) -> None:
     st.caption("Score new data with the bundle: unzip it, then `refinery score RUN_DIR DATA --out scores.csv`.")
 
 
-def past_runs(records) -> None:
+def past_runs(records, current: str) -> None:
+    """The registry's runs, and a choice to open one instead of ``current`` (the active run's folder)."""
     st.subheader("Runs")
     frame = pd.DataFrame([{
         "run": Path(r.path).name, "status": r.status, "kind": r.kind, "samples": r.n_samples,
@@ -94,17 +95,16 @@ def past_runs(records) -> None:
     st.dataframe(frame, hide_index=True)
     openable = [r.path for r in records if r.status == "done" and Path(r.path).is_dir()]
     chosen = st.selectbox("Open a run", openable, format_func=lambda p: Path(p).name, key="open_run",
-                          index=openable.index(services.active_run_dir()) if services.active_run_dir() in openable else 0)
-    if chosen != services.active_run_dir() and st.button("Open", key="open_run_button"):
+                          index=openable.index(current) if current in openable else 0)
+    if chosen != current and st.button("Open", key="open_run_button"):
         state.set_run_dir(chosen)
         st.rerun()
 
 
 def body() -> None:
     st.title("Results")
-    run_dir = services.active_run_dir()
+    run_dir = widgets.require_run()
     if run_dir is None:
-        st.info("No run yet: start one on the Refine page.")
         return
     run = runs.saved_run(run_dir)
     records = services.registry().runs()
@@ -116,7 +116,7 @@ def body() -> None:
     verdict_section(run, verdicts)
     comparison_section(run, records)
     downloads(run, verdicts)
-    past_runs(records)
+    past_runs(records, run_dir)
 
 
 widgets.guarded(body)

@@ -10,6 +10,7 @@ from streamlit.errors import StreamlitPageNotFoundError
 
 from core.errors import RefineryError
 from core.jobs import JobStatus
+from pages.components import services
 
 log = logging.getLogger("refinery.app")
 
@@ -41,6 +42,15 @@ def page_link(page: str, label: str, icon: str, where=st) -> None:
         where.page_link(page, label=label, icon=icon)
     except StreamlitPageNotFoundError:
         log.debug("no link to %s: the page runs without the studio's navigation", page)
+
+
+def require_run() -> str | None:
+    """The active run's folder; without one, the page says so, links to Refine, and gets None."""
+    run_dir = services.active_run_dir()
+    if run_dir is None:
+        st.info("No run yet: start one on the Refine page.")
+        page_link("pages/refine.py", "Refine", ":material/filter_alt:")
+    return run_dir
 
 
 def gallery(
