@@ -247,6 +247,10 @@ class CutPastePatchLocalizer(MapLocalizer):
 
     method = "cutpaste"
 
+    param_names = ("image_size", "patch_size", "stride", "fit_stride", "backbone", "epochs",
+                   "patches_per_image", "batch_size", "learning_rate", "embed_batch_size", "max_fit_patches",
+                   "shrinkage", "sigma", "display_quantile", "display_holdout", "device", "seed")
+
     def __init__(
         self,
         *,
@@ -287,10 +291,6 @@ class CutPastePatchLocalizer(MapLocalizer):
         self.seed = seed
 
     # ------------------------------------------------------------------ parameters
-
-    def get_params(self) -> dict:
-        """The constructor's parameters (JSON-serialisable)."""
-        return {name: getattr(self, name) for name in _PARAMS}
 
     def _validate(self) -> None:
         if self.backbone not in PATCH_BACKBONES:
@@ -538,7 +538,7 @@ class CutPastePatchLocalizer(MapLocalizer):
     def load(cls, directory: Path | str, device: str | None = None) -> "CutPastePatchLocalizer":
         """Read a localizer written by :meth:`save` (no pickle); ``device`` overrides the saved one."""
         directory = Path(directory)
-        state, localizer = cls._restore(directory, _STATE_FILE, STATE_FORMAT, _PARAMS, device)
+        state, localizer = cls._restore(directory, _STATE_FILE, STATE_FORMAT, device)
         localizer.backbone_ = state["backbone"]
         encoder = make_backbone(localizer.backbone_, image_size=localizer.patch_size)
         encoder = load_state(encoder, directory / _ENCODER_FILE)
@@ -557,11 +557,6 @@ class CutPastePatchLocalizer(MapLocalizer):
         localizer.train_losses_ = [float(loss) for loss in state["train_losses"]]
         localizer.display_scale_ = float(state["display_scale"])
         return localizer
-
-
-_PARAMS = ("image_size", "patch_size", "stride", "fit_stride", "backbone", "epochs", "patches_per_image", "batch_size",
-           "learning_rate", "embed_batch_size", "max_fit_patches", "shrinkage", "sigma", "display_quantile",
-           "display_holdout", "device", "seed")
 
 
 def _is_int(value) -> bool:

@@ -23,8 +23,14 @@ DISPLAY_SAMPLE = 16384
 class MapLocalizer:
     """Mixin: public map API on top of a subclass's ``_map_batches``."""
 
+    param_names: tuple[str, ...]
+    """The constructor's parameters, in order (set by each localizer)."""
     display_quantile: float
     display_scale_: float
+
+    def get_params(self) -> dict:
+        """The constructor's parameters (JSON-serialisable)."""
+        return {name: getattr(self, name) for name in self.param_names}
 
     def iter_anomaly_maps(
         self,
@@ -84,7 +90,7 @@ class MapLocalizer:
         return scale if scale > 0 and np.isfinite(scale) else 1.0
 
     @classmethod
-    def _restore(cls, directory: Path, state_file: str, state_format: int, param_names, device: str | None):
+    def _restore(cls, directory: Path, state_file: str, state_format: int, device: str | None):
         """Read ``state_file`` written by ``save``: returns (its state dict, an unfitted localizer built from
         the saved parameters, ``device`` overriding the saved one). Errors are RunErrors that say what to do."""
         if not (directory / state_file).is_file():
@@ -93,7 +99,7 @@ class MapLocalizer:
         if state.get("format") != state_format:
             raise RunError(f"{directory / state_file} has format {state.get('format')}; expected {state_format}")
         params = dict(state["params"])
-        unknown = sorted(set(params) - set(param_names))
+        unknown = sorted(set(params) - set(cls.param_names))
         if unknown:
             raise RunError(f"{directory / state_file} has unknown parameters: {', '.join(unknown)}")
         if device is not None:

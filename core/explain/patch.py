@@ -330,6 +330,10 @@ class PatchLocalizer(MapLocalizer):
         Divide a map by this for display (see :meth:`normalize`).
     """
 
+    param_names = ("method", "image_size", "backbone", "device", "batch_size", "coreset_size", "coreset_ratio",
+                   "max_pool_patches", "projection_dim", "support_images", "sigma", "display_quantile",
+                   "display_holdout", "seed")
+
     def __init__(
         self,
         method: str = "memory",
@@ -364,10 +368,6 @@ class PatchLocalizer(MapLocalizer):
         self.seed = seed
 
     # ------------------------------------------------------------------ parameters
-
-    def get_params(self) -> dict:
-        """The constructor's parameters (JSON-serialisable)."""
-        return {name: getattr(self, name) for name in _PARAMS}
 
     def _validate(self) -> None:
         if self.method not in METHODS:
@@ -579,7 +579,7 @@ class PatchLocalizer(MapLocalizer):
     def load(cls, directory: Path | str, device: str | None = None) -> "PatchLocalizer":
         """Read a localizer written by :meth:`save` (no pickle); ``device`` overrides the saved one."""
         directory = Path(directory)
-        state, localizer = cls._restore(directory, _STATE_FILE, STATE_FORMAT, _PARAMS, device)
+        state, localizer = cls._restore(directory, _STATE_FILE, STATE_FORMAT, device)
         arrays = {k: torch.from_numpy(v.copy()) for k, v in read_arrays(directory / _ARRAYS_FILE).items()}
         needed = ("mean", "precision", "shrinkage") if localizer.method == "gaussian" else ("memory_bank",
                                                                                            "memory_owner")
@@ -593,10 +593,6 @@ class PatchLocalizer(MapLocalizer):
         localizer.n_train_images_ = int(state["n_train_images"])
         localizer.display_scale_ = float(state["display_scale"])
         return localizer
-
-
-_PARAMS = ("method", "image_size", "backbone", "device", "batch_size", "coreset_size", "coreset_ratio",
-           "max_pool_patches", "projection_dim", "support_images", "sigma", "display_quantile", "display_holdout", "seed")
 
 
 def image_scores_from_maps(
