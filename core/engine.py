@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 import pandas as pd
 
+from core.compute import Compute, LocalCompute, check_finite
 from core.config import FitConfig
 from core.data import IMAGES, Dataset, load_dataset
 from core.data.images import image_shape
@@ -186,9 +187,11 @@ def new_run_dir(name: str, root: Path | None = None) -> Path:
 
 def fit_work(
     dataset: Dataset, config: FitConfig, out_dir: Path, *, verdicts: Mapping[str, str] | None = None,
-    registry: Registry | None = None,
+    registry: Registry | None = None, session: str | None = None,
 ) -> Callable[[JobContext], FitResult]:
     """A background-job body (:class:`core.jobs.JobRunner`) that fits ``dataset`` into ``out_dir``.
+
+    ``session`` is passed on to :func:`fit`.
 
     It publishes ``dataset`` at the start, ``rounds`` (the finished :class:`RefinementRound` list)
     after every round and ``run_dir`` when the run is saved.
@@ -204,7 +207,7 @@ def fit_work(
 
         result = fit(
             dataset, config, out_dir, verdicts=verdicts, registry=registry, on_round=publish_round,
-            on_progress=context.on_progress, cancel=context.cancel,
+            on_progress=context.on_progress, cancel=context.cancel, session=session,
         )
         context.publish("run_dir", result.run_dir)
         return result
@@ -246,12 +249,16 @@ def fit(
     on_round: Callable[[RefinementRound], None] | None = None,
     on_progress: ProgressCallback = ignore_progress,
     cancel: CancelToken | None = None,
+    compute: Compute | None = None,
+    session: str | None = None,
 ) -> FitResult:
     """Fit a run on ``dataset`` and save it to ``out_dir`` (which must not hold anything yet).
 
     ``verdicts`` maps sample ids to an expert's ``normal`` / ``anomaly`` / ``unsure``: confirmed
     normals are always kept, confirmed anomalies always removed (see :mod:`core.refine`).
-    ``on_round`` receives each refinement round as soon as it is done.
+    ``on_round`` receives each refinement round as soon as it is done. ``session`` is the id of
+    the studio session that starts the fit (None from the command line): the registry keeps the
+    run private to it until it is shared (see :class:`core.store.Registry`).
 
     The run is built in a partial folder beside ``out_dir`` (:func:`core.store.staged_directory`):
     an error removes it, a killed process leaves it. ``resume=True`` continues such a fit (same
@@ -260,6 +267,10 @@ def fit(
     rounds (cheap, and deterministic under the seed), and saves the same run an uninterrupted fit
     would have. Without a partial folder, ``resume=True`` starts afresh; without ``resume``, an
     existing partial folder is refused.
+
+    ``compute`` runs the embedding of a frozen encoder and the detector fits and scoring (default:
+    this process; :class:`core.distributed.ray_compute.RayCompute` for a Ray cluster). It changes
+    where the work runs, not the run: it is not part of the config.
     """
     config = config.validate().for_data(dataset.kind)
     _check_trainable(dataset, config)
@@ -272,11 +283,13 @@ def fit(
     run_id = registry.start_run(
         out_dir, kind=dataset.kind, data_source=str(dataset.source), fingerprint=dataset.fingerprint,
         n_samples=len(dataset), config=asdict(config), run_id=_interrupted_run(out_dir, attempt) if resume else None,
+        session=session,
     )
     try:
         with staged_directory(out_dir, resume=resume) as staging:
             write_json(staging / RESUME_DIR / ATTEMPT_FILE, {**attempt, "run_id": run_id})
-            result = _fit(dataset, config, pinned, out_dir, staging, run_id, registry, on_round, on_progress, cancel)
+            result = _fit(dataset, config, pinned, out_dir, staging, run_id, registry, on_round, on_progress, cancel,
+                          compute or LocalCompute())
     except BaseException as error:
         try:
             registry.fail_run(run_id, str(error) or type(error).__name__)
@@ -308,17 +321,19 @@ def _interrupted_run(out_dir: Path, attempt: dict) -> str | None:
     return run_id
 
 
-def _fit(dataset, config, pinned, out_dir, staging, run_id, registry, on_round, on_progress, cancel) -> FitResult:
+def _fit(dataset, config, pinned, out_dir, staging, run_id, registry, on_round, on_progress, cancel, compute) -> FitResult:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     unlabeled = dataset.without_labels()
     encoder = make_encoder(config, dataset, checkpoint_dir=staging / RESUME_DIR / TRAINING_DIR)
     if config.objective == "none":
         encoder.fit(unlabeled)
-        embeddings = _cached_embeddings(staging / RESUME_DIR / EMBEDDINGS_CACHE, encoder, unlabeled, on_progress, cancel)
+        embeddings = _cached_embeddings(
+            staging / RESUME_DIR / EMBEDDINGS_CACHE, encoder, unlabeled, compute, on_progress, cancel
+        )
     else:
         encoder.fit(unlabeled, on_progress=on_progress, cancel=cancel)
-        embeddings = _checked(encoder.embed_training_data(on_progress, cancel))
+        embeddings = check_finite(encoder.embed_training_data(on_progress, cancel))
     timings["embed_s"] = time.perf_counter() - started
     retrain = _self_training(encoder, config, staging, on_progress, cancel)
 
@@ -335,7 +350,7 @@ def _fit(dataset, config, pinned, out_dir, staging, run_id, registry, on_round, 
 
     model = refine_and_fit(
         embeddings, config, labels=dataset.labels, pinned=pinned, retrain=retrain, on_round=record_round,
-        on_progress=on_progress, cancel=cancel,
+        on_progress=on_progress, cancel=cancel, compute=compute,
     )
     timings["refine_and_detector_s"] = time.perf_counter() - started
     scores = Scores(dataset.ids, model.train_score, model.train_score > model.threshold, model.threshold, dataset.labels)
@@ -363,7 +378,7 @@ def _self_training(encoder, config, staging, on_progress, cancel) -> Callable[[n
     def retrain(kept: np.ndarray) -> np.ndarray:
         encoder.retrain(kept, on_progress=on_progress, cancel=cancel)
         encoder.save(staging, suffix=f"_round_{encoder.rounds_trained}")
-        return _checked(encoder.embed_training_data(on_progress, cancel))
+        return check_finite(encoder.embed_training_data(on_progress, cancel))
 
     return retrain
 
@@ -407,6 +422,7 @@ def refine_and_fit(
     on_round: Callable[[RefinementRound], None] | None = None,
     on_progress: ProgressCallback = ignore_progress,
     cancel: CancelToken | None = None,
+    compute: Compute | None = None,
 ) -> RefinedModel:
     """STOC refinement (when configured), the final detector on the kept samples, and the threshold.
 
@@ -415,11 +431,13 @@ def refine_and_fit(
     ``pinned`` carries an expert's verdicts (:func:`pinned_from_verdicts`). ``retrain`` (STOC
     self-training) receives the kept mask after every round, returns new embeddings of all samples,
     and runs once more after the last round so that the final detector sees the last representation.
-    ``config.detector`` must be concrete: resolve ``auto`` with :meth:`FitConfig.for_data` first.
+    ``compute`` fits and scores the detectors (default: this process, streaming chunks of rows, so
+    ``embeddings`` may be a memory-mapped file). ``config.detector`` must be concrete: resolve ``auto`` with :meth:`FitConfig.for_data` first.
     """
     if config.detector == "auto":
         raise ConfigError("refine_and_fit needs a concrete detector; call config.for_data(kind) first")
     factory = partial(make_detector, config.detector, random_state=config.seed)
+    compute = compute or LocalCompute()
     rounds: list[RefinementRound] = []
     pinned = check_pinned(pinned, len(embeddings))
     kept = pinned != 1
@@ -434,7 +452,7 @@ def refine_and_fit(
             embeddings, factory, ensemble=config.ensemble, gamma=config.gamma, rounds=config.rounds,
             threshold_source=config.threshold_source, min_keep_fraction=config.min_keep_fraction,
             seed=config.seed, labels=labels, pinned=pinned, retrain=retrain and retrain_and_record,
-            on_progress=on_progress, cancel=cancel,
+            on_progress=on_progress, cancel=cancel, compute=compute,
         )
         for record in refinement:
             rounds.append(record)
@@ -443,9 +461,9 @@ def refine_and_fit(
                 on_round(record)
     worked_on = round_embeddings[: len(rounds)] if rounds else []
     final = retrain(kept) if retrain is not None and rounds else round_embeddings[-1]
-    contamination = _contamination(config, final, factory, rounds)
-    detector = factory().fit(final[kept])
-    train_score = -detector.score_samples(final).astype(np.float64)
+    contamination = _contamination(config, final, factory, rounds, compute)
+    detector = compute.fit_detectors(factory, final, [np.flatnonzero(kept)])[0]
+    train_score = -compute.score([detector], final)[0]
     threshold = float(np.quantile(train_score, 1.0 - contamination))
     return RefinedModel(rounds, kept, contamination, detector, train_score, threshold, final, worked_on)
 
@@ -460,7 +478,7 @@ def _check_trainable(dataset: Dataset, config: FitConfig) -> None:
         )
 
 
-def _cached_embeddings(path: Path, encoder: Encoder, dataset: Dataset, on_progress, cancel) -> np.ndarray:
+def _cached_embeddings(path: Path, encoder: Encoder, dataset: Dataset, compute: Compute, on_progress, cancel) -> np.ndarray:
     """The embeddings saved at ``path`` (a ``.npy`` file) by an interrupted attempt of this fit, or new ones.
 
     Images are embedded straight into a memory-mapped file, so extraction holds one batch in memory
@@ -468,32 +486,24 @@ def _cached_embeddings(path: Path, encoder: Encoder, dataset: Dataset, on_progre
     """
     if path.is_file():
         log.info("reusing the embeddings extracted before the interruption (%s)", path)
-        return _checked(np.load(path, mmap_mode="r"))
+        return check_finite(np.load(path, mmap_mode="r"))
     if dataset.kind != IMAGES:
-        embeddings = _embed(encoder, dataset, on_progress, cancel)
+        embeddings = check_finite(compute.embed(encoder, dataset, on_progress=on_progress, cancel=cancel))
         write_npy(path, embeddings)
         return embeddings
     partial = path.with_name(f".{path.name}.partial")
     partial.parent.mkdir(parents=True, exist_ok=True)
     rows = embedding_memmap(partial, len(dataset), encoder.embedding_dim)
-    encoder.embed(dataset, on_progress=on_progress, cancel=cancel, out=rows)
+    compute.embed(encoder, dataset, out=rows, on_progress=on_progress, cancel=cancel)
     rows.flush()
     with disk_errors(path):
         os.replace(partial, path)
-    return _checked(rows)
+    return check_finite(rows)
 
 
-def _embed(encoder: Encoder, dataset: Dataset, on_progress, cancel) -> np.ndarray:
-    return _checked(encoder.embed(dataset, on_progress=on_progress, cancel=cancel))
 
 
-def _checked(embeddings: np.ndarray) -> np.ndarray:
-    if not np.all(np.isfinite(embeddings)):
-        raise DataError("the representation produced NaN or infinite values; check the input data")
-    return embeddings
-
-
-def _contamination(config, embeddings, factory, rounds) -> float:
+def _contamination(config, embeddings, factory, rounds, compute) -> float:
     """Share of the training data expected to be anomalous; sets the is_anomaly threshold.
 
     A numeric gamma is taken as the user's statement of the contamination; ``auto`` uses the
@@ -503,7 +513,7 @@ def _contamination(config, embeddings, factory, rounds) -> float:
         return float(config.gamma)
     if rounds:
         return rounds[0].gamma
-    return contamination_from_data(embeddings, factory, ensemble=config.ensemble, seed=config.seed)
+    return contamination_from_data(embeddings, factory, ensemble=config.ensemble, seed=config.seed, compute=compute)
 
 
 def _save_run(
@@ -595,13 +605,17 @@ class FittedRun:
             self.localizer = localizer_class.load(self.run_dir, device=self.config.device)
 
     def score(
-        self, dataset: Dataset, on_progress: ProgressCallback = ignore_progress, cancel: CancelToken | None = None
+        self, dataset: Dataset, on_progress: ProgressCallback = ignore_progress, cancel: CancelToken | None = None,
+        compute: Compute | None = None,
     ) -> Scores:
-        """Score every sample of ``dataset`` with this run's encoder, detector and threshold."""
+        """Score every sample of ``dataset`` with this run's encoder, detector and threshold.
+
+        ``compute`` runs the embedding and scoring (default: this process, chunk by chunk)."""
         if dataset.kind != self.info["kind"]:
             raise DataError(f"this run was fitted on {self.info['kind']} but the data is {dataset.kind}")
-        embeddings = _embed(self.encoder, dataset, on_progress, cancel)
-        anomaly_score = -self.detector.score_samples(embeddings).astype(np.float64)
+        compute = compute or LocalCompute()
+        normality = compute.score_dataset(self.encoder, self.detector, dataset, on_progress=on_progress, cancel=cancel)
+        anomaly_score = -np.asarray(normality, dtype=np.float64)
         on_progress(ProgressEvent("score", len(dataset), len(dataset), "scored"))
         return Scores(dataset.ids, anomaly_score, anomaly_score > self.threshold, self.threshold, dataset.labels)
 
@@ -682,7 +696,7 @@ class FittedRun:
             if unknown:
                 raise DataError(f"no row with id {', '.join(unknown[:5])} (ids are 0-based row numbers)")
             dataset = dataset.subset(np.array([position[i] for i in ids]))
-        encoded = _embed(self.encoder, dataset, ignore_progress, None)
+        encoded = check_finite(self.encoder.embed(dataset))
         state = self.encoder.state_
         explanations = explain_table_rows(
             encoded, self.kept_embeddings, self.encoder.feature_names, self.detector,

@@ -16,6 +16,10 @@ suspicious samples are removed, and the record says so). ``gamma="auto"`` re-est
 contamination in every round from the ensemble's cross-fitted scores
 (:func:`estimate_contamination`), so rounds stop removing once the data look clean.
 
+Detectors are fitted and scored through a :class:`~core.compute.Compute` (``compute``; default:
+this process, streaming chunks of rows), so the embeddings may be a memory-mapped file, and the K
+detectors of a round may run on a Ray cluster.
+
 A ``retrain`` callback, when given, receives the kept mask between rounds and returns new
 embeddings for all samples: this is where self-supervised retraining plugs in.
 
@@ -32,12 +36,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from core.compute import Compute, DetectorFactory, LocalCompute
 from core.errors import ConfigError, DataError
 from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
 
 log = logging.getLogger(__name__)
 
-DetectorFactory = Callable[[], object]
 MIN_SAMPLES_PER_DETECTOR = 3
 AUTO_GAMMA_BOUNDS = (0.01, 0.4)
 AUTO_GAMMA_CUTOFF = 3.0
@@ -105,6 +109,7 @@ def iter_refine(
     retrain: Callable[[np.ndarray], np.ndarray] | None = None,
     on_progress: ProgressCallback = ignore_progress,
     cancel: CancelToken | None = None,
+    compute: Compute | None = None,
 ) -> Iterator[RefinementRound]:
     """Yield one :class:`RefinementRound` per round (see the module docstring).
 
@@ -119,6 +124,8 @@ def iter_refine(
     pinned : (N,) int array, optional
         An expert's verdicts, same coding as ``labels``: 1 = always removed, 0 = never removed,
         -1 = left to the detectors (see :func:`core.engine.pinned_from_verdicts`).
+    compute : Compute, optional
+        Fits and scores the detectors (default: :class:`~core.compute.LocalCompute`).
     """
     features = np.asarray(embeddings)
     n = len(features)
@@ -134,6 +141,7 @@ def iter_refine(
     confirmed_anomalies = np.flatnonzero(~kept)
     min_kept = int(np.ceil(min_keep_fraction * n))
     rng = np.random.default_rng(seed)
+    compute = compute or LocalCompute()
     for round_number in range(1, rounds + 1):
         if cancel is not None:
             cancel.raise_if_cancelled()
@@ -142,7 +150,7 @@ def iter_refine(
         if len(active) < ensemble * MIN_SAMPLES_PER_DETECTOR:
             log.info("refinement stopped: too few samples left for K=%d", ensemble)
             return
-        vote = _ensemble_vote(features, active, detector_factory, ensemble, gamma, threshold_source, rng)
+        vote = _ensemble_vote(features, active, detector_factory, ensemble, gamma, threshold_source, rng, compute)
         flagged = active[vote.votes > 0]
         order = np.argsort(-vote.consensus[vote.votes > 0], kind="stable")
         flagged = flagged[order]
@@ -195,14 +203,13 @@ class _Vote:
     gamma: float
 
 
-def _ensemble_vote(features, active, factory, ensemble, gamma, threshold_source, rng) -> _Vote:
+def _ensemble_vote(features, active, factory, ensemble, gamma, threshold_source, rng, compute) -> _Vote:
     """Fit K detectors on disjoint subsets of ``active`` and let each vote on every active sample."""
-    parts = np.array_split(rng.permutation(len(active)), ensemble)
-    scores = np.empty((ensemble, len(active)))
+    parts = [np.sort(part) for part in np.array_split(rng.permutation(len(active)), ensemble)]
+    detectors = compute.fit_detectors(factory, features, [active[part] for part in parts])
+    scores = compute.score(detectors, features, active)
     member = np.zeros((ensemble, len(active)), dtype=bool)
     for k, part in enumerate(parts):
-        detector = factory().fit(features[active[part]])
-        scores[k] = detector.score_samples(features[active])
         member[k, part] = True
     # Cross-fitting: each detector is judged on the samples it did not see. A single detector
     # (K = 1, in-sample thresholds only) has no such samples and is judged on all of them.
@@ -274,7 +281,8 @@ def _record(round_number, kept, removed, vote, active, n, started, capped, label
 
 
 def contamination_from_data(
-    embeddings: np.ndarray, detector_factory: DetectorFactory, *, ensemble: int = 5, seed: int = 0
+    embeddings: np.ndarray, detector_factory: DetectorFactory, *, ensemble: int = 5, seed: int = 0,
+    compute: Compute | None = None,
 ) -> float:
     """Label-free contamination estimate of a whole training set (no samples removed).
 
@@ -286,6 +294,7 @@ def contamination_from_data(
     if ensemble < 2:
         raise DataError(f"estimating the contamination needs at least {2 * MIN_SAMPLES_PER_DETECTOR} samples")
     vote = _ensemble_vote(
-        features, np.arange(len(features)), detector_factory, ensemble, "auto", "held_out", np.random.default_rng(seed)
+        features, np.arange(len(features)), detector_factory, ensemble, "auto", "held_out", np.random.default_rng(seed),
+        compute or LocalCompute(),
     )
     return vote.gamma

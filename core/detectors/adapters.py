@@ -110,6 +110,8 @@ class PyODAdapter(_Adapter):
     """
 
     _score_methods = ("decision_function",)
+    transductive = True
+    """Rows are scored in one batch, never in chunks (:func:`core.compute.score_rows`)."""
 
     def _score_samples(self, X: np.ndarray) -> np.ndarray:
         return -np.asarray(self.estimator_.decision_function(X), dtype=np.float64).ravel()
