@@ -1,6 +1,8 @@
 """The local compute streams chunks of rows and gives what the detectors give on whole arrays."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,6 +15,7 @@ from core.detectors import GaussianDensity, make_detector
 from core.detectors.gde import GaussianMoments, sample_mean
 from core.errors import DataError
 from core.models.tabular import TableEncoder
+from tests.test_memory_scale import resident_kib
 
 
 @pytest.fixture
@@ -124,3 +127,16 @@ def test_check_finite_names_the_problem(embeddings_file):
     damaged[8500, 3] = np.nan
     with pytest.raises(DataError, match="NaN or infinite"):
         check_finite(damaged)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are only handed back on Linux")
+def test_a_pass_over_a_memmap_does_not_leave_it_resident(tmp_path):
+    path = tmp_path / "e.npy"
+    np.save(path, np.random.default_rng(0).normal(size=(20_000, 64)).astype(np.float32))  # 5 MiB
+    features = np.load(path, mmap_mode="r")
+    rows = np.flatnonzero(np.arange(len(features)) % 4 != 0)
+    detector = fit_rows(make_detector("gde"), features, rows)
+    score_rows([detector], features)
+    assert resident_kib(path) <= 2 * compute.CHUNK_ROWS * 64 * 4 // 1024  # at most about the last chunk
+    np.asarray(features).sum()  # a plain pass keeps the pages resident: the check above can fail
+    assert resident_kib(path) >= features.nbytes // 1024

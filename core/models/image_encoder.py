@@ -3,12 +3,9 @@ from __future__ import annotations
 
 import errno
 import logging
-import mmap
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +14,13 @@ import torch
 from core.config import FitConfig
 from core.data.dataset import Dataset
 from core.data.images import read_rgb
+from core.mapped import MappedPages
 from core.models.device import resolve_device
 from core.models.efficientnet import load_backbone, normalize_images
 from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
 from core.store import disk_errors
 
 log = logging.getLogger(__name__)
-
-# Linux keeps the data of a shared file mapping when its pages are dropped with MADV_DONTNEED
-# (a later read faults them back in from the page cache or the file); elsewhere nothing is dropped.
-_DROP_PAGES = getattr(mmap, "MADV_DONTNEED", None) if sys.platform.startswith("linux") else None
 
 
 def embedding_memmap(path: Path | str, n: int, dim: int) -> np.memmap:
@@ -131,7 +125,7 @@ class ImageEncoder:
         size, batch_size = self.config.image_size, self.config.batch_size
         starts = range(0, n, batch_size)
         model, layers = self.model, self.config.feature_layers
-        pages = _MappedPages.of(out)
+        pages = MappedPages.of(out)
         started = time.perf_counter()
 
         def read_batch(start: int) -> np.ndarray:
@@ -166,42 +160,3 @@ class ImageEncoder:
         if self.device.type == "cpu":
             batch = batch.contiguous(memory_format=torch.channels_last)
         return model.pooled(batch, layers).float().cpu().numpy()
-
-
-@dataclass
-class _MappedPages:
-    """The shared file mapping under a C-contiguous view of a writable ``np.memmap``.
-
-    Rows already written sit in the page cache and in the file; :meth:`release` drops them from
-    this process's resident memory, so writing N rows does not grow it by N rows.
-    """
-
-    mapping: mmap.mmap
-    row_zero: int
-    """Byte offset of the view's first row in ``mapping``."""
-    row_bytes: int
-    released: int
-    """Bytes of ``mapping`` released so far (a multiple of the page size)."""
-
-    @classmethod
-    def of(cls, array: np.ndarray) -> "_MappedPages | None":
-        """The mapping under ``array``, or None when there is none whose pages can be dropped safely."""
-        if _DROP_PAGES is None or array.size == 0 or not array.flags.c_contiguous:
-            return None
-        memmap, base = None, array
-        while base is not None and not isinstance(base, mmap.mmap):
-            if memmap is None and isinstance(base, np.memmap):
-                memmap = base
-            base = getattr(base, "base", None)
-        # Copy-on-write ("c") pages hold the only copy of what was written: they are never dropped.
-        if base is None or memmap is None or memmap.mode not in ("r+", "w+"):
-            return None
-        row_zero = array.ctypes.data - np.frombuffer(base, np.uint8).ctypes.data
-        return cls(base, row_zero, array.strides[0], row_zero // mmap.PAGESIZE * mmap.PAGESIZE)
-
-    def release(self, rows: int) -> None:
-        """Drop the whole pages holding rows ``[0, rows)`` that are still resident."""
-        end = (self.row_zero + rows * self.row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
-        if end > self.released:
-            self.mapping.madvise(_DROP_PAGES, self.released, end - self.released)
-            self.released = end
