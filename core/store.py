@@ -13,6 +13,12 @@ timeout so the app and the CLI can write at once. A running run records its owne
 (host, pid, process start time); opening the registry marks runs whose owner has ended as
 failed, "interrupted (process ended)", so no run stays ``running`` forever.
 
+A run started from the studio records the id of its studio session (``session``, a hash of the
+session's secret key): it is private to that session until the session shares it
+(:meth:`Registry.share_run`). Runs without a session (the command line's) belong to the machine's
+owner and are visible to every session. :meth:`Registry.runs` with ``visible_to`` and
+:meth:`Registry.may_open` apply that rule.
+
 A write the disk refuses (full, read-only, no permission) is a :class:`~core.errors.StorageError`
 that names the cause.
 """
@@ -61,7 +67,9 @@ CREATE TABLE IF NOT EXISTS runs (
     config TEXT,
     metrics TEXT,
     message TEXT,
-    owner TEXT
+    owner TEXT,
+    session TEXT,
+    shared INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS rounds (
     run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
@@ -265,6 +273,7 @@ def staged_directory(destination: Path, *, resume: bool = False) -> Iterator[Pat
 # ----------------------------------------------------------------------------- registry
 
 _RUN_COLUMNS = "run_id, path, created, status, kind, data_source, fingerprint, n_samples, config, metrics, message"
+_RECORD_COLUMNS = f"{_RUN_COLUMNS}, session, shared"
 
 
 @dataclass(frozen=True)
@@ -282,6 +291,18 @@ class RunRecord:
     config: dict
     metrics: dict
     message: str | None
+    session: str | None = None
+    """The studio session that started the run; None for the command line's runs."""
+    shared: bool = False
+    """Whether that session shared the run with the other sessions."""
+
+    def owned_by(self, session: str) -> bool:
+        """Whether ``session`` started this run (and may share it)."""
+        return self.session is not None and self.session == session
+
+    def visible_to(self, session: str) -> bool:
+        """Whether ``session`` may list and open this run: its own, a shared one, or the command line's."""
+        return self.session is None or self.shared or self.session == session
 
 
 class Registry:
@@ -316,12 +337,15 @@ class Registry:
 
     def start_run(
         self, path: Path, *, kind: str, data_source: str, fingerprint: str, n_samples: int, config: dict,
-        run_id: str | None = None,
+        run_id: str | None = None, session: str | None = None,
     ) -> str:
         """Register a run as ``running``, owned by this process; returns its id.
 
-        With ``run_id`` (a resumed fit), that run is registered again: its rounds are cleared and
-        its status, owner and details replaced. RunError when a live process still owns it.
+        ``session`` is the id of the studio session that starts the run (None from the command
+        line); the run is private to it until shared. With ``run_id`` (a resumed fit), that run is
+        registered again: its rounds are cleared and its status, owner and details replaced (its
+        session and sharing are kept when the resuming caller gives no session). RunError when a
+        live process still owns it.
         """
         run_id = run_id or uuid.uuid4().hex[:12]
         owner = _this_process()
@@ -334,12 +358,14 @@ class Registry:
                                "wait for it to end or stop it")
             db.execute("DELETE FROM rounds WHERE run_id=?", (run_id,))
             db.execute(
-                f"INSERT INTO runs ({_RUN_COLUMNS}, owner) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, '{{}}', NULL, ?) "
+                f"INSERT INTO runs ({_RUN_COLUMNS}, owner, session) "
+                "VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, '{}', NULL, ?, ?) "
                 "ON CONFLICT(run_id) DO UPDATE SET path=excluded.path, status='running', kind=excluded.kind, "
                 "data_source=excluded.data_source, fingerprint=excluded.fingerprint, n_samples=excluded.n_samples, "
-                "config=excluded.config, metrics='{}', message=NULL, owner=excluded.owner",
+                "config=excluded.config, metrics='{}', message=NULL, owner=excluded.owner, "
+                "session=COALESCE(excluded.session, runs.session)",
                 (run_id, str(Path(path).resolve()), time.time(), kind, data_source, fingerprint, n_samples,
-                 json.dumps(config), owner),
+                 json.dumps(config), owner, session),
             )
         return run_id
 
@@ -379,15 +405,58 @@ class Registry:
             log.info("run %s: %s", run_id, INTERRUPTED)
         return [run_id for run_id, _ in ended]
 
-    def runs(self) -> list[RunRecord]:
-        """All runs, newest first (after :meth:`reap_stale`)."""
+    def runs(self, *, visible_to: str | None = None) -> list[RunRecord]:
+        """Runs, newest first (after :meth:`reap_stale`).
+
+        Parameters
+        ----------
+        visible_to : str, optional
+            A studio session's id: only the runs it may see (:meth:`RunRecord.visible_to`: its own,
+            shared ones and the command line's). None lists every run (the command line's view).
+        """
         self.reap_stale()
+        where, parameters = ("", ()) if visible_to is None else (
+            "WHERE session IS NULL OR shared OR session=? ", (visible_to,))
         with self._connect() as db:
-            rows = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY created DESC").fetchall()
-        return [
-            RunRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], json.loads(r[8] or "{}"), json.loads(r[9] or "{}"), r[10])
-            for r in rows
-        ]
+            rows = db.execute(f"SELECT {_RECORD_COLUMNS} FROM runs {where}ORDER BY created DESC", parameters).fetchall()
+        return [_record(row) for row in rows]
+
+    def run_at(self, run_dir: Path | str) -> RunRecord | None:
+        """The record of the run saved in ``run_dir``, or None when the registry does not list it.
+
+        The run is found by its folder (however the path is spelled) or, for a folder the registry
+        knows under another path, by the run id its ``run.json`` names.
+        """
+        run_dir = Path(run_dir).resolve()
+        try:
+            run_id = json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("run_id")
+        except (OSError, ValueError, AttributeError):  # no run here, or a damaged one: matched by folder only
+            run_id = None
+        with self._connect() as db:
+            row = db.execute(f"SELECT {_RECORD_COLUMNS} FROM runs WHERE path=? OR run_id=? ORDER BY path=? DESC",
+                             (str(run_dir), run_id, str(run_dir))).fetchone()
+        return None if row is None else _record(row)
+
+    def may_open(self, run_dir: Path | str, session: str) -> bool:
+        """Whether ``session`` may open the run in ``run_dir``: False only for another session's
+        private run (a folder the registry does not list is no session's)."""
+        record = self.run_at(run_dir)
+        return record is None or record.visible_to(session)
+
+    def share_run(self, run_id: str, shared: bool, *, session: str) -> None:
+        """Share ``session``'s run with every other session (``shared=True``) or make it private again.
+
+        Raises
+        ------
+        RunError
+            If the run is not ``session``'s (another session's, the command line's or unknown).
+        """
+        with self._connect() as db:
+            changed = db.execute("UPDATE runs SET shared=? WHERE run_id=? AND session=?",
+                                 (int(shared), run_id, session)).rowcount
+        if not changed:
+            raise RunError(f"run {run_id} was not started by this session; only the session that started it "
+                           "can share it")
 
     def rounds(self, run_id: str) -> list[dict]:
         with self._connect() as db:
@@ -416,15 +485,28 @@ _SQLITE_DISK_ERRORS = {
 }
 
 
+_ADDED_COLUMNS = {"owner": "TEXT", "session": "TEXT", "shared": "INTEGER NOT NULL DEFAULT 0"}
+"""Columns of ``runs`` that older registries lack, with their definitions (old runs: no owner, no
+session, not shared)."""
+
+
 def _add_missing_columns(db: sqlite3.Connection) -> None:
     """Bring a registry made by an older version up to the current schema."""
     columns = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
-    if "owner" not in columns:
+    for name, definition in _ADDED_COLUMNS.items():
+        if name in columns:
+            continue
         try:
-            db.execute("ALTER TABLE runs ADD COLUMN owner TEXT")
+            db.execute(f"ALTER TABLE runs ADD COLUMN {name} {definition}")
         except sqlite3.OperationalError as error:  # another process added it since
             if "duplicate column" not in str(error):
                 raise
+
+
+def _record(row: tuple) -> RunRecord:
+    """A :class:`RunRecord` from a row of ``_RECORD_COLUMNS``."""
+    *fields, config, metrics, message, session, shared = row
+    return RunRecord(*fields, json.loads(config or "{}"), json.loads(metrics or "{}"), message, session, bool(shared))
 
 
 def _this_process() -> str:
