@@ -17,6 +17,7 @@ from core.data.sources import (
     DEMO_DIR,
     MAX_NAME_CHARS,
     builtin_sources,
+    earlier_uploads,
     prepare_builtin,
     resolve_server_folder,
     save_uploads,
@@ -267,6 +268,31 @@ def test_each_upload_gets_a_new_folder(tmp_path):
     assert first != second and first.parent == second.parent
 
 
+ALICE, BOB = "a1" * 16, "b2" * 16  # studio session ids: hashes of the sessions' keys
+
+
+def test_a_sessions_uploads_go_into_its_own_folder_and_only_it_lists_them(tmp_path):
+    assert earlier_uploads(tmp_path, ALICE) == []
+    images = save_uploads([("a.png", _png_bytes(0)), ("b.png", _png_bytes(1))], tmp_path, session=ALICE)
+    os.utime(images, ns=(1, 1))  # uploaded long before the table
+    table = save_uploads([("sensors.csv", b"x,y\n1,2\n")], tmp_path, session=ALICE)
+    archive = save_uploads([("set.zip", b"PK")], tmp_path, session=BOB)
+    assert images.parent == table.parent.parent == (tmp_path / "uploads" / ALICE).resolve()
+    assert archive.parent.parent == (tmp_path / "uploads" / BOB).resolve()
+    assert earlier_uploads(tmp_path, ALICE) == [table, images]  # newest first, each as save_uploads returned it
+    assert earlier_uploads(tmp_path, BOB) == [archive]
+    assert earlier_uploads(tmp_path, "c3" * 16) == []
+
+
+@pytest.mark.parametrize("session", ["", "..", "../" + ALICE, ALICE.upper(), "a1b2", ALICE + "/x"])
+def test_a_malformed_session_id_is_refused_before_anything_is_written(tmp_path, session):
+    with pytest.raises(ConfigError, match="session must be a studio session id"):
+        save_uploads([("a.png", _png_bytes())], tmp_path, session=session)
+    with pytest.raises(ConfigError, match="session must be a studio session id"):
+        earlier_uploads(tmp_path, session)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------------ typed paths
 
 def test_resolve_server_folder_normalises_the_path(tmp_path, monkeypatch):
@@ -300,6 +326,21 @@ def test_resolve_server_folder_refuses_an_unreadable_folder(tmp_path, monkeypatc
     monkeypatch.setattr(os, "scandir", denied)
     with pytest.raises(DataError, match="cannot be read .*Permission denied.*read permission"):
         resolve_server_folder(tmp_path)
+
+
+@pytest.mark.parametrize("typed", ["home/workspace/uploads/x", "home/workspace", "home", ".", "link"])
+def test_resolve_server_folder_refuses_a_private_folder_and_any_folder_holding_it(tmp_path, typed):
+    (tmp_path / "home" / "workspace" / "uploads" / "x").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "home" / "workspace")
+    with pytest.raises(DataError, match="Refinery keeps every session's uploads and runs in .*lies in it or holds it"):
+        resolve_server_folder(tmp_path / typed, private=[tmp_path / "home"])
+
+
+def test_resolve_server_folder_accepts_a_folder_beside_a_private_one(tmp_path):
+    (tmp_path / "home").mkdir()
+    (tmp_path / "homework").mkdir()  # a name that starts like the private folder's is not inside it
+    beside = resolve_server_folder(tmp_path / "homework", private=[tmp_path / "home"])
+    assert beside == (tmp_path / "homework").resolve()
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/null"), reason="needs /dev/null (a device file)")

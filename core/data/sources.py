@@ -20,7 +20,10 @@ reused as is.
 
 Uploads (:func:`save_uploads`) are untrusted: every name is reduced to a safe base name and every
 file is written with ``open(path, "xb")`` into a new folder under ``<workspace>/uploads``; nothing
-is written anywhere else. :func:`resolve_server_folder` checks a path typed by the user.
+is written anywhere else. A studio session's uploads go into a folder of their own, named by the
+session's id (a hash of its secret key, never the key), and :func:`earlier_uploads` lists only
+that folder. :func:`resolve_server_folder` checks a path typed by the user; the studio passes the
+Refinery home as private, so that no session reads another's uploads or runs through it.
 
 Examples
 --------
@@ -40,6 +43,7 @@ import time
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -94,6 +98,7 @@ UPLOAD_SUFFIXES = IMAGE_SUFFIXES | TABLE_SUFFIXES | {ZIP_SUFFIX}
 """Suffixes (matched case-insensitively) that :func:`save_uploads` accepts."""
 
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+_SESSION_ID = re.compile(r"[0-9a-f]{16,64}")
 _FALLBACK_STEM = "upload"
 
 
@@ -451,10 +456,28 @@ def _listing(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def _uploads_dir(workspace: Path | str, session: str | None) -> Path:
+    """``<workspace>/uploads``, or its sub-folder of the studio session ``session`` (ConfigError unless hex)."""
+    uploads = Path(workspace) / "uploads"
+    if session is None:
+        return uploads
+    if not isinstance(session, str) or not _SESSION_ID.fullmatch(session):
+        raise ConfigError(f"session must be a studio session id (16 to 64 lowercase hex digits), got {session!r}")
+    return uploads / session
+
+
+def _upload_entry(folder: Path, names: Sequence[str]) -> Path:
+    """What ``load_dataset`` reads of an upload folder holding ``names``: its one zip or table, else the folder."""
+    if len(names) == 1 and PurePosixPath(names[0]).suffix.lower() not in IMAGE_SUFFIXES:
+        return folder / names[0]
+    return folder
+
+
 def save_uploads(
     files: Sequence[tuple[str, bytes]],
     workspace: Path | str,
     *,
+    session: str | None = None,
     max_total_bytes: int = MAX_UPLOAD_BYTES,
     max_files: int = MAX_FILES,
 ) -> Path:
@@ -470,6 +493,10 @@ def save_uploads(
         elsewhere. Each name is reduced to a safe base name: path parts and leading dots removed,
         characters outside ``A-Z a-z 0-9 . _ -`` replaced by ``_`` (accents dropped), at most
         :data:`MAX_NAME_CHARS` characters; repeated names get ``-1``, ``-2``... before the suffix.
+    session : str, optional
+        The id of the studio session uploading (16 to 64 lowercase hex digits, a hash of its key):
+        the new folder is made in ``<workspace>/uploads/<session>/`` instead, where
+        :func:`earlier_uploads` finds it.
     max_total_bytes : int
         Cap on the total size of the files (default :data:`MAX_UPLOAD_BYTES`).
     max_files : int
@@ -487,6 +514,8 @@ def save_uploads(
         If nothing was uploaded, a suffix is not supported (the files are named), a zip or table
         comes with other files, the upload is over a limit, or the files cannot be written. Nothing
         is left behind on refusal.
+    ConfigError
+        If ``session`` is not a session id.
 
     Examples
     --------
@@ -516,7 +545,7 @@ def save_uploads(
                         "one zip or table file alone, or only images")
     names = _deduplicated(names)
 
-    uploads = Path(workspace) / "uploads"
+    uploads = _uploads_dir(workspace, session)
     try:
         uploads.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=uploads)).resolve()
@@ -537,10 +566,44 @@ def save_uploads(
         shutil.rmtree(folder, ignore_errors=True)
         raise
     logger.info("stored %d uploaded file(s), %d bytes, in %s", len(files), total, folder)
-    return folder / names[0] if singles else folder
+    return _upload_entry(folder, names)
 
 
-def resolve_server_folder(path: str | Path) -> Path:
+def earlier_uploads(workspace: Path | str, session: str) -> list[Path]:
+    """The uploads that :func:`save_uploads` stored for the studio session ``session``, newest first.
+
+    Parameters
+    ----------
+    workspace : Path or str
+        The workspace given to :func:`save_uploads`.
+    session : str
+        The session's id; only its own folder ``<workspace>/uploads/<session>/`` is read.
+
+    Returns
+    -------
+    list of Path
+        What each upload gives ``load_dataset``, as :func:`save_uploads` returned it: the stored zip
+        or table file, or the folder holding the images. Empty when the session uploaded nothing.
+
+    Raises
+    ------
+    ConfigError
+        If ``session`` is not a session id.
+    """
+    folder = _uploads_dir(workspace, session)
+    if not folder.is_dir():
+        return []
+    entries = []
+    uploads = sorted((path for path in folder.iterdir() if path.is_dir()), key=lambda path: path.stat().st_mtime_ns)
+    for upload in reversed(uploads):
+        with os.scandir(upload) as listing:
+            names = [entry.name for entry in islice(listing, 2)]  # one file or more is all that matters
+        if names:
+            entries.append(_upload_entry(upload, names))
+    return entries
+
+
+def resolve_server_folder(path: str | Path, *, private: Sequence[Path | str] = ()) -> Path:
     """Check a folder or file path typed by the user and return it absolute.
 
     Parameters
@@ -549,6 +612,9 @@ def resolve_server_folder(path: str | Path) -> Path:
         A path on the machine running Refinery (not the user's computer). Surrounding spaces and
         quotes are removed, ``~`` is expanded, and a relative path is taken from the server's
         working directory; links are resolved.
+    private : sequence of Path or str
+        Folders the path may neither lie in nor contain: the studio passes the Refinery home, whose
+        uploads, extracted archives and runs belong to the sessions that made them.
 
     Returns
     -------
@@ -558,7 +624,8 @@ def resolve_server_folder(path: str | Path) -> Path:
     Raises
     ------
     DataError
-        If the path is empty, does not exist, or cannot be read; the message says what to check.
+        If the path is empty, does not exist, cannot be read, or is (or holds) a private folder;
+        the message says what to check.
     """
     text = str(path).strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
@@ -574,6 +641,10 @@ def resolve_server_folder(path: str | Path) -> Path:
     if not resolved.exists():
         raise DataError(f"{resolved} does not exist on the server; check the spelling (the path is read on "
                         "the machine running Refinery, not on your computer), or upload the files instead")
+    for folder in (Path(folder).resolve() for folder in private):
+        if resolved.is_relative_to(folder) or folder.is_relative_to(resolved):
+            raise DataError(f"Refinery keeps every session's uploads and runs in {folder}, and {resolved} lies in it "
+                            "or holds it; type a path outside it, or upload the files instead")
     try:
         if resolved.is_dir():
             with os.scandir(resolved) as entries:
