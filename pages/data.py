@@ -5,8 +5,15 @@ import numpy as np
 import streamlit as st
 
 from core.data.images import IMAGE_SUFFIXES
-from core.data.sources import builtin_sources, prepare_builtin, resolve_server_folder, save_uploads
+from core.data.sources import (
+    builtin_sources,
+    earlier_uploads,
+    prepare_builtin,
+    resolve_server_folder,
+    save_uploads,
+)
 from core.data.tables import TABLE_SUFFIXES
+from core.store import refinery_home
 from pages.components import services, state, widgets
 
 PREVIEW_IMAGES = 24
@@ -33,13 +40,20 @@ def choose_source() -> None:
         )
         label_column = st.text_input("Label column of a table (optional; used for metrics only)", key="upload_label")
         if st.button("Use the uploaded files", key="use_upload", disabled=not files):
-            path = save_uploads([(file.name, file.getvalue()) for file in files], services.workspace())
+            path = save_uploads([(file.name, file.getvalue()) for file in files], services.workspace(),
+                                session=state.session_id())
             state.choose_data(path, label_column or None)
+        earlier = earlier_uploads(services.workspace(), state.session_id())
+        if earlier:
+            chosen = st.selectbox("Or an earlier upload of this session", earlier, format_func=lambda path: path.name,
+                                  key="earlier_upload")
+            if st.button("Use this upload", key="use_earlier_upload"):
+                state.choose_data(chosen, label_column or None)
     with server:
         typed = st.text_input("Path of a folder of images, a .zip or a table on this server", key="server_path")
         server_label = st.text_input("Label column of a table (optional)", key="server_label")
         if st.button("Use this path", key="use_server", disabled=not typed):
-            state.choose_data(resolve_server_folder(typed), server_label or None)
+            state.choose_data(resolve_server_folder(typed, private=[refinery_home()]), server_label or None)
 
 
 def show_dataset(path: str, label_column: str | None) -> None:

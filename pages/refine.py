@@ -67,17 +67,6 @@ def method_form(dataset, label_column: str | None, job_running: bool):
     ).validate()
 
 
-def watched_job():
-    """The job this page follows: the one in the URL, else whatever runs now (refresh, second tab)."""
-    runner = services.job_runner()
-    status = runner.status(state.job_id()) if state.job_id() else None
-    if status is None:  # a session keeps its own job, finished or not; one without follows the running job
-        status = runner.active() or status
-    if status is not None:
-        state.set_job_id(status.job_id)
-    return status
-
-
 @st.fragment(run_every=LIVE_REFRESH_S)
 def live_view(job_id: str) -> None:
     status = services.job_runner().status(job_id)
@@ -127,7 +116,9 @@ def body() -> None:
     dataset = services.training_dataset(path, label_column, protocol)
     st.caption(f"Training data: {len(dataset)} {'images' if dataset.kind == 'images' else 'rows'} from {path}"
                + (" (contamination protocol applied)" if protocol else ""))
-    status = watched_job()
+    status = services.watched_job()  # this session's own job only
+    if services.job_refused():
+        st.warning(services.FOREIGN_JOB)
     config = method_form(dataset, label_column, job_running=status is not None and status.active)
     if config is not None:
         state.set_job_id(runs.start_fit(dataset, config))
@@ -137,7 +128,9 @@ def body() -> None:
         return
     if status is not None:
         finished_view(status)
-    if services.active_run_dir():
+    if services.run_refused():
+        st.warning(services.FOREIGN_RUN)
+    elif services.active_run_dir():
         saved_rounds(services.active_run_dir())
 
 

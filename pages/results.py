@@ -1,4 +1,4 @@
-"""Results page: threshold, curves, verdicts vs model, verdict-guided re-run, comparison, downloads, past runs."""
+"""Results page: sharing, threshold, curves, verdicts vs model, verdict-guided re-run, comparison, downloads, runs."""
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +7,23 @@ import streamlit as st
 
 from core.results import bundle_run, compare_runs, confusion_at, score_curves, verdict_agreement
 from pages.components import charts, runs, services, state, widgets
+
+
+def sharing_toggle(run_dir: str) -> None:
+    """The switch that shares the run with the other sessions; shown only to the session that made it."""
+    record = services.registry().run_at(run_dir)
+    if record is None or not record.owned_by(state.session_id()):
+        return
+    key = f"share-{record.run_id}"
+    st.toggle("Share this run with other sessions", value=record.shared, key=key, on_change=share_run,
+              args=(record.run_id, key),
+              help="Other sessions then list this run and can open it, its data and its verdicts. "
+                   "Switch it off to make the run private to this session again.")
+
+
+def share_run(run_id: str, key: str) -> None:
+    """The share switch's callback: the registry records what the switch now says."""
+    services.registry().share_run(run_id, st.session_state[key], session=state.session_id())
 
 
 def threshold_section(run) -> None:
@@ -53,7 +70,7 @@ def verdict_section(run, verdicts: dict) -> None:
         job_id = runs.start_fit(dataset, run.config, {i: v for i, (v, _) in verdicts.items()},
                                     name=f"{run.source.name}-verdicts")
         state.set_job_id(job_id)
-        st.session_state["compare_with"] = str(run.run_dir)
+        st.session_state[state.COMPARE_WITH] = str(run.run_dir)
         st.switch_page("pages/refine.py")
 
 
@@ -64,7 +81,8 @@ def comparison_section(run, records) -> None:
         return
     st.subheader("Compare with another run on the same data")
     paths = [r.path for r in same_data]
-    default = paths.index(st.session_state["compare_with"]) if st.session_state.get("compare_with") in paths else 0
+    wanted = st.session_state.get(state.COMPARE_WITH)
+    default = paths.index(wanted) if wanted in paths else 0
     other = st.selectbox("Other run", paths, index=default, format_func=lambda p: Path(p).name, key="compare_run")
     comparison = compare_runs(runs.saved_run(other), run)
     st.dataframe(comparison.metrics)
@@ -84,8 +102,8 @@ def downloads(run, verdicts: dict) -> None:
     st.caption("Score new data with the bundle: unzip it, then `refinery score RUN_DIR DATA --out scores.csv`.")
 
 
-def past_runs(records, current: str) -> None:
-    """The registry's runs, and a choice to open one instead of ``current`` (the active run's folder)."""
+def past_runs(records, current: str | None) -> None:
+    """The runs this session may see, and a choice to open one instead of ``current`` (the active run's folder)."""
     st.subheader("Runs")
     frame = pd.DataFrame([{
         "run": Path(r.path).name, "status": r.status, "kind": r.kind, "samples": r.n_samples,
@@ -104,19 +122,20 @@ def past_runs(records, current: str) -> None:
 def body() -> None:
     st.title("Results")
     run_dir = widgets.require_run()
-    if run_dir is None:
-        return
-    run = runs.saved_run(run_dir)
-    records = services.registry().runs()
-    verdicts = services.registry().verdicts(run.run_id)
-    st.caption(f"Run {run.run_id}: {len(run.samples)} {'images' if run.kind == 'images' else 'rows'}, "
-               f"detector {run.config.detector}, "
-               f"{len(run.rounds)} refinement rounds")
-    threshold_section(run)
-    verdict_section(run, verdicts)
-    comparison_section(run, records)
-    downloads(run, verdicts)
-    past_runs(records, run_dir)
+    records = services.visible_runs()
+    if run_dir is not None:
+        run = runs.saved_run(run_dir)
+        verdicts = services.registry().verdicts(run.run_id)
+        st.caption(f"Run {run.run_id}: {len(run.samples)} {'images' if run.kind == 'images' else 'rows'}, "
+                   f"detector {run.config.detector}, "
+                   f"{len(run.rounds)} refinement rounds")
+        sharing_toggle(run_dir)
+        threshold_section(run)
+        verdict_section(run, verdicts)
+        comparison_section(run, records)
+        downloads(run, verdicts)
+    if records:  # without an active run (none yet, or another session's in the URL) one can be opened here
+        past_runs(records, run_dir)
 
 
 widgets.guarded(body)

@@ -2,13 +2,15 @@
 
 Runs are fitted by the engine itself on the bundled demo images and the built-in digits table,
 straight into a given Refinery home (its ``runs/`` and ``registry.sqlite``), so the pages read
-exactly what a user's fit would leave behind.
+exactly what a user's fit would leave behind: the command line's runs, or a studio session's when
+given its id (:func:`session_id`).
 """
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
+from typing import Mapping
 
 import streamlit as st
 from streamlit.testing.v1 import AppTest
@@ -17,6 +19,7 @@ from core import engine
 from core.config import FitConfig
 from core.data.sources import DEMO_DIR, prepare_builtin
 from core.store import Registry
+from pages.components.state import SESSION_PARAM, session_id_of
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "app.py"
@@ -39,13 +42,14 @@ def fit_demo_run(home: Path, **changes) -> Path:
     return result.run_dir.resolve()
 
 
-def fit_digits_run(home: Path) -> Path:
-    """Fit the built-in 200-row digits table (label column ``label``) into ``home``; returns the run folder."""
+def fit_digits_run(home: Path, *, session: str | None = None) -> Path:
+    """Fit the built-in 200-row digits table (label column ``label``) into ``home``, as the command line
+    does or, with ``session``, as that studio session's private run; returns the run folder."""
     workspace = home / "workspace"
     dataset = engine.load_data(prepare_builtin("digits", workspace), label_column="label", workspace=workspace)
     config = engine.suggested_config(dataset, FitConfig(label_column="label"))  # as `refinery fit --label-column`
     result = engine.fit(dataset, config, engine.new_run_dir("digits", root=home / "runs"),
-                        registry=Registry(home / "registry.sqlite"))
+                        registry=Registry(home / "registry.sqlite"), session=session)
     return result.run_dir.resolve()
 
 
@@ -53,12 +57,22 @@ def run_id(run_dir: Path | str) -> str:
     return json.loads((Path(run_dir) / "run.json").read_text())["run_id"]
 
 
-def studio(page: str | None = None, *, run: Path | str | None = None) -> AppTest:
+def session_id(at: AppTest) -> str:
+    """The id of ``at``'s studio session (the owner of its runs and uploads), from the key in its URL."""
+    return session_id_of(at.query_params[SESSION_PARAM])
+
+
+def studio(page: str | None = None, *, run: Path | str | None = None, url: Mapping[str, str] | None = None) -> AppTest:
     """The whole app (``app.py``) after its first run, switched to ``pages/<page>.py`` when given.
 
-    ``run`` goes into the URL as ``?run=...``, as a link to a run would.
+    ``url`` holds the query parameters of the URL opened, e.g. another session's ``at.query_params``
+    (the same URL in a second tab, or a link to another session's run); without ``session`` among
+    them, the browser is a new one and gets a studio session of its own. ``run`` goes into the URL
+    as ``?run=...``, as a link to a run would.
     """
     at = AppTest.from_file(str(APP), default_timeout=RUN_TIMEOUT_S)
+    for name, value in (url or {}).items():
+        at.query_params[name] = value
     if run is not None:
         at.query_params["run"] = str(run)
     at.run()

@@ -1,10 +1,12 @@
 """Every page of the studio through Streamlit's ``AppTest``, against real runs fitted by the engine.
 
 Each test gets its own Refinery home (``$REFINERY_HOME``) unless it uses the session's shared
-``studio_runs`` (one demo image run, one digits table run); Streamlit's process-wide caches are
-cleared around every test so that no job runner, registry or data set leaks from one home to
-another. Plotly selection events (lasso/box on the map) cannot be sent through ``AppTest``: the
-Embeddings tests set the selection the event would produce in session state instead.
+``studio_runs`` (one demo image run, one digits table run, both the command line's, so visible to
+every studio session); Streamlit's process-wide caches are cleared around every test so that no
+job runner, registry or data set leaks from one home to another. Each ``studio()`` without a
+``session`` in its URL is a new browser, with a studio session of its own. Plotly selection
+events (lasso/box on the map) cannot be sent through ``AppTest``: the Embeddings tests set the
+selection the event would produce in session state instead.
 """
 from __future__ import annotations
 
@@ -23,15 +25,17 @@ from app_fixtures import (
     fit_demo_run,
     fit_digits_run,
     run_id,
+    session_id,
     standalone,
     studio,
     wait_for_job,
 )
 from core import engine
 from core.data.protocol import contaminate
-from core.data.sources import DEMO_DIR, MAX_UPLOAD_BYTES, builtin_sources
+from core.data.sources import DEMO_DIR, MAX_UPLOAD_BYTES, builtin_sources, save_uploads
 from core.results import SavedRun
 from core.store import Registry
+from pages.components.services import FOREIGN_JOB, FOREIGN_RUN
 
 
 @dataclass(frozen=True)
@@ -162,12 +166,16 @@ def test_refine_runs_a_job_to_a_saved_run_and_a_second_tab_follows_it(home, runn
     assert_clean(at)
     job_id = at.query_params["job"]
 
-    second = studio("refine")  # another tab of the same server, opened while the job runs
+    # Another tab opened on the session's URL (here without its job) while the job runs.
+    second = studio("refine", url={"session": at.query_params["session"]})
     assert_clean(second)
     assert len(runner.jobs()) == 1
-    assert second.query_params["job"] == job_id  # it attached to the running job
+    assert second.query_params["job"] == job_id  # it follows the session's running job
     if runner.status(job_id).active:
         assert second.form_submit_button[0].disabled  # no second job from this tab meanwhile
+    stranger = studio("refine")  # another browser: its own session, which neither follows nor waits for the job
+    assert_clean(stranger)
+    assert "job" not in stranger.query_params and not stranger.form_submit_button[0].disabled
 
     wait_for_job(at, runner)
     assert_clean(at)
@@ -185,6 +193,9 @@ def test_refine_runs_a_job_to_a_saved_run_and_a_second_tab_follows_it(home, runn
     assert second.success and saved.run_id in second.success[0].value
     assert second.query_params["run"] == str(run_dir)
     assert len(runner.jobs()) == 1
+    stranger.run()
+    assert_clean(stranger)
+    assert not stranger.success and "run" not in stranger.query_params  # the run is private to the session
 
 
 def test_refine_cancel_stops_the_job_and_saves_nothing(home, runner):
@@ -397,6 +408,129 @@ def test_the_run_opened_on_results_stays_active_across_page_changes(shared):
     assert_clean(at)
     assert metrics(at)["Rank"] == "1 of 300"  # still the image run, not the newest run
     assert at.query_params["run"] == str(shared.images)  # and back in the URL, ready to share
+
+
+# ------------------------------------------------------------------------------------- Sessions
+
+
+def shown_runs(at) -> set[Path]:
+    """The run folders in the Results page's run list."""
+    return {Path(path) for path in next(frame for frame in frames(at) if "path" in frame.columns)["path"]}
+
+
+def share_toggles(at) -> dict[str, bool]:
+    """The Results page's share switches by key (``share-<run id>``), with their values."""
+    return {toggle.key: toggle.value for toggle in at.toggle if (toggle.key or "").startswith("share-")}
+
+
+def test_a_new_browser_gets_its_own_session_and_its_url_keeps_it(home):
+    first = studio()
+    key = first.query_params["session"]
+    assert len(key) >= 43
+    assert studio(url=first.query_params).query_params["session"] == key  # a reload, or the URL in a second tab
+    assert studio().query_params["session"] != key  # another browser
+    first.query_params.clear()  # what the navigation menu does to the URL on every page change
+    first.switch_page("pages/refine.py").run()
+    assert first.query_params["session"] == key
+    assert studio(url={"session": "guessable"}).query_params["session"] != "guessable"  # a malformed key is replaced
+
+
+def test_sessions_see_only_their_own_runs_until_one_is_shared(home):
+    alice, bob = (studio().query_params["session"] for _ in range(2))
+    cli_run = fit_digits_run(home)  # the command line's: visible to every session
+    runs = {key: fit_digits_run(home, session=session_id(studio(url={"session": key}))) for key in (alice, bob)}
+    for key in (alice, bob):
+        at = studio(url={"session": key})
+        assert at.query_params["run"] == str(runs[key])  # its own newest run, not the other session's
+        assert runs[key].name in at.sidebar.caption.values
+        at.switch_page("pages/results.py").run()
+        assert_clean(at)
+        assert shown_runs(at) == {runs[key], cli_run}
+        assert share_toggles(at) == {f"share-{run_id(runs[key])}": False}
+
+    # Bob shares his run: Alice lists it and can open it, but cannot unshare it.
+    bobs = studio("results", url={"session": bob})
+    bobs.toggle(key=f"share-{run_id(runs[bob])}").set_value(True).run()
+    assert_clean(bobs)
+    assert Registry().run_at(runs[bob]).shared
+    alices = studio("results", url={"session": alice}, run=runs[alice])
+    assert shown_runs(alices) == {runs[alice], runs[bob], cli_run}
+    alices.selectbox(key="open_run").set_value(str(runs[bob])).run()
+    alices.button(key="open_run_button").click().run()
+    assert_clean(alices)
+    assert alices.query_params["run"] == str(runs[bob])
+    assert share_toggles(alices) == {}
+    assert any(run_id(runs[bob]) in value for value in alices.caption.values)
+
+    # Bob makes it private again: Alice's page, still on it, now refuses it.
+    bobs.toggle(key=f"share-{run_id(runs[bob])}").set_value(False).run()
+    alices.run()
+    assert not alices.exception
+    assert [warning.value for warning in alices.warning] == [FOREIGN_RUN]
+    assert shown_runs(alices) == {runs[alice], cli_run}  # her own runs stay to open one
+
+
+@pytest.mark.parametrize("page", ["refine", "embeddings", "inspect", "results"])
+@pytest.mark.parametrize("browser", ["own session", "new browser"])
+def test_a_link_to_another_sessions_private_run_shows_a_message_instead(home, page, browser):
+    owner = studio()
+    private = fit_digits_run(home, session=session_id(owner))
+    visitor = studio() if browser == "own session" else None
+    url = {"session": visitor.query_params["session"]} if visitor else {}
+    at = studio(url=url, run=private)
+    assert "another session's run (not shown)" in at.sidebar.caption.values
+    at.switch_page(f"pages/{page}.py").run()
+    assert not at.exception, at.exception
+    assert not at.error, [error.value for error in at.error]
+    assert [warning.value for warning in at.warning] == [FOREIGN_RUN]
+    assert run_id(private) not in " ".join(at.subheader.values + at.caption.values + at.markdown.values)
+    assert not charts(at) and not at.dataframe  # nothing of the run: no map, scores, rounds or run list
+    assert studio(page, url=owner.query_params, run=private).warning.values == []  # its owner opens it
+
+
+def test_a_link_to_another_sessions_job_shows_a_message_instead(home, runner):
+    owner = studio("refine")
+    owner.form_submit_button[0].click().run()
+    job_id = owner.query_params["job"]
+    visitor = studio("refine", url={"job": job_id})
+    assert not visitor.exception and not visitor.error
+    assert [warning.value for warning in visitor.warning] == [FOREIGN_JOB]
+    assert not visitor.get("progress")
+    assert "cancel_job" not in [button.key for button in visitor.button]  # neither watched nor cancellable
+    assert not visitor.form_submit_button[0].disabled  # its own fit would queue behind
+    owner.button(key="cancel_job").click().run()
+    wait_for_job(owner, runner)
+    visitor.run()
+    assert [warning.value for warning in visitor.warning] == [FOREIGN_JOB] and not visitor.success
+
+
+def test_a_session_lists_only_its_own_earlier_uploads(home):
+    owner, visitor = studio(), studio()
+    table = pd.DataFrame(np.random.default_rng(0).normal(size=(40, 3)), columns=["a", "b", "c"])
+    upload = save_uploads([("sensors.csv", table.to_csv(index=False).encode())], home / "workspace",
+                          session=session_id(owner))
+    assert upload.parent.parent.name == session_id(owner)
+    owner.run()
+    visitor.run()
+    assert owner.selectbox(key="earlier_upload").options == ["sensors.csv"]
+    assert "earlier_upload" not in [box.key for box in visitor.selectbox]
+    owner.button(key="use_earlier_upload").click().run()
+    assert_clean(owner)
+    assert owner.session_state["data_path"] == str(upload)
+    assert (metrics(owner)["Kind"], metrics(owner)["Samples"]) == ("table", "40")
+
+
+@pytest.mark.parametrize("where", ["uploads", "workspace", "home", "above home"])
+def test_the_server_path_field_refuses_refinerys_own_storage(home, where):
+    owner, visitor = studio(), studio()
+    upload = save_uploads([("a.png", next((DEMO_DIR / "good").glob("*.png")).read_bytes())], home / "workspace",
+                          session=session_id(owner))
+    typed = {"uploads": upload, "workspace": home / "workspace", "home": home, "above home": home.parent}[where]
+    visitor.text_input(key="server_path").set_value(str(typed)).run()
+    visitor.button(key="use_server").click().run()
+    assert not visitor.exception
+    assert len(visitor.error) == 1 and "Refinery keeps every session's uploads and runs" in visitor.error[0].value
+    assert visitor.session_state["data_path"] == str(DEMO_DIR)
 
 
 # ----------------------------------------------------------------------------------- Standalone

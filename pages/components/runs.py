@@ -15,7 +15,8 @@ from core.data import Dataset
 from core.explain.render import mask_contour, overlay
 from core.project import run_layouts
 from core.results import SavedRun
-from pages.components.services import image, job_runner, registry, workspace
+from pages.components import state
+from pages.components.services import image, registry, submit_job, workspace
 
 
 @st.cache_resource(max_entries=8)
@@ -64,8 +65,9 @@ def _outlined(shown: np.ndarray, mask_path: str | None) -> np.ndarray:
 
 
 def start_fit(dataset_: Dataset, config, verdicts: dict[str, str] | None = None, name: str = "") -> str:
-    """Queue a fit of ``dataset_`` and return the job id."""
+    """Queue a fit of ``dataset_`` as this session's job (its run private to the session); the job id."""
     out_dir = engine.new_run_dir(name or Path(dataset_.source).name)
-    work = engine.fit_work(dataset_, config, out_dir, verdicts=verdicts, registry=registry())
+    work = engine.fit_work(dataset_, config, out_dir, verdicts=verdicts, registry=registry(),
+                           session=state.session_id())
     title = f"fit {out_dir.name}" + (" with verdicts" if verdicts else "")
-    return job_runner().submit(title, work)
+    return submit_job(title, work)

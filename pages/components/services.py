@@ -5,6 +5,10 @@ it; :func:`device_name` imports it in a background thread, which also warms the 
 Refine page. Run-level resources (models, layouts, maps) live in :mod:`pages.components.runs`.
 ``st.cache_resource`` holds shared objects (the job runner, the registry, loaded data sets);
 ``st.cache_data`` holds arrays keyed by their file, so page switches are fast.
+
+Runs and jobs are seen through the studio session (:func:`state.session_id`): a session sees its
+own runs and jobs, shared runs and the command line's runs; another session's private run or job
+named in the URL is refused (:func:`run_refused`, :func:`job_refused`), never opened.
 """
 from __future__ import annotations
 
@@ -18,11 +22,15 @@ import streamlit as st
 from core.data import Dataset, load_dataset, read_rgb
 from core.data.protocol import contaminate
 from core.data.sources import DEMO_DIR
-from core.jobs import JobRunner
-from core.store import Registry, refinery_home
+from core.jobs import JobRunner, JobStatus, Work
+from core.store import Registry, RunRecord, refinery_home
 from pages.components import state
 
 THUMBNAIL_PX = 96
+FOREIGN_RUN = ("This run belongs to another session and was not shared with this one, so it is not shown. "
+               "Open one of your runs on the Results page, or ask the session that made it to share it.")
+FOREIGN_JOB = ("This job belongs to another session, so it is not shown. Start a fit of your own below; it queues "
+               "behind other sessions' jobs.")
 
 
 @st.cache_resource
@@ -32,8 +40,60 @@ def job_runner() -> JobRunner:
 
 
 @st.cache_resource
+def job_sessions() -> dict[str, str]:
+    """The session id of each job :func:`job_runner` remembers (process-wide, like the runner)."""
+    return {}
+
+
+@st.cache_resource
 def registry() -> Registry:
     return Registry()
+
+
+def submit_job(title: str, work: Work) -> str:
+    """Queue ``work`` (see :meth:`core.jobs.JobRunner.submit`) as this session's job; its id."""
+    runner, sessions = job_runner(), job_sessions()
+    job_id = runner.submit(title, work)
+    sessions[job_id] = state.session_id()
+    for known in list(sessions):  # the runner forgets old jobs; so does this
+        if runner.status(known) is None:
+            sessions.pop(known, None)
+    return job_id
+
+
+def _own_job(job_id: str) -> bool:
+    return job_sessions().get(job_id) == state.session_id()
+
+
+def job_refused() -> bool:
+    """Whether the URL names another session's job, which this session may not watch."""
+    chosen = state.job_id()
+    return chosen is not None and job_runner().status(chosen) is not None and not _own_job(chosen)
+
+
+def watched_job() -> JobStatus | None:
+    """This session's job: the one in the URL, else its newest queued or running one (the URL opened
+    in a second tab without its job); None when it has none, or the URL names another session's."""
+    if job_refused():
+        return None
+    runner = job_runner()
+    status = runner.status(state.job_id()) if state.job_id() else None
+    if status is None:
+        status = next((job for job in runner.jobs() if job.active and _own_job(job.job_id)), None)
+        if status is not None:
+            state.set_job_id(status.job_id)
+    return status
+
+
+def visible_runs() -> list[RunRecord]:
+    """The runs this session may see, newest first: its own, shared ones and the command line's."""
+    return registry().runs(visible_to=state.session_id())
+
+
+def run_refused() -> bool:
+    """Whether the URL names another session's private run, which this session may not open."""
+    chosen = state.run_dir()
+    return chosen is not None and not registry().may_open(chosen, state.session_id())
 
 
 def workspace() -> Path:
@@ -51,10 +111,13 @@ def active_data() -> tuple[str, str | None, tuple[float, int] | None]:
 
 
 def active_run_dir() -> str | None:
-    """The run in the URL, else the newest finished run in the registry whose folder still exists."""
+    """The run in the URL, else the newest finished run this session may see whose folder still exists;
+    None without one, or when the URL names another session's private run (:func:`run_refused`)."""
+    if run_refused():
+        return None
     chosen = state.run_dir()
     if chosen is None:
-        latest = next((run for run in registry().runs() if run.status == "done" and Path(run.path).is_dir()), None)
+        latest = next((run for run in visible_runs() if run.status == "done" and Path(run.path).is_dir()), None)
         if latest is not None:
             state.set_run_dir(latest.path)
             chosen = latest.path

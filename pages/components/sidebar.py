@@ -5,7 +5,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from pages.components import services, state
+from pages.components import services
 
 
 def draw() -> None:
@@ -16,14 +16,17 @@ def draw() -> None:
         st.caption(f"{Path(path).name}{extra}")
         st.markdown("**Run**")
         run_dir = services.active_run_dir()
-        st.caption(Path(run_dir).name if run_dir else "none yet (Refine page)")
+        if run_dir is not None:
+            st.caption(Path(run_dir).name)
+        else:
+            st.caption("another session's run (not shown)" if services.run_refused() else "none yet (Refine page)")
         st.markdown("**Device**")
         st.caption(services.device_name())
         st.markdown("**Job**")
-        runner = services.job_runner()
-        job = runner.status(state.job_id()) if state.job_id() else runner.active()
+        job = services.watched_job()
         if job is None:
-            st.caption("idle")
+            busy = services.job_runner().active() is not None
+            st.caption("idle" + (" (another session's job is running; yours would queue)" if busy else ""))
         else:
             progress = f" ({job.stage} {job.done}/{job.total})" if job.state == "running" and job.total else ""
             st.caption(f"{job.title}: {job.state}{progress}")

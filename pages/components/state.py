@@ -1,12 +1,22 @@
 """Every session-state key and query parameter the pages use, in one place.
 
-The active run and the watched job are mirrored into the URL (``?run=...&job=...``) so that a
-browser refresh, or a link opened in a second tab, comes back to the same run and job. Streamlit
-clears the URL's parameters on every page change (navigation menu, ``st.page_link``,
-``st.switch_page``), so the session keeps them too and puts them back into the URL.
+The studio session's key, the active run and the watched job are mirrored into the URL
+(``?session=...&run=...&job=...``) so that a browser refresh, or the URL opened in a second tab,
+comes back to the same studio session, run and job. Streamlit clears the URL's parameters on every
+page change (navigation menu, ``st.page_link``, ``st.switch_page``), so the session keeps them
+too and puts them back into the URL.
+
+A *studio session* is what one browser works in: its uploads and the runs it starts are private
+to it until it shares a run (SECURITY.md, "Sessions"). It is named by a random secret key, made
+for a browser that comes without one and kept in the URL; anyone with the URL has the session.
+Its public id, a hash of the key (:func:`session_id`), is what the registry and the uploads
+folder record.
 """
 from __future__ import annotations
 
+import hashlib
+import re
+import secrets
 from pathlib import Path
 
 import streamlit as st
@@ -22,10 +32,17 @@ INSPECT_ID = "inspect_id"            # str: sample id to open on the Inspect pag
 ADOPTED_JOB = "adopted_job"          # str: the finished job whose run this session made active
 ACTIVE_RUN = "active_run"            # str: the active run's folder (the URL's ``run``, kept across page changes)
 WATCHED_JOB = "watched_job"          # str: the watched job's id (the URL's ``job``, kept across page changes)
+SESSION_KEY = "session_key"          # str: the studio session's secret key (the URL's ``session``)
+COMPARE_WITH = "compare_with"        # str: the run folder a verdict re-run is compared with on the Results page
 
 # Query parameters
 RUN_PARAM = "run"
 JOB_PARAM = "job"
+SESSION_PARAM = "session"
+
+KEY_BYTES = 32
+"""Random bytes in a new session key (``secrets.token_urlsafe``: 43 URL-safe characters)."""
+_KEY_FORMAT = re.compile(r"[A-Za-z0-9_-]{32,128}")
 
 
 def data_choice() -> tuple[str | None, str | None, tuple[float, int] | None]:
@@ -60,6 +77,28 @@ def _set_mirrored(param: str, key: str, value: str | None) -> None:
     else:
         st.query_params[param] = value
         st.session_state[key] = value
+
+
+def session_key() -> str:
+    """The studio session's secret key: the URL's (a reload or a copied URL), else this session's,
+    else a new random one (a browser that came without a key). A malformed key is replaced."""
+    key = _mirrored(SESSION_PARAM, SESSION_KEY)
+    if key is None or not _KEY_FORMAT.fullmatch(key):
+        key = secrets.token_urlsafe(KEY_BYTES)
+        _set_mirrored(SESSION_PARAM, SESSION_KEY, key)
+    return key
+
+
+def session_id() -> str:
+    """The studio session's public id (see :func:`session_id_of`)."""
+    return session_id_of(session_key())
+
+
+def session_id_of(key: str) -> str:
+    """The public id of the studio session with ``key``: 32 hex digits of its SHA-256, the owner of its
+    runs in the registry and the name of its uploads folder. Knowing it grants nothing; the key itself
+    is kept only in the URL and this session's state."""
+    return hashlib.sha256(key.encode("ascii")).hexdigest()[:32]
 
 
 def run_dir() -> str | None:

@@ -45,12 +45,18 @@ def page_link(page: str, label: str, icon: str, where=st) -> None:
 
 
 def require_run() -> str | None:
-    """The active run's folder; without one, the page says so, links to Refine, and gets None."""
+    """The active run's folder; without one, the page says why (no run yet, or the URL names another
+    session's private run), links to where to get one, and gets None."""
     run_dir = services.active_run_dir()
-    if run_dir is None:
+    if run_dir is not None:
+        return run_dir
+    if services.run_refused():
+        st.warning(services.FOREIGN_RUN)
+        page_link("pages/results.py", "Your runs", ":material/analytics:")
+    else:
         st.info("No run yet: start one on the Refine page.")
         page_link("pages/refine.py", "Refine", ":material/filter_alt:")
-    return run_dir
+    return None
 
 
 def gallery(
