@@ -29,7 +29,15 @@ How a run goes, read top to bottom in :func:`train`:
 - checkpoints: every ``checkpoint_every`` epochs and after the last, the encoder, objective and
   optimiser state go to ``epoch-NNNN/`` in the checkpoint folder, then ``checkpoint.json`` (epoch,
   losses, config, a fingerprint of the data and architectures) is replaced atomically; it names
-  the folder to resume from, so a crash mid-write leaves the previous checkpoint valid.
+  the folder to resume from, so a crash mid-write leaves the previous checkpoint valid;
+- several processes (torch DDP, inside :func:`core.distributed.ddp.torchrun_process_group`):
+  every process draws the same shuffle and takes its own equal slice of each batch, so the batch
+  size, the steps and the learning-rate schedule stay those of one process; DDP averages the
+  gradients; augmentations and dropout are seeded per process from ``(seed, epoch, rank)``; the
+  step loss is averaged over the processes, so the progress, the loss history and the non-finite
+  guard are the same everywhere. BatchNorm normalises with each process's own slice, and DDP copies
+  rank 0's running statistics to the others before every step and once more at the end. Rank 0
+  alone reads and writes checkpoints and sends a resumed state to the others.
 """
 from __future__ import annotations
 
@@ -49,6 +57,7 @@ import torch
 from torch import nn
 
 from core.config import DEVICES
+from core.distributed import ddp
 from core.errors import ConfigError, DataError, RunError, TrainingError
 from core.models.backbones import load_state, save_state
 from core.models.device import resolve_device
@@ -77,8 +86,9 @@ class TrainConfig:
     epochs : int
         Passes over the data.
     batch_size : int
-        Samples per step. The last incomplete batch of an epoch is dropped when there are more
-        samples than one batch; with fewer, every step uses all of them.
+        Samples per step (over all processes under DDP, each taking an equal share). The last
+        incomplete batch of an epoch is dropped when there are more samples than one batch; with
+        fewer, every step uses all of them.
     learning_rate : float
         Peak learning rate of SGD (Nesterov momentum 0.9); it decays to 0 along a cosine. 0.03 at
         batch 64 suits training from scratch; use about 0.003-0.01 to fine-tune a pretrained backbone.
@@ -181,7 +191,8 @@ def train(
     checkpoint_dir : Path, optional
         Folder for checkpoints. When it holds one written with the same config, data and
         architectures, training resumes from it (a finished run is not trained again); a
-        checkpoint of anything else is replaced.
+        checkpoint of anything else is replaced. Under DDP, rank 0's folder is the one used
+        (the other processes' value is ignored) and only rank 0 reads and writes it.
     on_progress : callable
         Gets ``ProgressEvent("train", step, total_steps, "epoch e/E loss x")`` after every step.
     cancel : CancelToken, optional
@@ -198,6 +209,8 @@ def train(
         When the loss becomes NaN or infinite.
     DataError
         For data of another shape or type, or fewer than 2 samples.
+    ConfigError
+        Under DDP, when a batch leaves fewer than 2 samples per process.
     """
     config = config.validate()
     device = resolve_device(config.device)
@@ -205,6 +218,7 @@ def train(
     images = samples.dtype == torch.uint8
     n = len(samples)
     batch_size = min(config.batch_size, n)
+    share = _batch_share(batch_size)
     steps_per_epoch = n // batch_size
     total_steps = config.epochs * steps_per_epoch
     learning_rates = cosine_schedule(config.learning_rate, total_steps, config.warmup_epochs * steps_per_epoch)
@@ -223,23 +237,25 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
     identity = _identity(config, device, samples, encoder, objective)
+    checkpoint_dir = ddp.from_main(checkpoint_dir)
     losses: list[float] = []
     resumed_from = None
     if checkpoint_dir is not None:
-        resumed = _load_checkpoint(Path(checkpoint_dir), identity, encoder, objective, optimizer, scaler, device)
+        resumed = _resume(Path(checkpoint_dir), identity, encoder, objective, optimizer, scaler, device)
         if resumed is not None:
             losses, resumed_from = resumed, len(resumed)
             log.info("resuming training from epoch %d/%d in %s", resumed_from, config.epochs, checkpoint_dir)
     saved_epoch = resumed_from  # the epoch the checkpoint on disk holds, for the error message
+    step_loss = ddp.wrap(_StepLoss(encoder, objective), device)  # under DDP, also rank 0's weights to all
 
     started = time.perf_counter()
-    encoder.train()
-    objective.train()
+    step_loss.train()
     fork_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         for epoch in range(len(losses), config.epochs):
-            shuffle, augment = _seed_epoch(config.seed, epoch, device)
+            shuffle, augment = _seed_epoch(config.seed, epoch, ddp.rank(), device)
             order = torch.randperm(n, generator=shuffle)[: steps_per_epoch * batch_size].view(steps_per_epoch, batch_size)
+            order = order[:, share]  # this process's slice of every batch
             epoch_started, epoch_total = time.perf_counter(), 0.0
             for index, rows in enumerate(order):
                 if cancel is not None:
@@ -249,8 +265,8 @@ def train(
                     group["lr"] = float(learning_rates[step])
                 batch = _to_device(samples, rows, device, images)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    loss = objective.loss(encoder, batch, augment)
-                value = float(loss.detach())
+                    loss = step_loss(batch, augment)
+                value = ddp.mean_over_processes(loss.detach())
                 if not math.isfinite(value):
                     where = f"epoch {epoch + 1}/{config.epochs}, step {index + 1}/{steps_per_epoch}"
                     raise TrainingError(
@@ -270,8 +286,11 @@ def train(
             log.info("epoch %d/%d loss %.4f (%.1f s)", epoch + 1, config.epochs, losses[-1], time.perf_counter() - epoch_started)
             done = epoch + 1
             if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == config.epochs):
-                _save_checkpoint(Path(checkpoint_dir), identity, losses, encoder, objective, optimizer, scaler)
+                if ddp.is_main():
+                    _save_checkpoint(Path(checkpoint_dir), identity, losses, encoder, objective, optimizer, scaler)
+                ddp.barrier()
                 saved_epoch = done
+    ddp.copy_buffers_from_main(encoder, objective)  # the last step updated each process's own statistics
     encoder.eval()
     objective.eval()
     return TrainResult(
@@ -325,14 +344,59 @@ def _to_device(samples: torch.Tensor, rows: torch.Tensor, device: torch.device, 
     return batch
 
 
-def _seed_epoch(seed: int, epoch: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
-    """Shuffle and augmentation generators for ``epoch``; torch's global generator re-seeded too."""
-    shuffle_seed, augment_seed, global_seed = (int(s) for s in np.random.SeedSequence([seed, epoch]).generate_state(3))
+class _StepLoss(nn.Module):
+    """The encoder and the objective as one module whose forward pass is the objective's loss.
+
+    DDP averages the gradients of the forward passes it runs, so the loss must be its module's output.
+    """
+
+    def __init__(self, encoder: nn.Module, objective: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.objective = objective
+
+    def forward(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.objective.loss(self.encoder, batch, generator)
+
+
+def _batch_share(batch_size: int) -> slice:
+    """This process's columns of a ``(steps, batch_size)`` batch order: all of them in one process.
+
+    Under DDP each process takes ``batch_size // world_size`` samples (the few left over are unused),
+    so equal shares make the averaged gradient the gradient of the samples used.
+    """
+    processes = ddp.world_size()
+    size = batch_size // processes
+    if size < 2:
+        raise ConfigError(
+            f"a batch of {batch_size} over {processes} processes leaves {size} sample(s) per process; "
+            f"batch normalisation and contrastive losses need at least 2: use batch_size >= {2 * processes} "
+            "or fewer processes"
+        )
+    start = ddp.rank() * size
+    return slice(start, start + size)
+
+
+def _seed_epoch(seed: int, epoch: int, rank: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """Shuffle and augmentation generators for ``epoch``; torch's global generator re-seeded too.
+
+    The shuffle depends on ``(seed, epoch)`` only, so every process of a DDP run draws the same
+    batches; a process of rank > 0 draws its own augmentations and dropout from ``(seed, epoch, rank)``.
+    """
+    shuffle_seed, augment_seed, global_seed = _seeds(seed, epoch)
+    if rank > 0:
+        _, augment_seed, global_seed = _seeds(seed, epoch, rank)
     torch.default_generator.manual_seed(global_seed)
     if device.type == "cuda":
         with torch.cuda.device(device):
             torch.cuda.manual_seed(global_seed)
     return torch.Generator().manual_seed(shuffle_seed), torch.Generator().manual_seed(augment_seed)
+
+
+def _seeds(*entropy: int) -> tuple[int, int, int]:
+    """Three independent seeds drawn from ``entropy``."""
+    first, second, third = (int(s) for s in np.random.SeedSequence(list(entropy)).generate_state(3))
+    return first, second, third
 
 
 def _parameter_groups(modules: tuple[nn.Module, ...], weight_decay: float) -> list[dict]:
@@ -351,7 +415,8 @@ def _parameter_groups(modules: tuple[nn.Module, ...], weight_decay: float) -> li
 
 
 def _identity(config: TrainConfig, device: torch.device, samples: torch.Tensor, *modules: nn.Module) -> dict:
-    """What a checkpoint must match to be resumed: config, device, data and architectures."""
+    """What a checkpoint must match to be resumed: config, device, data, architectures, and the
+    number of processes of a DDP run (absent for one process, so its checkpoints stay as they were)."""
     settings = {key: value for key, value in asdict(config).items() if key != "checkpoint_every"}
     data_hash = hashlib.blake2b(samples.numpy(), digest_size=16)  # samples are contiguous
     architectures = []
@@ -366,6 +431,8 @@ def _identity(config: TrainConfig, device: torch.device, samples: torch.Tensor, 
         "encoder": architectures[0],
         "objective": architectures[1],
     }
+    if ddp.world_size() > 1:
+        identity["processes"] = ddp.world_size()
     return json.loads(json.dumps(identity))
 
 
@@ -378,15 +445,46 @@ def _save_checkpoint(
     target = directory / folder
     save_state(encoder, target / "encoder.safetensors")
     save_state(objective, target / "objective.safetensors")
-    buffer = io.BytesIO()
-    torch.save(optimizer.state_dict(), buffer)
-    atomic_write_bytes(target / "optimizer.pt", buffer.getvalue())
+    atomic_write_bytes(target / "optimizer.pt", _optimizer_bytes(optimizer))
     write_json(directory / CHECKPOINT_FILE, {
         "identity": identity, "epoch": len(losses), "losses": losses, "folder": folder, "scaler": scaler.state_dict(),
     })
     for old in directory.glob("epoch-*"):
         if old.is_dir() and old.name != folder:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _optimizer_bytes(optimizer: torch.optim.Optimizer) -> bytes:
+    """The optimiser's state as ``torch.save`` writes it."""
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def _resume(
+    directory: Path, identity: dict, encoder: nn.Module, objective: nn.Module,
+    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
+) -> list[float] | None:
+    """The epoch losses of a matching checkpoint in ``directory``, its state restored; None for none.
+
+    Under DDP only rank 0 reads the folder and sends the losses and the optimiser and scaler state
+    to the other processes (the model's state follows when DDP wraps it), so the folder need only
+    be on rank 0's disk.
+    """
+    resumed = None
+    if ddp.is_main():
+        resumed = _load_checkpoint(directory, identity, encoder, objective, optimizer, scaler, device)
+    if ddp.world_size() == 1:
+        return resumed
+    state = (resumed, _optimizer_bytes(optimizer), scaler.state_dict()) if resumed is not None else None
+    shared = ddp.from_main(state)
+    if shared is None:
+        return None
+    resumed, optimizer_state, scaler_state = shared
+    if not ddp.is_main():
+        optimizer.load_state_dict(torch.load(io.BytesIO(optimizer_state), map_location=device, weights_only=True))
+        scaler.load_state_dict(scaler_state)
+    return resumed
 
 
 def _load_checkpoint(

@@ -20,6 +20,7 @@ import torch
 from core.config import FitConfig
 from core.data.dataset import IMAGES, Dataset
 from core.data.images import read_rgb
+from core.distributed import ddp
 from core.models.backbones import FINETUNE_SUFFIX, load_state, make_backbone, save_state
 from core.models.device import resolve_device
 from core.models.objectives import make_objective
@@ -81,12 +82,17 @@ class SelfSupervisedEncoder:
     def retrain(
         self, kept: np.ndarray, on_progress: ProgressCallback = ignore_progress, cancel: CancelToken | None = None
     ) -> None:
-        """Keep training on the kept training samples only (``kept``: (N,) bool over the fit's data)."""
+        """Keep training on the kept training samples only (``kept``: (N,) bool over the fit's data).
+
+        Under DDP (:mod:`core.distributed.ddp`) every process retrains on rank 0's ``kept``, so
+        the processes train on the same samples even if their refinement rounds disagreed.
+        """
         if self._train_inputs is None:
             raise RuntimeError("retrain() needs fit() first")
+        kept = ddp.from_main(np.asarray(kept, bool))
         self.rounds_trained += 1
         stage = f"retrain round {self.rounds_trained}"
-        self._train(self._train_inputs[np.asarray(kept, bool)], self.config.retrain_epochs, stage, on_progress, cancel)
+        self._train(self._train_inputs[kept], self.config.retrain_epochs, stage, on_progress, cancel)
 
     def _train(self, inputs, epochs, stage, on_progress, cancel) -> None:
         config = TrainConfig(
