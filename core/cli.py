@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -29,6 +30,7 @@ from core.config import (
     parse_gamma,
 )
 from core.data.sources import DEMO_DIR
+from core.distributed import ddp
 from core.errors import Cancelled, ConfigError, RefineryError
 from core.progress import ProgressEvent
 from core.store import Registry, atomic_write_text, refinery_home, write_npy
@@ -179,10 +181,17 @@ def _fit(args: argparse.Namespace) -> None:
         min_keep_fraction=args.min_keep_fraction, localization=args.localization, device=args.device,
         batch_size=args.batch_size, seed=args.seed, label_column=args.label_column,
     ).validate()
-    dataset = engine.load_data(args.data, label_column=args.label_column)
-    _report_skipped(dataset)
-    with _ProgressBar() as progress:
-        result = engine.fit(dataset, config, args.out, resume=args.resume, on_progress=progress)
+    if ddp.launched_by_torchrun() and config.objective == "none":
+        raise ConfigError("torchrun started several processes, but objective 'none' (frozen pretrained features) "
+                          "has nothing to train; choose a self-supervised --objective, or run without torchrun")
+    with ddp.torchrun_process_group(config.device):
+        if not ddp.is_main():
+            _fit_alongside_main(args, config)
+            return
+        dataset = engine.load_data(args.data, label_column=args.label_column)
+        _report_skipped(dataset)
+        with _ProgressBar() as progress:
+            result = engine.fit(dataset, config, args.out, resume=args.resume, on_progress=progress)
     for record in result.rounds:
         print(record.note)
     flagged = int(result.scores.is_anomaly.sum())
@@ -193,6 +202,19 @@ def _fit(args: argparse.Namespace) -> None:
         m = result.metrics
         print(f"training-set metrics (labels used for evaluation only): AUROC {m.auroc:.4f}  AP {m.ap:.4f}  F1 {m.f1:.4f}")
     print(f"run saved to {result.run_dir}")
+
+
+def _fit_alongside_main(args: argparse.Namespace, config: FitConfig) -> None:
+    """A torchrun process of rank > 0: take part in every training step of the fit that rank 0 saves.
+
+    It runs the same fit into a temporary folder, with a temporary registry and workspace, all
+    deleted afterwards, and prints nothing but errors. Training resumes from rank 0's checkpoints.
+    """
+    logging.getLogger().setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory(prefix="refinery-ddp-") as scratch:
+        scratch = Path(scratch)
+        dataset = engine.load_data(args.data, label_column=args.label_column, workspace=scratch / "workspace")
+        engine.fit(dataset, config, scratch / "run", registry=Registry(scratch / "registry.sqlite"))
 
 
 def _score(args: argparse.Namespace) -> None:
