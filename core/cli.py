@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import tempfile
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from core import engine
+from core.compute import Compute, LocalCompute
 from core.config import (
     BACKBONES,
     DETECTORS,
@@ -108,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed for every random step (default: %(default)s)")
     fit.add_argument("--label-column", metavar="NAME",
                      help="table column with labels (1 = anomaly); used only for metrics, never for fitting")
+    _add_engine_options(fit, "the embedding of frozen features, the detector fits and the scoring")
 
     score = commands.add_parser("score", help="score DATA with a fitted run and write SCORES.csv",
                                 description="Write id, anomaly_score (higher = more anomalous), is_anomaly "
@@ -119,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also write one float32 .npy anomaly map per image (same height and width as the "
                        "image, higher = more anomalous) at MAPS_DIR/<id with its suffix replaced by .npy>")
     score.add_argument("--label-column", metavar="NAME", help="table column with labels, for metrics only")
+    _add_engine_options(score, "the embedding and scoring")
 
     explain = commands.add_parser("explain", help="explain anomaly scores: top features of table rows, "
                                   "Grad-CAM maps of images",
@@ -146,6 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, metavar="RUN_DIR",
                       help="folder for the run (default: a new folder under the Refinery home's runs/)")
     return parser
+
+
+def _add_engine_options(command: argparse.ArgumentParser, work: str) -> None:
+    command.add_argument("--engine", choices=("local", "ray"), default="local",
+                         help=f"where {work} run: in this process (local, default) or on a Ray cluster (ray; "
+                         "needs pip install 'refinery[distributed]'; data and run folders at the same path on "
+                         "every node; see docs/ray.md)")
+    command.add_argument("--address", metavar="ADDR",
+                         help="with --engine ray: the cluster to join, 'auto' (the one this machine belongs to), "
+                         "HOST:PORT or ray://HOST:PORT; default: start a Ray instance on this machine")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,8 +205,8 @@ def _fit(args: argparse.Namespace) -> None:
             return
         dataset = engine.load_data(args.data, label_column=args.label_column)
         _report_skipped(dataset)
-        with _ProgressBar() as progress:
-            result = engine.fit(dataset, config, args.out, resume=args.resume, on_progress=progress)
+        with _ProgressBar() as progress, _compute(args) as compute:
+            result = engine.fit(dataset, config, args.out, resume=args.resume, on_progress=progress, compute=compute)
     for record in result.rounds:
         print(record.note)
     flagged = int(result.scores.is_anomaly.sum())
@@ -208,9 +223,11 @@ def _fit_alongside_main(args: argparse.Namespace, config: FitConfig) -> None:
     """A torchrun process of rank > 0: take part in every training step of the fit that rank 0 saves.
 
     It runs the same fit into a temporary folder, with a temporary registry and workspace, all
-    deleted afterwards, and prints nothing but errors. Training resumes from rank 0's checkpoints.
+    deleted afterwards (also when torchrun stops it with SIGTERM), and prints nothing but errors.
+    Training resumes from rank 0's checkpoints.
     """
     logging.getLogger().setLevel(logging.ERROR)
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
     with tempfile.TemporaryDirectory(prefix="refinery-ddp-") as scratch:
         scratch = Path(scratch)
         dataset = engine.load_data(args.data, label_column=args.label_column, workspace=scratch / "workspace")
@@ -223,9 +240,9 @@ def _score(args: argparse.Namespace) -> None:
         args.data, label_column=args.label_column or run.config.label_column, label_required=bool(args.label_column)
     )
     _report_skipped(dataset)
-    with _ProgressBar() as progress:
+    with _ProgressBar() as progress, _compute(args) as compute:
         maps = run.iter_anomaly_maps(dataset, on_progress=progress) if args.maps else None
-        scores = run.score(dataset, on_progress=progress)
+        scores = run.score(dataset, on_progress=progress, compute=compute)
         atomic_write_text(args.out, scores.to_frame().to_csv(index=False))
         print(f"scored {len(dataset)} samples; {int(scores.is_anomaly.sum())} flagged; written to {args.out}")
         if maps is not None:
@@ -235,6 +252,17 @@ def _score(args: argparse.Namespace) -> None:
     metrics = scores.metrics()
     if metrics:
         print(f"metrics (labels used for evaluation only): AUROC {metrics.auroc:.4f}  AP {metrics.ap:.4f}  F1 {metrics.f1:.4f}")
+
+
+def _compute(args: argparse.Namespace) -> AbstractContextManager[Compute]:
+    """Where a fit or scoring runs (``--engine``, ``--address``), as a context manager that closes it."""
+    if args.engine == "local":
+        if args.address:
+            raise ConfigError("--address is the Ray cluster of --engine ray; add --engine ray or drop --address")
+        return nullcontext(LocalCompute())
+    from core.distributed.ray_compute import RayCompute
+
+    return RayCompute(address=args.address)
 
 
 def _explain(args: argparse.Namespace) -> None:
