@@ -30,3 +30,16 @@ def goto_page(page, title: str) -> None:
 def query_param(page, name: str) -> str | None:
     """A parameter of the page's URL (``run``, ``job``), or None."""
     return parse_qs(urlparse(page.url).query).get(name, [None])[0]
+
+
+def selectbox_options(page, label: str) -> list[str]:
+    """The options of the selectbox labelled ``label``, read by opening its list and closing it again."""
+    combobox = page.get_by_test_id("stSelectbox").filter(has_text=label).get_by_role("combobox")
+    combobox.scroll_into_view_if_needed()  # clicked where the click itself scrolls to (the main area's
+    combobox.click()                       # bottom edge), a selectbox opens no list
+    options = page.get_by_role("option")
+    expect(options.first).to_be_visible()
+    names = options.all_inner_texts()
+    page.keyboard.press("Escape")
+    expect(options).to_have_count(0)
+    return names

@@ -1,22 +1,21 @@
 """Two users on one studio server at once, in a real browser (issue 6, "Concurrent users").
 
 One ``streamlit run app.py`` (its own ``REFINERY_HOME``) and two Playwright browser contexts, i.e.
-two independent Streamlit sessions:
+two browsers, each with a studio session of its own (a different key in its URL):
 
 - Session B uploads its own small image set on the Data page; session A keeps the built-in demo.
-  The data choice is per session: A still sees the demo's 300 samples and nothing of B's upload,
-  B sees its own count.
-- Both press "Start refinement" at nearly the same time (A first). The studio has one worker
-  thread, so jobs queue and two fits never run at once. Depending on which rerun reaches the
-  server first, B's press either queues a second job behind A's, or is dropped because B's page
-  already saw A's job (the form then offers no start button while a job runs: the session is
-  attached to the running job) and B starts its own job when A's has finished. Both outcomes
-  occur (the presses are scheduled 5 ms apart) and are accepted; either way each session ends
-  on its own run: a session whose job finished while another session's job waited in the queue
-  keeps showing its own result.
-- The registry then holds two finished runs on different data whose fit intervals do not
-  overlap, the server's peak resident memory stays bounded, and neither page nor the server log
-  shows a traceback.
+  The upload goes into B's own uploads folder; A still sees the demo's 300 samples and nothing of
+  B's upload (not in its uploader, not in its list of earlier uploads), B sees its own count.
+- Both press "Start refinement" at nearly the same time (A first, 5 ms apart). Neither session
+  sees the other's job, so both presses start a job; the studio has one worker thread, so the
+  second job queues behind the first and two fits never run at once. Each session follows its
+  own job to its own run.
+- Each session's Results page and sidebar show only its own run. A link to B's run opened in A's
+  session shows a message instead of the run; once B shares the run on its Results page, the same
+  link opens it for A (without the share switch, which only B has) and A's run list holds both.
+- The registry then holds two finished runs on different data, each recorded with its session,
+  whose fit intervals do not overlap; the server's peak resident memory stays bounded, and neither
+  page nor the server log shows a traceback.
 
 Needs Debian's chromium (``/usr/bin/chromium``) and the ``playwright`` Python package.
 """
@@ -26,12 +25,15 @@ import re
 import shutil
 import time
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 
 from bench.studio import CHROMIUM, browser_page, launch_chromium, served
 from core.data.sources import DEMO_DIR
 from core.store import Registry
+from pages.components.services import FOREIGN_RUN
+from pages.components.state import session_id_of
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -45,12 +47,15 @@ PEAK_RSS_LIMIT = 3 * 1024**3  # bytes: generous; two small fits at 64 px need we
 START_LEAD_MS = 1500     # both presses are scheduled this far ahead...
 START_GAP_MS = 5         # ...B's this much after A's
 QUEUED_LABEL = "A job is running; start another when it is done"
+EARLIER_UPLOADS = "Or an earlier upload of this session"
+SHARE_LABEL = "Share this run with other sessions"
+SHARED_S = 30            # s: the share switch's callback reaching the registry
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 if not CHROMIUM.is_file():
     pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
 expect = playwright_api.expect
-from studio_pages import assert_clean, goto_page, main_area, query_param  # noqa: E402
+from studio_pages import assert_clean, goto_page, main_area, query_param, selectbox_options  # noqa: E402
 expect.set_options(timeout=PAGE_S)
 
 FINISHED = re.compile(r"^Finished in \d+ s: run (\w+) saved")
@@ -104,18 +109,23 @@ def _press_start_at(page, when_ms: float) -> None:
     )
 
 
-def _wait_for_job_param(page) -> str:
-    page.wait_for_function("() => new URLSearchParams(window.location.search).has('job')")
-    return query_param(page, "job")
+def _wait_for_param(page, name: str) -> str:
+    page.wait_for_function(f"() => new URLSearchParams(window.location.search).has({name!r})")
+    return query_param(page, name)
 
 
-def _wait_finished(page, other_than: str | None = None) -> str:
-    """Wait for the page's finished view (of a run other than ``other_than``); the run id it names."""
+def _wait_finished(page) -> str:
+    """Wait for the page's finished view; the run id it names."""
     finished = page.get_by_text(FINISHED)
-    if other_than is not None:  # the earlier run's message may linger while the page reruns
-        finished = finished.filter(has_not_text=f"run {other_than} saved")
     expect(finished).to_be_visible(timeout=FIT_S)
     return FINISHED.match(finished.inner_text()).group(1)
+
+
+def _wait_shared(registry: Registry, run_dir: str) -> None:
+    deadline = time.monotonic() + SHARED_S
+    while not registry.run_at(run_dir).shared:
+        assert time.monotonic() < deadline, f"{run_dir} is not shared {SHARED_S} s after the switch was clicked"
+        time.sleep(0.1)
 
 
 def _peak_rss_bytes(pid: int) -> int:
@@ -128,9 +138,10 @@ def _peak_rss_bytes(pid: int) -> int:
 
 # ----------------------------------------------------------------------------- the test
 
-def test_two_sessions_keep_their_data_and_their_fits_queue(tmp_path):
+def test_two_sessions_keep_their_data_and_runs_to_themselves_and_their_fits_queue(tmp_path):
     home = tmp_path / "refinery-home"
     home.mkdir()
+    registry = Registry(path=home / "registry.sqlite")
     upload = _upload_set(tmp_path / "b-images")
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -139,23 +150,27 @@ def test_two_sessions_keep_their_data_and_their_fits_queue(tmp_path):
         browser = launch_chromium(playwright)
         try:
             with browser_page(browser, PAGE_S) as page_a, browser_page(browser, PAGE_S) as page_b:
-                # Both sessions open the studio on the built-in demo.
+                # Both browsers open the studio on the built-in demo, each in a studio session of its own.
                 for page in (page_a, page_b):
                     page.goto(server.url)
                     expect(page.get_by_role("heading", name="Data", exact=True)).to_be_visible()
                     expect(_samples_metric(page)).to_have_text(str(DEMO_SAMPLES))
+                keys = {"A": _wait_for_param(page_a, "session"), "B": _wait_for_param(page_b, "session")}
+                assert keys["A"] != keys["B"]
 
-                # B uploads its own images; A keeps the demo.
+                # B uploads its own images into its own folder; A keeps the demo.
                 page_b.get_by_role("tab", name="Upload").click()
                 page_b.get_by_test_id("stFileUploaderDropzoneInput").set_input_files([str(p) for p in upload])
                 use_upload = page_b.get_by_role("button", name="Use the uploaded files")
                 expect(use_upload).to_be_enabled()  # the uploader commits once every file has arrived
                 use_upload.click()
                 expect(_samples_metric(page_b)).to_have_text(str(UPLOAD_SAMPLES))
-                uploads = list((home / "workspace" / "uploads").iterdir())
+                uploads = list((home / "workspace" / "uploads").glob("*/*"))
                 assert len(uploads) == 1 and len(list(uploads[0].iterdir())) == UPLOAD_SAMPLES, uploads
+                assert uploads[0].parent.name == session_id_of(keys["B"])  # a hash of B's key, never the key
                 upload_name = uploads[0].name
                 expect(main_area(page_b).get_by_role("heading", name=upload_name)).to_be_visible()
+                expect(page_b.get_by_text(EARLIER_UPLOADS)).to_be_visible()
                 assert_clean(page_b)
                 timings["upload_s"] = time.perf_counter() - started
 
@@ -167,6 +182,7 @@ def test_two_sessions_keep_their_data_and_their_fits_queue(tmp_path):
                 expect(main_area(page_a).get_by_role("heading", name=DEMO_DIR.name)).to_be_visible()
                 page_a.get_by_role("tab", name="Upload").click()
                 expect(page_a.get_by_test_id("stFileUploaderFile")).to_have_count(0)  # B's files are not here
+                expect(page_a.get_by_text(EARLIER_UPLOADS)).to_have_count(0)  # nor among its earlier uploads
                 assert upload_name not in page_a.content()
                 assert_clean(page_a)
 
@@ -177,43 +193,51 @@ def test_two_sessions_keep_their_data_and_their_fits_queue(tmp_path):
                 press_at = time.time() * 1000 + START_LEAD_MS  # one clock: the browsers run on this machine
                 _press_start_at(page_a, press_at)
                 _press_start_at(page_b, press_at + START_GAP_MS)
-                job_a, job_b = _wait_for_job_param(page_a), _wait_for_job_param(page_b)
+                job_a, job_b = _wait_for_param(page_a, "job"), _wait_for_param(page_b, "job")
+                assert job_a != job_b  # neither page saw the other's job: two jobs, the second queued
                 sessions = {"A": (page_a, DEMO_SAMPLES), "B": (page_b, UPLOAD_SAMPLES)}
-                for page, _ in sessions.values():  # while a job runs, no page offers to start another
+                for page, _ in sessions.values():  # while its job runs or waits, no page offers to start another
                     waiting = page.get_by_role("button", name=QUEUED_LABEL)
                     expect(waiting.or_(page.get_by_text(FINISHED)).first).to_be_visible()
                     if waiting.count():
                         expect(waiting).to_be_disabled()
-                if job_a != job_b:
-                    # Both presses reached the server before either page saw the other's job: two
-                    # jobs, the second queued behind the first. Each page follows its own job.
-                    outcome = "queued"
-                    own_runs = {name: _wait_finished(page) for name, (page, _) in sessions.items()}
-                    assert (query_param(page_a, "job"), query_param(page_b, "job")) == (job_a, job_b)
-                else:
-                    # One press came after its page saw the other's job: the form had no start
-                    # button any more, the click started nothing and the session follows the
-                    # running job. It starts its own once that job has finished.
-                    outcome = "attached"
-                    first_run = _wait_finished(page_a)
-                    assert _wait_finished(page_b) == first_run
-                    record = next(run for run in Registry(path=home / "registry.sqlite").runs()
-                                  if run.run_id == first_run)
-                    owner = "A" if record.n_samples == DEMO_SAMPLES else "B"
-                    waiter = "B" if owner == "A" else "A"
-                    waiting_page = sessions[waiter][0]
-                    expect(waiting_page.get_by_role("button", name=QUEUED_LABEL)).to_have_count(0)
-                    waiting_page.get_by_role("button", name="Start refinement").click()
-                    waiting_page.wait_for_function(
-                        f"() => new URLSearchParams(window.location.search).get('job') !== {job_a!r}")
-                    own_runs = {owner: first_run, waiter: _wait_finished(waiting_page, other_than=first_run)}
+                own_runs = {name: _wait_finished(page) for name, (page, _) in sessions.items()}
+                assert (query_param(page_a, "job"), query_param(page_b, "job")) == (job_a, job_b)
                 timings["fits_s"] = time.perf_counter() - fit_started
 
-                # Each session ends on its own run, trained on its own data.
+                # Each session ends on its own run, trained on its own data, and lists only that run.
+                run_dirs = {}
                 for name, (page, samples) in sessions.items():
                     expect(main_area(page).get_by_text(f"Training data: {samples} images")).to_be_visible()
                     expect(page.get_by_role("heading", name=f"Run {own_runs[name]}")).to_be_visible()
+                    run_dirs[name] = query_param(page, "run")
+                    goto_page(page, "Results")
+                    sidebar = page.get_by_test_id("stSidebar")
+                    expect(sidebar.get_by_text(Path(run_dirs[name]).name, exact=True)).to_be_visible()
+                    assert selectbox_options(page, "Open a run") == [Path(run_dirs[name]).name]
+                    expect(page.get_by_test_id("stButton").filter(has_text=re.compile("^Open$"))).to_have_count(0)
                     assert_clean(page)
+                for name, other in (("A", "B"), ("B", "A")):
+                    assert Path(run_dirs[other]).name not in sessions[name][0].content()
+
+                # A link to B's run, opened in A's session, shows a message instead of the run.
+                link_to_b = f"{server.url}/results?{urlencode({'session': keys['A'], 'run': run_dirs['B']})}"
+                page_a.goto(link_to_b)
+                expect(main_area(page_a).get_by_text(FOREIGN_RUN)).to_be_visible()
+                expect(page_a.get_by_text(f"Run {own_runs['B']}:")).to_have_count(0)
+                assert_clean(page_a)
+
+                # B shares its run: the same link now opens it for A, without the share switch.
+                page_b.get_by_text(SHARE_LABEL).click()
+                _wait_shared(registry, run_dirs["B"])
+                page_a.reload()
+                b_caption = re.compile(f"^Run {own_runs['B']}: {UPLOAD_SAMPLES} images")
+                expect(main_area(page_a).get_by_text(b_caption)).to_be_visible()
+                expect(page_a.get_by_text(SHARE_LABEL)).to_have_count(0)
+                both = sorted(Path(run_dir).name for run_dir in run_dirs.values())
+                assert sorted(selectbox_options(page_a, "Open a run")) == both
+                assert_clean(page_a)
+                assert_clean(page_b)
                 peak_rss = _peak_rss_bytes(server.pid)
         finally:
             browser.close()
@@ -222,14 +246,15 @@ def test_two_sessions_keep_their_data_and_their_fits_queue(tmp_path):
     assert "Traceback" not in server_log, server_log[-3000:]
     timings["total_s"] = time.perf_counter() - started
 
-    # The registry: two finished runs on different data, fitted one after the other.
-    runs = sorted(Registry(path=home / "registry.sqlite").runs(), key=lambda run: run.created)
+    # The registry: two finished runs on different data, each with its session, fitted one after the other.
+    runs = sorted(registry.runs(), key=lambda run: run.created)
     assert [run.status for run in runs] == ["done", "done"], [(run.run_id, run.status, run.message) for run in runs]
-    by_session = {run.run_id: run for run in runs}
-    assert by_session[own_runs["A"]].n_samples == DEMO_SAMPLES
-    assert Path(by_session[own_runs["A"]].data_source) == DEMO_DIR
-    assert by_session[own_runs["B"]].n_samples == UPLOAD_SAMPLES
-    assert Path(by_session[own_runs["B"]].data_source) == uploads[0]
+    by_id = {run.run_id: run for run in runs}
+    run_a, run_b = by_id[own_runs["A"]], by_id[own_runs["B"]]
+    assert (run_a.n_samples, Path(run_a.data_source)) == (DEMO_SAMPLES, DEMO_DIR)
+    assert (run_b.n_samples, Path(run_b.data_source)) == (UPLOAD_SAMPLES, uploads[0])
+    assert (run_a.session, run_a.shared) == (session_id_of(keys["A"]), False)
+    assert (run_b.session, run_b.shared) == (session_id_of(keys["B"]), True)
     assert runs[0].fingerprint != runs[1].fingerprint
     first, second = runs
     first_finished = (Path(first.path) / "run.json").stat().st_mtime  # written as the fit's last step
@@ -238,6 +263,6 @@ def test_two_sessions_keep_their_data_and_their_fits_queue(tmp_path):
         f"the fits overlap: {first.run_id} ran {first.created:.3f}..{first_finished:.3f}, "
         f"{second.run_id} ran {second.created:.3f}..{second_finished:.3f}")
     assert peak_rss < PEAK_RSS_LIMIT, f"the server's peak RSS was {peak_rss / 1024**3:.2f} GiB"
-    print(f"outcome={outcome} first={first.n_samples} samples, "
-          f"gap between fits {second.created - first_finished:.2f} s, peak RSS {peak_rss / 1024**2:.0f} MiB, "
+    print(f"first={first.n_samples} samples, gap between fits {second.created - first_finished:.2f} s, "
+          f"peak RSS {peak_rss / 1024**2:.0f} MiB, "
           + ", ".join(f"{key} {value:.1f}" for key, value in timings.items()))
