@@ -209,6 +209,13 @@ def test_cli_refuses_a_bad_ray_address_in_one_line(compute, tmp_path, home, caps
     assert not (tmp_path / "run").exists()
 
 
+def test_without_ray_the_ray_engine_says_how_to_install_it(tmp_path, home, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as if it were not installed
+    table = write_digits_table(tmp_path / "digits.csv")
+    assert main(["fit", str(table), "--out", str(tmp_path / "run"), "--engine", "ray"]) == 1
+    assert "the Ray engine needs Ray: pip install 'refinery[distributed]'" in capsys.readouterr().err
+
+
 def test_cli_starts_and_stops_its_own_ray_instance(tmp_path, home):
     table = write_digits_table(tmp_path / "digits.csv", n_normal=60, n_anomalous=6)
     done = subprocess.run(

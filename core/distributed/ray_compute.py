@@ -50,9 +50,7 @@ from core.detectors.gde import GaussianDensity, GaussianMoments, sample_mean
 from core.errors import ConfigError, RefineryError
 from core.models.image_encoder import ImageEncoder
 from core.models.tabular import TableEncoder
-from core.progress import ignore_progress, ProgressEvent
-
-log = logging.getLogger(__name__)
+from core.progress import ProgressEvent, ignore_progress
 
 INSTALL_HINT = "pip install 'refinery[distributed]'"
 CONNECT_TIMEOUT_S = 5.0
@@ -338,8 +336,8 @@ def _array_key(features: np.ndarray) -> tuple:
 
 
 class _BlockRows:
-    """Consecutive blocks of rows read as one ``(N, D)`` array: the row indexing that
-    :func:`~core.compute.row_chunks` and :func:`~core.compute.score_rows` use."""
+    """Consecutive blocks of rows read as one ``(N, D)`` array, indexed by arrays of row numbers (as
+    :func:`~core.compute.row_chunks` and :func:`~core.compute.score_rows` index it when given rows)."""
 
     def __init__(self, blocks: Sequence[np.ndarray]) -> None:
         self.blocks = blocks
@@ -348,8 +346,8 @@ class _BlockRows:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def __getitem__(self, rows) -> np.ndarray:
-        rows = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
         which = np.searchsorted(self.starts, rows, side="right") - 1
         taken = np.empty((len(rows), *self.blocks[0].shape[1:]), dtype=self.blocks[0].dtype)
         for block in np.unique(which):
@@ -421,7 +419,7 @@ def _rows_frame(dataset: Dataset) -> pd.DataFrame:
     if dataset.kind == IMAGES:
         return pd.DataFrame({ROW: np.arange(len(dataset)), PATH: [str(path) for path in dataset.paths or []]})
     frame = dataset.table.copy()
-    frame.columns = [str(column) for column in frame.columns]
+    frame.columns = [str(column) for column in frame.columns]  # as the table encoder reads them; Ray Data needs str
     frame[ROW] = np.arange(len(frame))
     return frame
 
