@@ -15,7 +15,7 @@ from core.detectors import GaussianDensity, make_detector
 from core.detectors.gde import GaussianMoments, sample_mean
 from core.errors import DataError
 from core.models.tabular import TableEncoder
-from tests.test_memory_scale import resident_kib
+from test_memory_scale import resident_kib
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from core.progress import CancelToken
 from core.results import SavedRun
 from core.store import Registry
 from sample_data import write_digits_table
+from test_memory_scale import resident_kib
 
 ray = pytest.importorskip("ray")
 from core.distributed.ray_compute import RayCompute  # noqa: E402  (needs ray)
@@ -195,6 +196,17 @@ def test_cli_fit_and_score_images_on_ray_give_the_local_scores(compute, tmp_path
     clear = np.abs(local["anomaly_score"] - threshold) > 1e-3 * np.abs(threshold)
     np.testing.assert_array_equal(distributed["is_anomaly"][clear], local["is_anomaly"][clear])
     assert "Dataset" not in capsys.readouterr().err, "Ray Data's progress stays quiet"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are only handed back on Linux")
+def test_embedding_into_a_memmap_matches_local_and_leaves_no_pages_resident(compute, tmp_path, home):
+    dataset = engine.load_data(DEMO_DIR)
+    encoder = ImageEncoder(FitConfig(image_size=32, batch_size=16).validate())
+    path = tmp_path / "embeddings.npy"
+    rows = embedding_memmap(path, len(dataset), encoder.embedding_dim)
+    assert compute.embed(encoder, dataset, out=rows) is rows
+    assert resident_kib(path) <= 8  # batches arrive in any order; all of them written, all pages handed back
+    np.testing.assert_allclose(rows, LocalCompute().embed(encoder, dataset), **EMBEDDING_TOLERANCE)
 
 
 def test_cli_refuses_a_bad_ray_address_in_one_line(compute, tmp_path, home, capsys):

@@ -48,6 +48,7 @@ from core.compute import CHUNK_ROWS, LocalCompute, check_finite, row_chunks, sco
 from core.data.dataset import IMAGES, Dataset
 from core.detectors.gde import GaussianDensity, GaussianMoments, sample_mean
 from core.errors import ConfigError, RefineryError
+from core.mapped import MappedPages
 from core.models.image_encoder import ImageEncoder
 from core.models.tabular import TableEncoder
 from core.progress import ProgressEvent, ignore_progress
@@ -135,8 +136,12 @@ class RayCompute:
         if n == 0:
             return LocalCompute().embed(encoder, dataset, out=out)
 
+        written = np.zeros(n, dtype=bool)
+        frontier = 0  # rows [0, frontier) are all written
+        pages = None
+
         def write(batch: dict) -> None:
-            nonlocal out
+            nonlocal out, frontier, pages
             embedded = batch["embedding"]
             if out is None:
                 out = np.empty((n, embedded.shape[1]), np.float32)
@@ -144,6 +149,13 @@ class RayCompute:
                 raise ValueError(f"out must be a ({n}, {embedded.shape[1]}) float32 array for this data and "
                                  f"encoder, got {out.shape}")
             out[batch[ROW]] = embedded
+            # Batches may arrive out of order: hand back the pages below the first row still missing.
+            written[batch[ROW]] = True
+            while frontier < n and written[frontier]:
+                frontier += 1
+            pages = pages or MappedPages.of(out)
+            if pages is not None:
+                pages.release(frontier)
 
         self._stream(self._map(dataset, _EmbedBatches, encoder), dataset, write, on_progress, cancel)
         return out
