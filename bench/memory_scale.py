@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
                          f"embeddings in memory): {verdict}")
             report.line(text + ")")
         report.line()
-        machine_footer(report, total.seconds)
+    machine_footer(report, total.seconds)
 
 
 if __name__ == "__main__":
