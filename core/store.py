@@ -325,7 +325,7 @@ class Registry:
     def _connect(self) -> Iterator[sqlite3.Connection]:
         try:
             with closing(sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)) as db:
-                db.execute("PRAGMA journal_mode=WAL")
+                _use_write_ahead_log(db)
                 db.execute("PRAGMA foreign_keys=ON")
                 with db:
                     yield db
@@ -488,6 +488,22 @@ _SQLITE_DISK_ERRORS = {
 _ADDED_COLUMNS = {"owner": "TEXT", "session": "TEXT", "shared": "INTEGER NOT NULL DEFAULT 0"}
 """Columns of ``runs`` that older registries lack, with their definitions (old runs: no owner, no
 session, not shared)."""
+
+
+def _use_write_ahead_log(db: sqlite3.Connection) -> None:
+    """Switch the registry to write-ahead logging (a setting of the file, so it happens once).
+
+    The switch needs the database to itself, and SQLite does not wait for that: processes opening
+    a new or older registry at the same moment retry for up to ``BUSY_TIMEOUT_S``.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _add_missing_columns(db: sqlite3.Connection) -> None:
