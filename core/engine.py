@@ -525,11 +525,11 @@ def _save_run(
     result.config.save(directory / "config.json")
     save_encoder(encoder, directory)
     write_arrays(directory / "embeddings.safetensors", {
-        "train": embeddings.astype(np.float32),
+        "train": np.asarray(embeddings, dtype=np.float32),  # no copy: a memory-mapped file is streamed
         "kept": result.kept.astype(np.uint8),
         "train_anomaly_score": result.scores.anomaly_score,
         "pinned": pinned,
-        **{f"round_{number}": rows.astype(np.float32) for number, rows in enumerate(round_embeddings, start=1)},
+        **{f"round_{number}": np.asarray(rows, dtype=np.float32) for number, rows in enumerate(round_embeddings, start=1)},
     })
     write_json(directory / "refinement.json", [
         {

@@ -39,12 +39,13 @@ import uuid
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import numpy as np
-from safetensors.numpy import load_file, save
+from safetensors.numpy import load_file
 
 from core.errors import RunError, StorageError
+from core.mapped import MappedPages
 
 log = logging.getLogger(__name__)
 
@@ -123,21 +124,29 @@ def disk_errors(path: Path) -> Iterator[None]:
         raise StorageError(f"cannot write {path}: {cause}") from error
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a synced temporary file and an atomic rename."""
+@contextmanager
+def atomic_writer(path: Path) -> Iterator[BinaryIO]:
+    """A binary file handle whose content becomes ``path`` (synced, atomic rename) when the block ends
+    without an error; nothing is left behind otherwise."""
     path = Path(path)
     with disk_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+                yield handle
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a synced temporary file and an atomic rename."""
+    with atomic_writer(path) as handle:
+        handle.write(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -193,10 +202,53 @@ def check_artifacts(directory: Path, manifest: dict[str, str]) -> None:
             raise RunError(f"{path} changed after the fit: the run is damaged or was tampered with; fit the run again")
 
 
-def write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Save named arrays as safetensors (no pickle), atomically."""
+_SAFETENSORS_DTYPES = {
+    np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+    np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16", np.dtype(np.int8): "I8",
+    np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL",
+}
+_WRITE_CHUNK_BYTES = 8 << 20
 
-    atomic_write_bytes(path, save({k: np.ascontiguousarray(v) for k, v in arrays.items()}))
+
+def write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Save named arrays as safetensors (no pickle), atomically.
+
+    The file is written as the format defines it (an 8-byte header length, a JSON header with each
+    array's dtype, shape and byte range, then the arrays' little-endian bytes), one chunk of rows at a
+    time: a memory-mapped array is streamed from its file, never read into memory whole.
+    """
+    arrays = {name: np.asarray(array) for name, array in arrays.items()}
+    header, offset = {}, 0
+    for name, array in arrays.items():
+        dtype = _SAFETENSORS_DTYPES.get(array.dtype.newbyteorder("="))
+        if dtype is None:
+            raise TypeError(f"{name}: safetensors has no dtype {array.dtype}")
+        header[name] = {"dtype": dtype, "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as the reference writer does
+    with atomic_writer(path) as handle:
+        handle.write(len(encoded).to_bytes(8, "little"))
+        handle.write(encoded)
+        for array in arrays.values():
+            _write_rows(handle, array)
+
+
+def _write_rows(handle: BinaryIO, array: np.ndarray) -> None:
+    """``array``'s bytes in C order, little-endian, in chunks of rows; a memory-mapped source's pages are
+    handed back after each chunk."""
+    little = array.dtype.newbyteorder("<")
+    if array.ndim == 0 or array.size == 0:
+        handle.write(np.ascontiguousarray(array, dtype=little).tobytes())
+        return
+    rows_per_chunk = max(1, _WRITE_CHUNK_BYTES // max(array[0].nbytes, 1))
+    pages = MappedPages.of(array)
+    for start in range(0, len(array), rows_per_chunk):
+        stop = min(start + rows_per_chunk, len(array))
+        handle.write(np.ascontiguousarray(array[start:stop], dtype=little).data)
+        if pages is not None:
+            pages.release(stop)
 
 
 def read_arrays(path: Path) -> dict[str, np.ndarray]:

@@ -140,3 +140,4 @@ def test_a_pass_over_a_memmap_does_not_leave_it_resident(tmp_path):
     assert resident_kib(path) <= 2 * compute.CHUNK_ROWS * 64 * 4 // 1024  # at most about the last chunk
     np.asarray(features).sum()  # a plain pass keeps the pages resident: the check above can fail
     assert resident_kib(path) >= features.nbytes // 1024
+

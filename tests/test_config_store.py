@@ -1,5 +1,6 @@
 """FitConfig validation and JSON round-trip; run store: atomic files, staged folders, registry."""
 import sqlite3
+import sys
 import threading
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 from core.config import FitConfig, parse_gamma
 from core.errors import ConfigError, RunError
 from core.store import Registry, atomic_write_text, read_arrays, staged_directory, write_arrays
+from test_memory_scale import resident_kib
 
 
 def test_config_json_round_trip_and_resolution(tmp_path):
@@ -106,3 +108,35 @@ def test_registry_survives_concurrent_writers(tmp_path):
         thread.join()
     assert not errors
     assert len(Registry(path).runs()) == 80
+
+
+def test_arrays_of_every_dtype_and_shape_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "f32": rng.normal(size=(3000, 700)).astype(np.float32),  # more than one 8 MiB chunk
+        "f64": rng.normal(size=(4, 2)), "i64": np.arange(5), "i16": np.arange(3, dtype=np.int16),
+        "i8": np.array([-1, 0, 1], np.int8), "u8": np.arange(24, dtype=np.uint8).reshape(2, 3, 4),
+        "bool": np.array([True, False]), "empty": np.zeros((0, 3), np.float32), "scalar": np.array(2.5),
+        "big_endian": np.arange(6, dtype=">f4").reshape(2, 3),
+    }
+    write_arrays(tmp_path / "x.safetensors", arrays)
+    saved = read_arrays(tmp_path / "x.safetensors")
+    assert saved.keys() == arrays.keys()
+    for name, array in arrays.items():
+        assert saved[name].shape == array.shape, name
+        np.testing.assert_array_equal(saved[name], array)
+    with pytest.raises(TypeError, match="no dtype"):
+        write_arrays(tmp_path / "y.safetensors", {"text": np.array(["a"])})
+    assert not (tmp_path / "y.safetensors").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are only handed back on Linux")
+def test_saving_memory_mapped_embeddings_streams_them(tmp_path):
+    source = tmp_path / "e.npy"
+    np.save(source, np.random.default_rng(0).normal(size=(20_000, 128)).astype(np.float32))  # 10 MiB
+    features = np.load(source, mmap_mode="r")
+    write_arrays(tmp_path / "run.safetensors", {"train": features, "kept": np.ones(len(features), np.uint8)})
+    assert resident_kib(source) <= 8 * 1024 + 4  # at most one 8 MiB chunk of the source stays resident
+    saved = read_arrays(tmp_path / "run.safetensors")
+    np.testing.assert_array_equal(saved["train"], features)
+    assert saved["kept"].sum() == len(features)
