@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 import pandas as pd
 
-from core.compute import Compute, LocalCompute, check_finite
+from core.compute import Compute, LocalCompute, check_finite, fit_rows, score_rows
 from core.config import FitConfig
 from core.data import IMAGES, Dataset, load_dataset
 from core.data.images import image_shape
@@ -52,7 +52,7 @@ from core.store import (
     check_destination,
     disk_errors,
     partial_dir,
-    read_arrays,
+    map_arrays,
     read_json,
     refinery_home,
     staged_directory,
@@ -590,11 +590,10 @@ class FittedRun:
         self.info = read_json(self.run_dir / "run.json")
         check_artifacts(self.run_dir, self.info.get("artifacts", {}))  # runs saved before manifests have none
         self.config = FitConfig.load(self.run_dir / "config.json")
-        arrays = read_arrays(self.run_dir / "embeddings.safetensors")
-        train, kept = arrays["train"], arrays["kept"].astype(bool)
-        self.kept_embeddings = train[kept]
-        self.detector = make_detector(self.config.detector, random_state=self.config.seed).fit(self.kept_embeddings)
-        check = -self.detector.score_samples(train)
+        arrays = map_arrays(self.run_dir / "embeddings.safetensors")  # streamed from the file, not read into memory
+        self._train, self._kept = arrays["train"], np.flatnonzero(arrays["kept"])
+        self.detector = fit_rows(make_detector(self.config.detector, random_state=self.config.seed), self._train, self._kept)
+        check = -score_rows([self.detector], self._train)[0]
         if not np.allclose(check, arrays["train_anomaly_score"], rtol=SCORE_TOLERANCE, atol=SCORE_TOLERANCE):
             raise RunError(f"{self.run_dir} does not reproduce its saved scores: the run is damaged or was tampered with")
         self.encoder = load_encoder(self.config, self.info["kind"], self.run_dir)
@@ -603,6 +602,11 @@ class FittedRun:
         if self.info["kind"] == IMAGES and self.config.localization != "none":
             localizer_class = CutPastePatchLocalizer if self.config.localization == "cutpaste" else PatchLocalizer
             self.localizer = localizer_class.load(self.run_dir, device=self.config.device)
+
+    @cached_property
+    def kept_embeddings(self) -> np.ndarray:
+        """``(K, D) float32``: the embeddings of the kept training samples, read when first needed."""
+        return np.asarray(self._train[self._kept])
 
     def score(
         self, dataset: Dataset, on_progress: ProgressCallback = ignore_progress, cancel: CancelToken | None = None,

@@ -261,6 +261,42 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
         raise RunError(f"{path} is damaged or was tampered with ({error}); fit the run again") from None
 
 
+MAX_HEADER_BYTES = 100 << 20
+"""Largest safetensors header :func:`map_arrays` reads (the reference reader's limit)."""
+
+
+def map_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a file written by :func:`write_arrays`, memory-mapped read-only instead of read.
+
+    Each array is a view of its bytes in the file, so opening a run costs no memory per sample until
+    rows are used. The header is checked against the file (dtypes, shapes, byte ranges inside it);
+    anything else is a RunError, as for :func:`read_arrays`.
+    """
+    path = Path(path)
+    names = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if not 0 < length <= min(MAX_HEADER_BYTES, size - 8):
+                raise ValueError(f"header length {length}")
+            header = json.loads(handle.read(length))
+        header.pop("__metadata__", None)
+        arrays = {}
+        for name, entry in header.items():
+            dtype, shape, (begin, end) = names[entry["dtype"]], tuple(int(n) for n in entry["shape"]), entry["data_offsets"]
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if min(shape, default=0) < 0 or not 0 <= begin <= end <= size - 8 - length or end - begin != nbytes:
+                raise ValueError(f"{name}: byte range {begin}-{end} does not hold shape {list(shape)} of {dtype}")
+            arrays[name] = (np.zeros(shape, dtype) if nbytes == 0 else
+                            np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r", offset=8 + length + begin, shape=shape))
+        return arrays
+    except FileNotFoundError:
+        raise RunError(f"{path} is missing: the run is incomplete") from None
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise RunError(f"{path} is damaged or was tampered with ({error}); fit the run again") from None
+
+
 def partial_dir(destination: Path) -> Path:
     """The folder a run is built in before it becomes ``destination``: ``.<name>.partial`` beside it."""
     destination = Path(destination)

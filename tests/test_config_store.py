@@ -8,7 +8,7 @@ import pytest
 
 from core.config import FitConfig, parse_gamma
 from core.errors import ConfigError, RunError
-from core.store import Registry, atomic_write_text, read_arrays, staged_directory, write_arrays
+from core.store import Registry, atomic_write_text, map_arrays, read_arrays, staged_directory, write_arrays
 from test_memory_scale import resident_kib
 
 
@@ -140,3 +140,42 @@ def test_saving_memory_mapped_embeddings_streams_them(tmp_path):
     saved = read_arrays(tmp_path / "run.safetensors")
     np.testing.assert_array_equal(saved["train"], features)
     assert saved["kept"].sum() == len(features)
+
+
+def test_mapped_arrays_are_the_saved_arrays_without_reading_them(tmp_path):
+    rng = np.random.default_rng(1)
+    arrays = {"train": rng.normal(size=(5000, 64)).astype(np.float32), "kept": np.ones(5000, np.uint8),
+              "empty": np.zeros((0, 4), np.float64), "scores": rng.normal(size=5000)}
+    write_arrays(tmp_path / "e.safetensors", arrays)
+    mapped = map_arrays(tmp_path / "e.safetensors")
+    assert mapped.keys() == arrays.keys()
+    for name, array in arrays.items():
+        assert mapped[name].dtype == array.dtype and mapped[name].shape == array.shape
+        np.testing.assert_array_equal(mapped[name], array)
+    assert isinstance(mapped["train"], np.memmap) and not mapped["train"].flags.writeable
+
+
+@pytest.mark.parametrize("damage", ["truncated", "huge header", "bad json", "unknown dtype", "range past the end",
+                                    "range of the wrong size"])
+def test_a_damaged_arrays_file_is_a_run_error_when_mapped(tmp_path, damage):
+    path = tmp_path / "e.safetensors"
+    write_arrays(path, {"train": np.ones((10, 4), np.float32)})
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + length].decode()
+    body = data[8 + length :]
+    if damage == "truncated":
+        data = data[:-8]
+    elif damage == "huge header":
+        data = (10**12).to_bytes(8, "little") + data[8:]
+    elif damage == "bad json":
+        data = data[:8] + b"{" * length + body
+    else:
+        replaced = {"unknown dtype": header.replace('"F32"', '"X32"'),
+                    "range past the end": header.replace("[0,160]", "[0,990]"),
+                    "range of the wrong size": header.replace("[0,160]", "[0,150]")}[damage]
+        assert replaced != header
+        data = data[:8] + replaced.encode() + body
+    path.write_bytes(data)
+    with pytest.raises(RunError, match="damaged or was tampered with"):
+        map_arrays(path)
