@@ -56,6 +56,8 @@ class JobStatus:
         Partial results the job published, by name (the latest value of each).
     result : object
         What the job returned (``done`` jobs only).
+    owner : str or None
+        Who submitted the job (the studio passes its session's id); None when not said.
     """
 
     job_id: str
@@ -71,6 +73,7 @@ class JobStatus:
     finished: float | None = None
     outputs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     result: Any = None
+    owner: str | None = None
 
     @property
     def active(self) -> bool:
@@ -136,11 +139,13 @@ class JobRunner:
         self._ids = itertools.count(1)
         self._worker: threading.Thread | None = None
 
-    def submit(self, title: str, work: Work) -> str:
-        """Queue ``work`` and return its job id; it starts when the jobs before it have finished."""
+    def submit(self, title: str, work: Work, *, owner: str | None = None) -> str:
+        """Queue ``work`` and return its job id; it starts when the jobs before it have finished.
+
+        ``owner`` is recorded in the job's status (see :meth:`jobs`)."""
         job_id = f"job-{next(self._ids)}-{int(time.time())}"
         with self._lock:
-            self._statuses[job_id] = JobStatus(job_id, title)
+            self._statuses[job_id] = JobStatus(job_id, title, owner=owner)
             self._cancels[job_id] = CancelToken()
             self._forget_old_jobs()
             if self._worker is None or not self._worker.is_alive():
@@ -154,10 +159,11 @@ class JobRunner:
         with self._lock:
             return self._statuses.get(job_id)
 
-    def jobs(self) -> list[JobStatus]:
-        """All remembered jobs, newest first."""
+    def jobs(self, *, owner: str | None = None) -> list[JobStatus]:
+        """Remembered jobs, newest first: all of them, or those submitted by ``owner``."""
         with self._lock:
-            return list(self._statuses.values())[::-1]  # dicts keep submission order
+            statuses = list(self._statuses.values())[::-1]  # dicts keep submission order
+        return statuses if owner is None else [status for status in statuses if status.owner == owner]
 
     def active(self) -> JobStatus | None:
         """The job running now, else the oldest queued one, else None."""

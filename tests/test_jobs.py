@@ -263,3 +263,15 @@ def test_job_ids_are_distinct_and_titles_kept(runner):
     ids = [runner.submit("same title", lambda context: None) for _ in range(3)]
     assert len(set(ids)) == 3
     assert all(runner.wait(job_id, TIMEOUT).title == "same title" for job_id in ids)
+
+
+def test_jobs_remember_who_submitted_them():
+    runner = JobRunner()
+    mine = runner.submit("mine", lambda context: 1, owner="alice")
+    theirs = runner.submit("theirs", lambda context: 2, owner="bob")
+    anonymous = runner.submit("cli", lambda context: 3)
+    assert runner.status(mine).owner == "alice" and runner.status(anonymous).owner is None
+    assert [job.job_id for job in runner.jobs(owner="alice")] == [mine]
+    assert [job.job_id for job in runner.jobs(owner="bob")] == [theirs]
+    assert [job.job_id for job in runner.jobs()] == [anonymous, theirs, mine]
+    assert runner.wait(theirs, TIMEOUT).owner == "bob"  # a finished job keeps its owner

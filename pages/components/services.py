@@ -40,35 +40,19 @@ def job_runner() -> JobRunner:
 
 
 @st.cache_resource
-def job_sessions() -> dict[str, str]:
-    """The session id of each job :func:`job_runner` remembers (process-wide, like the runner)."""
-    return {}
-
-
-@st.cache_resource
 def registry() -> Registry:
     return Registry()
 
 
 def submit_job(title: str, work: Work) -> str:
     """Queue ``work`` (see :meth:`core.jobs.JobRunner.submit`) as this session's job; its id."""
-    runner, sessions = job_runner(), job_sessions()
-    job_id = runner.submit(title, work)
-    sessions[job_id] = state.session_id()
-    for known in list(sessions):  # the runner forgets old jobs; so does this
-        if runner.status(known) is None:
-            sessions.pop(known, None)
-    return job_id
-
-
-def _own_job(job_id: str) -> bool:
-    return job_sessions().get(job_id) == state.session_id()
+    return job_runner().submit(title, work, owner=state.session_id())
 
 
 def job_refused() -> bool:
     """Whether the URL names another session's job, which this session may not watch."""
-    chosen = state.job_id()
-    return chosen is not None and job_runner().status(chosen) is not None and not _own_job(chosen)
+    chosen = job_runner().status(state.job_id()) if state.job_id() else None
+    return chosen is not None and chosen.owner != state.session_id()
 
 
 def watched_job() -> JobStatus | None:
@@ -79,7 +63,7 @@ def watched_job() -> JobStatus | None:
     runner = job_runner()
     status = runner.status(state.job_id()) if state.job_id() else None
     if status is None:
-        status = next((job for job in runner.jobs() if job.active and _own_job(job.job_id)), None)
+        status = next((job for job in runner.jobs(owner=state.session_id()) if job.active), None)
         if status is not None:
             state.set_job_id(status.job_id)
     return status
