@@ -58,7 +58,7 @@ from torch import nn
 from core.config import DEVICES
 from core.data.images import image_shape, read_rgb
 from core.detectors.gde import SHRINKAGE_METHODS, GaussianDensity
-from core.errors import ConfigError, DataError, RunError
+from core.errors import ConfigError, RunError
 from core.explain.localizer import MapLocalizer
 from core.models.backbones import IMAGE_SIZE_LIMITS, load_state, make_backbone, save_state
 from core.models.device import resolve_device
@@ -367,17 +367,7 @@ class CutPastePatchLocalizer(MapLocalizer):
         -------
         self
         """
-        self._validate()
-        for name in [name for name in vars(self) if name.endswith("_")]:
-            delattr(self, name)
-        paths = [Path(p) for p in paths]
-        if len(paths) < 2:
-            raise DataError(f"a patch model needs at least 2 normal images; got {len(paths)}")
-        rng = np.random.default_rng(self.seed)
-        n_holdout = self._holdout_count(len(paths))
-        order = rng.permutation(len(paths))
-        holdout = [paths[i] for i in np.sort(order[:n_holdout])]
-        fitted = [paths[i] for i in np.sort(order[n_holdout:])]
+        rng, fitted, holdout = self._start_fit(paths)
         started = time.perf_counter()
         images = self._read(fitted, on_progress, cancel)
         self.backbone_ = self._backbone_name()
@@ -391,12 +381,6 @@ class CutPastePatchLocalizer(MapLocalizer):
                  len(fitted), self.n_fit_patches_, time.perf_counter() - started, self.display_scale_,
                  len(holdout or fitted), "held-out" if holdout else "training")
         return self
-
-    def _holdout_count(self, n: int) -> int:
-        """``display_holdout`` of ``n`` images, at least 1, at most 100, leaving 2 to fit on; none below 3."""
-        if self.display_holdout == 0 or n < 3:
-            return 0
-        return int(min(max(1, round(self.display_holdout * n)), 100, n - 2))
 
     def _read(self, paths: list[Path], on_progress: ProgressCallback, cancel: CancelToken | None) -> np.ndarray:
         """The images as ``(N, S, S, 3) uint8`` at ``image_size``."""

@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from core.errors import RunError
+from core.errors import DataError, RunError
 from core.explain.smoothing import resize_map
 from core.progress import CancelToken, ProgressCallback, ignore_progress
 from core.store import read_json
@@ -26,6 +26,8 @@ class MapLocalizer:
     param_names: tuple[str, ...]
     """The constructor's parameters, in order (set by each localizer)."""
     display_quantile: float
+    display_holdout: float
+    seed: int
     display_scale_: float
 
     def get_params(self) -> dict:
@@ -76,6 +78,33 @@ class MapLocalizer:
         """``anomaly_map / display_scale_``: 1.0 is the ``display_quantile`` of held-out normal pixels."""
         self._check_fitted()
         return (np.asarray(anomaly_map, dtype=np.float32) / np.float32(self.display_scale_)).astype(np.float32)
+
+    def _start_fit(self, paths: Sequence[Path | str]) -> tuple[np.random.Generator, list[Path], list[Path]]:
+        """Begin ``fit``: check the parameters, forget an earlier fit, and split ``paths`` (at least 2
+        images) into the images to fit on and the held-out ones that set the display scale.
+
+        Returns ``(rng, fitted, holdout)``: the seeded generator the rest of the fit draws from, and
+        both lists in the order of ``paths``.
+        """
+        self._validate()
+        for name in [name for name in vars(self) if name.endswith("_")]:
+            delattr(self, name)
+        paths = [Path(p) for p in paths]
+        if len(paths) < 2:
+            raise DataError(f"a patch model needs at least 2 normal images; got {len(paths)}")
+        rng = np.random.default_rng(self.seed)
+        n_holdout = self._holdout_count(len(paths))
+        order = rng.permutation(len(paths))
+        holdout = [paths[i] for i in np.sort(order[:n_holdout])]
+        fitted = [paths[i] for i in np.sort(order[n_holdout:])]
+        return rng, fitted, holdout
+
+    def _holdout_count(self, n: int) -> int:
+        """Images held out for the display scale: ``display_holdout`` of ``n``, at least 1, at most 100,
+        always leaving 2 to fit on; none below 3 images."""
+        if self.display_holdout == 0 or n < 3:
+            return 0
+        return int(min(max(1, round(self.display_holdout * n)), 100, n - 2))
 
     def _display_scale(self, paths, rng: np.random.Generator, on_progress, cancel) -> float:
         """The ``display_quantile`` of the map values of ``paths`` (held-out normal images)."""

@@ -424,17 +424,7 @@ class PatchLocalizer(MapLocalizer):
         -------
         self
         """
-        self._validate()
-        for name in [name for name in vars(self) if name.endswith("_")]:
-            delattr(self, name)
-        paths = [Path(p) for p in paths]
-        if len(paths) < 2:
-            raise DataError(f"a patch model needs at least 2 normal images; got {len(paths)}")
-        rng = np.random.default_rng(self.seed)
-        n_holdout = self._holdout_count(len(paths))
-        order = rng.permutation(len(paths))
-        holdout = [paths[i] for i in np.sort(order[:n_holdout])]
-        train = [paths[i] for i in np.sort(order[n_holdout:])]
+        rng, train, holdout = self._start_fit(paths)
         started = time.perf_counter()
         if self.method == "gaussian":
             self._fit_gaussian(train, on_progress, cancel)
@@ -446,13 +436,6 @@ class PatchLocalizer(MapLocalizer):
                  self.method, len(train), time.perf_counter() - started, self.display_scale_,
                  len(holdout or train), "held-out" if holdout else "training")
         return self
-
-    def _holdout_count(self, n: int) -> int:
-        """Images held out for the display scale: ``display_holdout`` of ``n``, at least 1, at most 100,
-        always leaving 2 to fit on; none below 3 images."""
-        if self.display_holdout == 0 or n < 3:
-            return 0
-        return int(min(max(1, round(self.display_holdout * n)), 100, n - 2))
 
     @torch.inference_mode()
     def _fit_gaussian(self, paths, on_progress, cancel) -> None:
