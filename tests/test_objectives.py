@@ -247,13 +247,17 @@ def table_encoder() -> nn.Module:
 CASES = [(name, kind) for name, kinds in OBJECTIVES.items() for kind in kinds]
 
 
-@pytest.mark.parametrize(("name", "kind"), CASES)
-def test_a_few_steps_on_a_fixed_batch_lower_the_loss(name, kind):
+def encoder_and_batch(kind: str, image_size: int) -> tuple[nn.Module, torch.Tensor]:
+    """A seeded small encoder for ``kind`` and a fixed batch of 8 noise images or table rows."""
     torch.manual_seed(0)
     if kind == "images":
-        encoder, batch = image_encoder(), noise_images(32)
-    else:
-        encoder, batch = table_encoder(), torch.randn(8, FEATURES, generator=gen(0))
+        return image_encoder(), noise_images(image_size)
+    return table_encoder(), torch.randn(8, FEATURES, generator=gen(0))
+
+
+@pytest.mark.parametrize(("name", "kind"), CASES)
+def test_a_few_steps_on_a_fixed_batch_lower_the_loss(name, kind):
+    encoder, batch = encoder_and_batch(kind, image_size=32)
     objective = make_objective(name, EMBEDDING_DIM, kind, head_dims=(32,))
     assert objective.name == name
     optimizer = torch.optim.Adam([*encoder.parameters(), *objective.parameters()], lr=1e-2)
@@ -270,11 +274,7 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_loss(name, kind):
 
 @pytest.mark.parametrize(("name", "kind"), CASES)
 def test_default_options_give_a_finite_reproducible_loss(name, kind):
-    torch.manual_seed(0)
-    if kind == "images":
-        encoder, batch = image_encoder(), noise_images(64)
-    else:
-        encoder, batch = table_encoder(), torch.randn(8, FEATURES, generator=gen(0))
+    encoder, batch = encoder_and_batch(kind, image_size=64)
     objective = make_objective(name, EMBEDDING_DIM, kind)
     first, second = objective.loss(encoder, batch, gen(3)), objective.loss(encoder, batch, gen(3))
     assert torch.isfinite(first) and first.item() == second.item()
