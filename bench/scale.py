@@ -171,6 +171,7 @@ def refine_part(report: Report, sizes: list[int]) -> None:
 def train_worker(n: int, threads: int) -> None:
     """One process of the training part (alone, or one of several under torchrun); rank 0 prints JSON."""
     import torch
+    from PIL import Image
 
     from core.data import load_fashion_mnist
     from core.distributed import ddp
@@ -180,7 +181,8 @@ def train_worker(n: int, threads: int) -> None:
 
     torch.set_num_threads(threads)
     images, _ = load_fashion_mnist("train")
-    pixels = np.stack([np.asarray(_resized(image)) for image in images[:n]])
+    pixels = np.stack([np.asarray(Image.fromarray(image).convert("RGB").resize((32, 32), Image.BILINEAR))
+                       for image in images[:n]])
     with ddp.torchrun_process_group("cpu"):
         torch.manual_seed(0)
         encoder = make_backbone("small-cnn", image_size=32, n_features=None, feature_layers=("stride16", "stride32"))
@@ -190,12 +192,6 @@ def train_worker(n: int, threads: int) -> None:
         if ddp.is_main():
             steps = TRAIN_EPOCHS * (n // TRAIN_BATCH)
             print(json.dumps({"seconds": result.seconds, "images": steps * TRAIN_BATCH, "loss": result.losses[-1]}))
-
-
-def _resized(image: np.ndarray):
-    from PIL import Image
-
-    return Image.fromarray(image).convert("RGB").resize((32, 32), Image.BILINEAR)
 
 
 def train_part(report: Report, sizes: list[int]) -> None:

@@ -138,10 +138,10 @@ class RayCompute:
 
         written = np.zeros(n, dtype=bool)
         frontier = 0  # rows [0, frontier) are all written
-        pages = None
+        pages = None if out is None else MappedPages.of(out)  # an array allocated below is not mapped
 
         def write(batch: dict) -> None:
-            nonlocal out, frontier, pages
+            nonlocal out, frontier
             embedded = batch["embedding"]
             if out is None:
                 out = np.empty((n, embedded.shape[1]), np.float32)
@@ -153,7 +153,6 @@ class RayCompute:
             written[batch[ROW]] = True
             while frontier < n and written[frontier]:
                 frontier += 1
-            pages = pages or MappedPages.of(out)
             if pages is not None:
                 pages.release(frontier)
 
