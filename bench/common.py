@@ -24,7 +24,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("REFINERY_SHARED_DATA") or REPO.parent / "shared" / "data")
+"""The real data sets: ``$REFINERY_SHARED_DATA``, else ``../shared/data`` beside the checkout."""
 CACHE_DIR = REPO / "bench" / ".cache"
 
 

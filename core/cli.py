@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -35,7 +36,7 @@ from core.config import (
 from core.data.sources import DEMO_DIR
 from core.distributed import ddp
 from core.errors import Cancelled, ConfigError, RefineryError
-from core.progress import ProgressEvent
+from core.progress import HOLD_AT_VARIABLE, ProgressCallback, ProgressEvent, holding_at
 from core.store import Registry, atomic_write_text, refinery_home, write_npy
 
 DEFAULTS = FitConfig()
@@ -344,10 +345,11 @@ def _report_skipped(dataset) -> None:
 class _ProgressBar:
     """A tqdm bar per stage on stderr, fed by engine progress events."""
 
-    def __enter__(self) -> "_ProgressBar":
+    def __enter__(self) -> ProgressCallback:
+        """The callback to hand the engine; ``REFINERY_HOLD_AT`` (see :func:`holding_at`) stops it at a point."""
         self._bar = None
         self._stage = None
-        return self
+        return holding_at(self, os.environ.get(HOLD_AT_VARIABLE))
 
     def __call__(self, event: ProgressEvent) -> None:
         from tqdm import tqdm

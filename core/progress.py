@@ -5,6 +5,7 @@ batch and calls ``cancel.raise_if_cancelled()`` between batches.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -55,3 +56,30 @@ class CancelToken:
     def raise_if_cancelled(self) -> None:
         if self._event.is_set():
             raise Cancelled("cancelled by the user")
+
+
+HOLD_AT_VARIABLE = "REFINERY_HOLD_AT"
+"""Environment variable ``STAGE:DONE`` that makes :func:`holding_at` stop the process at a known point."""
+
+
+def holding_at(on_progress: ProgressCallback, spec: str | None) -> ProgressCallback:
+    """``on_progress``, which stops the process for good once ``spec`` (``"embed:64"``) is reached.
+
+    Fault injection for the kill-and-resume tests: when an event of stage ``STAGE`` reports ``DONE``
+    units or more, the callback logs ``holding at STAGE DONE`` (once, on the ``core.progress`` logger)
+    and blocks the calling thread forever, so a test can kill the process at exactly that point instead
+    of after a delay that a faster or slower machine would miss. ``spec`` None or empty: no hold.
+    """
+    if not spec:
+        return on_progress
+    stage, _, done = spec.partition(":")
+    if not stage or not done.isdigit():
+        raise ValueError(f"{HOLD_AT_VARIABLE} must look like 'embed:64' (a stage, a colon, a count), not {spec!r}")
+
+    def hold(event: ProgressEvent) -> None:
+        on_progress(event)
+        if event.stage == stage and event.done >= int(done):
+            logging.getLogger(__name__).warning("holding at %s %d", event.stage, event.done)
+            threading.Event().wait()
+
+    return hold

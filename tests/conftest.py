@@ -1,4 +1,4 @@
-"""Shared test helpers: the real-data folder beside the project (never copied into the repo)."""
+"""Shared fixtures: the real-data folder (never copied into the repo; see ``available.py``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,17 +6,10 @@ from typing import Callable
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def _shared_data_path(*parts: str) -> Path:
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"real data not available: {path} is missing")
-    return path
+from available import shared_data_path
 
 
 @pytest.fixture
 def shared_data() -> Callable[..., Path]:
-    """``shared_data("mvtec_ad_bottle_256", "bottle")``: the path, or skip the test when it is missing."""
-    return _shared_data_path
+    """``shared_data("mvtec_ad_bottle_256", "bottle")``: the path; skip (fail under CI=true) when it is missing."""
+    return shared_data_path

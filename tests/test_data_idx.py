@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from available import require_path
 from core.data.idx import (
     FASHION_MNIST_DIR,
     load_fashion_mnist,
@@ -102,9 +103,8 @@ def test_materialize_images_refuses_bad_arrays(tmp_path):
         materialize_images(np.zeros((2, 4, 4), np.float32), None, tmp_path)
 
 
-@pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
-                    reason="Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist)")
 def test_fashion_mnist_test_split():
+    require_path(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz", "apt-get install -y dataset-fashion-mnist")
     images, labels = load_fashion_mnist("test")
     assert images.shape == (10_000, 28, 28) and images.dtype == np.uint8
     assert np.bincount(labels).tolist() == [1000] * 10
