@@ -4,6 +4,9 @@ The encoder is fitted on the training table only and saved as plain JSON with th
 scoring a new table applies exactly the same transformation.
 
 Rules (documented for users in README.md):
+- an identifier is never a feature: a text column whose values are all distinct, or an integer
+  column that counts rows (all distinct, consecutive); it is named in a warning and ignored,
+  also when scoring; a table left with no feature is an error;
 - numeric and boolean columns are features; text columns whose values all parse as numbers
   are numeric;
 - other text columns with at most ``MAX_CATEGORIES`` distinct values are one-hot encoded
@@ -32,6 +35,8 @@ from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_p
 log = logging.getLogger(__name__)
 
 MAX_CATEGORIES = 50
+MIN_COUNTER_ROWS = 10
+"""Fewest rows at which distinct consecutive integers are taken for a row counter, not a measurement."""
 MAX_SCALED = 1e6
 """Largest encoded magnitude of a numeric value, in interquartile ranges from the median."""
 
@@ -44,6 +49,7 @@ class TableEncoderState:
     medians: list[float] = field(default_factory=list)
     scales: list[float] = field(default_factory=list)
     categories: dict[str, list[str]] = field(default_factory=dict)
+    identifiers: list[str] = field(default_factory=list)
 
 
 class TableEncoder:
@@ -69,8 +75,17 @@ class TableEncoder:
     def fit(self, dataset: Dataset) -> "TableEncoder":
         """Learn column kinds, medians, scales and categories from ``dataset.table``."""
         frame = _require_table(dataset)
-        state = TableEncoderState()
+        state = TableEncoderState(identifiers=[str(column) for column in frame.columns
+                                               if is_identifier(frame[column])])
+        if state.identifiers:
+            log.warning("column(s) %s look like identifiers (a distinct value in every row); they are not "
+                        "used as features", ", ".join(repr(c) for c in state.identifiers))
+        if len(state.identifiers) == frame.shape[1]:
+            raise DataError(f"the table has no feature column: {', '.join(state.identifiers)} only identify rows "
+                            f"(a distinct value in every row); add the measured columns")
         for column in frame.columns:
+            if str(column) in state.identifiers:
+                continue
             values = _as_numeric(frame[column])
             if values is not None:
                 finite = values[np.isfinite(values)]
@@ -106,7 +121,8 @@ class TableEncoder:
         missing = [c for c in state.numeric + list(state.categories) if c not in frame.columns]
         if missing:
             raise DataError(f"the table lacks columns the run was fitted on: {', '.join(missing[:10])}")
-        extra = [c for c in frame.columns if c not in state.numeric and c not in state.categories]
+        used = set(state.numeric) | set(state.categories) | set(state.identifiers)
+        extra = [c for c in frame.columns if c not in used]
         if extra:
             log.warning("ignoring %d columns the run was not fitted on: %s", len(extra), ", ".join(extra[:10]))
         parts = [self._numeric_block(frame, state)]
@@ -154,6 +170,25 @@ def _require_table(dataset: Dataset) -> pd.DataFrame:
     if dataset.table is None:
         raise DataError("expected a table, got images")
     return dataset.table.copy()
+
+
+def is_identifier(series: pd.Series) -> bool:
+    """Whether ``series`` names rows rather than measures them.
+
+    True for a text column with a distinct value in every row, most of them not numbers (one-hot
+    encoding it would make every row equally unusual) and, from ``MIN_COUNTER_ROWS`` rows, for an integer row counter (distinct,
+    consecutive values in any order, such as the index a spreadsheet or ``DataFrame.to_csv`` writes).
+    A boolean column, or one with a missing value, is not an identifier.
+    """
+    if (len(series) < 2 or pd.api.types.is_bool_dtype(series) or series.isna().any()
+            or series.nunique() != len(series)):
+        return False
+    values = _as_numeric(series)
+    if values is None:  # text: an identifier unless it is mostly numbers with a typo or two
+        return bool(pd.to_numeric(series, errors="coerce").isna().mean() > 0.5)
+    if len(values) < MIN_COUNTER_ROWS or not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
+        return False
+    return bool(np.all(np.diff(np.sort(values)) == 1))
 
 
 def _as_numeric(series: pd.Series) -> np.ndarray | None:
