@@ -16,12 +16,15 @@ SHARED_DATA = Path(os.environ.get("REFINERY_SHARED_DATA") or Path(__file__).reso
 
 
 def require_path(path: Path, hint: str) -> Path:
-    """``path``; when it is missing, skip the test saying ``hint`` (how to get it), or fail under ``CI=true``."""
+    """``path``; when it is missing, skip the test saying ``hint`` (how to get it), or fail under ``CI=true``.
+
+    Also usable at module level (a missing path then skips, or fails, the whole module).
+    """
     if not path.exists():
         message = f"{path} is missing ({hint})"
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI=true, where this must be present: {message}")
-        pytest.skip(message)
+        pytest.skip(message, allow_module_level=True)
     return path
 
 

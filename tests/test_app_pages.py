@@ -1,18 +1,24 @@
 """Every page of the studio through Streamlit's ``AppTest``, against real runs fitted by the engine.
 
-Each test gets its own Refinery home (``$REFINERY_HOME``) unless it uses the session's shared
-``studio_runs`` (one demo image run, one digits table run, both the command line's, so visible to
-every studio session); Streamlit's process-wide caches are cleared around every test so that no
-job runner, registry or data set leaks from one home to another. Each ``studio()`` without a
-``session`` in its URL is a new browser, with a studio session of its own. Plotly selection
-events (lasso/box on the map) cannot be sent through ``AppTest``: the Embeddings tests set the
-selection the event would produce in session state instead.
+Each test gets its own Refinery home (``$REFINERY_HOME``). The session's ``studio_runs`` (one
+demo image run, one digits table run, both the command line's, so visible to every studio
+session) are fitted once: a test that only reads them uses them in place (``shared``); a test that
+writes into a run or the registry (a verdict, the map's layout cache) gets a copy in its own home
+(``own_runs``), so no test sees another's writes, whatever their order. Streamlit's process-wide
+caches are cleared around every test so that no job runner, registry or data set leaks from one
+home to another. Each ``studio()`` without a ``session`` in its URL is a new browser, with a
+studio session of its own. Plotly selection events (lasso/box on the map) cannot be sent through
+``AppTest``: the Embeddings tests set the selection the event would produce in session state
+instead. Jobs that a test acts on while they run are held running until it lets them go
+(``held_jobs``), so the test does not race the fit.
 """
 from __future__ import annotations
 
 import json
+import shutil
+import threading
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -63,9 +69,22 @@ def home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def shared(studio_runs, home, monkeypatch) -> StudioRuns:
-    """Use the session's home with its two runs instead of the empty one."""
+    """Use the session's home with its two runs instead of the empty one, for a test that only reads them."""
     monkeypatch.setenv("REFINERY_HOME", str(studio_runs.home))
     return studio_runs
+
+
+@pytest.fixture
+def own_runs(studio_runs, home) -> StudioRuns:
+    """A copy of the session's home (its two runs and registry) as the test's own home, for a test that
+    writes into a run or the registry.
+
+    The copied registry still names the original folders; it finds each copy by the run id in the
+    copy's ``run.json`` (:meth:`core.store.Registry.run_at`), so the test opens the copies by path.
+    """
+    shutil.copytree(studio_runs.home, home)
+    return StudioRuns(home, home / studio_runs.images.relative_to(studio_runs.home),
+                      home / studio_runs.table.relative_to(studio_runs.home))
 
 
 @pytest.fixture
@@ -74,6 +93,43 @@ def runner(home):
     from pages.components import services
 
     return services.job_runner()
+
+
+HOLD_S = 120.0
+"""A held job goes on by itself after this long, should a test fail before letting it go."""
+
+
+@dataclass
+class Hold:
+    """``running`` is set once a held job runs; the job's fit starts when ``release`` is set."""
+    running: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+
+    def wait_running(self) -> None:
+        assert self.running.wait(HOLD_S), f"no job started running within {HOLD_S} s"
+
+
+@pytest.fixture
+def held_jobs(runner, monkeypatch) -> Hold:
+    """Jobs the pages submit from now on run, but start their work only once ``release`` is set.
+
+    While held, a job is running (active, cancellable) whatever the machine's speed; a cancel made
+    meanwhile stops its fit at the first check, after the fit has registered its run.
+    """
+    hold = Hold()
+    submit = runner.submit
+
+    def submit_held(title, work, **options):
+        def held(context):
+            hold.running.set()
+            hold.release.wait(HOLD_S)
+            return work(context)
+
+        return submit(title, held, **options)
+
+    monkeypatch.setattr(runner, "submit", submit_held)
+    yield hold
+    hold.release.set()
 
 
 def metrics(at) -> dict[str, str]:
@@ -157,7 +213,7 @@ def test_contamination_protocol_sets_the_training_set_of_the_refine_page(home):
 # --------------------------------------------------------------------------------------- Refine
 
 
-def test_refine_runs_a_job_to_a_saved_run_and_a_second_tab_follows_it(home, runner):
+def test_refine_runs_a_job_to_a_saved_run_and_a_second_tab_follows_it(home, runner, held_jobs):
     at = studio("refine")
     assert_clean(at)
     at.number_input(key="rounds").set_value(2)
@@ -165,18 +221,20 @@ def test_refine_runs_a_job_to_a_saved_run_and_a_second_tab_follows_it(home, runn
     at.form_submit_button[0].click().run()
     assert_clean(at)
     job_id = at.query_params["job"]
+    held_jobs.wait_running()
 
     # Another tab opened on the session's URL (here without its job) while the job runs.
     second = studio("refine", url={"session": at.query_params["session"]})
     assert_clean(second)
     assert len(runner.jobs()) == 1
+    assert runner.status(job_id).state == "running"
     assert second.query_params["job"] == job_id  # it follows the session's running job
-    if runner.status(job_id).active:
-        assert second.form_submit_button[0].disabled  # no second job from this tab meanwhile
+    assert second.form_submit_button[0].disabled  # no second job from this tab meanwhile
     stranger = studio("refine")  # another browser: its own session, which neither follows nor waits for the job
     assert_clean(stranger)
     assert "job" not in stranger.query_params and not stranger.form_submit_button[0].disabled
 
+    held_jobs.release.set()
     wait_for_job(at, runner)
     assert_clean(at)
     assert at.success and at.success[0].value.startswith("Finished")
@@ -198,19 +256,20 @@ def test_refine_runs_a_job_to_a_saved_run_and_a_second_tab_follows_it(home, runn
     assert not stranger.success and "run" not in stranger.query_params  # the run is private to the session
 
 
-def test_refine_cancel_stops_the_job_and_saves_nothing(home, runner):
+def test_refine_cancel_stops_the_job_and_saves_nothing(home, runner, held_jobs):
     at = studio("refine")
     at.form_submit_button[0].click().run()
+    held_jobs.wait_running()
+    assert runner.status(at.query_params["job"]).state == "running"
     at.button(key="cancel_job").click().run()
+    held_jobs.release.set()  # the fit starts, registers its run and stops at its first check
     wait_for_job(at, runner)
     assert not at.exception
     assert runner.status(at.query_params["job"]).state == "cancelled"
     assert at.warning and "cancelled" in at.warning[0].value
     assert "run" not in at.query_params
-    runs = home / "runs"
-    assert not runs.exists() or not any(runs.iterdir())  # no run folder, no half-written staging folder
-    records = Registry().runs()
-    assert all(record.status == "failed" and "cancel" in record.message for record in records)
+    assert list((home / "runs").iterdir()) == []  # no run folder, no half-written staging folder
+    assert [(record.status, "cancel" in record.message) for record in Registry().runs()] == [("failed", True)]
 
 
 def test_refine_trains_a_self_supervised_encoder_with_self_training(home, runner):
@@ -243,8 +302,8 @@ def test_refine_rejects_a_gamma_that_is_not_a_number(home, runner):
 # ----------------------------------------------------------------------------------- Embeddings
 
 
-def test_embeddings_map_colours_slices_and_selects(shared):
-    at = studio("embeddings", run=shared.images)
+def test_embeddings_map_colours_slices_and_selects(own_runs):  # the map caches its layout in the run
+    at = studio("embeddings", run=own_runs.images)
     assert_clean(at)
     assert len(charts(at)) == 1
     colour = at.selectbox(key="colour_by")
@@ -256,13 +315,13 @@ def test_embeddings_map_colours_slices_and_selects(shared):
         return {trace.get("name") for trace in json.loads(charts(at)[0].proto.spec)["data"]}
 
     slider = at.slider(key="map_round")
-    assert slider.value == len(SavedRun(shared.images).rounds)
+    assert slider.value == len(SavedRun(own_runs.images).rounds)
     assert legend(at) == {"kept", "removed"}
     slider.set_value(0).run()  # before refinement: nothing is removed yet
     assert_clean(at)
     assert legend(at) == {"kept"}
 
-    run = SavedRun(shared.images)
+    run = SavedRun(own_runs.images)
     selection = [3, 10, 200, 299]
     at.session_state["selection"] = selection  # what a lasso on the map leaves behind
     at.run()
@@ -280,10 +339,11 @@ def test_embeddings_map_colours_slices_and_selects(shared):
 # -------------------------------------------------------------------------------------- Inspect
 
 
-def test_inspect_pages_through_samples_and_records_a_verdict(shared):
-    run = SavedRun(shared.images)
+def test_inspect_pages_through_samples_and_records_a_verdict(own_runs):
+    run = SavedRun(own_runs.images)
     by_rank = run.samples.sort_values("rank")["id"].tolist()
-    at = studio("inspect", run=shared.images)
+    assert Registry().verdicts(run.run_id) == {}
+    at = studio("inspect", run=own_runs.images)
     assert_clean(at)
     assert at.subheader[0].value == by_rank[0]
     shown = metrics(at)
@@ -298,7 +358,7 @@ def test_inspect_pages_through_samples_and_records_a_verdict(shared):
     at.text_input(key=f"note-{by_rank[1]}").set_value("scuffed toe")
     at.button(key="verdict-anomaly").click().run()
     assert_clean(at)
-    assert Registry().verdicts(run.run_id)[by_rank[1]] == ("anomaly", "scuffed toe")
+    assert Registry().verdicts(run.run_id) == {by_rank[1]: ("anomaly", "scuffed toe")}
     assert any(text.startswith("**Your verdict**: anomaly (scuffed toe)") for text in at.markdown.values)
     assert metrics(at)["Rank"] == "2 of 300"  # the verdict keeps the sample on screen
 
@@ -488,10 +548,11 @@ def test_a_link_to_another_sessions_private_run_shows_a_message_instead(home, pa
     assert studio(page, url=owner.query_params, run=private).warning.values == []  # its owner opens it
 
 
-def test_a_link_to_another_sessions_job_shows_a_message_instead(home, runner):
+def test_a_link_to_another_sessions_job_shows_a_message_instead(home, runner, held_jobs):
     owner = studio("refine")
     owner.form_submit_button[0].click().run()
     job_id = owner.query_params["job"]
+    held_jobs.wait_running()
     visitor = studio("refine", url={"job": job_id})
     assert not visitor.exception and not visitor.error
     assert [warning.value for warning in visitor.warning] == [FOREIGN_JOB]
@@ -499,6 +560,7 @@ def test_a_link_to_another_sessions_job_shows_a_message_instead(home, runner):
     assert "cancel_job" not in [button.key for button in visitor.button]  # neither watched nor cancellable
     assert not visitor.form_submit_button[0].disabled  # its own fit would queue behind
     owner.button(key="cancel_job").click().run()
+    held_jobs.release.set()
     wait_for_job(owner, runner)
     visitor.run()
     assert [warning.value for warning in visitor.warning] == [FOREIGN_JOB] and not visitor.success
@@ -523,7 +585,7 @@ def test_a_session_lists_only_its_own_earlier_uploads(home):
 @pytest.mark.parametrize("where", ["uploads", "workspace", "home", "above home"])
 def test_the_server_path_field_refuses_refinerys_own_storage(home, where):
     owner, visitor = studio(), studio()
-    upload = save_uploads([("a.png", next((DEMO_DIR / "good").glob("*.png")).read_bytes())], home / "workspace",
+    upload = save_uploads([("a.png", sorted((DEMO_DIR / "good").glob("*.png"))[0].read_bytes())], home / "workspace",
                           session=session_id(owner))
     typed = {"uploads": upload, "workspace": home / "workspace", "home": home, "above home": home.parent}[where]
     visitor.text_input(key="server_path").set_value(str(typed)).run()
@@ -536,13 +598,13 @@ def test_the_server_path_field_refuses_refinerys_own_storage(home, where):
 # ----------------------------------------------------------------------------------- Standalone
 
 
-@pytest.mark.parametrize("page", ["data", "refine", "embeddings", "inspect", "results"])
-def test_every_page_runs_on_its_own_without_a_run(home, page):
+@pytest.mark.parametrize(("page", "needs_a_run"), [("data", False), ("refine", False), ("embeddings", True),
+                                                  ("inspect", True), ("results", True)])
+def test_every_page_runs_on_its_own_without_a_run(home, page, needs_a_run):
     at = standalone(page)
     assert_clean(at)
     assert at.title[0].value == page.capitalize()
-    if page in ("embeddings", "inspect", "results"):
-        assert at.info and at.info[0].value.startswith("No run yet")
+    assert any(info.value.startswith("No run yet") for info in at.info) is needs_a_run
 
 
 @pytest.mark.parametrize("page", ["refine", "results"])
