@@ -6,9 +6,10 @@ Issue 7. Three parts, each comparing, in one run, the single-process path with t
 - ``embed``: the frozen EfficientNet-Lite0 (64 px, ``stride16+stride32``) embedding N Fashion-MNIST
   PNG files (the test set written once by ``bench.common.materialized_images``) through
   ``LocalCompute`` with 1 and 2 torch threads, and ``RayCompute`` with 1 and 2 actors (one CPU and
-  one torch thread each) on a local Ray instance started once (``ray.init(num_cpus=2)``). A Ray pass
-  includes starting its actors and loading the model in each; the rows are checked against the local
-  ones (max absolute difference).
+  one torch thread each) on a local Ray instance started once (``ray.init(address="local",
+  num_cpus=2)``: a new one, never a cluster that ``RAY_ADDRESS`` names). A Ray pass includes starting
+  its actors and loading the model in each; the rows are checked against the local ones (max
+  absolute difference).
 - ``refine``: ``core.engine.refine_and_fit`` (STOC, K = 5, 3 rounds, then the final GDE) on N
   synthetic 432-wide float32 embeddings memory-mapped from disk (95% one Gaussian, 5% shifted),
   through ``LocalCompute`` and ``RayCompute`` with 1 and 2 partitions; the kept masks and scores are
@@ -87,7 +88,7 @@ def embed_part(report: Report, sizes: list[int]) -> None:
              "ray, 2 actors": (2, 2)}
     seconds: dict[str, list[float]] = {name: [] for name in paths}
     rows = []
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         for n in sizes:
             dataset = everything.subset(np.arange(n))
@@ -139,7 +140,7 @@ def refine_part(report: Report, sizes: list[int]) -> None:
     paths = {"local": None, "ray, 1 partition": 1, "ray, 2 partitions": 2}
     seconds: dict[str, list[float]] = {name: [] for name in paths}
     rows = []
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         for n in sizes:
             embeddings = np.load(synthetic_embeddings(n), mmap_mode="r")

@@ -93,15 +93,30 @@ class JobStatus:
         return min(self.done / self.total, 1.0) if self.total > 0 else 0.0
 
 
-class JobContext:
-    """What a running job uses to report progress, publish partial results and notice a cancel."""
+Clock = Callable[[], float]
 
-    def __init__(self, runner: "JobRunner", job_id: str, cancel: CancelToken) -> None:
+
+class JobContext:
+    """What a running job uses to report progress, publish partial results and notice a cancel.
+
+    Parameters
+    ----------
+    runner : JobRunner
+        The runner whose status of ``job_id`` the context updates.
+    job_id : str
+    cancel : CancelToken
+        Set when the user cancels the job.
+    clock : callable returning float, default time.monotonic
+        Seconds on a clock that never goes back; the ETA of a stage is paced by it.
+    """
+
+    def __init__(self, runner: "JobRunner", job_id: str, cancel: CancelToken, clock: Clock = time.monotonic) -> None:
         self._runner = runner
         self._job_id = job_id
         self.cancel = cancel
+        self._clock = clock
         self._stage = ""
-        self._stage_started = self._last_event = time.monotonic()
+        self._stage_started = self._last_event = clock()
 
     def on_progress(self, event: ProgressEvent) -> None:
         """A ``ProgressCallback``: records the event and estimates the time left in its stage.
@@ -109,7 +124,7 @@ class JobContext:
         A stage is taken to have started at the previous event (or at the job's start): its first
         event already reports work done since then.
         """
-        now = time.monotonic()
+        now = self._clock()
         if event.stage != self._stage:
             self._stage, self._stage_started = event.stage, self._last_event
         self._last_event = now
@@ -129,9 +144,17 @@ Work = Callable[[JobContext], Any]
 
 
 class JobRunner:
-    """Runs submitted jobs one at a time, in submission order, on a daemon worker thread."""
+    """Runs submitted jobs one at a time, in submission order, on a daemon worker thread.
 
-    def __init__(self) -> None:
+    Parameters
+    ----------
+    clock : callable returning float, default time.monotonic
+        The clock that paces each job's ETA (see :class:`JobContext`); a test passes a fake one
+        to get exact estimates. ``wait`` timeouts and the ``time.time()`` stamps do not use it.
+    """
+
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
         self._lock = threading.Lock()
         self._statuses: dict[str, JobStatus] = {}
         self._cancels: dict[str, CancelToken] = {}
@@ -212,7 +235,7 @@ class JobRunner:
             return
         self._update(job_id, state=RUNNING, started=time.time())
         try:
-            result = work(JobContext(self, job_id, cancel))
+            result = work(JobContext(self, job_id, cancel, self._clock))
         except Cancelled:
             self._update(job_id, state=CANCELLED, finished=time.time(), message="cancelled", eta_s=None)
         except RefineryError as error:

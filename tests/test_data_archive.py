@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from core.data import archive as archive_module
 from core.data.archive import extract_zip
 from core.errors import Cancelled, DataError
 from core.progress import CancelToken
@@ -162,36 +163,65 @@ def test_cancel_removes_the_partial_folder(tmp_path, workspace):
     assert list(workspace.iterdir()) == []
 
 
-_VALID = io.BytesIO()
-with zipfile.ZipFile(_VALID, "w", compression=zipfile.ZIP_DEFLATED) as _archive:
-    _archive.writestr("a/one.txt", b"hello " * 50)
-    _archive.writestr("b.png", b"\x89PNG" + bytes(range(200)))
-_VALID_BYTES = _VALID.getvalue()
+_SAFE_SEGMENTS = st.text(alphabet="abcXYZ019_- ", min_size=1, max_size=8)
+"""Folder and file names with no separator, dot, colon or NUL: nothing an extractor may refuse."""
 
 
 @st.composite
-def damaged_zips(draw) -> bytes:
-    """A valid archive with a few bytes overwritten, or plain random bytes."""
-    if draw(st.booleans()):
-        return draw(st.binary(max_size=600))
-    data = bytearray(_VALID_BYTES)
+def safe_entries(draw) -> list[tuple[str, bytes]]:
+    """1-5 files an extractor must accept: distinct relative names (0-3 folders, then ``<name>.bin``,
+    so a file never shares a folder's name) and contents of random bytes or of zeros below the size
+    where the compression-ratio guard starts (:data:`core.data.archive.RATIO_MIN_BYTES`)."""
+    names = draw(st.lists(
+        st.builds(lambda folders, leaf: "/".join([*folders, f"{leaf}.bin"]),
+                  st.lists(_SAFE_SEGMENTS, max_size=3), _SAFE_SEGMENTS),
+        min_size=1, max_size=5, unique=True,
+    ))
+    contents = st.one_of(st.binary(max_size=64), st.integers(0, archive_module.RATIO_MIN_BYTES - 1).map(bytes))
+    return [(name, draw(contents)) for name in names]
+
+
+@st.composite
+def fuzzed_zips(draw) -> tuple[bytes, list[tuple[str, bytes]] | None]:
+    """``(archive bytes, entries)``: a safe archive and its entries, or a copy of one with a few bytes
+    overwritten, or plain random bytes (``entries`` None for the last two: they may be refused)."""
+    entries = draw(safe_entries())
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, content in entries:
+            archive.writestr(name, content)
+    damage = draw(st.sampled_from(["none", "bytes overwritten", "random bytes"]))
+    if damage == "random bytes":
+        return draw(st.binary(max_size=600)), None
+    data = bytearray(buffer.getvalue())
+    if damage == "none":
+        return bytes(data), entries
     for _ in range(draw(st.integers(1, 6))):
         data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
-    return bytes(data)
+    return bytes(data), None
+
+
+def extracted_files(dest: Path) -> dict[str, bytes]:
+    """Every file under ``dest``: its path relative to ``dest`` (``/``-separated) -> its bytes."""
+    return {path.relative_to(dest).as_posix(): path.read_bytes() for path in dest.rglob("*") if path.is_file()}
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=damaged_zips())
-def test_any_bytes_extract_or_raise_data_error(tmp_path, data):
+@given(fuzzed=fuzzed_zips())
+def test_safe_archives_extract_intact_and_any_bytes_extract_inside_or_raise_data_error(tmp_path, fuzzed):
+    data, entries = fuzzed
     archive = tmp_path / "fuzz.zip"
     archive.write_bytes(data)
     workspace = tmp_path / "fuzz-ws"
     try:
         dest = extract_zip(archive, workspace)
     except DataError:
+        assert entries is None, "a safe archive must extract"
         assert list(workspace.iterdir()) == []
-    else:
-        assert dest.resolve().is_relative_to(workspace.resolve())
-        for path in dest.rglob("*"):
-            assert path.resolve().is_relative_to(dest.resolve()) and not path.is_symlink()
-        shutil.rmtree(dest)
+        return
+    assert dest.resolve().is_relative_to(workspace.resolve())
+    for path in dest.rglob("*"):
+        assert path.resolve().is_relative_to(dest.resolve()) and not path.is_symlink()
+    if entries is not None:
+        assert extracted_files(dest) == dict(entries)
+    shutil.rmtree(dest)

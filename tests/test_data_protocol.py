@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -82,6 +82,7 @@ def test_srr_on_images_with_class_mapping(tmp_path):
     assert split.train.paths == [data.paths[i] for i in split.train_indices]
 
 
+@settings(max_examples=100, deadline=None)
 @given(n=st.integers(0, 5000), ratio=st.floats(0, 0.95))
 def test_anomaly_count_is_the_closest_share(n, ratio):
     count = anomaly_count(n, ratio)

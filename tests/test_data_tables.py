@@ -201,18 +201,44 @@ def test_table_dataset_checks_shapes():
         table_dataset(pd.DataFrame({"a": [1, 2, 3]}), "mem", labels=np.array([0, 1]))
 
 
+@st.composite
+def numeric_csvs(draw) -> tuple[bytes, tuple[int, int]]:
+    """``(csv bytes, (rows, columns))`` of a well-formed table :func:`load_table` must read: 1-4
+    distinct lowercase names, 1-6 rows of numbers, any of the sniffed delimiters, LF or CRLF
+    line ends, with or without a byte-order mark."""
+    names = draw(st.lists(st.text(alphabet="abcdefxyz", min_size=1, max_size=5), min_size=1, max_size=4,
+                          unique=True))
+    number = st.one_of(st.integers(-10**6, 10**6), st.floats(-1e6, 1e6))
+    rows = draw(st.lists(st.lists(number, min_size=len(names), max_size=len(names)), min_size=1, max_size=6))
+    delimiter = draw(st.sampled_from(tables_module.CSV_DELIMITERS))
+    newline = draw(st.sampled_from(["\n", "\r\n"]))
+    lines = [delimiter.join(map(str, row)) for row in [names, *rows]]
+    text = draw(st.sampled_from(["", "\ufeff"])) + newline.join(lines) + newline
+    return text.encode("utf-8"), (len(rows), len(names))
+
+
+_CSV_BYTES = st.one_of(
+    numeric_csvs(),
+    st.tuples(st.binary(max_size=300), st.none()),
+    st.tuples(st.text(alphabet=st.sampled_from(list("ab01,;\t|\"\n\r .-eE\ufeff\x00")), max_size=200).map(
+        lambda text: text.encode("utf-8")), st.none()),
+)
+"""``(content, shape)``: a well-formed table and its shape, or random bytes or csv-like text (shape None)."""
+
+
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(content=st.one_of(
-    st.binary(max_size=300),
-    st.text(alphabet=st.sampled_from(list("ab01,;\t|\"\n\r .-eE\ufeff\x00")), max_size=200).map(
-        lambda text: text.encode("utf-8")),
-))
-def test_any_csv_bytes_load_or_raise_data_error(tmp_path, content):
+@given(fuzzed=_CSV_BYTES)
+def test_well_formed_csvs_load_and_any_csv_bytes_load_or_raise_data_error(tmp_path, fuzzed):
+    content, shape = fuzzed
     path = tmp_path / "fuzz.csv"
     path.write_bytes(content)
     try:
         data = load_table(path)
     except DataError:
+        assert shape is None, "a well-formed numeric csv must load"
         return
     assert len(data) == data.table.shape[0] > 0 and data.table.shape[1] > 0
     assert data.ids == [str(i) for i in range(len(data))]
+    if shape is not None:
+        assert data.table.shape == shape
+        assert all(pd.api.types.is_numeric_dtype(dtype) for dtype in data.table.dtypes)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
@@ -40,16 +40,14 @@ DEADLINE_S = 120
 # ----------------------------------------------------------------------------- launching
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _process(rank: int, port: int, worker, folder: Path, args: tuple) -> None:
-    """One spawned process: torchrun's environment, its process group, ``worker``'s result saved."""
+    """One spawned process: torchrun's environment, its process group, ``worker``'s result saved.
+
+    ``TORCHELASTIC_USE_AGENT_STORE`` tells the process group to join the store at ``MASTER_PORT``
+    as a client, as under torchrun, instead of rank 0 binding that port itself.
+    """
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(PROCESSES),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
     torch.set_num_threads(1)
     with ddp.torchrun_process_group("cpu"):
         result = worker(*args)
@@ -57,8 +55,14 @@ def _process(rank: int, port: int, worker, folder: Path, args: tuple) -> None:
 
 
 def in_processes(worker, folder: Path, *args) -> list:
-    """``worker(*args)`` in each of ``PROCESSES`` processes training together; their results by rank."""
-    context = mp.start_processes(_process, args=(_free_port(), worker, folder, args), nprocs=PROCESSES,
+    """``worker(*args)`` in each of ``PROCESSES`` processes training together; their results by rank.
+
+    This process plays torchrun's agent: it hosts the rendezvous store on a port the system picks
+    (port 0) and keeps it bound while the processes connect, so no port is chosen, released and
+    then taken by someone else.
+    """
+    store = dist.TCPStore("127.0.0.1", 0, world_size=PROCESSES, is_master=True, wait_for_workers=False)
+    context = mp.start_processes(_process, args=(store.port, worker, folder, args), nprocs=PROCESSES,
                                  join=False, start_method="spawn")
     deadline = time.monotonic() + DEADLINE_S
     while not context.join(timeout=1):
@@ -262,6 +266,7 @@ def test_torchrun_fit_saves_one_run_that_scores(tmp_path, monkeypatch, capsys):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     env = {**os.environ, "REFINERY_HOME": str(tmp_path / "home"), "TMPDIR": str(scratch), "OMP_NUM_THREADS": "1"}
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)  # --standalone then binds port 0 once and shares it
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={PROCESSES}",
                "-m", "core.cli", "fit", str(tmp_path / "table.csv"), "--out", str(tmp_path / "run"),
                "--objective", "contrastive", "--epochs", "3", "--retrain-epochs", "1", "--rounds", "2",

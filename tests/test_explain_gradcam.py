@@ -40,12 +40,13 @@ def backbone():
 
 @pytest.fixture(scope="module")
 def gde(backbone):
+    """Fitted once for the module (32 images through the backbone); tests only read it."""
     return GaussianDensity().fit(_embed(backbone, _textures(np.random.default_rng(0), 32)))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def planted():
-    """Textures with a bright square each, and the square's mask."""
+    """Textures with a bright square each, and the square's mask; new arrays for every test."""
     rng = np.random.default_rng(1)
     images = _textures(rng, 6)
     masks = np.zeros(images.shape[:3], bool)
@@ -90,7 +91,7 @@ def test_target_is_the_gde_score_and_differentiable(backbone, gde):
     target(x).backward()
     expected = 2 * gde.precision_ @ (embeddings[0].astype(np.float64) - gde.location_)
     assert torch.isfinite(x.grad).all()
-    assert x.grad.numpy() == pytest.approx(expected, rel=1e-4, abs=1e-6 * np.abs(expected).max())
+    assert x.grad.numpy() == pytest.approx(expected, rel=1e-4, abs=1e-6 * float(np.abs(expected).max()))
 
 
 @pytest.mark.parametrize("log", [False, True])
@@ -168,9 +169,8 @@ def test_explain_is_deterministic_and_works_under_inference_mode(backbone, gde, 
     assert not any(_hooks(m) for m in backbone.modules())
 
 
-def test_a_more_anomalous_image_gets_a_larger_map(backbone, gde, planted):
+def test_a_more_anomalous_image_gets_a_larger_map(backbone, gde):
     """Maps are unnormalised: a planted square raises both the score and the map's mass."""
-    images, _ = planted
     clean = _textures(np.random.default_rng(6), 1)
     defect = clean.copy()
     defect[0, 100:140, 100:140] = 250
@@ -193,7 +193,7 @@ def test_channels_last_and_contiguous_models_agree():
     model.to(memory_format=torch.channels_last)
     channels_last = maps()
     for a, b in zip(contiguous, channels_last):
-        assert a == pytest.approx(b, rel=1e-3, abs=1e-4 * a.max())
+        assert a == pytest.approx(b, rel=1e-3, abs=1e-4 * float(a.max()))  # approx takes no float32
 
 
 def test_inference_passes_of_other_users_are_not_recorded(backbone, gde, planted):
@@ -227,8 +227,17 @@ def test_planted_square_is_where_the_map_is_high(backbone, gde, planted, method)
     assert np.mean(ious) > 10 * chance
 
 
-def test_shared_backbone_is_left_as_it_was(backbone):
-    """Runs last in this module: every explainer above used the cached backbone."""
+def test_shared_backbone_is_left_as_it_was(backbone, gde):
+    """The cached backbone the engine shares, after an explainer used outside a ``with`` block and
+    inside one that raises: in eval mode, its flags and buffers as they were, no gradient, no hook."""
+    images = _textures(np.random.default_rng(8), 1)
+    before = _state(backbone)
+    explainer = ScoreExplainer(backbone, LAYERS, gde.location_, gde.precision_)
+    explainer.explain(images, SIZE)
+    with pytest.raises(ValueError, match="uint8"), explainer:
+        explainer.explain(images, SIZE)
+        explainer.explain([np.zeros((8, 8, 3), np.float32)], SIZE)
+    assert _same_state(before, _state(backbone))
     assert not backbone.training and not any(m.training for m in backbone.modules())
     assert all(p.requires_grad for p in backbone.parameters())  # load_backbone leaves them on
     assert all(p.grad is None for p in backbone.parameters())

@@ -39,7 +39,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -70,7 +69,7 @@ from core.models.tabular import TableEncoder
 from core.store import Registry
 from sample_data import write_digits_images, write_digits_table
 from test_cli import fails_cleanly
-from test_data_archive import make_zip
+from test_data_archive import make_zip, safe_entries
 from test_data_images import write_image
 
 MARKER = "UNPICKLED"
@@ -459,6 +458,23 @@ def _sentinel_fitted(scores: pd.DataFrame) -> None:
     assert scores["anomaly_score"].idxmax() == 7 and scores.loc[7, "is_anomaly"] == 1
 
 
+def _identifiers_only(rng: np.random.Generator) -> pd.DataFrame:
+    return pd.DataFrame({"record": [f"REC-{i:06d}" for i in rng.permutation(60)]})
+
+
+def _identifiers_beside_features(rng: np.random.Generator) -> pd.DataFrame:
+    frame = pd.DataFrame(rng.normal(size=(60, 3)), columns=["a", "b", "c"])
+    frame.loc[7, "a"] = 9.0
+    frame.insert(0, "record", [f"REC-{i:06d}" for i in rng.permutation(60)])  # 60 distinct texts: not categories
+    frame.insert(0, "row", np.arange(60))  # the index DataFrame.to_csv writes by default
+    return frame
+
+
+def _planted_row_7_on_top(scores: pd.DataFrame) -> None:
+    _finite_scores(scores)
+    assert scores["anomaly_score"].idxmax() == 7 and scores["anomaly_score"].nunique() == 60
+
+
 def _pickle_unused(inputs: Path) -> Path:
     return hostile.pickle_npz(inputs / "extra.npz", inputs / MARKER, member="notes", numeric_x=True)
 
@@ -468,6 +484,10 @@ TABLE_CASES = [
          message="column 'dead' has no finite value; drop it or fill it in"),
     Case("table-text-in-a-numeric-column", _csv("typo.csv", _text_in_numbers), stage="fit",
          message="column 'pressure' holds text with 80 distinct values (more than 50); it cannot be encoded"),
+    Case("table-only-an-identifier", _csv("ids.csv", _identifiers_only), stage="fit",
+         message="the table has no feature column: record only identify rows (a distinct value in every row)"),
+    Case("table-identifiers-beside-features", _csv("records.csv", _identifiers_beside_features),
+         check=_shape_check(60, 5), fitted=_planted_row_7_on_top),
     Case("table-one-row-npz", _npz("one.npz", X=np.ones((1, 4))), message="1 rows is too few: this fit needs at least"),
     Case("table-one-column", _csv("one.csv", lambda rng: pd.DataFrame({"x": rng.normal(size=60)})),
          check=_shape_check(60, 1), fitted=_finite_scores),
@@ -536,10 +556,8 @@ def test_refinery_fit_refuses_hostile_input_cleanly(case: Case, tmp_path, home, 
     if case.patch:
         case.patch(monkeypatch)
     before = tree(tmp_path, skip=home)
-    started = time.monotonic()
     line = within(CALL_LIMIT_S, fails_cleanly, capsys, ["fit", str(data), "--out", str(tmp_path / "run")], case.message)
     assert case.advice in line
-    assert time.monotonic() - started < 20, "a refusal should be quick"
     assert tree(tmp_path, skip=home) == before  # no run folder, no partial folder, nothing outside the home
     assert workspace_entries(home) == []  # a refused archive leaves no extraction folder
     assert registry_statuses(home) == (["failed"] if case.stage == "fit" else [])
@@ -760,6 +778,24 @@ def frames(draw) -> pd.DataFrame:
     return frame
 
 
+_FINITE = st.floats(-1e9, 1e9)
+_NOT_FINITE = st.sampled_from([float("nan"), float("inf"), float("-inf")])
+
+
+@st.composite
+def valid_frames(draw) -> pd.DataFrame:
+    """A table every format must load and the encoder turn into finite numbers: 1-8 rows, an
+    integer column (never missing: a csv row of one missing value is a blank line, which readers
+    skip), then 0-4 float columns whose first value is finite and whose others may be NaN or
+    +-inf (imputed by the encoder)."""
+    n_rows = draw(st.integers(1, 8))
+    columns = {"count": draw(st.lists(_CELLS["int"], min_size=n_rows, max_size=n_rows))}
+    for position in range(draw(st.integers(0, 4))):
+        rest = st.lists(st.one_of(_FINITE, _NOT_FINITE), min_size=n_rows - 1, max_size=n_rows - 1)
+        columns[f"reading {position}"] = [draw(_FINITE), *draw(rest)]
+    return pd.DataFrame(columns)
+
+
 def _write_table(frame: pd.DataFrame, path: Path) -> Path:
     if path.suffix == ".csv":
         frame.to_csv(path, index=False)
@@ -774,23 +810,30 @@ def _write_table(frame: pd.DataFrame, path: Path) -> Path:
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(frame=frames(), suffix=st.sampled_from([".csv", ".parquet", ".npz", ".mat"]))
-def test_any_frame_in_any_format_loads_and_encodes_or_raises_data_error(tmp_path, frame, suffix):
+@given(fuzzed=st.one_of(st.tuples(valid_frames(), st.just(True)), st.tuples(frames(), st.just(False))),
+       suffix=st.sampled_from([".csv", ".parquet", ".npz", ".mat"]))
+def test_any_frame_in_any_format_loads_and_encodes_or_raises_data_error(tmp_path, fuzzed, suffix):
     """Random frames (NaN, inf, huge ints, text, mixed) in each format: a Dataset the table encoder
-    turns into finite numbers, or a DataError, never another exception. Random csv bytes:
-    tests/test_data_tables.py::test_any_csv_bytes_load_or_raise_data_error."""
+    turns into finite numbers, or a DataError, never another exception; a valid frame (about half of
+    the examples) always loads whole and encodes. Random csv bytes:
+    tests/test_data_tables.py::test_well_formed_csvs_load_and_any_csv_bytes_load_or_raise_data_error."""
+    frame, valid = fuzzed
     path = _write_table(frame, Path(tempfile.mkdtemp(dir=tmp_path)) / f"t{suffix}")
     try:
         data = load_table(path)
     except DataError:
+        assert not valid, "a valid frame must load"
         return
     assert len(data) == data.table.shape[0] > 0 and data.table.shape[1] > 0
     assert data.ids == [str(i) for i in range(len(data))]
     try:
         encoded = TableEncoder().fit(data).embed(data)
     except DataError:
+        assert not valid, "a valid frame must encode"
         return
     assert encoded.shape[0] == len(data) and np.isfinite(encoded).all()
+    if valid:
+        assert data.table.shape == encoded.shape == frame.shape
 
 
 # --------------------------------------------------------------------------- fuzzing: archives
@@ -815,8 +858,13 @@ def _entry_parts(name: str) -> tuple[str, ...]:
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(entries=st.lists(st.tuples(_NAMES, _CONTENT), min_size=1, max_size=5))
-def test_any_entry_names_extract_inside_the_destination_or_raise_data_error(tmp_path, entries):
+@given(fuzzed=st.one_of(st.tuples(safe_entries(), st.just(True)),
+                        st.tuples(st.lists(st.tuples(_NAMES, _CONTENT), min_size=1, max_size=5), st.just(False))))
+def test_any_entry_names_extract_inside_the_destination_or_raise_data_error(tmp_path, fuzzed):
+    """Entry names with '..', drive letters, backslashes, odd unicode, very long segments and zip
+    bombs extract inside the destination or raise a DataError; safe names (about half of the
+    examples) always extract."""
+    entries, safe = fuzzed
     root = Path(tempfile.mkdtemp(dir=tmp_path))
     workspace = root.joinpath(*_DEPTH, "ws")
     workspace.mkdir(parents=True)
@@ -830,6 +878,7 @@ def test_any_entry_names_extract_inside_the_destination_or_raise_data_error(tmp_
     try:
         dest = extract_zip(archive, workspace)
     except DataError:
+        assert not safe, "an archive of safe names and small files must extract"
         assert list(workspace.iterdir()) == []
     else:
         assert dest.parent == workspace.resolve()

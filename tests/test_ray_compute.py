@@ -39,7 +39,7 @@ EMBEDDING_TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 @pytest.fixture(scope="module")
 def compute():
     """A local Ray instance for the module (RayCompute joins it and leaves it running)."""
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR)
     with RayCompute() as ray_compute:
         yield ray_compute
     ray.shutdown()

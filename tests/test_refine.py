@@ -40,7 +40,7 @@ def test_round_records_are_consistent():
         assert np.all(record.votes[record.removed] >= 1), "a removed sample had at least one vote"
         assert np.all(record.votes[~previous] == -1), "samples out of the round carry no vote"
         assert np.all(np.isnan(record.anomaly_score[~previous]))
-        assert record.gamma == 0.1 and record.seconds >= 0
+        assert record.gamma == 0.1 and np.isfinite(record.seconds)  # a duration: its size is not asserted
         previous = record.kept
 
 

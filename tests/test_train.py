@@ -89,7 +89,7 @@ def test_training_lowers_the_loss_of_the_objective(images):
     encoder, objective = build()
     result = train(encoder, objective, images, fast(epochs=4))
     assert len(result.losses) == 4 and result.epochs_run == 4 and result.resumed_from is None
-    assert result.device == "cpu" and result.seconds > 0
+    assert result.device == "cpu" and np.isfinite(result.seconds)  # a duration: its size is not asserted
     assert result.losses[-1] < 0.7 * result.losses[0]
     assert not encoder.training and not objective.training
 
