@@ -37,6 +37,7 @@ from core.data.sources import DEMO_DIR
 from core.distributed import ddp
 from core.errors import Cancelled, ConfigError, RefineryError
 from core.progress import HOLD_AT_VARIABLE, ProgressCallback, ProgressEvent, holding_at
+from core.refine import describe_contamination
 from core.store import Registry, atomic_write_text, refinery_home, write_npy
 
 DEFAULTS = FitConfig()
@@ -88,16 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--ensemble", type=int, default=DEFAULTS.ensemble, metavar="K",
                      help="detectors per round, each fitted on a disjoint 1/K of the data (default: %(default)s)")
     fit.add_argument("--gamma", type=parse_gamma, default=DEFAULTS.gamma, metavar="G|auto",
-                     help="share each detector flags per round, in (0, 0.5], or 'auto' to estimate the "
-                     "contamination from the data each round (default: auto). A number also sets the "
-                     "is_anomaly threshold to flag that share of the training data")
+                     help="share of the training set each detector flags per round, in (0, 0.5], or 'auto' "
+                     "to estimate the contamination from the data each round (default: auto)")
     fit.add_argument("--rounds", type=int, default=DEFAULTS.rounds, metavar="R",
-                     help="maximum refinement rounds; stops early when a round removes nothing (default: %(default)s)")
+                     help="maximum refinement rounds; stops early once the kept set stops changing (default: %(default)s)")
     fit.add_argument("--threshold-source", choices=THRESHOLD_SOURCES, default=DEFAULTS.threshold_source,
                      help="where each detector's threshold comes from: samples it did not train on "
                      "(held_out, default) or its own subset (in_sample)")
     fit.add_argument("--min-keep-fraction", type=float, default=DEFAULTS.min_keep_fraction, metavar="F",
                      help="refinement never keeps less than this share of the data (default: %(default)s)")
+    fit.add_argument("--false-alarm-rate", type=float, default=DEFAULTS.false_alarm_rate, metavar="A",
+                     help="share of normal data is_anomaly should flag; the threshold is set on out-of-sample "
+                     "scores of the kept training samples (default: %(default)s)")
     fit.add_argument("--localization", choices=LOCALIZATIONS, default=DEFAULTS.localization,
                      help="patch model for image anomaly maps, fitted on the kept images: memory (nearest normal "
                      "patch; any layout), gaussian (per location; aligned objects), cutpaste (CutPaste's patch "
@@ -194,7 +197,8 @@ def _fit(args: argparse.Namespace) -> None:
         objective=args.objective, encoder=args.encoder, epochs=args.epochs, retrain_epochs=args.retrain_epochs,
         learning_rate=args.learning_rate, detector=args.detector, refine=args.refine, ensemble=args.ensemble,
         gamma=args.gamma, rounds=args.rounds, threshold_source=args.threshold_source,
-        min_keep_fraction=args.min_keep_fraction, localization=args.localization, device=args.device,
+        min_keep_fraction=args.min_keep_fraction, false_alarm_rate=args.false_alarm_rate,
+        localization=args.localization, device=args.device,
         batch_size=args.batch_size, seed=args.seed, label_column=args.label_column,
     ).validate()
     if ddp.launched_by_torchrun() and config.objective == "none":
@@ -212,8 +216,10 @@ def _fit(args: argparse.Namespace) -> None:
         print(record.note)
     flagged = int(result.scores.is_anomaly.sum())
     print(f"fitted {len(dataset)} {dataset.kind} samples; kept {int(result.kept.sum())} after "
-          f"{len(result.rounds)} refinement round(s); estimated contamination {result.contamination:.3f}; "
-          f"{flagged} flagged at threshold {result.scores.threshold:.4g}")
+          f"{len(result.rounds)} refinement round(s); "
+          f"{describe_contamination(result.contamination, result.contamination_interval)}")
+    print(f"{flagged} flagged at threshold {result.scores.threshold:.4g}, which "
+          f"{engine.threshold_meaning(config.false_alarm_rate)}")
     if result.metrics:
         m = result.metrics
         print(f"training-set metrics (labels used for evaluation only): AUROC {m.auroc:.4f}  AP {m.ap:.4f}  F1 {m.f1:.4f}")

@@ -63,15 +63,18 @@ class FitConfig:
     ensemble : int
         K, the number of disjoint subsets (one detector each) per refinement round.
     gamma : float or "auto"
-        Share of samples each ensemble member flags per round; ``auto`` estimates the
-        contamination from the data (see :func:`core.refine.estimate_contamination`).
+        Share of the training set each ensemble member flags per round; ``auto`` estimates the
+        contamination from the data in every round (see :func:`core.refine.estimate_contamination`).
     rounds : int
-        Maximum number of refinement rounds (a round that removes nothing ends early).
+        Maximum number of refinement rounds (ends early once the kept set stops changing).
     threshold_source : str
         ``held_out``: each member's threshold is a quantile of its scores on samples it did not
         train on; ``in_sample``: on its own training subset (collapses in high dimensions).
     min_keep_fraction : float
         Refinement never keeps fewer than this share of the training data.
+    false_alarm_rate : float
+        The share of normal data that ``is_anomaly`` is meant to flag: the threshold is the
+        ``1 - false_alarm_rate`` quantile of out-of-sample scores of the kept training samples.
     localization : str
         Patch model for image anomaly maps, fitted on the kept training images: ``memory``
         (nearest-neighbour distance to a coreset of normal patches; any layout), ``gaussian`` (one
@@ -103,6 +106,7 @@ class FitConfig:
     rounds: int = 3
     threshold_source: str = "held_out"
     min_keep_fraction: float = 0.5
+    false_alarm_rate: float = 0.05
     localization: str = "memory"
     device: str = "auto"
     batch_size: int = 32
@@ -141,6 +145,8 @@ class FitConfig:
             raise ConfigError(f"gamma must be a number in (0, 0.5] or 'auto', got {self.gamma}")
         if not 0.0 < self.min_keep_fraction <= 1.0:
             raise ConfigError(f"min_keep_fraction must be in (0, 1], got {self.min_keep_fraction}")
+        if not 0.0 < self.false_alarm_rate < 0.5:
+            raise ConfigError(f"false_alarm_rate must be in (0, 0.5), got {self.false_alarm_rate}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         return self

@@ -41,6 +41,7 @@ from core.refine import (
     RefinementRound,
     check_pinned,
     contamination_from_data,
+    cross_fitted_anomaly_scores,
     iter_refine,
 )
 from core.store import (
@@ -106,6 +107,7 @@ class FitResult:
     rounds: list[RefinementRound]
     kept: np.ndarray
     contamination: float
+    contamination_interval: tuple[float, float] | None
     scores: Scores
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -362,7 +364,8 @@ def _fit(dataset, config, pinned, out_dir, staging, run_id, registry, on_round, 
 
     result = FitResult(
         run_dir=out_dir, run_id=run_id, config=config, rounds=model.rounds, kept=model.kept,
-        contamination=model.contamination, scores=scores, timings=timings,
+        contamination=model.contamination, contamination_interval=model.contamination_interval, scores=scores,
+        timings=timings,
     )
     _save_run(staging, result, dataset, encoder, model.embeddings, pinned,
               model.round_embeddings if retrain is not None else [])
@@ -403,9 +406,11 @@ class RefinedModel:
     rounds: list[RefinementRound]
     kept: np.ndarray
     contamination: float
+    contamination_interval: tuple[float, float] | None
     detector: object
     train_score: np.ndarray
     threshold: float
+    """``is_anomaly`` above it; set to flag ``config.false_alarm_rate`` of normal data (out-of-sample scores)."""
     embeddings: np.ndarray
     """(N, D) embeddings the final detector scores: the last representation when it was retrained."""
     round_embeddings: list[np.ndarray]
@@ -461,11 +466,14 @@ def refine_and_fit(
                 on_round(record)
     worked_on = round_embeddings[: len(rounds)] if rounds else []
     final = retrain(kept) if retrain is not None and rounds else round_embeddings[-1]
-    contamination = _contamination(config, final, factory, rounds, compute)
-    detector = compute.fit_detectors(factory, final, [np.flatnonzero(kept)])[0]
+    contamination, interval = _contamination(config, final, factory, rounds, compute)
+    kept_rows = np.flatnonzero(kept)
+    detector = compute.fit_detectors(factory, final, [kept_rows])[0]
     train_score = -compute.score([detector], final)[0]
-    threshold = float(np.quantile(train_score, 1.0 - contamination))
-    return RefinedModel(rounds, kept, contamination, detector, train_score, threshold, final, worked_on)
+    out_of_sample = cross_fitted_anomaly_scores(final, kept_rows, factory, folds=max(config.ensemble, 2),
+                                                seed=config.seed, compute=compute)
+    threshold = float(np.quantile(out_of_sample, 1.0 - config.false_alarm_rate))
+    return RefinedModel(rounds, kept, contamination, interval, detector, train_score, threshold, final, worked_on)
 
 
 def _check_trainable(dataset: Dataset, config: FitConfig) -> None:
@@ -503,16 +511,17 @@ def _cached_embeddings(path: Path, encoder: Encoder, dataset: Dataset, compute: 
 
 
 
-def _contamination(config, embeddings, factory, rounds, compute) -> float:
-    """Share of the training data expected to be anomalous; sets the is_anomaly threshold.
+def _contamination(config, embeddings, factory, rounds, compute) -> tuple[float, tuple[float, float] | None]:
+    """Share of the training data expected to be anomalous, and its interval (None for a given gamma).
 
-    A numeric gamma is taken as the user's statement of the contamination; ``auto`` uses the
-    first round's estimate (made on all training data) or, without refinement, the same estimate.
+    A numeric gamma is taken as the user's statement of the contamination; ``auto`` uses the last
+    round's estimate (of the whole training set, by detectors trained on the refined data, which a
+    cluster of anomalies masks less than the first round's) or, without refinement, the same estimate.
     """
     if config.gamma != "auto":
-        return float(config.gamma)
+        return float(config.gamma), None
     if rounds:
-        return rounds[0].gamma
+        return rounds[-1].gamma, rounds[-1].gamma_interval
     return contamination_from_data(embeddings, factory, ensemble=config.ensemble, seed=config.seed, compute=compute)
 
 
@@ -534,7 +543,9 @@ def _save_run(
     write_json(directory / "refinement.json", [
         {
             "round": r.round, "n_removed": len(r.removed), "removed_ids": [dataset.ids[i] for i in r.removed],
-            "thresholds": r.thresholds.tolist(), "gamma": r.gamma, "seconds": r.seconds, "capped": r.capped,
+            "n_returned": len(r.returned), "returned_ids": [dataset.ids[i] for i in r.returned],
+            "thresholds": r.thresholds.tolist(), "gamma": r.gamma, "gamma_interval": r.gamma_interval,
+            "seconds": r.seconds, "capped": r.capped,
             "precision": r.precision, "recall": r.recall, "note": r.note,
         }
         for r in result.rounds
@@ -558,7 +569,11 @@ def _save_run(
         "n_samples": len(dataset),
         "embedding_dim": int(embeddings.shape[1]),
         "contamination": result.contamination,
+        "contamination_interval": result.contamination_interval,
+        "contamination_source": "estimated" if result.config.gamma == "auto" else "given (gamma)",
         "threshold": result.scores.threshold,
+        "false_alarm_rate": result.config.false_alarm_rate,
+        "threshold_meaning": threshold_meaning(result.config.false_alarm_rate),
         "metrics": result.metrics.as_dict() if result.metrics else None,
         "timings": result.timings,
         "skipped": [asdict(item) for item in dataset.skipped],
@@ -567,11 +582,18 @@ def _save_run(
     })
 
 
+def threshold_meaning(false_alarm_rate: float) -> str:
+    """What a run's threshold means, in words (run.json, the CLI, the studio)."""
+    return (f"flags about {false_alarm_rate:.0%} of normal data (its false-alarm rate): the threshold is the "
+            f"{1 - false_alarm_rate:.0%} quantile of out-of-sample scores of the kept training samples")
+
+
 def _round_removed(rounds: list[RefinementRound], n: int) -> np.ndarray:
-    """Round in which each training sample was removed (0 = kept)."""
+    """Round in which each training sample was last removed (0 = kept at the end, or came back)."""
     removed_in = np.zeros(n, dtype=np.int64)
     for record in rounds:
         removed_in[record.removed] = record.round
+        removed_in[record.returned] = 0
     return removed_in
 
 

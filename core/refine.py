@@ -1,20 +1,25 @@
-"""STOC data refinement: an ensemble of one-class detectors on disjoint subsets votes out suspects.
+"""STOC data refinement as in SRR: an ensemble of one-class detectors on disjoint subsets votes out suspects.
 
-One round, on the samples still kept:
+One round:
 
-1. shuffle them (seeded) and split into K disjoint subsets;
+1. shuffle the samples kept so far (seeded) and split them into K disjoint subsets;
 2. fit one detector per subset;
-3. give detector k a threshold at the gamma-quantile of its ``score_samples`` (higher = more
-   normal) over a reference set: the samples it did **not** train on (``held_out``, default) or
-   its own subset (``in_sample``, the original recipe, which collapses when the subset is small
-   next to the dimension: every detector then flags everything it did not see);
-4. keep a sample only when every detector calls it normal.
+3. score the **whole** training set with every detector and give detector k a threshold at the
+   gamma-quantile (the smallest score with at least a gamma share at or below it) of its
+   ``score_samples`` (higher = more normal) over a reference set: the samples it did **not** train
+   on (``held_out``, default; the kept ones among them weighted to stand for all kept samples, so
+   that the reference mirrors the whole training set) or its own subset (``in_sample``, the original
+   recipe, which collapses when the subset is small next to the dimension: every detector then
+   flags everything it did not see); a score below the threshold is a vote;
+4. the next kept set is every sample that all K detectors call normal. A sample removed in an
+   earlier round comes back when no detector flags it any more (after retraining, or because the
+   detectors now train on cleaner data); the round records who came back.
 
-Rounds repeat on the kept samples until ``rounds`` is reached, a round removes nothing, or the
-kept share would drop below ``min_keep_fraction`` (the round is then capped: only the most
-suspicious samples are removed, and the record says so). ``gamma="auto"`` re-estimates the
-contamination in every round from the ensemble's cross-fitted scores
-(:func:`estimate_contamination`), so rounds stop removing once the data look clean.
+Rounds repeat until ``rounds`` is reached or the kept set stops changing. If the kept share would
+drop below ``min_keep_fraction``, the round is capped (only the most suspicious samples are removed,
+the record says so) and refinement stops. ``gamma="auto"`` estimates the contamination of the whole
+training set in every round from the ensemble's cross-fitted scores (:func:`estimate_contamination`);
+later rounds estimate it with detectors trained on refined data, which a cluster of anomalies masks less.
 
 Detectors are fitted and scored through a :class:`~core.compute.Compute` (``compute``; default:
 this process, streaming chunks of rows), so the embeddings may be a memory-mapped file, and the K
@@ -24,8 +29,8 @@ A ``retrain`` callback, when given, receives the kept mask between rounds and re
 embeddings for all samples: this is where self-supervised retraining plugs in.
 
 An expert's verdicts enter as ``pinned``: confirmed anomalies are removed before round 1 (no
-detector ever trains on them; round 1 lists them first among its removals) and confirmed
-normals are never removed.
+detector ever trains on them, none judges them; round 1 lists them first among its removals) and
+confirmed normals are never removed.
 """
 from __future__ import annotations
 
@@ -58,18 +63,24 @@ class RefinementRound:
     kept : (N,) bool array
         Samples kept after this round (over the whole training set).
     removed : (R,) int64 array
-        Indices (into the training set) removed in this round, most suspicious first.
+        Indices (into the training set) kept before this round and removed by it, most suspicious first.
+    returned : (B,) int64 array
+        Indices removed in an earlier round that this round keeps again (they came back).
     thresholds : (K,) float64 array
         Each detector's threshold on its ``score_samples`` scale.
     votes : (N,) int16 array
-        How many detectors called each sample anomalous; -1 for samples not in this round.
+        How many detectors called each sample anomalous; -1 for samples no detector judges
+        (confirmed anomalies).
     anomaly_score : (N,) float32 array
         Cross-fitted consensus score of this round (higher = more anomalous; NaN for samples
-        not in the round): the mean, over detectors that did not train on the sample, of its
+        no detector judges): the mean, over detectors that did not train on the sample, of its
         score relative to that detector's threshold, in units of the detector's score spread.
         0 is the threshold.
     gamma : float
         Share each detector flagged in this round (estimated when the config says ``auto``).
+    gamma_interval : (float, float) or None
+        With ``auto``: a 90% bootstrap interval of the estimate (the spread from which samples
+        happened to be drawn; not the estimator's bias). None for a given gamma.
     seconds : float
         Wall time of the round.
     capped : bool
@@ -83,10 +94,12 @@ class RefinementRound:
     round: int
     kept: np.ndarray
     removed: np.ndarray
+    returned: np.ndarray
     thresholds: np.ndarray
     votes: np.ndarray
     anomaly_score: np.ndarray
     gamma: float
+    gamma_interval: tuple[float, float] | None
     seconds: float
     capped: bool
     precision: float | None
@@ -137,8 +150,8 @@ def iter_refine(
             f"refinement with K={ensemble} needs at least {ensemble * MIN_SAMPLES_PER_DETECTOR} "
             f"training samples, got {n}; lower --ensemble or turn refinement off"
         )
+    judged = np.flatnonzero(pinned != 1)
     kept = pinned != 1
-    confirmed_anomalies = np.flatnonzero(~kept)
     min_kept = int(np.ceil(min_keep_fraction * n))
     rng = np.random.default_rng(seed)
     compute = compute or LocalCompute()
@@ -146,30 +159,27 @@ def iter_refine(
         if cancel is not None:
             cancel.raise_if_cancelled()
         started = time.perf_counter()
-        active = np.flatnonzero(kept)
-        if len(active) < ensemble * MIN_SAMPLES_PER_DETECTOR:
+        fit_on = np.flatnonzero(kept)
+        if len(fit_on) < ensemble * MIN_SAMPLES_PER_DETECTOR:
             log.info("refinement stopped: too few samples left for K=%d", ensemble)
             return
-        vote = _ensemble_vote(features, active, detector_factory, ensemble, gamma, threshold_source, rng, compute)
-        flagged = active[vote.votes > 0]
-        order = np.argsort(-vote.consensus[vote.votes > 0], kind="stable")
-        flagged = flagged[order]
+        vote = _ensemble_vote(features, fit_on, judged, detector_factory, ensemble, gamma, threshold_source, rng,
+                              compute)
+        flagged = judged[vote.votes > 0]
+        flagged = flagged[np.argsort(-vote.consensus[vote.votes > 0], kind="stable")]
         flagged = flagged[pinned[flagged] != 0]
-        budget = max(int(kept.sum()) - min_kept, 0)
+        budget = max(len(judged) - min_kept, 0)
         capped = len(flagged) > budget
-        removed = flagged[:budget]
-        kept = kept.copy()
-        kept[removed] = False
-        confirmed = confirmed_anomalies if round_number == 1 else confirmed_anomalies[:0]
-        round_record = _record(
-            round_number, kept, np.concatenate([confirmed, removed]), vote, active, n, started, capped, labels,
-            len(flagged), len(confirmed),
-        )
+        now_kept = pinned != 1
+        now_kept[flagged[:budget]] = False
+        round_record = _record(round_number, kept, now_kept, pinned, flagged[:budget], vote, judged, started, capped,
+                               labels, len(flagged))
         on_progress(ProgressEvent("refine", round_number, rounds, round_record.note))
         log.info(round_record.note)
         yield round_record
-        if len(removed) == 0 or capped:
+        if capped or np.array_equal(now_kept, kept):
             return
+        kept = now_kept
         if retrain is not None and round_number < rounds:
             features = np.asarray(retrain(kept))
 
@@ -195,22 +205,73 @@ def estimate_contamination(anomaly_scores: np.ndarray, cutoff: float = AUTO_GAMM
     return float(np.clip(share, *AUTO_GAMMA_BOUNDS))
 
 
+def contamination_interval(anomaly_scores: np.ndarray, rng: np.random.Generator, resamples: int = 200,
+                           level: float = 0.9) -> tuple[float, float]:
+    """A bootstrap interval of :func:`estimate_contamination` on ``anomaly_scores``.
+
+    The ``level`` central interval of the estimate over ``resamples`` resamples (with replacement)
+    of the scores. It shows how much the estimate depends on which samples were drawn; a bias of the
+    rule itself (a masked cluster of anomalies) is not in it.
+    """
+    scores = np.asarray(anomaly_scores, dtype=np.float64)
+    estimates = [estimate_contamination(scores[rng.integers(0, len(scores), len(scores))]) for _ in range(resamples)]
+    low, high = np.quantile(estimates, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+def describe_contamination(contamination: float, interval: tuple[float, float] | None) -> str:
+    """``estimated contamination 0.081 (90% interval 0.065-0.097)``, or ``contamination 0.100 (given)``."""
+    if interval is None:
+        return f"contamination {contamination:.3f} (given)"
+    return f"estimated contamination {contamination:.3f} (90% interval {interval[0]:.3f}-{interval[1]:.3f})"
+
+
+def cross_fitted_anomaly_scores(
+    embeddings: np.ndarray, rows: np.ndarray, detector_factory: DetectorFactory, *, folds: int = 5, seed: int = 0,
+    compute: Compute | None = None,
+) -> np.ndarray:
+    """Anomaly scores of ``rows``, each from a detector that did not train on it.
+
+    ``rows`` are split (seeded) into ``folds`` disjoint folds; the detector fitted on the other
+    folds scores each one. These out-of-sample scores set a threshold with a known false-alarm
+    rate: a detector's in-sample scores are too normal (kNN counts a row as its own neighbour).
+
+    Returns
+    -------
+    (len(rows),) float64 array, higher = more anomalous.
+    """
+    compute = compute or LocalCompute()
+    rows = np.asarray(rows)
+    parts = [np.sort(part) for part in np.array_split(np.random.default_rng(seed).permutation(len(rows)), folds)]
+    trained_on = [np.sort(np.concatenate([rows[other] for j, other in enumerate(parts) if j != k]))
+                  for k in range(folds)]
+    detectors = compute.fit_detectors(detector_factory, embeddings, trained_on)
+    scores = np.empty(len(rows), dtype=np.float64)
+    for detector, part in zip(detectors, parts):
+        scores[part] = -compute.score([detector], embeddings, rows[part])[0]
+    return scores
+
+
 @dataclass(frozen=True)
 class _Vote:
-    votes: np.ndarray       # (A,) detectors flagging each active sample
-    consensus: np.ndarray   # (A,) cross-fitted consensus anomaly score
+    votes: np.ndarray       # (J,) detectors flagging each judged sample
+    consensus: np.ndarray   # (J,) cross-fitted consensus anomaly score
     thresholds: np.ndarray  # (K,)
     gamma: float
+    gamma_interval: tuple[float, float] | None
 
 
-def _ensemble_vote(features, active, factory, ensemble, gamma, threshold_source, rng, compute) -> _Vote:
-    """Fit K detectors on disjoint subsets of ``active`` and let each vote on every active sample."""
-    parts = [np.sort(part) for part in np.array_split(rng.permutation(len(active)), ensemble)]
-    detectors = compute.fit_detectors(factory, features, [active[part] for part in parts])
-    scores = compute.score(detectors, features, active)
-    member = np.zeros((ensemble, len(active)), dtype=bool)
+def _ensemble_vote(features, fit_on, judged, factory, ensemble, gamma, threshold_source, rng, compute) -> _Vote:
+    """Fit K detectors on disjoint subsets of ``fit_on`` and let each vote on every sample of ``judged``.
+
+    ``fit_on`` and ``judged`` are sorted indices, ``fit_on`` a subset of ``judged``.
+    """
+    parts = [np.sort(fit_on[part]) for part in np.array_split(rng.permutation(len(fit_on)), ensemble)]
+    detectors = compute.fit_detectors(factory, features, parts)
+    scores = compute.score(detectors, features, judged)
+    member = np.zeros((ensemble, len(judged)), dtype=bool)
     for k, part in enumerate(parts):
-        member[k, part] = True
+        member[k, np.searchsorted(judged, part)] = True
     # Cross-fitting: each detector is judged on the samples it did not see. A single detector
     # (K = 1, in-sample thresholds only) has no such samples and is judged on all of them.
     unseen = ~member if ensemble > 1 else np.ones_like(member)
@@ -218,11 +279,20 @@ def _ensemble_vote(features, active, factory, ensemble, gamma, threshold_source,
     spread = np.array([_mad(scores[k, unseen[k]]) for k in range(ensemble)])
     consensus_raw = _mean_over(unseen, (centre[:, None] - scores) / spread[:, None])
     chosen_gamma = estimate_contamination(consensus_raw) if gamma == "auto" else float(gamma)
-    reference = unseen if threshold_source == "held_out" else member
-    thresholds = np.array([np.quantile(scores[k, reference[k]], chosen_gamma) for k in range(ensemble)])
+    interval = contamination_interval(consensus_raw, rng.spawn(1)[0]) if gamma == "auto" else None
+    if threshold_source == "held_out":
+        # Detector k's held-out samples stand for the whole judged set: the kept ones it did not train
+        # on stand for all kept samples (weight K / (K - 1)), the removed ones for themselves.
+        held_out_share = np.array([(len(fit_on) - len(part)) / len(fit_on) for part in parts])
+        weights = np.where(np.isin(judged, fit_on)[None, :], 1.0 / np.maximum(held_out_share, 1e-12)[:, None], 1.0)
+        thresholds = np.array([np.quantile(scores[k, unseen[k]], chosen_gamma, weights=weights[k, unseen[k]],
+                                           method="inverted_cdf") for k in range(ensemble)])
+    else:
+        thresholds = np.array([np.quantile(scores[k, member[k]], chosen_gamma, method="inverted_cdf")
+                               for k in range(ensemble)])
     votes = (scores < thresholds[:, None]).sum(axis=0).astype(np.int16)
     consensus = _mean_over(unseen, (thresholds[:, None] - scores) / spread[:, None])
-    return _Vote(votes=votes, consensus=consensus, thresholds=thresholds, gamma=chosen_gamma)
+    return _Vote(votes=votes, consensus=consensus, thresholds=thresholds, gamma=chosen_gamma, gamma_interval=interval)
 
 
 def _mean_over(mask: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -245,33 +315,41 @@ def check_pinned(pinned: np.ndarray | None, n: int) -> np.ndarray:
     return pinned.astype(np.int8)
 
 
-def _record(round_number, kept, removed, vote, active, n, started, capped, labels, n_flagged, n_confirmed):
+def _record(round_number, kept_before, kept, pinned, removed_by_vote, vote, judged, started, capped, labels, n_flagged):
+    """The :class:`RefinementRound` that took ``kept_before`` to ``kept``."""
+    n = len(kept)
+    confirmed = np.flatnonzero(pinned == 1) if round_number == 1 else np.zeros(0, dtype=np.int64)
+    newly = removed_by_vote[kept_before[removed_by_vote]]
+    removed = np.concatenate([confirmed, newly]).astype(np.int64)
+    returned = np.flatnonzero(kept & ~kept_before).astype(np.int64)
     votes = np.full(n, -1, dtype=np.int16)
-    votes[active] = vote.votes
+    votes[judged] = vote.votes
     score = np.full(n, np.nan, dtype=np.float32)
-    score[active] = vote.consensus
+    score[judged] = vote.consensus
     precision = recall = None
     if labels is not None and np.any(labels == 1):
-        known = labels[removed]
-        precision = float(np.mean(known == 1)) if len(removed) else None
+        precision = float(np.mean(labels[removed] == 1)) if len(removed) else None
         recall = float(np.mean(~kept[labels == 1]))
-    note = f"round {round_number}: removed {len(removed) - n_confirmed} of {len(active)} (gamma {vote.gamma:.3f})"
-    if n_confirmed:
-        note += f" and {n_confirmed} confirmed anomalies"
+    note = (f"round {round_number}: removed {len(newly)} of {len(judged)} judged, {len(returned)} came back, "
+            f"{int(kept.sum())} kept (gamma {vote.gamma:.3f})")
+    if len(confirmed):
+        note += f"; {len(confirmed)} confirmed anomalies removed first"
     if capped:
         note += f"; capped: {n_flagged} were flagged but the kept share may not fall below the guard"
-    elif len(removed) == n_confirmed:
-        note += "; no detector flagged any sample: refinement stops here"
+    elif np.array_equal(kept, kept_before) and not len(confirmed):
+        note += "; the kept set did not change: refinement stops here"
     if precision is not None:
-        note += f"; removal precision {precision:.2f}, cumulative recall {recall:.2f}"
+        note += f"; removal precision {precision:.2f}, recall {recall:.2f}"
     return RefinementRound(
         round=round_number,
         kept=kept,
-        removed=removed.astype(np.int64),
+        removed=removed,
+        returned=returned,
         thresholds=vote.thresholds,
         votes=votes,
         anomaly_score=score,
         gamma=vote.gamma,
+        gamma_interval=vote.gamma_interval,
         seconds=time.perf_counter() - started,
         capped=capped,
         precision=precision,
@@ -283,8 +361,8 @@ def _record(round_number, kept, removed, vote, active, n, started, capped, label
 def contamination_from_data(
     embeddings: np.ndarray, detector_factory: DetectorFactory, *, ensemble: int = 5, seed: int = 0,
     compute: Compute | None = None,
-) -> float:
-    """Label-free contamination estimate of a whole training set (no samples removed).
+) -> tuple[float, tuple[float, float]]:
+    """Label-free contamination estimate of a whole training set (no samples removed), and its interval.
 
     The same statistic ``gamma="auto"`` uses in a refinement round: one ensemble of K detectors
     on disjoint subsets, cross-fitted consensus scores, :func:`estimate_contamination`.
@@ -293,8 +371,9 @@ def contamination_from_data(
     ensemble = max(1, min(ensemble, len(features) // MIN_SAMPLES_PER_DETECTOR))
     if ensemble < 2:
         raise DataError(f"estimating the contamination needs at least {2 * MIN_SAMPLES_PER_DETECTOR} samples")
+    everyone = np.arange(len(features))
     vote = _ensemble_vote(
-        features, np.arange(len(features)), detector_factory, ensemble, "auto", "held_out", np.random.default_rng(seed),
+        features, everyone, everyone, detector_factory, ensemble, "auto", "held_out", np.random.default_rng(seed),
         compute or LocalCompute(),
     )
-    return vote.gamma
+    return vote.gamma, vote.gamma_interval

@@ -19,7 +19,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from core.config import FitConfig
 from core.errors import DataError, RunError
 from core.metrics import DetectionMetrics, detection_metrics
-from core.refine import RefinementRound
+from core.refine import RefinementRound, describe_contamination
 from core.store import read_arrays, read_json
 
 BUNDLE_SUFFIXES = (".json", ".safetensors", ".csv", ".pt")
@@ -63,10 +63,12 @@ class SavedRun:
                 round=record["round"],
                 kept=arrays[f"kept_{record['round']}"].astype(bool),
                 removed=np.array([position[i] for i in record["removed_ids"]], dtype=np.int64),
+                returned=np.array([position[i] for i in record.get("returned_ids", [])], dtype=np.int64),
                 thresholds=np.asarray(record["thresholds"], dtype=np.float64),
                 votes=arrays[f"votes_{record['round']}"],
                 anomaly_score=arrays[f"anomaly_score_{record['round']}"],
-                gamma=record["gamma"], seconds=record["seconds"], capped=record["capped"],
+                gamma=record["gamma"], gamma_interval=_pair(record.get("gamma_interval")),
+                seconds=record["seconds"], capped=record["capped"],
                 precision=record["precision"], recall=record["recall"], note=record["note"],
             )
             for record in records
@@ -93,8 +95,19 @@ class SavedRun:
 
     @property
     def contamination(self) -> float:
-        """The contamination the threshold was set from (estimated without labels, or the user's gamma)."""
+        """The training set's contamination: estimated without labels, or the user's gamma."""
         return float(self.info["contamination"])
+
+    @property
+    def contamination_text(self) -> str:
+        """The contamination in words, with its interval when it was estimated."""
+        return describe_contamination(self.contamination, _pair(self.info.get("contamination_interval")))
+
+    @property
+    def threshold_meaning(self) -> str:
+        """What the threshold means (runs made before it was stated: flags the contamination share of training)."""
+        return self.info.get("threshold_meaning") or (
+            f"flags the {self.contamination:.1%} estimated contamination share of the training scores")
 
     @property
     def labels(self) -> np.ndarray | None:
@@ -252,3 +265,8 @@ def bundle_run(run_dir: Path | str) -> bytes:
             if path.is_file() and not hidden and path.suffix in BUNDLE_SUFFIXES:
                 archive.write(path, f"{run_dir.name}/{relative.as_posix()}")
     return buffer.getvalue()
+
+
+def _pair(values: list | None) -> tuple[float, float] | None:
+    """A JSON ``[low, high]`` as a tuple (None stays None: a given gamma, or a run older than intervals)."""
+    return None if values is None else (float(values[0]), float(values[1]))

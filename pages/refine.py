@@ -100,8 +100,8 @@ def finished_view(status) -> None:
 def saved_rounds(run_dir: str) -> None:
     run = runs.saved_run(run_dir)
     st.subheader(f"Run {run.run_id}")
-    st.caption(f"{len(run.samples)} samples, {int(run.samples['kept'].sum())} kept; threshold from an estimated "
-               f"contamination of {run.contamination:.1%}")
+    st.caption(f"{len(run.samples)} samples, {int(run.samples['kept'].sum())} kept; {run.contamination_text}. "
+               f"The threshold {run.threshold_meaning}.")
     image_path = (lambda sample_id: str(run.image_path(sample_id))) if run.kind == "images" else None
     show_rounds(run.rounds, ids=list(run.samples["id"]), labels=run.labels, image_path=image_path, key="saved")
     cells = st.columns(3)

@@ -33,11 +33,11 @@ def threshold_section(run) -> None:
                           (high - low) / 500 or 1.0, format="%.4g", key="threshold")
     above = scores > threshold
     st.caption(f"{int(above.sum())} of {len(scores)} samples ({above.mean():.1%}) score above the threshold. "
-               f"The run's own threshold ({run.threshold:.4g}) flags the {run.contamination:.1%} estimated "
-               "without labels to be anomalous.")
+               f"The run's own threshold ({run.threshold:.4g}) {run.threshold_meaning}. "
+               f"Training data: {run.contamination_text}.")
     st.plotly_chart(charts.score_histogram(
         scores, threshold=threshold, threshold_name="threshold", marked=above, marked_name="above the threshold",
-        other_lines={f"label-free estimate ({run.contamination:.1%})": run.threshold},
+        other_lines={"the run's threshold": run.threshold},
         title="anomaly_score of the training samples",
     ), key="results-histogram")
     curves = score_curves(run.labels, scores) if run.labels is not None else None

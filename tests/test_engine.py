@@ -11,6 +11,7 @@ from PIL import Image
 
 from core import engine
 from core.config import FitConfig
+from core.data import table_dataset
 from core.data.protocol import contaminate
 from core.data.sources import DEMO_DIR, prepare_builtin
 from core.detectors import make_detector
@@ -62,11 +63,29 @@ def test_saved_run_scores_like_the_fit(tmp_path, registry):
     assert record.status == "done" and len(registry.rounds(record.run_id)) == len(result.rounds)
 
 
-def test_threshold_flags_the_estimated_share(tmp_path, registry):
+@pytest.mark.parametrize("dimension", [16, 128])
+@pytest.mark.parametrize("detector", ["knn", "gde"])
+def test_new_normal_data_is_flagged_at_the_stated_false_alarm_rate(tmp_path, registry, dimension, detector):
+    """The threshold comes from out-of-sample scores: in-sample ones (kNN counting a row as its own
+    neighbour) made new normal data look anomalous, more so the higher the dimension."""
+    rng = np.random.default_rng(dimension)
+    train, fresh = rng.normal(size=(600, dimension)), rng.normal(size=(4000, dimension))
+    dataset = table_dataset(pd.DataFrame(train), "train.csv")
+    config = FitConfig(detector=detector, refine=False, false_alarm_rate=0.05)
+    result = engine.fit(dataset, config, tmp_path / "run", registry=registry)
+    flagged = engine.open_run(tmp_path / "run").score(table_dataset(pd.DataFrame(fresh), "new.csv")).is_anomaly
+    assert abs(flagged.mean() - 0.05) <= 0.03, flagged.mean()
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["false_alarm_rate"] == 0.05 and "flags about 5% of normal data" in info["threshold_meaning"]
+    assert info["threshold"] == pytest.approx(result.scores.threshold)
+
+
+def test_a_given_gamma_is_the_stated_contamination(tmp_path, registry):
     dataset = engine.load_data(write_digits_table(tmp_path / "t.csv"), label_column="label")
     result = engine.fit(dataset, FitConfig(gamma=0.2), tmp_path / "run", registry=registry)
-    assert result.contamination == 0.2
-    assert abs(result.scores.is_anomaly.mean() - 0.2) <= 1 / len(dataset) + 1e-9
+    assert result.contamination == 0.2 and result.contamination_interval is None
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (info["contamination"], info["contamination_interval"], info["contamination_source"]) == (0.2, None, "given (gamma)")
 
 
 def test_tampered_run_is_refused(tmp_path, registry):

@@ -21,6 +21,53 @@ def planted(n_normal=450, n_outlier=50, dim=8, seed=0):
 GDE = partial(make_detector, "gde")
 
 
+class DistanceToMean:
+    """A detector simple enough to follow by hand: ``score_samples`` is minus the distance to the
+    mean of its training rows (first column). Remembers the rows it was fitted on."""
+
+    fitted: list = []
+
+    def fit(self, X):
+        DistanceToMean.fitted.append(np.asarray(X)[:, 0].copy())
+        self.mean_ = float(np.mean(np.asarray(X)[:, 0]))
+        return self
+
+    def score_samples(self, X):
+        return -np.abs(np.asarray(X)[:, 0] - self.mean_)
+
+
+def test_the_stoc_rule_by_hand():
+    """Disjoint subsets of the kept samples, each detector's held-out gamma-quantile threshold (the
+    kept samples it did not see standing for all kept ones), any vote removes, the whole training set
+    is judged every round, and a sample removed earlier comes back once no detector flags it."""
+    x = np.array([-1.2, -1.0, -0.8, -0.6, -0.4, -0.2, 0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 7.0, 7.5, 8.0, 8.5])
+    gamma, k = 0.3, 2
+    DistanceToMean.fitted = []
+    rounds = list(iter_refine(x[:, None], DistanceToMean, ensemble=k, gamma=gamma, rounds=3, seed=0,
+                              min_keep_fraction=0.1))
+    kept = np.ones(len(x), bool)
+    for number, record in enumerate(rounds, start=1):
+        subsets = DistanceToMean.fitted[(number - 1) * k: number * k]
+        rows = [np.flatnonzero(np.isin(x, subset)) for subset in subsets]
+        assert sorted(np.concatenate(rows).tolist()) == np.flatnonzero(kept).tolist(), "disjoint, covering the kept"
+        scores = np.array([-np.abs(x - subset.mean()) for subset in subsets])
+        votes = np.zeros(len(x), int)
+        for j, own in enumerate(rows):
+            held_out = np.setdiff1d(np.arange(len(x)), own)
+            weight = np.where(kept[held_out], kept.sum() / (kept.sum() - len(own)), 1.0)
+            order = np.argsort(scores[j, held_out], kind="stable")
+            at = np.searchsorted(np.cumsum(weight[order]), gamma * weight.sum())
+            threshold = scores[j, held_out][order][at]
+            assert record.thresholds[j] == pytest.approx(threshold)
+            votes += scores[j] < threshold
+        np.testing.assert_array_equal(record.votes, votes, err_msg="every sample judged by every detector")
+        np.testing.assert_array_equal(record.kept, votes == 0, err_msg="one vote removes a sample")
+        np.testing.assert_array_equal(record.returned, np.flatnonzero(~kept & (votes == 0)))
+        kept = votes == 0
+    assert [len(r.returned) for r in rounds][1] > 0, "a normal removed in round 1 came back in round 2"
+    assert not rounds[-1].kept[12:].any(), "the anomalies at 7-8.5 end removed"
+
+
 def test_planted_outliers_are_removed_without_collapse():
     features, labels = planted()
     rounds = list(iter_refine(features, GDE, ensemble=5, gamma="auto", rounds=3, labels=labels, seed=0))
@@ -37,9 +84,10 @@ def test_round_records_are_consistent():
     for record in iter_refine(features, GDE, ensemble=4, gamma=0.1, rounds=3, seed=1):
         assert record.thresholds.shape == (4,)
         assert set(record.removed) == set(np.flatnonzero(previous & ~record.kept))
+        assert set(record.returned) == set(np.flatnonzero(~previous & record.kept))
         assert np.all(record.votes[record.removed] >= 1), "a removed sample had at least one vote"
-        assert np.all(record.votes[~previous] == -1), "samples out of the round carry no vote"
-        assert np.all(np.isnan(record.anomaly_score[~previous]))
+        assert np.array_equal(record.kept, record.votes == 0), "kept: exactly the samples no detector flagged"
+        assert np.all(np.isfinite(record.anomaly_score)), "every sample is judged in every round"
         assert record.gamma == 0.1 and np.isfinite(record.seconds)  # a duration: its size is not asserted
         previous = record.kept
 
@@ -87,7 +135,7 @@ def test_retrain_hook_receives_kept_mask_each_round():
         return features * 2.0
 
     rounds = list(iter_refine(features, GDE, gamma=0.1, rounds=3, retrain=retrain))
-    assert len(rounds) == 3 and all(len(r.removed) for r in rounds)
+    assert len(rounds) == 3 and len(rounds[0].removed)
     assert len(seen) == 2, "called between rounds, not after the last"
     for mask, record in zip(seen, rounds):
         assert np.array_equal(mask, record.kept)
@@ -113,13 +161,14 @@ def test_contamination_estimate_tracks_the_planted_share():
         n_out = int(1000 * share)
         scattered = rng.uniform(-8, 8, size=(n_out, 8))
         features = np.vstack([rng.normal(size=(1000 - n_out, 8)), scattered])
-        estimate = contamination_from_data(features, GDE, seed=0)
+        estimate, (low, high) = contamination_from_data(features, GDE, seed=0)
         assert share * 0.6 <= estimate <= share * 1.6, (share, estimate)
+        assert low <= estimate <= high and high - low < 0.5 * share, "a bootstrap interval around the estimate"
 
 
 def test_estimate_is_small_on_clean_data():
     features = np.random.default_rng(5).normal(size=(1000, 8))
-    assert contamination_from_data(features, GDE, seed=0) <= 0.04
+    assert contamination_from_data(features, GDE, seed=0)[0] <= 0.04
 
 
 def test_estimate_ignores_a_long_clean_tail_less_than_planted_outliers():

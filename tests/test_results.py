@@ -82,9 +82,10 @@ def assert_rounds_equal(saved, fitted):
         assert view.round == record.round
         np.testing.assert_array_equal(view.kept, record.kept)
         np.testing.assert_array_equal(view.removed, record.removed)  # same indices, same order
+        np.testing.assert_array_equal(view.returned, record.returned)
         np.testing.assert_array_equal(view.anomaly_score, record.anomaly_score)
-        assert (view.gamma, view.capped, view.precision, view.recall, view.note) == \
-            (record.gamma, record.capped, record.precision, record.recall, record.note)
+        assert (view.gamma, view.gamma_interval, view.capped, view.precision, view.recall, view.note) == \
+            (record.gamma, record.gamma_interval, record.capped, record.precision, record.recall, record.note)
 
 
 # ---------------------------------------------------------------------------- SavedRun
@@ -116,9 +117,13 @@ def test_rounds_read_back_equal_the_fit(plain, guided, image_run):
 
 def test_round_removed_column_agrees_with_the_rounds(guided):
     result, run = guided
+    last_removed = np.zeros(len(result.kept), dtype=int)
     for record in result.rounds:
-        assert (run.samples["round_removed"].to_numpy()[record.removed] == record.round).all()
+        last_removed[record.removed] = record.round
+        last_removed[record.returned] = 0
+    assert (run.samples["round_removed"].to_numpy() == last_removed).all(), "the round that last removed it"
     assert (run.samples["round_removed"].to_numpy()[result.kept] == 0).all()
+    assert (run.samples["round_removed"].to_numpy()[~result.kept] > 0).all()
 
 
 def test_kept_after(plain):
