@@ -34,16 +34,21 @@ def show_rounds(
     for record, tab in zip(rounds, tabs):
         with tab:
             st.caption(record.note)
-            cells = st.columns(4)
+            cells = st.columns(5)
             cells[0].metric("Removed", len(record.removed))
-            cells[1].metric("Kept", int(np.sum(record.kept)))
-            cells[2].metric("Removal precision", "-" if record.precision is None else f"{record.precision:.2f}")
-            cells[3].metric("Cumulative recall", "-" if record.recall is None else f"{record.recall:.2f}")
+            cells[1].metric("Came back", len(record.returned),
+                            help="Removed in an earlier round, judged normal by every detector in this one")
+            cells[2].metric("Kept", int(np.sum(record.kept)))
+            cells[3].metric("Removal precision", "-" if record.precision is None else f"{record.precision:.2f}")
+            cells[4].metric("Recall so far", "-" if record.recall is None else f"{record.recall:.2f}")
+            if record.gamma_interval is not None:
+                st.caption(f"Estimated contamination of the whole training set: {record.gamma:.1%} "
+                           f"(90% interval {record.gamma_interval[0]:.1%}-{record.gamma_interval[1]:.1%})")
             removed_mask = np.zeros(len(ids), bool)
             removed_mask[record.removed] = True
             st.plotly_chart(charts.score_histogram(
                 record.anomaly_score, threshold=0.0, threshold_name="ensemble threshold", marked=removed_mask,
-                title=f"Round {record.round}: consensus anomaly_score of the samples in the round",
+                title=f"Round {record.round}: consensus anomaly_score of every training sample",
             ), key=f"{key}-histogram-{record.round}")
             _removed_strip(record, ids, labels, image_path, f"{key}-strip-{record.round}" if inspectable else None)
 
