@@ -19,6 +19,8 @@ Parts (``--part``):
   classes (the clustered class only, or a stratified sample of the others of the same size).
 - ``tables``: ADBench classical (``../shared/data``), the split of ``bench/tables.py`` (subsample to
   ``--max-rows``, stratified 70/30, the training part keeps its anomalies).
+- ``bottle``: MVTec bottle at 224 px, SoftPatch protocol (``core.data.softpatch_protocol``: seeded test
+  defects moved into train/good at 5, 10 and 20%); one category, so all of it is dev data.
 
 Dev/report split (bench/README.md): defaults may be chosen on the dev half only (Fashion-MNIST classes
 0-4; ADBench sets at even positions of the sorted file names); every summary is given for the report
@@ -54,7 +56,7 @@ from bench.common import (
 )
 from bench.tables import split_indices
 from core.config import FitConfig
-from core.data import IMAGES, TABLE, load_fashion_mnist, load_table
+from core.data import IMAGES, TABLE, load_fashion_mnist, load_image_folder, load_table, softpatch_protocol
 from core.engine import refine_and_fit
 from core.metrics import detection_metrics
 from core.models.tabular import TableEncoder
@@ -204,6 +206,26 @@ def table_rows(args, config: FitConfig) -> list[Row]:
     return rows
 
 
+# ----------------------------------------------------------------------------- MVTec bottle
+
+def bottle_rows(args) -> list[Row]:
+    folder = SHARED_DATA / "mvtec_ad_bottle_256" / "bottle"
+    if not folder.is_dir():
+        raise SystemExit(f"no MVTec bottle in {folder} (set REFINERY_SHARED_DATA)")
+    dataset = load_image_folder(folder)
+    config = FitConfig()  # 224 px, as refinery fit
+    embeddings = ImageEmbeddingCache().embed(dataset, np.arange(len(dataset)), config)
+    rows = []
+    for ratio in args.bottle_ratios:
+        for seed in args.seeds:
+            split = softpatch_protocol(dataset, ratio, seed)
+            setting = Setting("bottle", "bottle", "dev", "moved test defects", ratio, seed)
+            rows.append(evaluate(setting, embeddings[split.train_indices], split.train.labels,
+                                 embeddings[split.test_indices], split.test.labels, IMAGES, config))
+            progress(describe(rows[-1]))
+    return rows
+
+
 # ----------------------------------------------------------------------------- report
 
 def describe(row: Row) -> str:
@@ -234,7 +256,8 @@ SUMMARY_HEADERS = ["settings", "refined", "unrefined", "oracle", "closure (of me
 def write_report(report: Report, rows: list[Row]) -> None:
     for part in sorted({r.setting.part for r in rows}):
         mine = [r for r in rows if r.setting.part == part]
-        groups = sorted({(r.setting.kind, r.setting.ratio) for r in mine}) if part == "fmnist" else [None]
+        by_share = part != "tables"  # tables come with their own contamination
+        groups = sorted({(r.setting.kind, r.setting.ratio) for r in mine}) if by_share else [None]
         table = []
         for group in groups:
             chosen = mine if group is None else [r for r in mine if (r.setting.kind, r.setting.ratio) == group]
@@ -243,7 +266,7 @@ def write_report(report: Report, rows: list[Row]) -> None:
                 if subset:
                     label = [] if group is None else [group[0], f"{group[1]:.0%}"]
                     table.append([*label, half, *summary(subset)])
-        headers = (["contamination", "share"] if part == "fmnist" else []) + ["half", *SUMMARY_HEADERS]
+        headers = (["contamination", "share"] if by_share else []) + ["half", *SUMMARY_HEADERS]
         report.table(headers, table, title=f"{part}: means (the runs state a false-alarm rate of "
                                            f"{mine[0].false_alarm_rate:.2f})")
         report.table(
@@ -258,16 +281,20 @@ def write_report(report: Report, rows: list[Row]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser(__doc__.splitlines()[0], default_seeds=(0,))
-    parser.add_argument("--part", nargs="+", choices=("fmnist", "tables"), default=["fmnist", "tables"])
+    parser.add_argument("--part", nargs="+", choices=("fmnist", "tables", "bottle"),
+                        default=["fmnist", "tables", "bottle"])
     parser.add_argument("--classes", type=int, nargs="+", default=list(range(10)), help="Fashion-MNIST normal classes")
     parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS), help="contamination shares")
     parser.add_argument("--n-normal", type=int, default=500, help="normal training images per Fashion-MNIST setting")
     parser.add_argument("--image-size", type=int, default=64, help="Fashion-MNIST image side (default 64)")
     parser.add_argument("--tables", nargs="*", help="ADBench set names (default: all)")
     parser.add_argument("--max-rows", type=int, default=2000, help="subsample each table to this many rows")
+    parser.add_argument("--bottle-ratios", type=float, nargs="+", default=[0.05, 0.1, 0.2],
+                        help="MVTec bottle contamination shares (SoftPatch protocol; 63 test defects cap it near 0.22)")
     args = parser.parse_args(argv)
     if args.quick:
         args.classes, args.ratios, args.tables = [0, 5], [0.1, 0.4], ["4_breastw", "38_thyroid"]
+        args.bottle_ratios = [0.1]
     setup_logging(args.verbose)
     warnings.filterwarnings("ignore", category=RuntimeWarning)
 
@@ -287,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
             rows += fashion_mnist_rows(args, config)
         if "tables" in args.part:
             rows += table_rows(args, config)
+        if "bottle" in args.part:
+            rows += bottle_rows(args)
     write_report(report, rows)
     machine_footer(report, total.seconds)
 
