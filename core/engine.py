@@ -467,12 +467,9 @@ def refine_and_fit(
     worked_on = round_embeddings[: len(rounds)] if rounds else []
     final = retrain(kept) if retrain is not None and rounds else round_embeddings[-1]
     contamination, interval = _contamination(config, final, factory, rounds, compute)
-    kept_rows = np.flatnonzero(kept)
-    detector = compute.fit_detectors(factory, final, [kept_rows])[0]
+    detector = compute.fit_detectors(factory, final, [np.flatnonzero(kept)])[0]
     train_score = -compute.score([detector], final)[0]
-    out_of_sample = cross_fitted_anomaly_scores(final, kept_rows, factory, folds=max(config.ensemble, 2),
-                                                seed=config.seed, compute=compute)
-    threshold = float(np.quantile(out_of_sample, 1.0 - config.false_alarm_rate))
+    threshold = _threshold(final, kept, pinned, contamination, config, factory, compute)
     return RefinedModel(rounds, kept, contamination, interval, detector, train_score, threshold, final, worked_on)
 
 
@@ -509,6 +506,22 @@ def _cached_embeddings(path: Path, encoder: Encoder, dataset: Dataset, compute: 
     return check_finite(rows)
 
 
+
+
+def _threshold(embeddings, kept, pinned, contamination, config, factory, compute) -> float:
+    """The ``is_anomaly`` threshold: meant to flag ``config.false_alarm_rate`` of normal data.
+
+    Every training sample the detectors judge (not a confirmed anomaly) gets an out-of-sample score
+    from a detector fitted on the kept samples of the other folds. Of these, the ``contamination``
+    share is taken to be anomalous and to lie above the threshold; the threshold flags
+    ``false_alarm_rate`` of the rest. (A quantile of the kept samples alone would miss the normal
+    samples refinement removed, and flag more new normal data than stated.)
+    """
+    judged = np.flatnonzero(pinned != 1)
+    scores = cross_fitted_anomaly_scores(embeddings, judged, kept[judged], factory, folds=max(config.ensemble, 2),
+                                         seed=config.seed, compute=compute)
+    flagged_share = contamination + config.false_alarm_rate * (1.0 - contamination)
+    return float(np.quantile(scores, float(np.clip(1.0 - flagged_share, 0.0, 1.0))))
 
 
 def _contamination(config, embeddings, factory, rounds, compute) -> tuple[float, tuple[float, float] | None]:
@@ -584,8 +597,8 @@ def _save_run(
 
 def threshold_meaning(false_alarm_rate: float) -> str:
     """What a run's threshold means, in words (run.json, the CLI, the studio)."""
-    return (f"flags about {false_alarm_rate:.0%} of normal data (its false-alarm rate): the threshold is the "
-            f"{1 - false_alarm_rate:.0%} quantile of out-of-sample scores of the kept training samples")
+    return (f"flags about {false_alarm_rate:.0%} of normal data (its false-alarm rate): set on out-of-sample scores "
+            f"of the training samples, of which the estimated contamination is taken to be anomalous")
 
 
 def _round_removed(rounds: list[RefinementRound], n: int) -> np.ndarray:

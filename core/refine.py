@@ -227,28 +227,36 @@ def describe_contamination(contamination: float, interval: tuple[float, float] |
 
 
 def cross_fitted_anomaly_scores(
-    embeddings: np.ndarray, rows: np.ndarray, detector_factory: DetectorFactory, *, folds: int = 5, seed: int = 0,
-    compute: Compute | None = None,
+    embeddings: np.ndarray, rows: np.ndarray, trainable: np.ndarray, detector_factory: DetectorFactory, *,
+    folds: int = 5, seed: int = 0, compute: Compute | None = None,
 ) -> np.ndarray:
     """Anomaly scores of ``rows``, each from a detector that did not train on it.
 
-    ``rows`` are split (seeded) into ``folds`` disjoint folds; the detector fitted on the other
-    folds scores each one. These out-of-sample scores set a threshold with a known false-alarm
-    rate: a detector's in-sample scores are too normal (kNN counts a row as its own neighbour).
+    ``rows`` are split (seeded) into ``folds`` disjoint folds; for each fold, a detector fitted on the
+    ``trainable`` rows (e.g. the kept ones) of the other folds scores every row of the fold. These
+    out-of-sample scores set a threshold with a known false-alarm rate: a detector's in-sample scores
+    are too normal (kNN counts a row as its own neighbour).
+
+    Parameters
+    ----------
+    rows : (M,) int array
+        Indices into ``embeddings``.
+    trainable : (M,) bool array
+        Which of ``rows`` a detector may train on.
 
     Returns
     -------
-    (len(rows),) float64 array, higher = more anomalous.
+    (M,) float64 array, higher = more anomalous.
     """
     compute = compute or LocalCompute()
-    rows = np.asarray(rows)
-    parts = [np.sort(part) for part in np.array_split(np.random.default_rng(seed).permutation(len(rows)), folds)]
-    trained_on = [np.sort(np.concatenate([rows[other] for j, other in enumerate(parts) if j != k]))
-                  for k in range(folds)]
+    rows, trainable = np.asarray(rows), np.asarray(trainable, dtype=bool)
+    fold = np.empty(len(rows), dtype=np.int64)
+    fold[np.random.default_rng(seed).permutation(len(rows))] = np.arange(len(rows)) % folds
+    trained_on = [rows[trainable & (fold != k)] for k in range(folds)]
     detectors = compute.fit_detectors(detector_factory, embeddings, trained_on)
     scores = np.empty(len(rows), dtype=np.float64)
-    for detector, part in zip(detectors, parts):
-        scores[part] = -compute.score([detector], embeddings, rows[part])[0]
+    for k, detector in enumerate(detectors):
+        scores[fold == k] = -compute.score([detector], embeddings, rows[fold == k])[0]
     return scores
 
 
