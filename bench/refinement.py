@@ -195,7 +195,12 @@ def table_rows(args, config: FitConfig) -> list[Row]:
             continue
         dataset = load_table(path)
         for seed in args.seeds:
-            train_idx, test_idx = split_indices(dataset.labels, args.max_rows, seed)
+            try:
+                train_idx, test_idx = split_indices(dataset.labels, args.max_rows, seed)
+            except ValueError as error:  # too few anomalies left in a subsample of max_rows to stratify
+                progress(f"tables {path.stem} seed {seed} skipped: {error}")
+                args.skipped.append(f"{path.stem} (seed {seed}): {error}")
+                continue
             train, test = dataset.subset(train_idx), dataset.subset(test_idx)
             encoder = TableEncoder().fit(train.without_labels())
             setting = Setting("tables", path.stem, "dev" if position % 2 == 0 else "report", "as given",
@@ -309,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"kinds {list(KINDS)} (clustered: class (c + 1) % 10); tables: max {args.max_rows} rows")
     report.line()
     rows: list[Row] = []
+    args.skipped = []
     with timed() as total:
         if "fmnist" in args.part:
             rows += fashion_mnist_rows(args, config)
@@ -317,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
         if "bottle" in args.part:
             rows += bottle_rows(args)
     write_report(report, rows)
+    for line in args.skipped:
+        report.line(f"- skipped {line}")
     machine_footer(report, total.seconds)
 
 
