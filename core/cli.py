@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="refinement never keeps less than this share of the data (default: %(default)s)")
     fit.add_argument("--false-alarm-rate", type=float, default=DEFAULTS.false_alarm_rate, metavar="A",
                      help="share of normal data is_anomaly should flag; the threshold is set on out-of-sample "
-                     "scores of the kept training samples (default: %(default)s)")
+                     "scores of the training samples, the estimated contamination share of them taken to be "
+                     "anomalous (default: %(default)s)")
     fit.add_argument("--localization", choices=LOCALIZATIONS, default=DEFAULTS.localization,
                      help="patch model for image anomaly maps, fitted on the kept images: memory (nearest normal "
                      "patch; any layout), gaussian (per location; aligned objects), cutpaste (CutPaste's patch "

@@ -73,8 +73,9 @@ class FitConfig:
     min_keep_fraction : float
         Refinement never keeps fewer than this share of the training data.
     false_alarm_rate : float
-        The share of normal data that ``is_anomaly`` is meant to flag: the threshold is the
-        ``1 - false_alarm_rate`` quantile of out-of-sample scores of the kept training samples.
+        The share of normal data that ``is_anomaly`` is meant to flag: the threshold is set on
+        out-of-sample scores of the training samples, with the estimated contamination share of
+        them taken to be anomalous (see :func:`core.engine.refine_and_fit`).
     localization : str
         Patch model for image anomaly maps, fitted on the kept training images: ``memory``
         (nearest-neighbour distance to a coreset of normal patches; any layout), ``gaussian`` (one
