@@ -82,8 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--learning-rate", type=float, default=DEFAULTS.learning_rate, metavar="LR",
                      help="peak learning rate of the training loop (default: the loop's own)")
     fit.add_argument("--detector", choices=DETECTORS, default=DEFAULTS.detector,
-                     help="one-class detector used in the refinement ensemble and for the final scores; "
+                     help="one-class detector of the final scores and the is_anomaly threshold; "
                      "auto = gde for images, knn for tables (default: %(default)s)")
+    fit.add_argument("--refine-detector", choices=DETECTORS, default=DEFAULTS.refine_detector,
+                     help="one-class detector of the refinement ensemble and the contamination estimate; "
+                     "auto = mcd (robust Gaussian, which a recurring defect cannot mask) for images, knn for tables "
+                     "(default: %(default)s)")
     fit.add_argument("--refine", action=argparse.BooleanOptionalAction, default=DEFAULTS.refine,
                      help="remove what the detector ensemble agrees is anomalous before the final fit (default: on)")
     fit.add_argument("--ensemble", type=int, default=DEFAULTS.ensemble, metavar="K",
@@ -196,7 +200,8 @@ def _fit(args: argparse.Namespace) -> None:
         backbone=args.backbone, image_size=args.image_size,
         feature_layers=tuple(part.strip() for part in args.feature_layers.split(",") if part.strip()),
         objective=args.objective, encoder=args.encoder, epochs=args.epochs, retrain_epochs=args.retrain_epochs,
-        learning_rate=args.learning_rate, detector=args.detector, refine=args.refine, ensemble=args.ensemble,
+        learning_rate=args.learning_rate, detector=args.detector, refine_detector=args.refine_detector,
+        refine=args.refine, ensemble=args.ensemble,
         gamma=args.gamma, rounds=args.rounds, threshold_source=args.threshold_source,
         min_keep_fraction=args.min_keep_fraction, false_alarm_rate=args.false_alarm_rate,
         localization=args.localization, device=args.device,

@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 import numpy as np
 
 from core.data.dataset import Dataset
+from core.detectors._base import sample_of_rows
 from core.detectors.gde import GaussianDensity, GaussianMoments, sample_mean
 from core.errors import DataError
 from core.mapped import MappedPages
@@ -101,15 +102,23 @@ def row_chunks(features: np.ndarray, rows: np.ndarray | None = None, chunk_rows:
             pages.release(read_up_to)
 
 
+def fitted_rows(detector, n_rows: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """The rows ``detector`` is fitted on: ``rows`` (all ``n_rows`` when None), or a seeded sample of
+    ``detector.max_samples`` of them (sorted) for a detector that declares such a bound."""
+    rows = np.arange(n_rows) if rows is None else np.asarray(rows, dtype=np.int64)
+    return sample_of_rows(rows, getattr(detector, "max_samples", None), getattr(detector, "random_state", None))
+
+
 def fit_rows(detector, features: np.ndarray, rows: np.ndarray | None = None):
     """``detector`` fitted on ``features[rows]`` (all rows when None); returns it.
 
     A :class:`~core.detectors.gde.GaussianDensity` is fitted from sums over chunks of rows (two
     passes, then one to score its training rows), so memory does not depend on the number of
-    rows. Other detectors keep their training samples anyway and get them as one array.
+    rows. A detector with a ``max_samples`` bound gets a seeded sample of that many rows
+    (:func:`fitted_rows`); other detectors keep their training samples anyway and get them as one array.
     """
     if not isinstance(detector, GaussianDensity):
-        return detector.fit(np.asarray(features if rows is None else features[rows]))
+        return detector.fit(np.asarray(features[fitted_rows(detector, len(features), rows)]))
     mean = sample_mean((len(chunk), chunk.sum(axis=0, dtype=np.float64)) for chunk in row_chunks(features, rows))
     moments = reduce(operator.add, (GaussianMoments.of(chunk, mean) for chunk in row_chunks(features, rows)))
     return detector.fit_moments(moments, lambda fitted: score_rows([fitted], features, rows)[0])

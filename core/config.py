@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from core.detectors.registry import DETECTORS as DETECTOR_NAMES
 from core.errors import ConfigError
 
 BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
@@ -14,8 +15,11 @@ OBJECTIVES = ("none", "cutpaste", "cutpaste-binary", "cutpaste-scar", "rotation"
 TABLE_OBJECTIVES = ("none", "contrastive", "contrastive-imix")
 ENCODERS = ("auto", "pretrained-finetune", "resnet18", "small-cnn", "mlp")
 SMALL_CNN_MAX_SIDE = 32
-DETECTORS = ("auto", "gde", "kde", "ocsvm", "knn", "iforest", "ecod")
+DETECTORS = ("auto", *DETECTOR_NAMES)
 AUTO_DETECTOR = {"images": "gde", "table": "knn"}
+AUTO_REFINE_DETECTOR = {"images": "mcd", "table": "knn"}
+"""What ``refine_detector="auto"`` means per kind of data, chosen on the dev half of bench/refinement.py by
+bench/explore_refinement.py (docs/benchmarks.md)."""
 """What ``detector="auto"`` means per kind of data, chosen by bench/tables.py, bench/mvtec_bottle.py
 and bench/fashion_mnist.py (docs/benchmarks.md)."""
 THRESHOLD_SOURCES = ("held_out", "in_sample")
@@ -56,8 +60,13 @@ class FitConfig:
         Peak learning rate of the training loop; None uses the loop's default
         (:class:`core.train.TrainConfig`).
     detector : str
-        One-class detector for refinement and final scoring (``DETECTORS``); ``auto`` picks GDE
-        for images and kNN distance for tables (``AUTO_DETECTOR``), resolved by :meth:`for_data`.
+        One-class detector for the final scores and the ``is_anomaly`` threshold (``DETECTORS``);
+        ``auto`` picks GDE for images and kNN distance for tables (``AUTO_DETECTOR``), resolved by
+        :meth:`for_data`.
+    refine_detector : str
+        One-class detector of the refinement ensemble and the contamination estimate (``DETECTORS``);
+        ``auto`` picks the robust Gaussian (``mcd``) for images, which a recurring defect cannot mask,
+        and kNN distance for tables (``AUTO_REFINE_DETECTOR``).
     refine : bool
         Run STOC data refinement before fitting the final detector.
     ensemble : int
@@ -101,6 +110,7 @@ class FitConfig:
     retrain_epochs: int = 5
     learning_rate: float | None = None
     detector: str = "auto"
+    refine_detector: str = "auto"
     refine: bool = True
     ensemble: int = 5
     gamma: float | str = "auto"
@@ -124,6 +134,7 @@ class FitConfig:
         if self.learning_rate is not None and not 0.0 < self.learning_rate < 10.0:
             raise ConfigError(f"learning_rate must be in (0, 10) or None for the default, got {self.learning_rate}")
         _choice("detector", self.detector, DETECTORS)
+        _choice("refine_detector", self.refine_detector, DETECTORS)
         _choice("threshold_source", self.threshold_source, THRESHOLD_SOURCES)
         _choice("device", self.device, DEVICES)
         _choice("localization", self.localization, LOCALIZATIONS)
@@ -153,11 +164,13 @@ class FitConfig:
         return self
 
     def for_data(self, kind: str) -> "FitConfig":
-        """This config with ``detector`` and ``encoder`` ``auto`` resolved for ``kind`` (``images`` or ``table``).
+        """This config with ``detector``, ``refine_detector`` and ``encoder`` ``auto`` resolved for ``kind`` (``images`` or ``table``).
 
         Raises ConfigError when the objective or encoder does not apply to that kind of data.
         """
         config = self if self.detector != "auto" else replace(self, detector=AUTO_DETECTOR[kind])
+        if config.refine_detector == "auto":
+            config = replace(config, refine_detector=AUTO_REFINE_DETECTOR[kind])
         if config.objective == "none":
             return config
         if kind == "table" and config.objective not in TABLE_OBJECTIVES:

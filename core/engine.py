@@ -437,11 +437,14 @@ def refine_and_fit(
     self-training) receives the kept mask after every round, returns new embeddings of all samples,
     and runs once more after the last round so that the final detector sees the last representation.
     ``compute`` fits and scores the detectors (default: this process, streaming chunks of rows, so
-    ``embeddings`` may be a memory-mapped file). ``config.detector`` must be concrete: resolve ``auto`` with :meth:`FitConfig.for_data` first.
+    ``embeddings`` may be a memory-mapped file). ``config.detector`` fits the final detector and sets the
+    threshold; ``config.refine_detector`` makes up the refinement ensemble and estimates the contamination.
+    Both must be concrete: resolve ``auto`` with :meth:`FitConfig.for_data` first.
     """
-    if config.detector == "auto":
-        raise ConfigError("refine_and_fit needs a concrete detector; call config.for_data(kind) first")
+    if "auto" in (config.detector, config.refine_detector):
+        raise ConfigError("refine_and_fit needs concrete detectors; call config.for_data(kind) first")
     factory = partial(make_detector, config.detector, random_state=config.seed)
+    refine_factory = partial(make_detector, config.refine_detector, random_state=config.seed)
     compute = compute or LocalCompute()
     rounds: list[RefinementRound] = []
     pinned = check_pinned(pinned, len(embeddings))
@@ -454,7 +457,7 @@ def refine_and_fit(
             return round_embeddings[-1]
 
         refinement = iter_refine(
-            embeddings, factory, ensemble=config.ensemble, gamma=config.gamma, rounds=config.rounds,
+            embeddings, refine_factory, ensemble=config.ensemble, gamma=config.gamma, rounds=config.rounds,
             threshold_source=config.threshold_source, min_keep_fraction=config.min_keep_fraction,
             seed=config.seed, labels=labels, pinned=pinned, retrain=retrain and retrain_and_record,
             on_progress=on_progress, cancel=cancel, compute=compute,
@@ -466,7 +469,7 @@ def refine_and_fit(
                 on_round(record)
     worked_on = round_embeddings[: len(rounds)] if rounds else []
     final = retrain(kept) if retrain is not None and rounds else round_embeddings[-1]
-    contamination, interval = _contamination(config, final, factory, rounds, compute)
+    contamination, interval = _contamination(config, final, refine_factory, rounds, compute)
     detector = compute.fit_detectors(factory, final, [np.flatnonzero(kept)])[0]
     train_score = -compute.score([detector], final)[0]
     threshold = _threshold(final, kept, pinned, contamination, config, factory, compute)

@@ -26,7 +26,11 @@ def method_form(dataset, label_column: str | None, job_running: bool):
     with st.form("fit_form"):
         left, middle, right = st.columns(3)
         detector = left.selectbox("Detector", DETECTORS, index=DETECTORS.index(suggested.detector), key="detector",
-                                  help="One-class detector of each ensemble member and of the final model.")
+                                  help="One-class detector of the final model: the scores and the is_anomaly threshold.")
+        refine_detector = left.selectbox(
+            "Refinement detector", DETECTORS, index=DETECTORS.index(suggested.refine_detector), key="refine_detector",
+            help="Detector of each ensemble member and of the contamination estimate. mcd (robust Gaussian) is the "
+                 "default for images: a recurring defect cannot hide in it.")
         refine = left.toggle("Refine the training data (STOC)", value=suggested.refine, key="refine")
         ensemble = middle.number_input("Ensemble size K", 2, 20, suggested.ensemble, key="ensemble",
                                        help="Disjoint subsets, one detector each; a sample is kept only if all call it normal.")
@@ -60,7 +64,7 @@ def method_form(dataset, label_column: str | None, job_running: bool):
         if not st.form_submit_button(label, type="primary", disabled=job_running):
             return None
     return suggested.with_changes(
-        detector=detector, refine=refine, ensemble=int(ensemble), gamma=parse_gamma(gamma), rounds=int(rounds),
+        detector=detector, refine_detector=refine_detector, refine=refine, ensemble=int(ensemble), gamma=parse_gamma(gamma), rounds=int(rounds),
         threshold_source=threshold_source, seed=int(seed), device=device, backbone=backbone,
         image_size=int(image_size), localization=localization, label_column=label_column, objective=objective,
         encoder=encoder, epochs=int(epochs), retrain_epochs=int(retrain_epochs),

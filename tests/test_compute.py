@@ -78,6 +78,17 @@ def test_fit_rows_on_a_memmap_subset_is_the_in_memory_fit(embeddings_file, detec
     assert streamed.offset_ == pytest.approx(direct.offset_, rel=1e-9)
 
 
+def test_a_detector_with_max_samples_reads_only_its_sample(embeddings_file):
+    """The robust Gaussian fits on a seeded sample; fit_rows draws the same sample before reading rows."""
+    rows = np.flatnonzero(np.arange(len(embeddings_file)) % 3 != 0)
+    assert len(rows) > 5000
+    streamed = fit_rows(make_detector("mcd", max_samples=1000), embeddings_file, rows)
+    direct = make_detector("mcd", max_samples=1000).fit(np.asarray(embeddings_file[rows]))
+    probe = np.asarray(embeddings_file[:300])
+    np.testing.assert_allclose(streamed.score_samples(probe), direct.score_samples(probe), rtol=1e-9, atol=1e-9)
+    assert compute.fitted_rows(make_detector("mcd", max_samples=1000), len(embeddings_file), rows).shape == (1000,)
+
+
 def test_row_chunks_cover_the_rows_in_order(embeddings_file):
     rows = np.array([5, 2, 8000, 4097, 1])
     chunks = list(row_chunks(embeddings_file, rows, chunk_rows=2))

@@ -11,6 +11,7 @@ from scipy.spatial.distance import cdist, pdist
 from scipy.special import logsumexp
 from sklearn.ensemble import IsolationForest
 from sklearn.exceptions import NotFittedError
+from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import KernelDensity as SklearnKernelDensity
 from sklearn.neighbors import LocalOutlierFactor
 from sklearn.utils.estimator_checks import parametrize_with_checks
@@ -22,6 +23,7 @@ from core.detectors import (
     KNNDistance,
     OneClassSVM,
     PyODAdapter,
+    RobustGaussian,
     SklearnAdapter,
     make_detector,
 )
@@ -154,6 +156,7 @@ _CHECKED = [
     KernelDensity(),
     OneClassSVM(),
     KNNDistance(),
+    RobustGaussian(),
     SklearnAdapter(IsolationForest(n_estimators=20)),
 ]
 if HAS_PYOD:
@@ -302,6 +305,37 @@ def test_knn_rejects_bad_n_neighbors(n_neighbors, data):
         KNNDistance(n_neighbors=n_neighbors).fit(data["train"])
 
 
+# --- RobustGaussian ---------------------------------------------------------------------
+
+
+def test_a_recurring_defect_masks_itself_from_gde_and_knn_but_not_from_the_robust_gaussian():
+    """10% of the training data is one tight cluster away from the normals: a recurring defect."""
+    rng = np.random.default_rng(0)
+    normal = rng.normal(size=(450, 20))
+    cluster = rng.normal(size=(50, 20)) * 0.5 + np.r_[5.0, np.zeros(19)]
+    X, y = np.vstack([normal, cluster]), np.r_[np.zeros(450), np.ones(50)]
+
+    def auroc(name):
+        return roc_auc_score(y, -make_detector(name).fit(X).score_samples(X))
+
+    assert auroc("gde") < 0.2 and auroc("knn") < 0.2  # the cluster looks more normal than the normals
+    assert auroc("mcd") > 0.99
+
+
+def test_robust_gaussian_clips_components_to_the_data():
+    X = np.random.default_rng(1).normal(size=(12, 3))
+    detector = RobustGaussian(n_components=10).fit(X)
+    assert detector.pca_.n_components_ == 3  # min(10, D=3, N // 3 = 4)
+    assert np.all(np.isfinite(detector.score_samples(X)))
+
+
+@pytest.mark.parametrize("params", [{"n_components": 0}, {"n_components": 2.5}, {"support_fraction": 0.4},
+                                    {"support_fraction": True}])
+def test_robust_gaussian_rejects_bad_parameters(params, data):
+    with pytest.raises(ConfigError, match=next(iter(params))):
+        RobustGaussian(**params).fit(data["train"])
+
+
 # --- OneClassSVM ------------------------------------------------------------------------
 
 
@@ -353,7 +387,7 @@ def test_make_detector_builds_fresh_unfitted_detectors():
 
 
 def test_make_detector_names_the_allowed_values():
-    with pytest.raises(ConfigError, match="gde, kde, ocsvm, knn, iforest, ecod"):
+    with pytest.raises(ConfigError, match="gde, kde, ocsvm, knn, mcd, iforest, ecod"):
         make_detector("lof")
     with pytest.raises(ConfigError, match="n_neighbors"):
         make_detector("knn", k=3)

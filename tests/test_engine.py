@@ -56,7 +56,7 @@ def test_saved_run_scores_like_the_fit(tmp_path, registry):
     again = run.score(dataset)
     np.testing.assert_allclose(again.anomaly_score, result.scores.anomaly_score, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(again.is_anomaly, result.scores.is_anomaly)
-    assert FitConfig.load(tmp_path / "run" / "config.json") == FitConfig(detector="knn"), "auto resolved for tables"
+    assert FitConfig.load(tmp_path / "run" / "config.json") == FitConfig(detector="knn", refine_detector="knn"), "auto resolved for tables"
     history = json.loads((tmp_path / "run" / "refinement.json").read_text())
     assert [r["round"] for r in history] == [r.round for r in result.rounds]
     [record] = registry.runs()
@@ -182,7 +182,7 @@ def test_pinned_from_verdicts():
 @pytest.mark.parametrize("refine", [True, False])
 def test_refine_and_fit_honours_pins(refine):
     features, labels = planted_embeddings()
-    config = FitConfig(detector="gde", gamma=0.1, refine=refine)
+    config = FitConfig(detector="gde", refine_detector="gde", gamma=0.1, refine=refine)
     outlier, normal = 185, int(np.argmin(np.linalg.norm(features[:180], axis=1)))
     pinned = np.full(len(features), -1)
     pinned[[outlier, normal]] = [0, 1]
@@ -311,8 +311,8 @@ def test_suggested_config_for_small_and_large_images_and_tables(tmp_path, digits
     demo = engine.load_data(DEMO_DIR, workspace=tmp_path)
     suggested = engine.suggested_config(demo)
     assert suggested.image_size == 64 and suggested.detector == "gde"
-    assert suggested == FitConfig(detector="gde", image_size=64), "nothing else changes"
-    base = FitConfig(detector="kde", ensemble=4, image_size=128)
+    assert suggested == FitConfig(detector="gde", refine_detector="mcd", image_size=64), "nothing else changes"
+    base = FitConfig(detector="kde", refine_detector="gde", ensemble=4, image_size=128)
     assert engine.suggested_config(demo, base) == base.with_changes(image_size=64)
 
     for index in range(5):
@@ -320,8 +320,8 @@ def test_suggested_config_for_small_and_large_images_and_tables(tmp_path, digits
         (tmp_path / "large" / "good").mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels).save(tmp_path / "large" / "good" / f"{index}.png")
     large = engine.load_data(tmp_path / "large", workspace=tmp_path)
-    assert engine.suggested_config(large) == FitConfig(detector="gde", image_size=224)
-    assert engine.suggested_config(digits) == FitConfig(detector="knn")
+    assert engine.suggested_config(large) == FitConfig(detector="gde", refine_detector="mcd", image_size=224)
+    assert engine.suggested_config(digits) == FitConfig(detector="knn", refine_detector="knn")
 
 
 def test_new_run_dir_gives_fresh_paths(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from core.detectors.adapters import PyODAdapter, SklearnAdapter
 from core.detectors.gde import GaussianDensity
 from core.detectors.kde import KernelDensity
 from core.detectors.knn import KNNDistance
+from core.detectors.mcd import RobustGaussian
 from core.detectors.ocsvm import OneClassSVM
 from core.detectors.registry import DETECTORS, make_detector
 
@@ -18,6 +19,7 @@ __all__ = [
     "KernelDensity",
     "OneClassSVM",
     "PyODAdapter",
+    "RobustGaussian",
     "SklearnAdapter",
     "make_detector",
 ]

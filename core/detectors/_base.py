@@ -7,7 +7,7 @@ higher = more normal. This base turns them into scikit-learn's outlier-detector 
 """
 from __future__ import annotations
 
-from numbers import Real
+from numbers import Integral, Real
 
 import numpy as np
 from sklearn.base import BaseEstimator, OutlierMixin
@@ -44,6 +44,19 @@ def contamination_offset(scores: np.ndarray, contamination: float) -> float:
     share of the training samples gets a ``score_samples`` below it (ties aside).
     """
     return float(np.percentile(scores, 100.0 * contamination))
+
+
+def sample_of_rows(rows: np.ndarray, max_samples: int | None, seed) -> np.ndarray:
+    """``rows``, or a seeded sample of ``max_samples`` of them (sorted) when there are more.
+
+    Detectors whose fit needs only a bounded sample declare ``max_samples``; the same sample is
+    drawn whether the detector subsamples its input or :func:`core.compute.fit_rows` does it before
+    reading the rows from a memory-mapped file.
+    """
+    if max_samples is None or len(rows) <= max_samples:
+        return rows
+    seed = seed if isinstance(seed, Integral) else 0
+    return np.sort(np.random.default_rng(seed).choice(rows, max_samples, replace=False))
 
 
 class BaseDetector(OutlierMixin, BaseEstimator):

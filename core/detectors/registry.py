@@ -5,12 +5,13 @@ from core.detectors.adapters import PyODAdapter, SklearnAdapter
 from core.detectors.gde import GaussianDensity
 from core.detectors.kde import KernelDensity
 from core.detectors.knn import KNNDistance
+from core.detectors.mcd import RobustGaussian
 from core.detectors.ocsvm import OneClassSVM
 from core.errors import ConfigError
 
-DETECTORS = ("gde", "kde", "ocsvm", "knn", "iforest", "ecod")
+DETECTORS = ("gde", "kde", "ocsvm", "knn", "mcd", "iforest", "ecod")
 
-_OWN = {"gde": GaussianDensity, "kde": KernelDensity, "ocsvm": OneClassSVM, "knn": KNNDistance}
+_OWN = {"gde": GaussianDensity, "kde": KernelDensity, "ocsvm": OneClassSVM, "knn": KNNDistance, "mcd": RobustGaussian}
 # Set by make_detector's own arguments, so not accepted in **params.
 _RESERVED = ("contamination", "random_state")
 
@@ -20,9 +21,9 @@ def make_detector(name: str, *, contamination=0.1, random_state=0, **params):
 
     Parameters
     ----------
-    name : {"gde", "kde", "ocsvm", "knn", "iforest", "ecod"}
+    name : {"gde", "kde", "ocsvm", "knn", "mcd", "iforest", "ecod"}
         "gde" :class:`GaussianDensity`, "kde" :class:`KernelDensity`, "ocsvm"
-        :class:`OneClassSVM`, "knn" :class:`KNNDistance`, "iforest" scikit-learn's
+        :class:`OneClassSVM`, "knn" :class:`KNNDistance`, "mcd" :class:`RobustGaussian`, "iforest" scikit-learn's
         IsolationForest through :class:`SklearnAdapter`, "ecod" PyOD's ECOD through
         :class:`PyODAdapter` (needs the optional package ``pyod``).
     contamination : float in (0, 0.5], default=0.1

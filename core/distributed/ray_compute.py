@@ -44,7 +44,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from core.compute import CHUNK_ROWS, LocalCompute, check_finite, row_chunks, score_rows
+from core.compute import CHUNK_ROWS, LocalCompute, check_finite, fitted_rows, row_chunks, score_rows
 from core.data.dataset import IMAGES, Dataset
 from core.detectors.gde import GaussianDensity, GaussianMoments, sample_mean
 from core.errors import ConfigError, RefineryError
@@ -164,7 +164,9 @@ class RayCompute:
         subsets = [np.asarray(rows, dtype=np.int64) for rows in subsets]
         if isinstance(factory(), GaussianDensity):
             return self._fit_gaussians(factory, features, stored, subsets)
-        return self._get([self._tasks.fit.remote(factory, *self._gathered(stored, rows)) for rows in subsets])
+        template = factory()
+        return self._get([self._tasks.fit.remote(factory, *self._gathered(stored, fitted_rows(template, len(features), rows)))
+                          for rows in subsets])
 
     def score(self, detectors, features, rows=None) -> np.ndarray:
         stored = self._store(features)
