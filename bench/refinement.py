@@ -34,6 +34,7 @@ from __future__ import annotations
 import sys
 import warnings
 from dataclasses import dataclass
+from typing import Iterator
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -81,6 +82,18 @@ class Setting:
 
 
 @dataclass(frozen=True)
+class Case:
+    """A setting with its embedded data; labels only feed the measurements."""
+
+    setting: Setting
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    kind: str
+
+
+@dataclass(frozen=True)
 class Row:
     """The three fits of one setting."""
 
@@ -102,9 +115,10 @@ class Row:
         return None if gap < NO_GAP else (self.refined - self.unrefined) / gap
 
 
-def evaluate(setting: Setting, x_train, y_train, x_test, y_test, kind: str, config: FitConfig) -> Row:
-    """Refined, unrefined and oracle fits of one setting; labels only feed the measurements."""
-    config = config.with_changes(seed=setting.seed).for_data(kind)
+def evaluate(case: Case, config: FitConfig) -> Row:
+    """Refined, unrefined and oracle fits of one case."""
+    setting, x_train, y_train, x_test, y_test = case.setting, case.x_train, case.y_train, case.x_test, case.y_test
+    config = config.with_changes(seed=setting.seed).for_data(case.kind)
 
     def auroc(model) -> tuple[float, np.ndarray]:
         score = -model.detector.score_samples(x_test).astype(np.float64)
@@ -158,13 +172,13 @@ def test_indices(classes: np.ndarray, normal: int, kind: str, rng: np.random.Gen
     return indices, np.r_[np.zeros(len(normals), np.int8), np.ones(len(anomalies), np.int8)]
 
 
-def fashion_mnist_rows(args, config: FitConfig) -> list[Row]:
+def fashion_mnist_cases(args, config: FitConfig) -> Iterator[Case]:
+    """Every Fashion-MNIST setting of ``args`` with its embedded training and test images."""
     pool_images, pool_classes = load_fashion_mnist("train")
     test_images, test_classes = load_fashion_mnist("test")
     pool = materialized_images(pool_images, "fashion-mnist-train")
     test = materialized_images(test_images, "fashion-mnist-test")
     cache = ImageEmbeddingCache()
-    rows = []
     for normal in args.classes:
         for seed in args.seeds:
             # The same normal images in every kind and share of contamination: only the anomalies differ.
@@ -177,21 +191,20 @@ def fashion_mnist_rows(args, config: FitConfig) -> list[Row]:
                     test_idx, y_test = test_indices(test_classes, normal, kind, rng)
                     setting = Setting("fmnist", f"class {normal}", "dev" if normal in DEV_CLASSES else "report",
                                       kind, ratio, seed)
-                    rows.append(evaluate(setting, cache.embed(pool, train_idx, config), y_train,
-                                         cache.embed(test, test_idx, config), y_test, IMAGES, config))
-                    progress(describe(rows[-1]))
-    return rows
+                    yield Case(setting, cache.embed(pool, train_idx, config), y_train,
+                               cache.embed(test, test_idx, config), y_test, IMAGES)
 
 
 # ----------------------------------------------------------------------------- tables
 
-def table_rows(args, config: FitConfig) -> list[Row]:
+def table_cases(args) -> Iterator[Case]:
+    """Every ADBench set and seed of ``args``, split and encoded as ``bench/tables.py`` does."""
     paths = sorted(TABLES_DIR.glob("*.npz"))
     if not paths:
         raise SystemExit(f"no ADBench tables in {TABLES_DIR} (set REFINERY_SHARED_DATA)")
-    rows = []
     for position, path in enumerate(paths):  # the position in the full sorted list decides the half
-        if args.tables and path.stem not in args.tables:
+        half = "dev" if position % 2 == 0 else "report"
+        if (args.tables and path.stem not in args.tables) or (args.halves and half not in args.halves):
             continue
         dataset = load_table(path)
         for seed in args.seeds:
@@ -203,12 +216,8 @@ def table_rows(args, config: FitConfig) -> list[Row]:
                 continue
             train, test = dataset.subset(train_idx), dataset.subset(test_idx)
             encoder = TableEncoder().fit(train.without_labels())
-            setting = Setting("tables", path.stem, "dev" if position % 2 == 0 else "report", "as given",
-                              float(np.mean(train.labels == 1)), seed)
-            rows.append(evaluate(setting, encoder.embed(train), train.labels, encoder.embed(test), test.labels,
-                                 TABLE, config))
-            progress(describe(rows[-1]))
-    return rows
+            setting = Setting("tables", path.stem, half, "as given", float(np.mean(train.labels == 1)), seed)
+            yield Case(setting, encoder.embed(train), train.labels, encoder.embed(test), test.labels, TABLE)
 
 
 # ----------------------------------------------------------------------------- MVTec bottle
@@ -225,8 +234,8 @@ def bottle_rows(args) -> list[Row]:
         for seed in args.seeds:
             split = softpatch_protocol(dataset, ratio, seed)
             setting = Setting("bottle", "bottle", "dev", "moved test defects", ratio, seed)
-            rows.append(evaluate(setting, embeddings[split.train_indices], split.train.labels,
-                                 embeddings[split.test_indices], split.test.labels, IMAGES, config))
+            rows.append(evaluate(Case(setting, embeddings[split.train_indices], split.train.labels,
+                                      embeddings[split.test_indices], split.test.labels, IMAGES), config))
             progress(describe(rows[-1]))
     return rows
 
@@ -284,16 +293,22 @@ def write_report(report: Report, rows: list[Row]) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = base_parser(__doc__.splitlines()[0], default_seeds=(0,))
-    parser.add_argument("--part", nargs="+", choices=("fmnist", "tables", "bottle"),
-                        default=["fmnist", "tables", "bottle"])
+def add_case_arguments(parser) -> None:
+    """The options that choose the Fashion-MNIST and ADBench cases (shared with bench/explore_refinement.py)."""
     parser.add_argument("--classes", type=int, nargs="+", default=list(range(10)), help="Fashion-MNIST normal classes")
     parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS), help="contamination shares")
     parser.add_argument("--n-normal", type=int, default=500, help="normal training images per Fashion-MNIST setting")
     parser.add_argument("--image-size", type=int, default=64, help="Fashion-MNIST image side (default 64)")
     parser.add_argument("--tables", nargs="*", help="ADBench set names (default: all)")
+    parser.add_argument("--halves", nargs="+", choices=("dev", "report"), help="ADBench halves (default: both)")
     parser.add_argument("--max-rows", type=int, default=2000, help="subsample each table to this many rows")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = base_parser(__doc__.splitlines()[0], default_seeds=(0,))
+    parser.add_argument("--part", nargs="+", choices=("fmnist", "tables", "bottle"),
+                        default=["fmnist", "tables", "bottle"])
+    add_case_arguments(parser)
     parser.add_argument("--bottle-ratios", type=float, nargs="+", default=[0.05, 0.1, 0.2],
                         help="MVTec bottle contamination shares (SoftPatch protocol; 63 test defects cap it near 0.22)")
     args = parser.parse_args(argv)
@@ -316,10 +331,14 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[Row] = []
     args.skipped = []
     with timed() as total:
+        cases = []
         if "fmnist" in args.part:
-            rows += fashion_mnist_rows(args, config)
+            cases.append(fashion_mnist_cases(args, config))
         if "tables" in args.part:
-            rows += table_rows(args, config)
+            cases.append(table_cases(args))
+        for case in (case for part in cases for case in part):
+            rows.append(evaluate(case, config))
+            progress(describe(rows[-1]))
         if "bottle" in args.part:
             rows += bottle_rows(args)
     write_report(report, rows)

@@ -2,7 +2,8 @@
 
 One round:
 
-1. shuffle the samples kept so far (seeded) and split them into K disjoint subsets;
+1. shuffle the samples kept so far (seeded; or every judged sample, as in SRR: ``subsets_from``) and
+   split them into K disjoint subsets;
 2. fit one detector per subset;
 3. score the **whole** training set with every detector and give detector k a threshold at the
    gamma-quantile (the smallest score with at least a gamma share at or below it) of its
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 MIN_SAMPLES_PER_DETECTOR = 3
 AUTO_GAMMA_BOUNDS = (0.01, 0.4)
 AUTO_GAMMA_CUTOFF = 3.0
+SUBSETS_FROM = ("kept", "all")
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ def iter_refine(
     rounds: int = 3,
     threshold_source: str = "held_out",
     min_keep_fraction: float = 0.5,
+    subsets_from: str = "kept",
     seed: int = 0,
     labels: np.ndarray | None = None,
     pinned: np.ndarray | None = None,
@@ -137,9 +140,15 @@ def iter_refine(
     pinned : (N,) int array, optional
         An expert's verdicts, same coding as ``labels``: 1 = always removed, 0 = never removed,
         -1 = left to the detectors (see :func:`core.engine.pinned_from_verdicts`).
+    subsets_from : {"kept", "all"}
+        What each round splits into the K training subsets: the samples kept so far (default: later
+        detectors train on cleaner data) or every judged sample, as SRR does (only the representation
+        changes between rounds). bench/explore_refinement.py compares the two.
     compute : Compute, optional
         Fits and scores the detectors (default: :class:`~core.compute.LocalCompute`).
     """
+    if subsets_from not in SUBSETS_FROM:
+        raise ConfigError(f"subsets_from must be one of {', '.join(SUBSETS_FROM)}; got {subsets_from!r}")
     features = np.asarray(embeddings)
     n = len(features)
     pinned = check_pinned(pinned, n)
@@ -159,7 +168,7 @@ def iter_refine(
         if cancel is not None:
             cancel.raise_if_cancelled()
         started = time.perf_counter()
-        fit_on = np.flatnonzero(kept)
+        fit_on = np.flatnonzero(kept) if subsets_from == "kept" else judged
         if len(fit_on) < ensemble * MIN_SAMPLES_PER_DETECTOR:
             log.info("refinement stopped: too few samples left for K=%d", ensemble)
             return
