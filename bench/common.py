@@ -31,6 +31,13 @@ CACHE_DIR = REPO / "bench" / ".cache"
 
 # ----------------------------------------------------------------------------- command line
 
+def adbench_half(path: Path) -> str:
+    """``dev`` or ``report``: ADBench sets at even positions of the sorted file names in their folder are
+    the dev half (bench/README.md), on which defaults may be chosen."""
+    names = sorted(p.name for p in path.parent.glob("*.npz"))
+    return "dev" if names.index(path.name) % 2 == 0 else "report"
+
+
 def base_parser(description: str, default_seeds: Sequence[int]) -> argparse.ArgumentParser:
     """An argument parser with the options every benchmark has: --seeds, --quick, --out."""
     parser = argparse.ArgumentParser(description=description)

@@ -45,6 +45,7 @@ import numpy as np
 from bench.common import (
     SHARED_DATA,
     ImageEmbeddingCache,
+    adbench_half,
     Report,
     base_parser,
     machine_footer,
@@ -202,8 +203,8 @@ def table_cases(args) -> Iterator[Case]:
     paths = sorted(TABLES_DIR.glob("*.npz"))
     if not paths:
         raise SystemExit(f"no ADBench tables in {TABLES_DIR} (set REFINERY_SHARED_DATA)")
-    for position, path in enumerate(paths):  # the position in the full sorted list decides the half
-        half = "dev" if position % 2 == 0 else "report"
+    for path in paths:
+        half = adbench_half(path)
         if (args.tables and path.stem not in args.tables) or (args.halves and half not in args.halves):
             continue
         dataset = load_table(path)

@@ -32,6 +32,7 @@ from bench.common import (
     SHARED_DATA,
     Outcome,
     Report,
+    adbench_half,
     base_parser,
     fit_and_score,
     machine_footer,
@@ -216,6 +217,15 @@ def main(argv: list[str] | None = None) -> None:
                 + f"; default better on {wins}/{len(default_minus)} sets). "
                 + f"Target >= +{TARGET_GAIN:.2f}: {'MET' if gain >= TARGET_GAIN else 'NOT met'}.")
     report.line()
+    half_rows = []
+    for half in ("report", "dev", "all"):
+        chosen = [stem for stem in results if half == "all" or adbench_half(DATA_DIR / f"{stem}.npz") == half]
+        gains = [float(np.mean([default_minus[list(results).index(stem)][i] for stem in chosen])) for i in range(len(seeds))]
+        half_rows.append([half, len(chosen), *[mean([mean([o.auroc for o in results[stem]["outcomes"][n].values()])
+                                                     for stem in chosen]) for n in ("default", "unrefined", "iforest", "oracle")],
+                          float(np.mean(gains)), ", ".join(f"{g:+.3f}" for g in gains)])
+    report.table(["half", "sets", "default", "unrefined", "iforest", "oracle", "default - iforest", "per seed"], half_rows,
+                 title="Mean AUROC by half (bench/README.md: defaults are chosen on the dev half only)")
 
     refined = [m for m in methods if m.refined]
     for method in refined[:1]:
