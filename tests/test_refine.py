@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from core.detectors import make_detector
-from core.errors import DataError
+from core.errors import ConfigError, DataError
 from core.refine import check_pinned, contamination_from_data, estimate_contamination, iter_refine
 
 
@@ -124,6 +124,20 @@ def test_round_that_removes_nothing_stops_and_reports():
     rounds = list(iter_refine(features, GDE, ensemble=2, gamma=0.1, rounds=5))
     assert len(rounds) == 1 and len(rounds[0].removed) == 0
     assert "stops" in rounds[0].note
+
+
+def test_subsets_from_all_trains_every_round_on_the_whole_judged_set():
+    """SRR's variant: the subsets cover every judged sample, removed ones included."""
+    x = np.r_[np.linspace(-1.0, 1.0, 12), [7.0, 7.5, 8.0, 8.5]][:, None]
+    DistanceToMean.fitted = []
+    rounds = list(iter_refine(x, DistanceToMean, ensemble=2, gamma=0.3, rounds=2, subsets_from="all",
+                              min_keep_fraction=0.1))
+    assert len(rounds) == 2 and len(rounds[0].removed)
+    for number in range(2):
+        trained_on = np.concatenate(DistanceToMean.fitted[number * 2: number * 2 + 2])
+        assert sorted(trained_on.tolist()) == sorted(x[:, 0].tolist())
+    with pytest.raises(ConfigError, match="subsets_from"):
+        next(iter_refine(x, DistanceToMean, subsets_from="removed"))
 
 
 def test_retrain_hook_receives_kept_mask_each_round():
