@@ -128,7 +128,7 @@ def body() -> None:
         verdicts = services.registry().verdicts(run.run_id)
         st.caption(f"Run {run.run_id}: {len(run.samples)} {'images' if run.kind == 'images' else 'rows'}, "
                    f"detector {run.config.detector}, "
-                   f"{len(run.rounds)} refinement rounds")
+                   f"{len(run.rounds)} refinement rounds" + (f" by {run.config.refine_detector} ensembles" if run.rounds else ""))
         sharing_toggle(run_dir)
         threshold_section(run)
         verdict_section(run, verdicts)

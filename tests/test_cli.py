@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from core.cli import main
+from core.config import FitConfig
 from core.store import Registry
 from sample_data import write_digits_images, write_digits_table
 
@@ -60,6 +61,8 @@ def test_fit_and_score_images_end_to_end(tmp_path, capsys):
     folder = write_digits_images(tmp_path / "digits", n_normal=60, n_anomalous=6)
     run = tmp_path / "run"
     assert main(["fit", str(folder), "--out", str(run), "--image-size", "64", "--ensemble", "3"]) == 0
+    saved = FitConfig.load(run / "config.json")
+    assert (saved.detector, saved.refine_detector) == ("gde", "mcd"), "auto resolved for images"
     # Score other modes and sizes: converted, not rejected.
     other = tmp_path / "other"
     other.mkdir()
@@ -132,7 +135,7 @@ def test_help_explains_every_option(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for option in ("--out", "--backbone", "--objective", "--encoder", "--epochs", "--retrain-epochs",
-                   "--learning-rate", "--detector", "--refine", "--no-refine", "--ensemble",
+                   "--learning-rate", "--detector", "--refine-detector", "--refine", "--no-refine", "--ensemble",
                    "--gamma", "--rounds", "--device", "--seed", "--label-column"):
         assert option in text
 
