@@ -11,7 +11,8 @@ the unrefined fit and the clean oracle. Studies (``--study``):
 - ``gamma-error``: gamma fixed at the true contamination times 0.5 ... 2, to see whether an estimate
   that errs high costs less than one that errs low;
 - ``cutoff``: the ``gamma=auto`` rule's cutoff (robust SDs above the median of the last round's
-  consensus scores) against the true share: median estimate / true per share;
+  consensus scores) against the true share, and the alternative tried, the weight of the upper
+  component of a two-Gaussian mixture fitted to the same scores: median estimate / true per share;
 - ``knn-k``: the kNN detector's k on tables (ensemble and final detector).
 
 Run: ``python bench/explore_refinement.py --out bench/results/explore_refinement.txt`` (about 20 minutes
@@ -28,6 +29,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
+from sklearn.mixture import GaussianMixture
 
 from bench.common import Report, base_parser, machine_footer, machine_header, progress, setup_logging, timed
 from bench.refinement import DEV_CLASSES, Case, add_case_arguments, fashion_mnist_cases, table_cases
@@ -70,6 +72,12 @@ def group_key(case: Case) -> tuple[str, float]:
     return (s.kind, s.ratio) if s.part == "fmnist" else (s.kind, -1.0)
 
 
+def upper_mixture_weight(scores: np.ndarray) -> float:
+    """Share of ``scores`` assigned to the upper component of a two-Gaussian mixture."""
+    mixture = GaussianMixture(2, n_init=3, random_state=0).fit(scores.reshape(-1, 1))
+    return float(np.mean(mixture.predict(scores.reshape(-1, 1)) == np.argmax(mixture.means_[:, 0])))
+
+
 def study_variants(study: str, case: Case) -> dict[str, object]:
     """The variants a study compares on one case: name -> (AUROC, extra figure or None)."""
     final = final_detector(case)
@@ -89,7 +97,8 @@ def study_variants(study: str, case: Case) -> dict[str, object]:
     if study == "cutoff":
         last, _ = refined(case, default, final)
         scores = last.anomaly_score[np.isfinite(last.anomaly_score)]
-        return {f"cutoff {cutoff}": estimate_contamination(scores, cutoff) / true_share for cutoff in CUTOFFS}
+        found = {f"cutoff {cutoff}": estimate_contamination(scores, cutoff) / true_share for cutoff in CUTOFFS}
+        return {**found, "mixture": upper_mixture_weight(scores) / true_share}
     if study == "knn-k":
         return {f"k = {k}": refined(case, detector("knn", n_neighbors=k), detector("knn", n_neighbors=k))[1]
                 for k in (5, 10, 20, 50)}

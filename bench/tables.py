@@ -180,11 +180,16 @@ def main(argv: list[str] | None = None) -> None:
                 f"`{FitConfig().for_data(TABLE).detector}`")
     report.line()
 
-    results = {}
+    results, skipped = {}, []
     with timed() as total:
         for path in files:
             with timed() as watch:
-                results[path.stem] = run_dataset(path, methods, seeds, args.max_rows)
+                try:
+                    results[path.stem] = run_dataset(path, methods, seeds, args.max_rows)
+                except ValueError as error:  # too few anomalies in a subsample of max_rows to stratify
+                    skipped.append(f"{path.stem}: {error}")
+                    progress(f"{path.stem} skipped: {error}")
+                    continue
             progress(f"{path.stem}: {watch.seconds:.1f}s  " + " ".join(
                 f"{m.name}={mean([o.auroc for o in results[path.stem]['outcomes'][m.name].values()]):.3f}"
                 for m in methods))
