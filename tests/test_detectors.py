@@ -329,6 +329,15 @@ def test_robust_gaussian_clips_components_to_the_data():
     assert np.all(np.isfinite(detector.score_samples(X)))
 
 
+def test_robust_gaussian_fits_where_no_robust_support_exists():
+    """Five samples whose MCD support is degenerate (scikit-learn's reweighting keeps none): all samples are used."""
+    X = np.array([[12.0, 23.8], [9.9, -0.1], [7.66, -12.9], [-37.5, 2.2], [7.91, -13.0]])
+    detector = RobustGaussian().fit(X)
+    assert np.all(np.isfinite(detector.score_samples(X)))
+    constant = RobustGaussian().fit(np.ones((10, 4)))
+    assert np.all(np.isfinite(constant.score_samples(np.ones((2, 4)))))
+
+
 @pytest.mark.parametrize("params", [{"n_components": 0}, {"n_components": 2.5}, {"support_fraction": 0.4},
                                     {"support_fraction": True}])
 def test_robust_gaussian_rejects_bad_parameters(params, data):

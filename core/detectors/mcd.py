@@ -33,7 +33,8 @@ class RobustGaussian(BaseDetector):
         bench/refinement.py (``bench/explore_refinement.py``: 5 and 10 compared).
     support_fraction : float in (0.5, 1] or None, default=None
         Share of samples in the MCD support; None uses scikit-learn's ``(N + d + 1) / 2N``, about half:
-        the most robust choice, which still needs the normal samples to be the majority.
+        the most robust choice, which still needs the normal samples to be the majority. Where no robust
+        estimate exists (a handful of samples, or a support of duplicates), all samples are used.
     contamination : float in (0, 0.5], default=0.1
         Expected share of anomalies in the training data. Sets ``offset_`` only.
     max_samples : int >= 10, default=5000
@@ -75,8 +76,11 @@ class RobustGaussian(BaseDetector):
         X = X[sample_of_rows(np.arange(len(X)), self.max_samples, self.random_state)]
         components = max(1, min(self.n_components, X.shape[1], X.shape[0] // 3))
         self.pca_ = PCA(components, random_state=self.random_state).fit(X)
-        self.mcd_ = MinCovDet(support_fraction=self.support_fraction, random_state=self.random_state).fit(
-            self.pca_.transform(X))
+        projected = self.pca_.transform(X)
+        try:
+            self.mcd_ = MinCovDet(support_fraction=self.support_fraction, random_state=self.random_state).fit(projected)
+        except ValueError:  # a degenerate support (a handful of samples, duplicates): no robust estimate exists
+            self.mcd_ = MinCovDet(support_fraction=1.0, random_state=self.random_state).fit(projected)
 
     def _score_samples(self, X: np.ndarray) -> np.ndarray:
         return -np.sqrt(np.maximum(self.mcd_.mahalanobis(self.pca_.transform(X)), 0.0))
