@@ -1,10 +1,20 @@
 """Inspect page: one sample at a time with its maps, neighbours and the expert's verdict."""
+from pathlib import Path
+
 import numpy as np
 import streamlit as st
 
+from core.explain import render
 from pages.components import charts, runs, services, state, widgets
 
 QUEUES = ("most anomalous first", "selection from the map", "removed during refinement")
+SCALES = ("per run", "per image")
+SCALE_HELP = ("Colour starts at the normal floor: the 99th percentile of the map values of normal (kept) "
+              "images; below it the image shows through. Per run: red means the same value on every image "
+              "(the 99th percentile of the run's most anomalous images), so images compare. Per image: red "
+              "at this image's own peak.")
+MAP_UNITS = "feature distance"
+GRADCAM_UNITS = "Grad-CAM, score units"
 VERDICTS = (("normal", "N", ":material/check_circle:"), ("anomaly", "A", ":material/error:"),
             ("unsure", "U", ":material/help:"))
 
@@ -43,18 +53,68 @@ def facts(run, index: int) -> None:
     cells[4].metric("Label", {1: "anomaly", 0: "normal"}.get(row.get("label", -1), "unknown"))
 
 
+@st.cache_data(max_entries=128, show_spinner="Localizing...")
+def localization_map(run_dir: str, path: str) -> np.ndarray:
+    """``(H, W) float32`` localization map of the image at ``path``."""
+    return runs.fitted_run(run_dir).anomaly_map(Path(path))
+
+
+@st.cache_data(max_entries=128, show_spinner="Computing Grad-CAM...")
+def gradcam_map(run_dir: str, path: str) -> np.ndarray:
+    """``(H, W) float32`` Grad-CAM of the anomaly score of the image at ``path``."""
+    return runs.fitted_run(run_dir).gradcam_map(Path(path))
+
+
+@st.cache_data(max_entries=8, show_spinner="Measuring the run's colour scale for maps...")
+def localization_scale(run_dir: str) -> render.ColourScale:
+    """The run's colour scale for localization maps: the localizer's stored floor, the top from its worst images."""
+    run = runs.saved_run(run_dir)
+    _, top = render.scale_images(run.samples["anomaly_score"].to_numpy(), run.samples["kept"].to_numpy())
+    fitted = runs.fitted_run(run_dir)
+    maps = fitted.localizer.iter_anomaly_maps([run.image_path(run.samples["id"].iat[i]) for i in top])
+    return render.run_scale(fitted.localizer.display_scale_, maps, MAP_UNITS)
+
+
+@st.cache_data(max_entries=8, show_spinner="Measuring the run's colour scale for Grad-CAM...")
+def gradcam_scale(run_dir: str) -> render.ColourScale:
+    """The run's colour scale for Grad-CAM: floor from kept images, top from the worst images."""
+    run = runs.saved_run(run_dir)
+    normal, top = render.scale_images(run.samples["anomaly_score"].to_numpy(), run.samples["kept"].to_numpy(),
+                                      seed=run.config.seed)
+    ids = run.samples["id"]
+    floor = render.normal_floor(gradcam_map(run_dir, str(run.image_path(ids.iat[i]))) for i in normal)
+    return render.run_scale(floor, (gradcam_map(run_dir, str(run.image_path(ids.iat[i]))) for i in top),
+                            GRADCAM_UNITS)
+
+
+def shown_map(path: str, amap: np.ndarray, run_scale: render.ColourScale, per_image: bool,
+              mask_path: str | None) -> np.ndarray:
+    """The image with ``amap`` drawn over it on the chosen scale, the mask outlined, the colour bar beside it."""
+    scale = render.image_scale(run_scale, amap) if per_image else run_scale
+    shown = render.heatmap(services.image(path), amap, scale)
+    if mask_path is not None:
+        shown = render.mask_contour(shown, services.image(mask_path)[..., 0] > 127)
+    return render.with_colour_bar(shown, scale)
+
+
 def image_views(run_dir: str, run, sample_id: str) -> None:
     path = str(run.image_path(sample_id))
     mask = runs.run_dataset(run_dir).masks.get(sample_id)
     mask_path = str(mask) if mask else None
+    scale_choice = st.segmented_control("Colour scale", SCALES, default=SCALES[0], key="heatmap_scale",
+                                        help=SCALE_HELP)
+    per_image = scale_choice == "per image"
+    outline = " · green: ground-truth mask" if mask_path else ""
     columns = st.columns(3)
     columns[0].image(services.image(path), caption="image", width="stretch")
     if run.config.localization != "none":
-        columns[1].image(runs.localization_overlay(run_dir, path, mask_path), width="stretch",
-                         caption="localization map" + (" · green: ground-truth mask" if mask_path else ""))
+        columns[1].image(shown_map(path, localization_map(run_dir, path), localization_scale(run_dir), per_image,
+                                   mask_path),
+                         width="stretch", caption=f"localization map ({scale_choice or SCALES[0]} scale){outline}")
     with columns[2]:
         if st.toggle("Grad-CAM of the anomaly score", key="show_gradcam"):
-            st.image(runs.gradcam_overlay(run_dir, path, mask_path), caption="Grad-CAM (colours scaled to this image)", width="stretch")
+            st.image(shown_map(path, gradcam_map(run_dir, path), gradcam_scale(run_dir), per_image, mask_path),
+                     caption=f"Grad-CAM ({scale_choice or SCALES[0]} scale){outline}", width="stretch")
 
 
 def neighbours(run, index: int) -> None:

@@ -1,11 +1,27 @@
-"""Rendering helpers: overlay, ground-truth contour, thresholded regions."""
+"""Rendering helpers: colour scale, heatmap, colour bar, overlay, ground-truth contour, thresholded regions."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from core.explain.render import JET, colorize, mask_contour, overlay, threshold_map
+from core.explain.render import (
+    JET,
+    MIN_SPAN,
+    ColourScale,
+    colorize,
+    colour_bar,
+    heatmap,
+    hot_pixels,
+    image_scale,
+    mask_contour,
+    normal_floor,
+    overlay,
+    run_scale,
+    scale_images,
+    threshold_map,
+    with_colour_bar,
+)
 
 
 @pytest.fixture
@@ -109,3 +125,117 @@ def test_threshold_is_strict_and_diagonals_connect():
     assert not mask.any() and boxes == []
     mask, boxes = threshold_map(amap, 0.5, min_area=6)
     assert boxes == [(0, 0, 6, 6)] and mask.sum() == 6
+
+
+# ------------------------------------------------------------------------ colour scale and heatmap
+
+
+def test_normal_floor_is_the_quantile_of_the_pooled_normal_values():
+    maps = [np.arange(100, dtype=np.float32).reshape(10, 10), np.arange(100, 200, dtype=np.float32).reshape(10, 10)]
+    assert normal_floor(maps, 0.99) == pytest.approx(np.quantile(np.arange(200), 0.99))
+    assert normal_floor(maps, 0.5) == pytest.approx(99.5)
+
+
+def test_run_scale_tops_at_the_worst_maps_quantile_and_keeps_a_minimum_span():
+    hot = np.zeros((10, 10))
+    hot[:5] = 40.0
+    scale = run_scale(10.0, [hot], "feature distance", quantile=0.9)
+    assert (scale.floor, scale.top, scale.units) == (10.0, 40.0, "feature distance")
+    # a clean run: its worst maps barely pass the floor, so the top is held MIN_SPAN above it
+    assert run_scale(10.0, [np.full((4, 4), 10.1)]).top == pytest.approx(10.0 * (1 + MIN_SPAN))
+    assert run_scale(0.0, [np.zeros((4, 4))]).top == 1.0
+
+
+def test_image_scale_keeps_the_floor_and_tops_at_the_images_peak():
+    run = ColourScale(10.0, 40.0, "u")
+    amap = np.full((6, 6), 5.0)
+    amap[2, 3] = 25.0
+    assert image_scale(run, amap) == ColourScale(10.0, 25.0, "u")
+    assert image_scale(run, np.full((6, 6), 3.0)).top == pytest.approx(10.0 * (1 + MIN_SPAN))
+
+
+def test_a_scale_needs_a_top_above_its_floor():
+    with pytest.raises(ValueError, match="floor < top"):
+        ColourScale(3.0, 3.0)
+    with pytest.raises(ValueError, match="floor < top"):
+        ColourScale(float("nan"), 3.0)
+
+
+def test_heatmap_is_transparent_at_and_below_the_floor_and_coloured_above(image):
+    scale = ColourScale(10.0, 20.0)
+    amap = np.full((40, 60), 9.0)
+    amap[0, :] = 10.0        # exactly the floor: transparent
+    amap[:, 0] = np.nan      # no value: transparent
+    amap[10:20, 10:20] = 15.0
+    amap[30:35, 40:50] = 50.0
+    out = heatmap(image, amap, scale, alpha=0.5)
+    above = amap > 10.0
+    assert np.array_equal(out[~above], image[~above])
+    assert np.array_equal(hot_pixels(amap, scale), above)
+    assert np.array_equal(out[above], overlay(image, amap, 0.5, 10.0, 20.0)[above])
+    assert np.all(np.any(out[above] != image[above], axis=1))
+
+
+def test_heatmap_colours_run_from_the_floor_to_the_top(image):
+    scale = ColourScale(10.0, 20.0)
+    amap = np.full((40, 60), 10.001)
+    amap[:, 30:] = 20.0
+    amap[:, 50:] = 99.0
+    out = heatmap(image, amap, scale, alpha=1.0)
+    assert np.all(out[:, :30] == JET[0]) and np.all(out[:, 30:] == JET[-1])
+    assert np.array_equal(hot_pixels(amap, scale, level=1.0), amap > 20.0)
+
+
+def test_per_run_colours_mean_one_value_on_every_image_per_image_do_not(image):
+    run = ColourScale(10.0, 40.0)
+    faint, strong = np.full((40, 60), 5.0), np.full((40, 60), 5.0)
+    faint[5, 5] = strong[5, 5] = 20.0
+    strong[30, 30] = 40.0
+    assert np.array_equal(heatmap(image, faint, run)[5, 5], heatmap(image, strong, run)[5, 5])
+    assert not np.array_equal(heatmap(image, faint, image_scale(run, faint))[5, 5],
+                              heatmap(image, strong, image_scale(run, strong))[5, 5])
+
+
+def test_scale_images_are_kept_samples_and_the_most_anomalous():
+    score = np.array([0.1, 5.0, 0.3, 9.0, 0.2, 7.0, 0.0])
+    kept = np.array([1, 0, 1, 0, 1, 0, 1])
+    normal, top = scale_images(score, kept, n=3, seed=0)
+    assert top.tolist() == [3, 5, 1]
+    assert len(normal) == 3 and set(normal) <= {0, 2, 4, 6} and normal.tolist() == sorted(normal)
+    assert np.array_equal(scale_images(score, kept, n=3, seed=0)[0], normal)
+    assert scale_images(score, kept, n=10)[0].tolist() == [0, 2, 4, 6]
+
+
+def _bar_colour_rows(bar):
+    """Rows of the bar's left column that are a colour of the table (not the white or black of the text)."""
+    column = bar[:, 0].astype(int)
+    return [row for row in range(len(column)) if any((JET.astype(int) == column[row]).all(axis=1))]
+
+
+def test_colour_bar_runs_from_the_top_colour_down_to_the_floor_colour():
+    bar = colour_bar(ColourScale(12.0, 36.0, "feature distance"), height=240)
+    assert bar.shape[0] == 240 and bar.dtype == np.uint8 and bar.shape[2] == 3
+    rows = _bar_colour_rows(bar)
+    assert len(rows) > 150
+    assert np.array_equal(bar[rows[0], 0], JET[-1]) and np.array_equal(bar[rows[-1], 0], JET[0])
+    indices = [int(np.flatnonzero((JET == bar[row, 0]).all(axis=1))[0]) for row in rows]
+    assert indices == sorted(indices, reverse=True)
+
+
+def test_colour_bar_writes_its_values_and_units():
+    """The labels are pixels; compare bars whose only difference is a value or the units."""
+    base = colour_bar(ColourScale(12.0, 36.0, "feature distance"), height=240)
+    other_top = colour_bar(ColourScale(12.0, 48.0, "feature distance"), height=240)
+    other_units = colour_bar(ColourScale(12.0, 36.0, "score"), height=240)
+    text = np.any(base[:, 20:] < 128, axis=2)
+    assert text[:40].any() and text[-40:].any()        # units / top value above, floor value below
+    assert base.shape != other_top.shape or not np.array_equal(base[:30], other_top[:30])
+    assert base.shape != other_units.shape or not np.array_equal(base[:20], other_units[:20])
+
+
+def test_with_colour_bar_keeps_the_heatmap_and_adds_the_bar_to_its_right(image):
+    scale = ColourScale(0.0, 1.0, "u")
+    shown = heatmap(image, np.zeros((40, 60)), scale)
+    out = with_colour_bar(shown, scale)
+    assert out.shape[0] == 40 and out.shape[1] > 60 and np.array_equal(out[:, :60], shown)
+    assert np.array_equal(out[:, 66:], colour_bar(scale, 40))
