@@ -191,7 +191,7 @@ def refine(page, url: str, budget: Budget, shots: Path) -> str:
     screenshot(page, shots / "refine.png", budget)
 
     page.reload(timeout=budget.ms())
-    expect(page.get_by_role("heading", name=re.compile(r"^Run \w+$"))).to_be_visible(timeout=budget.ms())
+    expect(page.get_by_role("heading", name=re.compile(r"^Run \S+$"))).to_be_visible(timeout=budget.ms())
     expect(page.get_by_role("tab", name="Round 1")).to_be_visible(timeout=budget.ms())
     assert query_param(page, "run") == run
     return run

@@ -319,12 +319,12 @@ def _runs() -> None:
     if not records:
         print("no runs yet: start one with 'refinery fit DATA --out RUN_DIR'")
         return
-    print(f"{'run_id':12}  {'status':7}  {'kind':6}  {'samples':>7}  {'AUROC':>6}  path")
+    print(f"{'run_id':12}  {'status':9}  {'kind':6}  {'samples':>7}  {'AUROC':>6}  path")
     for record in records:
         auroc = record.metrics.get("auroc")
         auroc_text = f"{auroc:.4f}" if auroc is not None else "-"
-        print(f"{record.run_id:12}  {record.status:7}  {record.kind or '-':6}  {record.n_samples or 0:>7}  {auroc_text:>6}  {record.path}")
-        if record.status == "failed" and record.message:
+        print(f"{record.run_id:12}  {record.status:9}  {record.kind or '-':6}  {record.n_samples or 0:>7}  {auroc_text:>6}  {record.path}")
+        if record.status in ("failed", "cancelled") and record.message:
             print(f"{'':12}  why: {record.message}")
 
 

@@ -45,6 +45,7 @@ from core.refine import (
     iter_refine,
 )
 from core.store import (
+    CANCELS,
     RESUME_DIR,
     Registry,
     artifact_manifest,
@@ -294,7 +295,7 @@ def fit(
                           compute or LocalCompute())
     except BaseException as error:
         try:
-            registry.fail_run(run_id, str(error) or type(error).__name__)
+            registry.fail_run(run_id, str(error) or type(error).__name__, cancelled=isinstance(error, CANCELS))
         except RefineryError as registry_error:  # e.g. the registry is on the disk that just filled up
             log.warning("could not mark run %s failed: %s", run_id, registry_error)
         raise

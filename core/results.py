@@ -77,7 +77,13 @@ class SavedRun:
     # ------------------------------------------------------------------ facts
 
     @property
+    def name(self) -> str:
+        """What the studio and the CLI call the run: its folder's name (unique, dated, readable)."""
+        return self.run_dir.name
+
+    @property
     def run_id(self) -> str:
+        """The registry's key of the run; shown only as a secondary detail next to :attr:`name`."""
         return self.info["run_id"]
 
     @property
@@ -134,7 +140,7 @@ class SavedRun:
     def index_of(self, sample_id: str) -> int:
         matches = np.flatnonzero(self.samples["id"].to_numpy() == sample_id)
         if len(matches) == 0:
-            raise DataError(f"no sample with id {sample_id!r} in run {self.run_id}")
+            raise DataError(f"no sample with id {sample_id!r} in run {self.name}")
         return int(matches[0])
 
     def image_path(self, sample_id: str) -> Path:
@@ -225,7 +231,7 @@ def verdict_agreement(samples: pd.DataFrame, verdicts: dict[str, tuple[str, str]
 class RunComparison:
     """Two runs on the same samples: their metrics side by side and the samples whose call changed."""
 
-    metrics: pd.DataFrame     # rows: metric names; columns: the two run ids
+    metrics: pd.DataFrame     # rows: metric names; columns: the two runs' names
     changed: pd.DataFrame     # id, anomaly_score and is_anomaly under each run, for samples whose call differs
 
 
@@ -236,7 +242,7 @@ def compare_runs(before: SavedRun, after: SavedRun) -> RunComparison:
     rows = {}
     for run in (before, after):
         metrics = run.metrics.as_dict() if run.metrics else {}
-        rows[run.run_id] = {
+        rows[run.name] = {
             "kept": int(run.samples["kept"].sum()),
             "removed": int((~run.samples["kept"].astype(bool)).sum()),
             "called anomaly": int(run.samples["is_anomaly"].sum()),
@@ -245,10 +251,10 @@ def compare_runs(before: SavedRun, after: SavedRun) -> RunComparison:
         }
     merged = pd.DataFrame({
         "id": before.samples["id"],
-        f"anomaly_score {before.run_id}": before.samples["anomaly_score"],
-        f"anomaly_score {after.run_id}": after.samples["anomaly_score"],
-        f"is_anomaly {before.run_id}": before.samples["is_anomaly"],
-        f"is_anomaly {after.run_id}": after.samples["is_anomaly"],
+        f"anomaly_score {before.name}": before.samples["anomaly_score"],
+        f"anomaly_score {after.name}": after.samples["anomaly_score"],
+        f"is_anomaly {before.name}": before.samples["is_anomaly"],
+        f"is_anomaly {after.name}": after.samples["is_anomaly"],
     })
     changed = merged[before.samples["is_anomaly"].to_numpy() != after.samples["is_anomaly"].to_numpy()]
     return RunComparison(pd.DataFrame(rows), changed.reset_index(drop=True))

@@ -9,9 +9,10 @@ folder, which is dropped when the run is complete).
 
 The registry (``registry.sqlite`` in the Refinery home, ``$REFINERY_HOME`` or ``~/.refinery``)
 lists runs, their rounds and metrics, and the expert's verdicts; it uses WAL mode and a busy
-timeout so the app and the CLI can write at once. A running run records its owner process
-(host, pid, process start time); opening the registry marks runs whose owner has ended as
-failed, "interrupted (process ended)", so no run stays ``running`` forever.
+timeout so the app and the CLI can write at once. A run's status is ``running``, ``done``,
+``failed`` or ``cancelled`` (stopped by the user: the studio's Cancel button, Ctrl-C). A running
+run records its owner process (host, pid, process start time); opening the registry marks runs
+whose owner has ended as failed, "interrupted (process ended)", so no run stays ``running`` forever.
 
 A run started from the studio records the id of its studio session (``session``, a hash of the
 session's secret key): it is private to that session until the session shares it
@@ -44,7 +45,7 @@ from typing import Any, BinaryIO, Iterator
 import numpy as np
 from safetensors.numpy import load_file
 
-from core.errors import RunError, StorageError
+from core.errors import Cancelled, RunError, StorageError
 from core.mapped import MappedPages
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,11 @@ RESUME_DIR = "resume"
 """Subfolder of a partial run folder for what only a resumed fit needs; not part of the finished run."""
 INTERRUPTED = "interrupted (process ended)"
 """Registry message of a run whose process ended without finishing or failing it."""
+FAILED, CANCELLED = "failed", "cancelled"
+"""The ``status`` of a run that ended without a result: by an error, or stopped by the user (besides
+``running`` and ``done``)."""
+CANCELS = (Cancelled, KeyboardInterrupt)
+"""Exceptions that mean the user stopped the work (recorded as ``cancelled``, not ``failed``)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -469,9 +475,12 @@ class Registry:
         with self._connect() as db:
             db.execute("UPDATE runs SET status='done', metrics=?, message=NULL WHERE run_id=?", (json.dumps(metrics), run_id))
 
-    def fail_run(self, run_id: str, message: str) -> None:
+    def fail_run(self, run_id: str, message: str, *, cancelled: bool = False) -> None:
+        """Record that the run ended without a result: ``cancelled`` when the user stopped it (an
+        exception in ``CANCELS``), else ``failed``; ``message`` says why."""
+        status = CANCELLED if cancelled else FAILED
         with self._connect() as db:
-            db.execute("UPDATE runs SET status='failed', message=? WHERE run_id=?", (message, run_id))
+            db.execute("UPDATE runs SET status=?, message=? WHERE run_id=?", (status, message, run_id))
 
     def reap_stale(self) -> list[str]:
         """Mark ``running`` runs whose owner process has ended as failed (``INTERRUPTED``); their ids.

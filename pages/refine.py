@@ -94,7 +94,7 @@ def finished_view(status) -> None:
         state.adopt_job_result(status.job_id, status.result.run_dir)
         metrics = status.result.metrics
         summary = f"; training AUROC {metrics.auroc:.3f} from the labels" if metrics else ""
-        st.success(f"Finished in {status.elapsed_s:.0f} s: run {status.result.run_id} saved{summary}.")
+        st.success(f"Finished in {status.elapsed_s:.0f} s: run {status.result.run_dir.name} saved{summary}.")
     elif status.state == "cancelled":
         st.warning("The job was cancelled; nothing was saved.")
     else:
@@ -103,11 +103,12 @@ def finished_view(status) -> None:
 
 def saved_rounds(run_dir: str) -> None:
     run = runs.saved_run(run_dir)
-    st.subheader(f"Run {run.run_id}")
+    st.subheader(f"Run {run.name}")
     st.caption(f"{len(run.samples)} samples, {int(run.samples['kept'].sum())} kept; {run.contamination_text}. "
-               f"The threshold {run.threshold_meaning}.")
+               f"The threshold {run.threshold_meaning}. Run id {run.run_id}.")
     image_path = (lambda sample_id: str(run.image_path(sample_id))) if run.kind == "images" else None
-    show_rounds(run.rounds, ids=list(run.samples["id"]), labels=run.labels, image_path=image_path, key="saved")
+    show_rounds(run.rounds, ids=list(run.samples["id"]), labels=run.labels, image_path=image_path, key="saved",
+                anomaly_score=run.samples["anomaly_score"].to_numpy())
     cells = st.columns(3)
     widgets.page_link("pages/embeddings.py", "Explore the map", ":material/scatter_plot:", cells[0])
     widgets.page_link("pages/inspect.py", "Inspect samples", ":material/search:", cells[1])

@@ -1,8 +1,6 @@
 """Results page: sharing, threshold, curves, verdicts vs model, verdict-guided re-run, comparison, downloads, runs."""
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import streamlit as st
 
 from core.results import bundle_run, compare_runs, confusion_at, score_curves, verdict_agreement
@@ -28,16 +26,16 @@ def share_run(run_id: str, key: str) -> None:
 
 def threshold_section(run) -> None:
     scores = run.samples["anomaly_score"].to_numpy()
-    low, high = float(np.min(scores)), float(np.max(scores))
-    threshold = st.slider("Threshold on anomaly_score", low, high, float(np.clip(run.threshold, low, high)),
-                          (high - low) / 500 or 1.0, format="%.4g", key="threshold")
+    threshold = widgets.threshold_control(scores, run.threshold, key="threshold")
     above = scores > threshold
-    st.caption(f"{int(above.sum())} of {len(scores)} samples ({above.mean():.1%}) score above the threshold. "
+    st.caption(f"{int(above.sum())} of {len(scores)} samples ({above.mean():.1%}) score above the threshold "
+               f"{threshold:,.4g}. "
                f"The run's own threshold ({run.threshold:.4g}) {run.threshold_meaning}. "
                f"Training data: {run.contamination_text}.")
     st.plotly_chart(charts.score_histogram(
         scores, threshold=threshold, threshold_name="threshold", marked=above, marked_name="above the threshold",
-        other_lines={"the run's threshold": run.threshold},
+        unmarked_name="at or below it",
+        other_lines={"run's threshold": run.threshold},
         title="anomaly_score of the training samples",
     ), key="results-histogram")
     curves = score_curves(run.labels, scores) if run.labels is not None else None
@@ -105,12 +103,7 @@ def downloads(run, verdicts: dict) -> None:
 def past_runs(records, current: str | None) -> None:
     """The runs this session may see, and a choice to open one instead of ``current`` (the active run's folder)."""
     st.subheader("Runs")
-    frame = pd.DataFrame([{
-        "run": Path(r.path).name, "status": r.status, "kind": r.kind, "samples": r.n_samples,
-        "created": pd.Timestamp(r.created, unit="s").strftime("%Y-%m-%d %H:%M"),
-        "AUROC": r.metrics.get("auroc"), "message": r.message or "", "path": r.path,
-    } for r in records])
-    st.dataframe(frame, hide_index=True)
+    st.dataframe(runs.runs_table(records), hide_index=True)
     openable = [r.path for r in records if r.status == "done" and Path(r.path).is_dir()]
     chosen = st.selectbox("Open a run", openable, format_func=lambda p: Path(p).name, key="open_run",
                           index=openable.index(current) if current in openable else 0)
@@ -126,7 +119,7 @@ def body() -> None:
     if run_dir is not None:
         run = runs.saved_run(run_dir)
         verdicts = services.registry().verdicts(run.run_id)
-        st.caption(f"Run {run.run_id}: {len(run.samples)} {'images' if run.kind == 'images' else 'rows'}, "
+        st.caption(f"Run {run.name} (id {run.run_id}): {len(run.samples)} {'images' if run.kind == 'images' else 'rows'}, "
                    f"detector {run.config.detector}, "
                    f"{len(run.rounds)} refinement rounds" + (f" by {run.config.refine_detector} ensembles" if run.rounds else ""))
         sharing_toggle(run_dir)

@@ -14,6 +14,7 @@ instead. Jobs that a test acts on while they run are held running until it lets 
 """
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import threading
@@ -41,6 +42,7 @@ from core.data.protocol import contaminate
 from core.data.sources import DEMO_DIR, MAX_UPLOAD_BYTES, builtin_sources, save_uploads
 from core.results import SavedRun
 from core.store import Registry
+from pages.components.charts import score_axis
 from pages.components.services import FOREIGN_JOB, FOREIGN_RUN
 
 
@@ -248,7 +250,7 @@ def test_refine_runs_a_job_to_a_saved_run_and_a_second_tab_follows_it(home, runn
 
     second.run()
     assert_clean(second)
-    assert second.success and saved.run_id in second.success[0].value
+    assert second.success and run_dir.name in second.success[0].value  # the run by its folder's name
     assert second.query_params["run"] == str(run_dir)
     assert len(runner.jobs()) == 1
     stranger.run()
@@ -269,7 +271,11 @@ def test_refine_cancel_stops_the_job_and_saves_nothing(home, runner, held_jobs):
     assert at.warning and "cancelled" in at.warning[0].value
     assert "run" not in at.query_params
     assert list((home / "runs").iterdir()) == []  # no run folder, no half-written staging folder
-    assert [(record.status, "cancel" in record.message) for record in Registry().runs()] == [("failed", True)]
+    assert [(record.status, "cancel" in record.message) for record in Registry().runs()] == [("cancelled", True)]
+    at.switch_page("pages/results.py").run()
+    assert_clean(at)
+    listed = next(frame for frame in frames(at) if "path" in frame.columns)
+    assert list(listed["status"]) == ["cancelled"]  # not "failed": the user stopped it
 
 
 def test_refine_trains_a_self_supervised_encoder_with_self_training(home, runner):
@@ -407,11 +413,15 @@ def test_results_threshold_curves_verdicts_rerun_and_runs(home, runner):
         return next(value for value in at.caption.values if "score above the threshold" in value)
 
     assert above_caption(at).startswith(f"{int(np.sum(scores > run.threshold))} of 200 samples")
-    slider = at.slider(key="threshold")
-    slider.set_value(float(np.quantile(scores, 0.5))).run()
+    at.slider(key="threshold_share").set_value(50.0).run()  # flag half of the samples
     assert_clean(at)
-    assert above_caption(at).startswith(f"{int(np.sum(scores > at.slider(key='threshold').value))} of 200 samples")
+    assert above_caption(at).startswith(f"{int(np.sum(scores > np.quantile(scores, 0.5)))} of 200 samples")
     assert int(above_caption(at).split()[0]) != int(np.sum(scores > run.threshold))
+    at.radio(key="threshold_by").set_value("anomaly_score value").run()
+    typed = float(np.quantile(scores, 0.9))
+    at.number_input(key="threshold").set_value(typed).run()
+    assert_clean(at)
+    assert above_caption(at).startswith(f"{int(np.sum(scores > typed))} of 200 samples")
     assert {"download_scores", "download_bundle"} <= {button.key for button in at.get("download_button")}
     assert any(value.startswith("No verdicts yet") for value in at.caption.values)
 
@@ -448,9 +458,92 @@ def test_results_threshold_curves_verdicts_rerun_and_runs(home, runner):
     assert_clean(at)
     assert at.selectbox(key="compare_run").value == str(first)  # compared with the run it came from
     comparison = next(frame for frame in frames(at) if "kept" in frame.index)
-    assert set(comparison.columns) == {run.run_id, run_id(second)}
+    assert set(comparison.columns) == {first.name, second.name}  # runs by their folders' names, as everywhere
     past = next(frame for frame in frames(at) if "path" in frame.columns)
     assert set(past["path"]) == {str(first), str(second)} and set(past["status"]) == {"done"}
+
+
+def plotted(chart) -> dict:
+    """A page's plotly chart as its figure's JSON, with plotly's base64 typed arrays decoded to numpy arrays."""
+    def decoded(value):
+        if isinstance(value, dict) and "bdata" in value:
+            array = np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+            return array.reshape([int(n) for n in value["shape"].split(",")]) if "shape" in value else array
+        if isinstance(value, dict):
+            return {key: decoded(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [decoded(item) for item in value]
+        return value
+
+    return decoded(json.loads(chart.proto.spec))
+
+
+def test_results_histogram_shows_every_score_and_readable_threshold_labels(shared):
+    at = studio("results", run=shared.images)
+    assert_clean(at)
+    run = SavedRun(shared.images)
+    scores = run.samples["anomaly_score"].to_numpy()
+    figure = plotted(charts(at)[0])
+    axis = score_axis(scores)
+    assert f"{axis.scale} scale" in figure["layout"]["xaxis"]["title"]["text"]  # the axis says how it is drawn
+    low, high = axis.inverse(np.array(figure["layout"]["xaxis"]["range"]))
+    assert low <= scores.min() and high >= scores.max()  # no cut axis: the top score is on it
+    bars = [trace for trace in figure["data"] if trace["type"] == "bar"]
+    assert sum(int(np.sum(bar["y"])) for bar in bars) == len(scores)
+    labels = [note for note in figure["layout"]["annotations"] if "threshold" in note["text"]]
+    assert len(labels) == 2 and len({note["y"] for note in labels}) == 2  # the two labels on rows of their own
+    assert abs(labels[0]["y"] - labels[1]["y"]) * figure["layout"]["height"] / 2 >= labels[0]["font"]["size"]
+
+
+def test_the_round_view_plots_the_votes_that_removed_each_sample(shared):
+    at = studio("refine", run=shared.images)
+    assert_clean(at)
+    run = SavedRun(shared.images)
+    figures = [plotted(chart) for chart in charts(at)]
+    votes = [figure for figure in figures
+             if "detectors that flagged" in figure["layout"].get("xaxis", {}).get("title", {}).get("text", "")]
+    assert len(votes) == len(run.rounds) >= 1
+    for figure, record in zip(votes, run.rounds):
+        bars = {bar["name"]: dict(zip(list(bar["x"]), bar["y"])) for bar in figure["data"]}
+        assert sum(sum(counts.values()) for counts in bars.values()) == len(run.samples)
+        assert sum(bars.get("removed in this round", {}).values()) == len(record.removed)
+        assert all(count == 0 for v, count in bars["kept"].items() if v != 0)  # kept: no detector flagged it
+        for name in ("removed in this round", "still out (removed earlier)"):
+            assert bars.get(name, {}).get(0, 0) == 0  # nothing removed that no detector flagged
+    strip = [caption for caption in captions(at) if " votes · margin " in caption]
+    assert strip, "the removed samples are shown with their votes and consensus margin"
+    by_id = run.samples.set_index("id")["anomaly_score"]
+    for caption in strip:  # the run's anomaly_score, as Inspect and Results show it
+        sample_id, shown = caption.split(" · ")[0], caption.split("anomaly_score ")[1].split(" ")[0]
+        assert float(shown) == pytest.approx(by_id[sample_id], rel=1e-3)
+
+
+def test_every_page_and_the_sidebar_name_the_run_by_its_folder(shared):
+    name = shared.images.name
+    at = studio(run=shared.images)
+    assert name in at.sidebar.caption.values  # (AppTest draws the sidebar on the first page only)
+    at.switch_page("pages/refine.py").run()
+    assert at.subheader[0].value == f"Run {name}"
+    at.switch_page("pages/results.py").run()
+    assert_clean(at)
+    assert any(value.startswith(f"Run {name} (id {run_id(shared.images)})") for value in at.caption.values)
+    listed = next(frame for frame in frames(at) if "path" in frame.columns).set_index("path")
+    assert listed.loc[str(shared.images), "run"] == name
+    assert at.selectbox(key="open_run").format_func(str(shared.images)) == name
+
+
+def test_the_runs_table_shows_the_settings_that_tell_runs_apart(shared):
+    at = studio("results", run=shared.images)
+    listed = next(frame for frame in frames(at) if "path" in frame.columns).set_index("path")
+    for folder in (shared.images, shared.table):
+        run = SavedRun(folder)
+        row = listed.loc[str(folder)]
+        config = run.config
+        assert (row["detector"], row["objective"]) == (config.detector, config.objective)
+        assert row["K (ensemble)"] == f"{config.ensemble} × {config.refine_detector}"
+        assert row["rounds"] == str(config.rounds)
+        assert row["gamma"] == (f"auto: {run.contamination:.1%}" if config.gamma == "auto" else str(config.gamma))
+        assert row["image size"] == (f"{config.image_size} px" if run.kind == "images" else "-")
 
 
 # ----------------------------------------------------------------------------------- Navigation

@@ -131,7 +131,7 @@ def test_cancel_stops_the_fit(tmp_path, registry):
     dataset = engine.load_data(write_digits_images(tmp_path / "d", n_normal=20, n_anomalous=2))
     with pytest.raises(Cancelled):
         engine.fit(dataset, FitConfig(image_size=32, ensemble=3), tmp_path / "run", registry=registry, cancel=token)
-    assert registry.runs()[0].status == "failed" and not (tmp_path / "run").exists()
+    assert registry.runs()[0].status == "cancelled" and not (tmp_path / "run").exists()
 
 
 def test_core_imports_no_ui_package():

@@ -116,6 +116,32 @@ def test_cancel_a_running_job(runner):
     assert status.started is not None and status.finished is not None
 
 
+def test_a_cancelled_fit_job_is_cancelled_in_the_registry_too(runner, tmp_path):
+    from core import engine
+    from core.store import Registry
+    from sample_data import write_digits_table
+
+    dataset = engine.load_data(write_digits_table(tmp_path / "digits.csv", n_normal=60, n_anomalous=6),
+                               label_column="label")
+    registry = Registry(tmp_path / "registry.sqlite")
+    fit = engine.fit_work(dataset, engine.suggested_config(dataset), tmp_path / "run", registry=registry)
+    started, release = threading.Event(), threading.Event()
+
+    def work(context):  # the fit starts once the user has pressed Cancel
+        started.set()
+        release.wait(TIMEOUT)
+        return fit(context)
+
+    job_id = runner.submit("fit", work)
+    assert started.wait(TIMEOUT)
+    runner.cancel(job_id)
+    release.set()
+    assert runner.wait(job_id, 60).state == "cancelled"
+    [record] = registry.runs()
+    assert (record.status, record.message) == ("cancelled", "cancelled by the user")
+    assert not (tmp_path / "run").exists()
+
+
 def test_cancel_a_queued_job_before_it_starts(runner):
     gate, gate_started, release = blocked_job()
     ran = threading.Event()

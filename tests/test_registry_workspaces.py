@@ -14,7 +14,7 @@ from contextlib import closing
 
 import pytest
 
-from core.errors import RunError
+from core.errors import Cancelled, RunError
 from core.store import Registry
 
 ALICE, BOB = "a" * 32, "b" * 32
@@ -154,3 +154,46 @@ def test_an_older_registry_gains_sessions_and_its_runs_stay_visible_to_everyone(
     assert registry.may_open("/r/a", ALICE)
     new = start(registry, tmp_path / "new", BOB)
     assert listed(registry, ALICE) == {"old-done"} and listed(registry, BOB) == {"old-done", new}
+
+
+# ----------------------------------------------------------------------------- how a run ended
+
+
+def fit_stopped_by(home, stop: BaseException):
+    """Fit a small table with ``home`` as the Refinery home, ``stop`` raised at the fit's first progress event
+    (as Ctrl-C or an error would strike); the registry's one record of it."""
+    from core import engine
+    from sample_data import write_digits_table
+
+    def on_progress(event):
+        raise stop
+
+    table = write_digits_table(home / "digits.csv", n_normal=60, n_anomalous=6)
+    dataset = engine.load_data(table, label_column="label")
+    with pytest.raises(type(stop)):
+        engine.fit(dataset, engine.suggested_config(dataset), home / "runs" / "r", on_progress=on_progress)
+    [record] = Registry().runs()
+    return record
+
+
+@pytest.mark.parametrize(("stop", "status"), [
+    (KeyboardInterrupt(), "cancelled"), (Cancelled("cancelled by the user"), "cancelled"), (ValueError("disk on fire"), "failed"),
+], ids=["ctrl-c", "cancel token", "error"])
+def test_a_run_the_user_stopped_is_cancelled_and_refinery_runs_says_so(tmp_path, monkeypatch, capsys, stop, status):
+    from core.cli import main
+
+    monkeypatch.setenv("REFINERY_HOME", str(tmp_path))
+    record = fit_stopped_by(tmp_path, stop)
+    assert record.status == status
+    assert main(["runs"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(record.run_id))
+    assert line.split()[1] == status
+
+
+def test_fail_run_records_what_it_is_told(registry, tmp_path):
+    run_id = registry.start_run(tmp_path / "r", kind="table", data_source="t.csv", fingerprint="f", n_samples=10,
+                                config={})
+    registry.fail_run(run_id, "stopped", cancelled=True)
+    assert (registry.run_at(tmp_path / "r").status, registry.run_at(tmp_path / "r").message) == ("cancelled", "stopped")
+    registry.fail_run(run_id, "out of memory")
+    assert registry.run_at(tmp_path / "r").status == "failed"

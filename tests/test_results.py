@@ -263,9 +263,9 @@ def test_verdict_agreement_counts(plain):
 def test_compare_runs_of_the_same_data(plain, guided):
     (_, before), (_, after) = plain, guided
     comparison = compare_runs(before, after)
-    assert list(comparison.metrics.columns) == [before.run_id, after.run_id]
+    assert list(comparison.metrics.columns) == [before.name, after.name]  # the runs' folder names, as the studio calls them
     for run in (before, after):
-        column = comparison.metrics[run.run_id]
+        column = comparison.metrics[run.name]
         assert column["kept"] == run.samples["kept"].sum()
         assert column["kept"] + column["removed"] == len(run.samples)
         assert column["called anomaly"] == run.samples["is_anomaly"].sum()
@@ -274,7 +274,7 @@ def test_compare_runs_of_the_same_data(plain, guided):
     assert differs.any(), "the verdicts changed some calls"
     changed = comparison.changed
     assert list(changed["id"]) == list(before.samples["id"][differs])
-    assert (changed[f"is_anomaly {before.run_id}"] != changed[f"is_anomaly {after.run_id}"]).all()
+    assert (changed[f"is_anomaly {before.name}"] != changed[f"is_anomaly {after.name}"]).all()
     assert compare_runs(before, before).changed.empty
 
 

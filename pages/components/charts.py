@@ -1,17 +1,22 @@
 """Plotly figures of the studio. Inputs are arrays from the engine; no decisions are made here."""
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
 
 WEBGL_FROM_POINTS = 2_000
 KEPT_COLOUR, REMOVED_COLOUR = "#2563eb", "#dc2626"
+OUTCOME_COLOURS = (REMOVED_COLOUR, "#9ca3af", "#f59e0b")
 
 
 def _layout(figure: go.Figure, title: str, height: int = 320) -> go.Figure:
-    figure.update_layout(title=title, height=height, margin=dict(l=10, r=10, t=40, b=10), legend_orientation="h")
+    """Title, height and margins; a horizontal legend above the plot, right-aligned, clear of the x axis title."""
+    figure.update_layout(title=title, height=height, margin=dict(l=10, r=10, t=60, b=10),
+                         legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1.0,
+                                     traceorder="normal"))
     return figure
 
 
@@ -28,6 +33,49 @@ def round_timeline(rounds: Sequence, n_samples: int) -> go.Figure:
     return _layout(figure, "Refinement timeline")
 
 
+BINS = 40
+HEAVY_TAIL_IQRS = 10.0
+"""A score this many interquartile ranges from the median makes the score axis logarithmic (a Gaussian's
+farthest of 100,000 samples lies about 3.3 away)."""
+LABEL_ROW = 0.09
+"""Height of one threshold label's row, as a share of the plot area (each label has a row of its own)."""
+
+
+@dataclass(frozen=True)
+class ScoreAxis:
+    """How a score axis is drawn: ``scale`` names it (it goes into the axis title), ``forward`` maps a
+    score to its position on the axis, ``inverse`` maps back (for ticks and hover text)."""
+
+    scale: str  # "linear", "log" or "symmetric log"
+    forward: Callable[[np.ndarray], np.ndarray]
+    inverse: Callable[[np.ndarray], np.ndarray]
+
+
+def score_axis(scores: np.ndarray) -> ScoreAxis:
+    """A linear axis, or a log one when the scores are heavy-tailed.
+
+    Scores are heavy-tailed when the farthest one lies more than ``HEAVY_TAIL_IQRS`` interquartile
+    ranges from the median: a linear axis would then crowd nearly every sample into a few bars. Positive scores get a log axis; scores of
+    both signs a symmetric log (``asinh(score / s)``, linear within ``s``, the median absolute score,
+    logarithmic beyond).
+    """
+    finite = np.asarray(scores, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if len(finite) < 2:
+        return ScoreAxis("linear", _identity, _identity)
+    low, q25, median, q75, high = np.quantile(finite, [0.0, 0.25, 0.5, 0.75, 1.0])
+    if max(high - median, median - low) <= HEAVY_TAIL_IQRS * (q75 - q25):
+        return ScoreAxis("linear", _identity, _identity)
+    if low > 0:
+        return ScoreAxis("log", np.log10, lambda x: np.power(10.0, x))
+    scale = float(np.median(np.abs(finite))) or 1.0
+    return ScoreAxis("symmetric log", lambda x: np.arcsinh(np.asarray(x) / scale), lambda x: np.sinh(x) * scale)
+
+
+def _identity(values):
+    return np.asarray(values, dtype=np.float64)
+
+
 def score_histogram(
     scores: np.ndarray,
     *,
@@ -35,23 +83,115 @@ def score_histogram(
     threshold_name: str,
     marked: np.ndarray | None = None,
     marked_name: str = "removed",
+    unmarked_name: str = "others",
     other_lines: dict[str, float] | None = None,
     title: str = "",
 ) -> go.Figure:
-    """Histogram of ``scores`` (NaN dropped), ``marked`` samples stacked in red, threshold lines."""
+    """Histogram of ``scores`` (NaN dropped), ``marked`` samples stacked in red, labelled threshold lines.
+
+    The x axis spans every score and every line (no sample is cut off); it is linear or logarithmic
+    as :func:`score_axis` decides, and its title says which. Each line's label has a row of its own,
+    so labels never overlap however close the lines are.
+    """
     scores = np.asarray(scores, dtype=np.float64)
     valid = np.isfinite(scores)
     marked = np.zeros(len(scores), bool) if marked is None else np.asarray(marked, bool)
-    edges = np.histogram_bin_edges(scores[valid], bins=40)
+    axis = score_axis(scores[valid])
+    position = axis.forward(scores[valid])
+    lines = {threshold_name: float(threshold), **(other_lines or {})}
+    line_positions = axis.forward(np.array(list(lines.values()), dtype=np.float64))
+    low, high = (float(np.min(position)), float(np.max(position))) if len(position) else (0.0, 1.0)
+    edges = np.linspace(low, high, BINS + 1) if high > low else np.array([low - 0.5, low + 0.5])
+    width = edges[1] - edges[0]
+    bounds = np.column_stack([axis.inverse(edges[:-1]), axis.inverse(edges[1:])])
     figure = go.Figure()
-    for name, selector, colour in (("others", valid & ~marked, KEPT_COLOUR), (marked_name, valid & marked, REMOVED_COLOUR)):
-        if selector.any():
-            figure.add_trace(go.Histogram(x=scores[selector], name=name, marker_color=colour,
-                                          xbins=dict(start=edges[0], end=edges[-1], size=edges[1] - edges[0])))
-    figure.update_layout(barmode="stack", xaxis_title="anomaly_score (higher = more anomalous)", yaxis_title="samples")
-    for index, (name, value) in enumerate({threshold_name: threshold, **(other_lines or {})}.items()):
-        figure.add_vline(x=value, line_dash="dash" if index else "solid", line_color="#111827" if not index else "#6b7280",
-                         annotation_text=name, annotation_position="top right" if not index else "top left")
+    peak = 1
+    stacked = np.zeros(len(edges) - 1)
+    for name, selector, colour in ((unmarked_name, ~marked[valid], KEPT_COLOUR), (marked_name, marked[valid], REMOVED_COLOUR)):
+        if not selector.any():
+            continue
+        counts, _ = np.histogram(position[selector], bins=edges)
+        stacked += counts
+        figure.add_trace(go.Bar(
+            x=(edges[:-1] + edges[1:]) / 2, y=counts, width=width, name=name, marker_color=colour, customdata=bounds,
+            hovertemplate="anomaly_score %{customdata[0]:.4g} to %{customdata[1]:.4g}: %{y} samples<extra>%{fullData.name}</extra>",
+        ))
+        peak = max(peak, int(stacked.max()))
+    # Labels take the top rows of the plot area; the bars stay below them.
+    headroom = 1.0 - LABEL_ROW * len(lines) - 0.02
+    span = (min(low, *line_positions) - width / 2, max(high, *line_positions) + width / 2)
+    figure.update_layout(barmode="stack", bargap=0.05, yaxis_title="samples", yaxis_range=[0, peak / headroom],
+                         xaxis_title=f"anomaly_score, {axis.scale} scale (higher = more anomalous)",
+                         xaxis_range=list(span))
+    if axis.scale != "linear":
+        ticks = _nice_ticks(axis, span)
+        figure.update_xaxes(tickvals=axis.forward(ticks), ticktext=[_tick_text(value) for value in ticks])
+    for row, ((name, value), x) in enumerate(zip(lines.items(), line_positions)):
+        figure.add_vline(x=x, line_dash="dash" if row else "solid", line_color="#6b7280" if row else "#111827")
+        on_right = (x - span[0]) > 0.7 * (span[1] - span[0])  # the label reads away from the plot's edge
+        figure.add_annotation(
+            x=x, xref="x", y=1.0 - row * LABEL_ROW, yref="paper", yanchor="top", xanchor="right" if on_right else "left",
+            text=f"{name}: {value:,.4g}", showarrow=False, bgcolor="rgba(255,255,255,0.85)", font_size=12,
+        )
+    return _layout(figure, title)
+
+
+def _nice_ticks(axis: ScoreAxis, span: tuple[float, float]) -> np.ndarray:
+    """Round scores (0 and 1, 2, 5 x 10^k) spread over ``span`` of ``axis``, none closer than a ninth of it."""
+    low, high = axis.inverse(np.array(span))
+    top = int(np.ceil(np.log10(max(abs(low), abs(high), 1e-12))))
+    candidates = [(0.0, True)] + [(sign * m * 10.0**k, m == 1) for k in range(top - 12, top + 1)
+                                  for m in (1, 2, 5) for sign in (1, -1)]
+    gap = (span[1] - span[0]) / 9
+    chosen: list[float] = []
+    for powers_of_ten in (True, False):  # powers of ten first, then 2 and 5 where there is room
+        for value, is_power in candidates:
+            if is_power != powers_of_ten or not low <= value <= high:
+                continue
+            where = axis.forward(np.array([value]))[0]
+            if np.isfinite(where) and all(abs(where - axis.forward(np.array([c]))[0]) >= gap for c in chosen):
+                chosen.append(value)
+    return np.array(sorted(chosen))
+
+
+def _tick_text(value: float) -> str:
+    return f"{value:,.0f}" if value == round(value) and abs(value) < 1e7 else f"{value:.3g}"
+
+
+def vote_bars(
+    votes: np.ndarray,
+    ensemble: int,
+    outcomes: dict[str, np.ndarray],
+    *,
+    title: str = "",
+) -> go.Figure:
+    """Stacked bars of samples by how many of the ``ensemble`` detectors flagged them, one colour per outcome.
+
+    ``votes`` (N,) int: detectors that flagged each sample, -1 where none judged it (an expert's
+    confirmed anomaly, shown as its own bar left of 0). ``outcomes`` maps a name to an (N,) bool mask
+    (disjoint); the first is drawn in blue, the others in ``OUTCOME_COLOURS``. A line between 0 and 1
+    marks the rule of refinement: a sample is kept only while no detector flags it.
+    """
+    votes = np.asarray(votes)
+    positions = np.arange(-1 if np.any(votes < 0) else 0, ensemble + 1)
+    figure = go.Figure()
+    stacked = np.zeros(len(positions), dtype=np.int64)
+    for (name, mask), colour in zip(outcomes.items(), (KEPT_COLOUR, *OUTCOME_COLOURS)):
+        mask = np.asarray(mask, bool)
+        if mask.any():
+            counts = [int(np.sum(mask & (votes == v))) for v in positions]
+            stacked += counts
+            figure.add_trace(go.Bar(x=positions.tolist(), y=counts, name=name, marker_color=colour,
+                                    hovertemplate="%{y} samples<extra>%{fullData.name}</extra>"))
+    labels = [("expert: anomaly" if v < 0 else f"{v} of {ensemble}") for v in positions]
+    figure.update_layout(barmode="stack", yaxis_title="samples", xaxis_title="detectors that flagged the sample",
+                         yaxis_range=[0, max(int(stacked.max()), 1) / (1.0 - LABEL_ROW - 0.02)],  # room for the labels
+                         xaxis=dict(tickvals=positions.tolist(), ticktext=labels,
+                                    range=[positions[0] - 0.5, ensemble + 0.5]))
+    figure.add_vline(x=0.5, line_color="#111827")
+    for text, anchor in (("none flagged: kept ", "right"), (" flagged: removed", "left")):
+        figure.add_annotation(x=0.5, xref="x", y=1.0, yref="paper", yanchor="top", xanchor=anchor, showarrow=False,
+                              text=text, font_size=12, bgcolor="rgba(255,255,255,0.85)")
     return _layout(figure, title)
 
 

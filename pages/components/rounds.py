@@ -11,6 +11,14 @@ from pages.components import charts, services, state, widgets
 STRIP_IMAGES = 16
 
 
+MARGIN_HELP = (
+    "Consensus margin: how far past the detectors' thresholds a sample lies, averaged over the detectors "
+    "that did not train on it, in units of each detector's score spread (0 = at the threshold, positive = "
+    "beyond it). It only orders the removed samples, most suspicious first; the votes decide removal. It is "
+    "not the run's anomaly_score, which the final detector gives and every other page shows."
+)
+
+
 def show_rounds(
     rounds: Sequence,
     *,
@@ -19,18 +27,22 @@ def show_rounds(
     image_path: Callable[[str], str] | None,
     key: str,
     inspectable: bool = True,
+    anomaly_score: np.ndarray | None = None,
 ) -> None:
-    """Timeline plus one tab per round: note, removal precision/recall, score histogram, removed samples.
+    """Timeline plus one tab per round: note, removal precision/recall, the detectors' votes, removed samples.
 
     ``rounds`` are :class:`core.refine.RefinementRound` (of a running job or a saved run);
     ``image_path`` maps an id to its file (None for tables). ``inspectable`` adds an
     Inspect button under each removed image (not inside a live fragment, which cannot switch pages).
+    ``anomaly_score`` (N,) is the saved run's score of each sample (None while the fit runs), shown
+    next to each removed sample so that it reads as on every other page.
     """
     if not rounds:
         st.caption("No refinement round has finished yet.")
         return
     st.plotly_chart(charts.round_timeline(rounds, len(ids)), key=f"{key}-timeline")
     tabs = st.tabs([f"Round {record.round}" for record in rounds])
+    kept_before = np.ones(len(ids), bool)
     for record, tab in zip(rounds, tabs):
         with tab:
             st.caption(record.note)
@@ -44,29 +56,54 @@ def show_rounds(
             if record.gamma_interval is not None:
                 st.caption(f"Estimated contamination of the whole training set: {record.gamma:.1%} "
                            f"(90% interval {record.gamma_interval[0]:.1%}-{record.gamma_interval[1]:.1%})")
-            removed_mask = np.zeros(len(ids), bool)
-            removed_mask[record.removed] = True
-            st.plotly_chart(charts.score_histogram(
-                record.anomaly_score, threshold=0.0, threshold_name="ensemble threshold", marked=removed_mask,
-                title=f"Round {record.round}: consensus anomaly_score of every training sample",
-            ), key=f"{key}-histogram-{record.round}")
-            _removed_strip(record, ids, labels, image_path, f"{key}-strip-{record.round}" if inspectable else None)
+            ensemble = len(record.thresholds)
+            st.plotly_chart(charts.vote_bars(
+                record.votes, ensemble, round_outcomes(record, kept_before),
+                title=f"Round {record.round}: how many of the {ensemble} detectors flagged each training sample",
+            ), key=f"{key}-votes-{record.round}")
+            st.caption(f"Each of the {ensemble} detectors flags about the {record.gamma:.1%} of samples it scores "
+                       "as most anomalous (its threshold is set on samples it did not train on); a sample is kept "
+                       "only if none flags it.")
+            _removed_strip(record, ids, labels, image_path, anomaly_score,
+                           f"{key}-strip-{record.round}" if inspectable else None)
+            kept_before = record.kept
 
 
-def _removed_strip(record, ids, labels, image_path, key: str | None) -> None:
+def round_outcomes(record, kept_before: np.ndarray) -> dict[str, np.ndarray]:
+    """Disjoint (N,) masks of what ``record`` did to each sample, given who was kept before it."""
+    removed = np.zeros(len(record.kept), bool)
+    removed[record.removed] = True
+    out = ~record.kept
+    return {
+        "kept": record.kept & (record.votes <= 0),
+        "removed in this round": removed,
+        "still out (removed earlier)": out & ~removed & ~kept_before,
+        "flagged, kept (removal cap or an expert's verdict)": record.kept & (record.votes > 0),
+    }
+
+
+def _removed_strip(record, ids, labels, image_path, anomaly_score, key: str | None) -> None:
     shown = record.removed[:STRIP_IMAGES]
     if len(shown) == 0:
         return
-    st.markdown(f"**Removed in round {record.round}**, most suspicious first"
-                + (f" (first {STRIP_IMAGES} of {len(record.removed)})" if len(record.removed) > STRIP_IMAGES else ""))
-    captions = [
-        f"{ids[i]} · {record.anomaly_score[i]:.2f}" + ("" if labels is None else (" · labelled anomaly" if labels[i] == 1 else ""))
-        for i in shown
-    ]
+    st.markdown(f"**Removed in round {record.round}**, largest consensus margin first"
+                + (f" (first {STRIP_IMAGES} of {len(record.removed)})" if len(record.removed) > STRIP_IMAGES else ""),
+                help=MARGIN_HELP)
+    ensemble = len(record.thresholds)
+    votes = [("expert" if record.votes[i] < 0 else f"{record.votes[i]}/{ensemble} votes") for i in shown]
+    margin = [("-" if np.isnan(record.anomaly_score[i]) else f"{record.anomaly_score[i]:+.1f}") for i in shown]
     if image_path is None:
-        st.dataframe({"id": [ids[i] for i in shown], "consensus anomaly_score": record.anomaly_score[shown]},
-                     hide_index=True)
+        table = {"id": [ids[i] for i in shown], "votes": votes, "consensus margin": margin}
+        if anomaly_score is not None:
+            table["anomaly_score"] = np.asarray(anomaly_score)[shown]
+        st.dataframe(table, hide_index=True)
         return
+    captions = [
+        f"{ids[i]} · {vote} · margin {m}"
+        + ("" if anomaly_score is None else f" · anomaly_score {anomaly_score[i]:.4g}")
+        + ("" if labels is None else (" · labelled anomaly" if labels[i] == 1 else ""))
+        for i, vote, m in zip(shown, votes, margin)
+    ]
     clicked = widgets.gallery([services.thumbnail(image_path(ids[i])) for i in shown], captions, key=key)
     if clicked is not None:
         state.open_in_inspect(ids[shown[clicked]])

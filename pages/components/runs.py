@@ -6,22 +6,65 @@ These import torch (through the engine); the Data page does not need them (see
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 
 from core import engine
 from core.data import Dataset
-from core.explain.render import mask_contour, overlay
+from core.errors import RunError
 from core.project import run_layouts
 from core.results import SavedRun
+from core.store import RunRecord, read_json
 from pages.components import state
-from pages.components.services import image, registry, submit_job, workspace
+from pages.components.services import registry, submit_job, workspace
 
 
 @st.cache_resource(max_entries=8)
 def saved_run(run_dir: str) -> SavedRun:
     return SavedRun(run_dir)
+
+
+def runs_table(records: Sequence[RunRecord]) -> pd.DataFrame:
+    """One row per run: its name (the folder's), status and the settings that tell runs apart.
+
+    ``gamma`` shows the contamination a finished ``auto`` run estimated (``auto: 8.3%``) or the
+    share the user gave; ``K (ensemble)`` is K detectors of the refinement detector's kind (``5 × mcd``).
+    """
+    rows = []
+    for record in records:
+        config = record.config
+        refined = config.get("refine", True)
+        gamma = config.get("gamma", "-")
+        estimate = _estimated_contamination(record.path) if record.status == "done" and gamma == "auto" else None
+        rows.append({
+            "run": Path(record.path).name, "status": record.status, "kind": record.kind,
+            "detector": config.get("detector", "-"),
+            "K (ensemble)": f"{config.get('ensemble', '-')} × {config.get('refine_detector', '-')}" if refined else "no refinement",
+            "gamma": gamma if gamma != "auto" else ("auto" if estimate is None else f"auto: {estimate:.1%}"),
+            "rounds": str(config.get("rounds", "-")) if refined else "-",
+            "objective": config.get("objective", "-"),
+            "image size": f"{config['image_size']} px" if record.kind == "images" and "image_size" in config else "-",
+            "samples": record.n_samples,
+            "AUROC": record.metrics.get("auroc"),
+            "created": pd.Timestamp(record.created, unit="s").strftime("%Y-%m-%d %H:%M"),
+            "message": record.message or "", "id": record.run_id, "path": record.path,
+        })
+    frame = pd.DataFrame(rows)
+    if len(frame):
+        frame["gamma"] = frame["gamma"].astype(str)
+    return frame
+
+
+@st.cache_data(max_entries=512, show_spinner=False)
+def _estimated_contamination(run_dir: str) -> float | None:
+    """The contamination a finished run's ``run.json`` records; None when it cannot be read."""
+    try:
+        return float(read_json(Path(run_dir) / "run.json")["contamination"])
+    except (RunError, KeyError, TypeError, ValueError):
+        return None
 
 
 @st.cache_resource(show_spinner="Opening the run's model...", max_entries=2)
@@ -38,30 +81,6 @@ def run_dataset(run_dir: str) -> Dataset:
 def layouts(run_dir: str) -> np.ndarray:
     """(S, N, 2) UMAP layouts of the run's samples (see core.project)."""
     return run_layouts(run_dir).layouts
-
-
-@st.cache_data(max_entries=128, show_spinner="Localizing...")
-def localization_overlay(run_dir: str, path: str, mask_path: str | None) -> np.ndarray:
-    """The image with its anomaly map blended over it (run-level colour scale) and the mask outlined."""
-    run = fitted_run(run_dir)
-    amap = run.anomaly_map(Path(path))
-    shown = overlay(image(path), amap, vmax=run.localizer.display_scale_)
-    return _outlined(shown, mask_path)
-
-
-@st.cache_data(max_entries=128, show_spinner="Computing Grad-CAM...")
-def gradcam_overlay(run_dir: str, path: str, mask_path: str | None) -> np.ndarray:
-    """The image with the Grad-CAM of its anomaly score blended over it (scaled to this image's maximum),
-    mask outlined."""
-    cam = fitted_run(run_dir).gradcam_map(Path(path))
-    return _outlined(overlay(image(path), cam), mask_path)
-
-
-def _outlined(shown: np.ndarray, mask_path: str | None) -> np.ndarray:
-    if mask_path is None:
-        return shown
-    mask = image(mask_path)[..., 0] > 127
-    return mask_contour(shown, mask)
 
 
 def start_fit(dataset_: Dataset, config, verdicts: dict[str, str] | None = None, name: str = "") -> str:

@@ -92,3 +92,25 @@ def job_progress(status: JobStatus) -> None:
     text = f"{status.stage or 'starting'}{counts}{eta}" + (f" - {status.message}" if status.message else "")
     st.progress(status.fraction, text=text)
     st.caption(f"{status.title}: running for {status.elapsed_s:.0f} s")
+
+
+THRESHOLD_BY = ("share of samples flagged", "anomaly_score value")
+
+
+def threshold_control(scores: np.ndarray, default: float, *, key: str) -> float:
+    """A threshold on ``scores`` (anomaly_score), starting at ``default``.
+
+    Chosen as the share of samples flagged (a slider in steps of 0.1%: fine wherever the scores
+    crowd, however long their tail) or typed as a value. At the slider's starting share the
+    threshold is ``default`` itself, not the nearest quantile.
+    """
+    by = st.radio("Set the threshold by", THRESHOLD_BY, horizontal=True, key=f"{key}_by")
+    if by == THRESHOLD_BY[1]:
+        magnitude = abs(default) or 1.0
+        return float(st.number_input("Threshold on anomaly_score", value=float(default), format="%.6g",
+                                     step=10.0 ** (np.floor(np.log10(magnitude)) - 2), key=key,
+                                     help="Samples scoring above it are called anomalous."))
+    start = round(100.0 * float(np.mean(scores > default)), 1)
+    share = st.slider("Share of samples flagged (%)", 0.0, 100.0, start, 0.1, format="%.1f%%", key=f"{key}_share",
+                      help="The threshold is set so that this share of the samples scores above it.")
+    return float(default) if share == start else float(np.quantile(scores, 1.0 - share / 100.0))
