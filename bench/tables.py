@@ -231,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
                           float(np.mean(gains)), ", ".join(f"{g:+.3f}" for g in gains)])
     report.table(["half", "sets", "default", "unrefined", "iforest", "oracle", "default - iforest", "per seed"], half_rows,
                  title="Mean AUROC by half (bench/README.md: defaults are chosen on the dev half only)")
+    for line in skipped:
+        report.line(f"- skipped {line}")
 
     refined = [m for m in methods if m.refined]
     for method in refined[:1]:
