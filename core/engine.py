@@ -26,7 +26,7 @@ from core.config import FitConfig
 from core.data import IMAGES, Dataset, load_dataset
 from core.data.images import image_shape
 from core.detectors import make_detector
-from core.errors import ConfigError, DataError, RefineryError, RunError
+from core.errors import Cancelled, ConfigError, DataError, RefineryError, RunError
 from core.explain.attribution import RowExplanation, explain_table_rows
 from core.explain.gradcam import ScoreExplainer
 from core.explain.cutpaste_patch import CutPastePatchLocalizer
@@ -36,6 +36,7 @@ from core.metrics import DetectionMetrics, detection_metrics
 from core.models.image_encoder import embedding_memmap
 from core.models.encoder import Encoder, load_encoder, make_encoder, save_encoder
 from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
+from core.project import run_layouts
 from core.refine import (
     MIN_SAMPLES_PER_DETECTOR,
     RefinementRound,
@@ -188,6 +189,23 @@ def new_run_dir(name: str, root: Path | None = None) -> Path:
             return candidate
 
 
+def _fit_plan(dataset: Dataset, config: FitConfig) -> list[tuple[str, float]]:
+    """The stages of a fit job in order, with a rough relative cost each (in embedding passes over
+    the data), so that the studio can show one ETA for the whole job (:meth:`JobContext.plan`)."""
+    images = dataset.kind == IMAGES
+    trains = config.objective != "none"
+    retrain = (2.0 * config.retrain_epochs + 1.0) if trains and config.refine else 0.0
+    plan = [("train", 2.0 * config.epochs)] if trains else []
+    plan += [("embed", 1.0 if images else 0.1), ("refine", config.rounds * (0.1 + retrain) if config.refine else 0.0),
+             ("score", 0.1)]
+    if images and config.localization != "none":
+        if config.localization == "cutpaste":
+            plan += [("patch_read", 0.2), ("patch_train", 3.0)]
+        plan += [("patch_fit", 0.5)] + ([("coreset", 0.1)] if config.localization == "memory" else [])
+        plan += [("display_scale", 0.3)]
+    return plan + [("project", 1.0)]
+
+
 def fit_work(
     dataset: Dataset, config: FitConfig, out_dir: Path, *, verdicts: Mapping[str, str] | None = None,
     registry: Registry | None = None, session: str | None = None,
@@ -197,10 +215,13 @@ def fit_work(
     ``session`` is passed on to :func:`fit`.
 
     It publishes ``dataset`` at the start, ``rounds`` (the finished :class:`RefinementRound` list)
-    after every round and ``run_dir`` when the run is saved.
+    after every round and ``run_dir`` when the run is saved. It then lays out the run's map
+    (:func:`core.project.run_layouts`, cached in the run), so the Embeddings page opens at once; a
+    layout that fails or is cancelled is left to that page, the run stays saved.
     """
 
     def work(context: JobContext) -> FitResult:
+        context.plan(_fit_plan(dataset, config))
         context.publish("dataset", dataset)
         rounds: list[RefinementRound] = []
 
@@ -213,6 +234,10 @@ def fit_work(
             on_progress=context.on_progress, cancel=context.cancel, session=session,
         )
         context.publish("run_dir", result.run_dir)
+        try:
+            run_layouts(result.run_dir, on_progress=context.on_progress, cancel=context.cancel)
+        except (Cancelled, RefineryError) as error:
+            log.warning("the map of %s is left to the Embeddings page: %s", result.run_dir.name, error)
         return result
 
     return work

@@ -22,16 +22,20 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from core.errors import Cancelled, RefineryError
-from core.progress import CancelToken, ProgressEvent
+from core.progress import CancelToken, ProgressEvent, stage_text
 
 log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED_STATES = (DONE, FAILED, CANCELLED)
 MAX_FINISHED_JOBS = 50
+ETA_SMOOTHING = 0.3
+"""Weight of a new estimate against the previous one, counted down by the time since, in a job's ETAs."""
+MIN_OVERALL_FRACTION = 0.02
+"""The overall ETA is left out until this share of a planned job is done (too early to say)."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,12 @@ class JobStatus:
     message : str
         The latest progress message, or the error message of a failed job.
     eta_s : float or None
-        Estimated seconds left in the current stage, from its pace so far.
+        Estimated seconds left in the current stage, from its pace since its first event, smoothed.
+    overall : float or None
+        Share of the whole job done, 0..1, when the job declared its plan (:meth:`JobContext.plan`).
+    overall_eta_s : float or None
+        Estimated seconds left in the whole job (all its stages), smoothed; None without a plan or
+        before :data:`MIN_OVERALL_FRACTION` of it is done.
     submitted, started, finished : float or None
         ``time.time()`` stamps.
     outputs : mapping
@@ -68,6 +77,8 @@ class JobStatus:
     total: int = 0
     message: str = ""
     eta_s: float | None = None
+    overall: float | None = None
+    overall_eta_s: float | None = None
     submitted: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
@@ -91,6 +102,11 @@ class JobStatus:
     def fraction(self) -> float:
         """Progress within the current stage, 0..1."""
         return min(self.done / self.total, 1.0) if self.total > 0 else 0.0
+
+    @property
+    def stage_text(self) -> str:
+        """The current stage in plain words with its counts (:func:`core.progress.stage_text`)."""
+        return stage_text(self.stage, self.done, self.total)
 
 
 Clock = Callable[[], float]
@@ -116,28 +132,83 @@ class JobContext:
         self.cancel = cancel
         self._clock = clock
         self._stage = ""
-        self._stage_started = self._last_event = clock()
+        self._started = self._stage_started = self._last_event = clock()
+        self._first: tuple[float, int] | None = None  # (time, done) of the stage's first event
+        self._eta: tuple[float, float] | None = None  # (time, estimate) of the stage's last ETA
+        self._overall_eta: tuple[float, float] | None = None
+        self._plan: dict[str, float] = {}
+        self._plan_position = -1
+        self._within = 0.0  # share done of the plan's current stage
+
+    def plan(self, stages: Sequence[tuple[str, float]]) -> None:
+        """Declare the stages the job will run, in order, with their expected relative cost.
+
+        The status then shows the share of the whole job done and an ETA for all of it. A stage
+        reported again after a later one (retraining inside refinement rounds) counts as part of
+        the later one; stages left out of the plan count as part of the planned stage before them.
+        """
+        self._plan = {stage: float(weight) for stage, weight in stages}
 
     def on_progress(self, event: ProgressEvent) -> None:
-        """A ``ProgressCallback``: records the event and estimates the time left in its stage.
+        """A ``ProgressCallback``: records the event and estimates the time left in its stage and job.
 
         A stage is taken to have started at the previous event (or at the job's start): its first
-        event already reports work done since then.
+        event already reports work done since then. Once a second event has come, the pace is
+        measured from the first, so a slow start (setting up, compiling) does not inflate the
+        estimate; from then on each estimate is blended with the previous one counted down
+        (:data:`ETA_SMOOTHING`), so that it does not jump with every batch.
         """
         now = self._clock()
         if event.stage != self._stage:
             self._stage, self._stage_started = event.stage, self._last_event
+            self._first, self._eta = None, None
         self._last_event = now
         eta = None
         if 0 < event.done < event.total:
-            eta = (now - self._stage_started) / event.done * (event.total - event.done)
+            if self._first is not None and event.done > self._first[1]:
+                pace = (now - self._first[0]) / (event.done - self._first[1])
+                self._eta = _smoothed(self._eta, pace * (event.total - event.done), now)
+                eta = self._eta[1]
+            else:  # one event so far: its pace includes the stage's start, so it is not smoothed into later ones
+                eta = (now - self._stage_started) / event.done * (event.total - event.done)
+        if self._first is None:
+            self._first = (now, event.done)
+        overall = self._overall(event)
+        overall_eta = None
+        if overall is not None and overall >= MIN_OVERALL_FRACTION:
+            raw = (now - self._started) * (1.0 - overall) / overall
+            self._overall_eta = _smoothed(self._overall_eta, raw, now)
+            overall_eta = self._overall_eta[1]
         self._runner._update(
-            self._job_id, stage=event.stage, done=event.done, total=event.total, message=event.message, eta_s=eta
+            self._job_id, stage=event.stage, done=event.done, total=event.total, message=event.message, eta_s=eta,
+            overall=overall, overall_eta_s=overall_eta,
         )
+
+    def _overall(self, event: ProgressEvent) -> float | None:
+        """Share of the planned job done at ``event``; None without a plan."""
+        if not self._plan:
+            return None
+        stages, weights = list(self._plan), list(self._plan.values())
+        if event.stage in self._plan and stages.index(event.stage) > self._plan_position:
+            self._plan_position, self._within = stages.index(event.stage), 0.0
+        if self._plan_position < 0:
+            return 0.0
+        if event.stage == stages[self._plan_position] and event.total > 0:
+            self._within = min(event.done / event.total, 1.0)
+        done = sum(weights[: self._plan_position]) + weights[self._plan_position] * self._within
+        return min(done / sum(weights), 1.0) if sum(weights) > 0 else None
 
     def publish(self, name: str, value: Any) -> None:
         """Make ``value`` visible to the UI as ``status.outputs[name]`` (replacing an earlier value)."""
         self._runner._publish(self._job_id, name, value)
+
+
+def _smoothed(previous: tuple[float, float] | None, estimate: float, now: float) -> tuple[float, float]:
+    """(now, ``estimate`` blended with the ``previous`` one counted down to ``now``)."""
+    if previous is not None:
+        counted_down = max(previous[1] - (now - previous[0]), 0.0)
+        estimate = counted_down + ETA_SMOOTHING * (estimate - counted_down)
+    return now, estimate
 
 
 Work = Callable[[JobContext], Any]
@@ -237,17 +308,17 @@ class JobRunner:
         try:
             result = work(JobContext(self, job_id, cancel, self._clock))
         except Cancelled:
-            self._update(job_id, state=CANCELLED, finished=time.time(), message="cancelled", eta_s=None)
+            self._update(job_id, state=CANCELLED, finished=time.time(), message="cancelled", eta_s=None, overall_eta_s=None)
         except RefineryError as error:
-            self._update(job_id, state=FAILED, finished=time.time(), message=str(error), eta_s=None)
+            self._update(job_id, state=FAILED, finished=time.time(), message=str(error), eta_s=None, overall_eta_s=None)
         except Exception as error:  # noqa: BLE001 - a job must never take the worker down
             log.exception("job %s failed", job_id)
             self._update(
-                job_id, state=FAILED, finished=time.time(), eta_s=None,
+                job_id, state=FAILED, finished=time.time(), eta_s=None, overall_eta_s=None,
                 message=f"unexpected error ({type(error).__name__}: {error}); the server log has the details",
             )
         else:
-            self._update(job_id, state=DONE, finished=time.time(), result=result, eta_s=None)
+            self._update(job_id, state=DONE, finished=time.time(), result=result, eta_s=None, overall_eta_s=None)
 
     def _update(self, job_id: str, **changes: Any) -> None:
         with self._lock:

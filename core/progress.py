@@ -35,6 +35,35 @@ class ProgressEvent:
 
 ProgressCallback = Callable[[ProgressEvent], None]
 
+STAGE_NAMES = {
+    "load": "checking the images",
+    "extract": "unpacking the archive",
+    "prepare": "preparing the data set",
+    "materialize": "preparing the data set",
+    "decode": "reading images for training",
+    "train": "training the encoder",
+    "embed": "embedding the samples",
+    "score": "scoring the samples",
+    "patch_read": "reading images for the localization maps",
+    "patch_train": "training the localization model",
+    "patch_fit": "learning what normal patches look like",
+    "coreset": "learning what normal patches look like (keeping representative patches)",
+    "display_scale": "calibrating the anomaly map colours",
+    "maps": "drawing anomaly maps",
+    "gradcam": "drawing Grad-CAM maps",
+    "project": "laying out the map of the samples",
+}
+"""Each stage of :class:`ProgressEvent` in plain words, for the studio and the logs."""
+
+
+def stage_text(stage: str, done: int, total: int) -> str:
+    """``stage`` in plain words with its counts, e.g. ``"refinement round 2 of 3"`` or
+    ``"embedding the samples (64/300)"``; a stage without a plain name keeps its own."""
+    if stage == "refine" and total > 0:  # reported after each round: ``done`` rounds are finished
+        return f"refinement round {min(done + 1, total)} of {total}"
+    name = STAGE_NAMES.get(stage, stage.replace("_", " ") or "starting")
+    return f"{name} ({done}/{total})" if total > 0 else name
+
 
 def ignore_progress(event: ProgressEvent) -> None:
     """Default callback: drop the event."""

@@ -87,6 +87,12 @@ class SavedRun:
         return self.info["run_id"]
 
     @property
+    def fingerprint(self) -> str:
+        """The content hash of the run's training data; the expert's verdicts are kept under it, so that
+        every run on the same data shows them (:meth:`core.store.Registry.verdicts`)."""
+        return self.info["fingerprint"]
+
+    @property
     def kind(self) -> str:
         return self.info["kind"]
 
@@ -225,6 +231,28 @@ def verdict_agreement(samples: pd.DataFrame, verdicts: dict[str, tuple[str, str]
     )
     table.index.name, table.columns.name = "verdict", None
     return table
+
+
+def judged_samples(samples: pd.DataFrame, verdicts: dict[str, tuple[str, str]]) -> pd.DataFrame:
+    """The samples with an expert's verdict, most anomalous first.
+
+    Columns ``id, verdict, note, model, anomaly_score, rank, disagrees``: ``model`` is the run's call
+    (``normal`` / ``anomaly``, from ``is_anomaly``); ``disagrees`` is True where the expert and the
+    model disagree (verdict ``anomaly`` on a sample the model calls normal, or ``normal`` on one it
+    calls an anomaly; ``unsure`` disagrees with nothing). Verdicts on ids not in ``samples`` are left out.
+    """
+    judged = samples[samples["id"].isin(verdicts.keys())].sort_values("rank")
+    verdict = judged["id"].map(lambda i: verdicts[i][0])
+    called = judged["is_anomaly"].astype(bool)
+    return pd.DataFrame({
+        "id": judged["id"],
+        "verdict": verdict,
+        "note": judged["id"].map(lambda i: verdicts[i][1]),
+        "model": np.where(called, "anomaly", "normal"),
+        "anomaly_score": judged["anomaly_score"],
+        "rank": judged["rank"],
+        "disagrees": ((verdict == "anomaly") & ~called) | ((verdict == "normal") & called),
+    }).reset_index(drop=True)
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,24 @@ FAILED, CANCELLED = "failed", "cancelled"
 CANCELS = (Cancelled, KeyboardInterrupt)
 """Exceptions that mean the user stopped the work (recorded as ``cancelled``, not ``failed``)."""
 
+_VERDICTS_TABLE = """
+CREATE TABLE IF NOT EXISTS verdicts (
+    fingerprint TEXT NOT NULL,
+    sample_id TEXT NOT NULL,
+    session TEXT NOT NULL DEFAULT '',
+    verdict TEXT NOT NULL CHECK (verdict IN ('normal', 'anomaly', 'unsure')),
+    note TEXT,
+    created REAL NOT NULL,
+    run_id TEXT,
+    PRIMARY KEY (fingerprint, sample_id, session)
+);
+"""
+"""A verdict belongs to a sample of the data (its ``fingerprint`` and ``sample_id``), not to a run, so
+every run on the same data shows it. One verdict per sample and author (``session``: the studio
+session that recorded it, '' for the command line's), so two sessions never overwrite each other;
+``run_id`` is the run it was recorded on, which decides who else may see it
+(:meth:`Registry.verdicts`)."""
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
@@ -90,15 +108,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     note TEXT NOT NULL,
     PRIMARY KEY (run_id, round)
 );
-CREATE TABLE IF NOT EXISTS verdicts (
-    run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
-    sample_id TEXT NOT NULL,
-    verdict TEXT NOT NULL CHECK (verdict IN ('normal', 'anomaly', 'unsure')),
-    note TEXT,
-    created REAL NOT NULL,
-    PRIMARY KEY (run_id, sample_id)
-);
-"""
+""" + _VERDICTS_TABLE
 
 
 def refinery_home() -> Path:
@@ -413,6 +423,7 @@ class Registry:
         with self._connect() as db:
             db.executescript(_SCHEMA)
             _add_missing_columns(db)
+            _key_verdicts_by_data(db)
         self.reap_stale()
 
     @contextmanager
@@ -561,18 +572,45 @@ class Registry:
             rows = db.execute("SELECT * FROM rounds WHERE run_id=? ORDER BY round", (run_id,)).fetchall()
         return [dict(row) for row in rows]
 
-    def set_verdict(self, run_id: str, sample_id: str, verdict: str, note: str = "") -> None:
-        """Record (or replace) an expert's verdict: ``normal``, ``anomaly`` or ``unsure``."""
+    def set_verdict(self, fingerprint: str, sample_id: str, verdict: str, note: str = "", *,
+                    run_id: str | None = None, session: str | None = None) -> None:
+        """Record (or replace) an expert's verdict on a sample: ``normal``, ``anomaly`` or ``unsure``.
+
+        The verdict belongs to the sample ``sample_id`` of the data with ``fingerprint``, so every
+        run on that data shows it. ``session`` is the studio session recording it (None: the command
+        line); each session has its own verdict on a sample, so two sessions never overwrite each
+        other. ``run_id`` is the run it was recorded on: the verdict is visible wherever that run is
+        (:meth:`verdicts`).
+        """
         with self._connect() as db:
             db.execute(
-                "INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?)",
-                (run_id, sample_id, verdict, note, time.time()),
+                "INSERT INTO verdicts (fingerprint, sample_id, session, verdict, note, created, run_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fingerprint, sample_id, session) DO UPDATE SET "
+                "verdict=excluded.verdict, note=excluded.note, created=excluded.created, run_id=excluded.run_id",
+                (fingerprint, sample_id, session or "", verdict, note, time.time(), run_id),
             )
 
-    def verdicts(self, run_id: str) -> dict[str, tuple[str, str]]:
+    def verdicts(self, fingerprint: str, *, visible_to: str | None = None) -> dict[str, tuple[str, str]]:
+        """The expert's verdicts on samples of the data with ``fingerprint``, recorded on any run of it:
+        sample id -> (verdict, note).
+
+        Parameters
+        ----------
+        visible_to : str, optional
+            A studio session's id: only the verdicts it may see, its own and those recorded on a run it
+            may see (:meth:`RunRecord.visible_to`; a verdict on another session's private run stays
+            private). Where several verdicts on a sample remain, the session's own wins, else the
+            latest. None: every verdict, the latest winning (the command line's view).
+        """
+        visible = "" if visible_to is None else (
+            "AND (verdicts.session=?2 OR runs.run_id IS NULL OR runs.session IS NULL OR runs.shared OR runs.session=?2) ")
         with self._connect() as db:
-            rows = db.execute("SELECT sample_id, verdict, note FROM verdicts WHERE run_id=?", (run_id,)).fetchall()
-        return {sample: (verdict, note or "") for sample, verdict, note in rows}
+            rows = db.execute(
+                "SELECT sample_id, verdict, note FROM verdicts LEFT JOIN runs USING (run_id) "
+                f"WHERE verdicts.fingerprint=?1 {visible}ORDER BY verdicts.session IS ?2, verdicts.created",
+                (fingerprint, visible_to),
+            ).fetchall()
+        return {sample: (verdict, note or "") for sample, verdict, note in rows}  # the last row of a sample wins
 
 
 _SQLITE_DISK_ERRORS = {
@@ -605,7 +643,7 @@ def _use_write_ahead_log(db: sqlite3.Connection) -> None:
 
 def _add_missing_columns(db: sqlite3.Connection) -> None:
     """Bring a registry made by an older version up to the current schema."""
-    columns = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+    columns = _columns(db, "runs")
     for name, definition in _ADDED_COLUMNS.items():
         if name in columns:
             continue
@@ -614,6 +652,35 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
         except sqlite3.OperationalError as error:  # another process added it since
             if "duplicate column" not in str(error):
                 raise
+
+
+def _key_verdicts_by_data(db: sqlite3.Connection) -> None:
+    """Carry the verdicts of a registry that keyed them by run (``run_id, sample_id``) to the data of
+    their run (``_VERDICTS_TABLE``): each verdict goes to its run's fingerprint, authored by its run's
+    session, remembering the run. Where one sample was judged on several runs of the same data, the
+    latest verdict is kept. Done once, in one transaction; an opener that waited for another's
+    migration finds it done."""
+    if "fingerprint" in _columns(db, "verdicts"):
+        return
+    db.execute("BEGIN IMMEDIATE")
+    if "fingerprint" in _columns(db, "verdicts"):  # another process migrated it while this one waited
+        return
+    db.execute("ALTER TABLE verdicts RENAME TO verdicts_by_run")
+    db.execute(_VERDICTS_TABLE)
+    db.execute(
+        "INSERT INTO verdicts (fingerprint, sample_id, session, verdict, note, created, run_id) "
+        "SELECT runs.fingerprint, old.sample_id, COALESCE(runs.session, ''), old.verdict, old.note, "
+        "MAX(old.created), old.run_id FROM verdicts_by_run AS old JOIN runs USING (run_id) "
+        "WHERE runs.fingerprint IS NOT NULL GROUP BY runs.fingerprint, old.sample_id, COALESCE(runs.session, '')"
+    )  # SQLite takes the bare columns of a MAX() group from the row holding the maximum
+    before, after = (db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in ("verdicts_by_run", "verdicts"))
+    db.execute("DROP TABLE verdicts_by_run")
+    log.info("registry: verdicts now belong to the data of their run: %d of %d carried over (the rest were "
+             "older verdicts on the same samples)", after, before)
+
+
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
 
 
 def _record(row: tuple) -> RunRecord:

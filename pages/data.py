@@ -32,7 +32,7 @@ def choose_source() -> None:
         if st.button("Use this data set", key="use_builtin", type="primary", disabled=not chosen.available):
             with st.spinner(f"Preparing {chosen.title}..."):
                 path = prepare_builtin(chosen.key, services.workspace())
-            state.choose_data(path, chosen.label_column)
+            services.use_data(path, chosen.label_column, services.builtin_source(chosen.key))
     with upload:
         files = st.file_uploader(
             "Images (several files or one .zip) or one table", type=UPLOAD_TYPES, accept_multiple_files=True,
@@ -42,18 +42,19 @@ def choose_source() -> None:
         if st.button("Use the uploaded files", key="use_upload", disabled=not files):
             path = save_uploads([(file.name, file.getvalue()) for file in files], services.workspace(),
                                 session=state.session_id())
-            state.choose_data(path, label_column or None)
+            services.use_data(path, label_column or None, services.upload_source(path))
         earlier = earlier_uploads(services.workspace(), state.session_id())
         if earlier:
             chosen = st.selectbox("Or an earlier upload of this session", earlier, format_func=lambda path: path.name,
                                   key="earlier_upload")
             if st.button("Use this upload", key="use_earlier_upload"):
-                state.choose_data(chosen, label_column or None)
+                services.use_data(chosen, label_column or None, services.upload_source(chosen))
     with server:
         typed = st.text_input("Path of a folder of images, a .zip or a table on this server", key="server_path")
         server_label = st.text_input("Label column of a table (optional)", key="server_label")
         if st.button("Use this path", key="use_server", disabled=not typed):
-            state.choose_data(resolve_server_folder(typed, private=[refinery_home()]), server_label or None)
+            services.use_data(resolve_server_folder(typed, private=[refinery_home()]), server_label or None,
+                              services.server_source(typed))
 
 
 def show_dataset(path: str, label_column: str | None) -> None:
@@ -105,7 +106,7 @@ def protocol_form(path: str, label_column: str | None, protocol) -> None:
 
 def body() -> None:
     st.title("Data")
-    widgets.guarded(choose_source)  # a refused choice shows its message; the active data stays below
+    widgets.guarded(choose_source)  # a refused choice (one that does not load) shows its message; the active data stays below
     path, label_column, protocol = services.active_data()
     show_dataset(path, label_column)
     protocol_form(path, label_column, protocol)

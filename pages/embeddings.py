@@ -7,6 +7,9 @@ from pages.components import charts, runs, services, state, widgets
 GALLERY_LIMIT = 48
 LABEL_NAMES = {0: "normal", 1: "anomaly", -1: "unknown"}
 COLOURINGS = ("anomaly_score", "kept / removed", "round removed", "label", "verdict")
+# Samples removed in round 1, 2, ...: reds and oranges, so that removed reads red beside the blue kept
+# (a string here would be drawn on the page: Streamlit's magic shows a page's bare expressions).
+ROUND_COLOURS = (charts.REMOVED_COLOUR, "#f97316", "#9f1239", "#f43f5e", "#c2410c", "#fb923c")
 
 
 def colouring(run, name: str, round_number: int, verdicts: dict) -> tuple[np.ndarray, bool]:
@@ -22,6 +25,17 @@ def colouring(run, name: str, round_number: int, verdicts: dict) -> tuple[np.nda
     if name == "label":
         return samples["label"].map(LABEL_NAMES).to_numpy(), True
     return np.array([verdicts.get(i, ("no verdict", ""))[0] for i in samples["id"]]), True
+
+
+def outcome_colours(figure) -> None:
+    """Kept samples blue and removed ones red on the map, as in every chart of the studio."""
+    for trace in figure.data:
+        if trace.name == "kept":
+            trace.marker.color = charts.KEPT_COLOUR
+        elif trace.name == "removed":
+            trace.marker.color = charts.REMOVED_COLOUR
+        elif trace.name.startswith("round "):
+            trace.marker.color = ROUND_COLOURS[(int(trace.name.split()[1]) - 1) % len(ROUND_COLOURS)]
 
 
 def selected_gallery(run, selected: list[int]) -> None:
@@ -45,7 +59,7 @@ def body() -> None:
         return
     run = runs.saved_run(run_dir)
     layouts = runs.layouts(run_dir)
-    verdicts = services.registry().verdicts(run.run_id)
+    verdicts = services.registry().verdicts(run.fingerprint, visible_to=state.session_id())
     choices = [name for name in COLOURINGS if (name != "label" or run.labels is not None) and (name != "verdict" or verdicts)]
     left, right = st.columns([1, 2])
     colour_name = left.selectbox("Colour by", choices, key="colour_by")
@@ -58,6 +72,8 @@ def body() -> None:
              for i, s, r in zip(run.samples["id"], run.samples["anomaly_score"], run.samples["rank"])]
     layout = layouts[min(round_number, len(layouts) - 1)]
     figure = charts.scatter_map(layout, values, colour_name=colour_name, categorical=categorical, hover=hover)
+    if colour_name in ("kept / removed", "round removed"):
+        outcome_colours(figure)
     event = st.plotly_chart(figure, on_select="rerun", selection_mode=("points", "box", "lasso"), key="map")
     picked = sorted({int(np.ravel(point["customdata"])[0]) for point in event.selection.points}) if event else []
     if picked:

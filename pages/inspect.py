@@ -137,23 +137,24 @@ def table_views(run_dir: str, sample_id: str) -> None:
 
 
 def verdict_form(run, sample_id: str) -> None:
-    registry = services.registry()
-    current = registry.verdicts(run.run_id).get(sample_id)
+    """The expert's verdict on the sample, recorded on the run's data: every run on the same data shows it."""
+    current = services.registry().verdicts(run.fingerprint, visible_to=state.session_id()).get(sample_id)
     st.markdown("**Your verdict**" + (f": {current[0]}" + (f" ({current[1]})" if current[1] else "") if current else ""))
     note_key = f"note-{sample_id}"
     st.text_input("Note (optional)", key=note_key, value=current[1] if current else "")
     for column, (verdict, key, icon) in zip(st.columns(3), VERDICTS):
         column.button(verdict.capitalize(), key=f"verdict-{verdict}", shortcut=key, icon=icon, width="stretch",
-                      on_click=record_verdict, args=(run.run_id, sample_id, verdict, note_key))
+                      on_click=record_verdict, args=(run.fingerprint, run.run_id, sample_id, verdict, note_key))
 
 
-def record_verdict(run_id: str, sample_id: str, verdict: str, note_key: str) -> None:
+def record_verdict(fingerprint: str, run_id: str, sample_id: str, verdict: str, note_key: str) -> None:
     """A verdict button's callback: it runs before the page, which then shows the stored verdict.
 
     A callback rather than ``st.toast`` + ``st.rerun`` in the page: Streamlit drops a toast
     followed at once by a rerun (streamlit#7740, still timing-dependent in 1.67).
     """
-    services.registry().set_verdict(run_id, sample_id, verdict, st.session_state.get(note_key, ""))
+    services.registry().set_verdict(fingerprint, sample_id, verdict, st.session_state.get(note_key, ""),
+                                    run_id=run_id, session=state.session_id())
     st.toast(f"{sample_id}: {verdict}")
 
 

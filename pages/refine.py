@@ -1,4 +1,6 @@
-"""Refine page: choose the method, start a fit in the background, watch rounds remove suspects live."""
+"""Refine page: choose the method, start a fit in the background, watch rounds remove suspects live.
+
+While a job runs, its live view sits at the top and the settings fold away below it."""
 import streamlit as st
 
 from core import engine
@@ -23,6 +25,11 @@ def method_form(dataset, label_column: str | None, job_running: bool):
     """The fit settings; returns a FitConfig when Start was pressed, else None."""
     suggested = engine.suggested_config(dataset)
     images = dataset.kind == "images"
+    objective = st.selectbox(  # outside the form, so that the fields it needs show or hide at once
+        "Self-supervised objective", OBJECTIVES if images else TABLE_OBJECTIVES, key="objective",
+        help="'none' uses the pretrained features (images) or the scaled columns (tables); the others train "
+             "an encoder on this data and, when refining, retrain it on the kept samples after every round.",
+    )
     with st.form("fit_form"):
         left, middle, right = st.columns(3)
         detector = left.selectbox("Detector", DETECTORS, index=DETECTORS.index(suggested.detector), key="detector",
@@ -47,19 +54,16 @@ def method_form(dataset, label_column: str | None, job_running: bool):
             image_size = middle.select_slider("Image size (px)", [32, 64, 96, 128, 160, 192, 224, 256, 320],
                                               suggested.image_size, key="image_size")
             localization = right.selectbox("Localization maps", LOCALIZATIONS, key="localization")
-        st.markdown("**Representation**")
-        left, middle, right = st.columns(3)
-        objective = left.selectbox(
-            "Self-supervised objective", OBJECTIVES if images else TABLE_OBJECTIVES, key="objective",
-            help="'none' uses the pretrained features (images) or the scaled columns (tables); the others train "
-                 "an encoder on this data and, when refining, retrain it on the kept samples after every round.",
-        )
-        encoder = left.selectbox("Encoder trained", ENCODERS, key="encoder",
-                                 help="auto: fine-tune the pretrained backbone for CutPaste, ResNet-18 for the other "
-                                      "image objectives (a small CNN at 32 px), an MLP for tables.")
-        epochs = middle.number_input("Training epochs", 1, 500, suggested.epochs, key="epochs")
-        retrain_epochs = right.number_input("Retraining epochs per round", 0, 200, suggested.retrain_epochs,
-                                            key="retrain_epochs", help="0 keeps the first representation.")
+        encoder, epochs, retrain_epochs = suggested.encoder, suggested.epochs, suggested.retrain_epochs
+        if objective != "none":
+            st.markdown(f"**Representation: {objective}**")
+            left, middle, right = st.columns(3)
+            encoder = left.selectbox("Encoder trained", ENCODERS, key="encoder",
+                                     help="auto: fine-tune the pretrained backbone for CutPaste, ResNet-18 for the "
+                                          "other image objectives (a small CNN at 32 px), an MLP for tables.")
+            epochs = middle.number_input("Training epochs", 1, 500, suggested.epochs, key="epochs")
+            retrain_epochs = right.number_input("Retraining epochs per round", 0, 200, suggested.retrain_epochs,
+                                                key="retrain_epochs", help="0 keeps the first representation.")
         label = "Start refinement" if not job_running else "A job is running; start another when it is done"
         if not st.form_submit_button(label, type="primary", disabled=job_running):
             return None
@@ -71,6 +75,24 @@ def method_form(dataset, label_column: str | None, job_running: bool):
     ).validate()
 
 
+def job_progress(status) -> None:
+    """The job's progress as a whole (one bar, one ETA), its stage in plain words and that stage's ETA."""
+    if status.state == "queued":
+        st.info(f"**{status.title}** is queued behind another job; it starts when that one finishes.")
+        return
+    left = (f"about {_duration(status.overall_eta_s)} left in all" if status.overall_eta_s is not None
+            else "estimating the time left")
+    whole = status.overall if status.overall is not None else status.fraction
+    st.progress(whole, text=f"**{status.stage_text}**: {left}")
+    stage_left = f"; this step: about {_duration(status.eta_s)} left" if status.eta_s is not None else ""
+    note = f" ({status.message})" if status.message else ""
+    st.caption(f"{status.title}: running for {_duration(status.elapsed_s)}{stage_left}{note}")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
 @st.fragment(run_every=LIVE_REFRESH_S)
 def live_view(job_id: str) -> None:
     status = services.job_runner().status(job_id)
@@ -78,7 +100,7 @@ def live_view(job_id: str) -> None:
         return
     if not status.active:
         st.rerun()  # the whole page switches to the finished view
-    widgets.job_progress(status)
+    job_progress(status)
     if st.button("Cancel", key="cancel_job", icon=":material/stop:"):
         services.job_runner().cancel(job_id)
         st.toast("Cancelling at the next batch...")
@@ -115,21 +137,33 @@ def saved_rounds(run_dir: str) -> None:
     widgets.page_link("pages/results.py", "Results and export", ":material/analytics:", cells[2])
 
 
+def training_caption(dataset, path: str, protocol, status) -> str:
+    """What the page fits: the running job's data once it has started, else the active data."""
+    fitting = status.outputs.get("dataset") if status is not None and status.active else None
+    if fitting is not None:
+        return (f"Fitting: {len(fitting)} {'images' if fitting.kind == 'images' else 'rows'} from {fitting.source} "
+                f"({status.title})")
+    return (f"Training data: {len(dataset)} {'images' if dataset.kind == 'images' else 'rows'} from {path}"
+            + (" (contamination protocol applied)" if protocol else ""))
+
+
 def body() -> None:
     st.title("Refine")
     path, label_column, protocol = services.active_data()
     dataset = services.training_dataset(path, label_column, protocol)
-    st.caption(f"Training data: {len(dataset)} {'images' if dataset.kind == 'images' else 'rows'} from {path}"
-               + (" (contamination protocol applied)" if protocol else ""))
     status = services.watched_job()  # this session's own job only
+    running = status is not None and status.active
+    st.caption(training_caption(dataset, path, protocol, status))
     if services.job_refused():
         st.warning(services.FOREIGN_JOB)
-    config = method_form(dataset, label_column, job_running=status is not None and status.active)
+    if running:
+        live_view(status.job_id)
+    with st.expander("Settings of the next fit" if running else "Fit settings", expanded=not running):
+        config = method_form(dataset, label_column, job_running=running)
     if config is not None:
         state.set_job_id(runs.start_fit(dataset, config))
         st.rerun()
-    if status is not None and status.active:
-        live_view(status.job_id)
+    if running:
         return
     if status is not None:
         finished_view(status)

@@ -3,8 +3,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from core.results import bundle_run, compare_runs, confusion_at, score_curves, verdict_agreement
+from core.results import bundle_run, compare_runs, confusion_at, judged_samples, score_curves, verdict_agreement
 from pages.components import charts, runs, services, state, widgets
+
+DISAGREEMENTS_SHOWN = 20  # disagreeing samples listed with an Inspect button each (a page's bare string is shown)
 
 
 def sharing_toggle(run_dir: str) -> None:
@@ -60,7 +62,13 @@ def verdict_section(run, verdicts: dict) -> None:
     if not verdicts:
         st.caption("No verdicts yet: record them on the Inspect page.")
         return
+    judged = judged_samples(run.samples, verdicts)
+    st.caption(f"{len(judged)} samples judged, on this run or another run of the same data: verdicts follow "
+               "the samples into every run on them.")
     st.dataframe(verdict_agreement(run.samples, verdicts))
+    disagreements(judged[judged["disagrees"]])
+    with st.expander(f"All {len(judged)} judged samples"):
+        st.dataframe(judged.drop(columns="disagrees"), hide_index=True, key="judged_samples")
     st.caption("Re-running refinement with the verdicts keeps every confirmed normal, removes every confirmed "
                "anomaly before the first round (no detector trains on them), then compares the two runs.")
     if st.button("Re-run refinement using the verdicts", key="rerun_with_verdicts", type="primary"):
@@ -70,6 +78,25 @@ def verdict_section(run, verdicts: dict) -> None:
         state.set_job_id(job_id)
         st.session_state[state.COMPARE_WITH] = str(run.run_dir)
         st.switch_page("pages/refine.py")
+
+
+def disagreements(disagreeing) -> None:
+    """The samples the expert and the model call differently, most anomalous first, each with a button
+    that opens it on the Inspect page."""
+    if disagreeing.empty:
+        st.caption("The model's call agrees with every normal and anomaly verdict.")
+        return
+    st.markdown(f"**The expert and the model disagree on {len(disagreeing)} samples**")
+    for row in disagreeing.head(DISAGREEMENTS_SHOWN).itertuples():
+        text, button = st.columns([5, 1], vertical_alignment="center")
+        text.markdown(f"`{row.id}`: expert **{row.verdict}**, model {row.model} (anomaly_score "
+                      f"{row.anomaly_score:.4g}, rank {row.rank})" + (f" · {row.note}" if row.note else ""))
+        if button.button("Inspect", key=f"disagree-{row.id}", icon=":material/search:"):
+            state.open_in_inspect(row.id)
+            st.switch_page("pages/inspect.py")
+    if len(disagreeing) > DISAGREEMENTS_SHOWN:
+        st.caption(f"The {DISAGREEMENTS_SHOWN} most anomalous shown; every one is in the list of judged samples "
+                   "and the scores download.")
 
 
 def comparison_section(run, records) -> None:
@@ -118,7 +145,7 @@ def body() -> None:
     records = services.visible_runs()
     if run_dir is not None:
         run = runs.saved_run(run_dir)
-        verdicts = services.registry().verdicts(run.run_id)
+        verdicts = services.registry().verdicts(run.fingerprint, visible_to=state.session_id())
         st.caption(f"Run {run.name} (id {run.run_id}): {len(run.samples)} {'images' if run.kind == 'images' else 'rows'}, "
                    f"detector {run.config.detector}, "
                    f"{len(run.rounds)} refinement rounds" + (f" by {run.config.refine_detector} ensembles" if run.rounds else ""))

@@ -15,6 +15,7 @@ instead. Jobs that a test acts on while they run are held running until it lets 
 from __future__ import annotations
 
 import base64
+import secrets
 import json
 import shutil
 import threading
@@ -39,11 +40,13 @@ from app_fixtures import (
 )
 from core import engine
 from core.data.protocol import contaminate
-from core.data.sources import DEMO_DIR, MAX_UPLOAD_BYTES, builtin_sources, save_uploads
+from core.data.sources import DEMO_DIR, MAX_UPLOAD_BYTES, builtin_sources, prepare_builtin, save_uploads
 from core.results import SavedRun
+from core.progress import ProgressEvent
 from core.store import Registry
-from pages.components.charts import score_axis
+from pages.components.charts import KEPT_COLOUR, REMOVED_COLOUR, score_axis
 from pages.components.services import FOREIGN_JOB, FOREIGN_RUN
+from pages.components.state import session_id_of
 
 
 @dataclass(frozen=True)
@@ -280,7 +283,7 @@ def test_refine_cancel_stops_the_job_and_saves_nothing(home, runner, held_jobs):
 
 def test_refine_trains_a_self_supervised_encoder_with_self_training(home, runner):
     at = studio("refine")
-    at.selectbox(key="objective").set_value("contrastive")
+    at.selectbox(key="objective").set_value("contrastive").run()  # the training fields show once it is chosen
     at.number_input(key="epochs").set_value(1)
     at.number_input(key="retrain_epochs").set_value(1)
     at.number_input(key="rounds").set_value(2)
@@ -348,7 +351,7 @@ def test_embeddings_map_colours_slices_and_selects(own_runs):  # the map caches 
 def test_inspect_pages_through_samples_and_records_a_verdict(own_runs):
     run = SavedRun(own_runs.images)
     by_rank = run.samples.sort_values("rank")["id"].tolist()
-    assert Registry().verdicts(run.run_id) == {}
+    assert Registry().verdicts(run.fingerprint) == {}
     at = studio("inspect", run=own_runs.images)
     assert_clean(at)
     assert at.subheader[0].value == by_rank[0]
@@ -364,7 +367,7 @@ def test_inspect_pages_through_samples_and_records_a_verdict(own_runs):
     at.text_input(key=f"note-{by_rank[1]}").set_value("scuffed toe")
     at.button(key="verdict-anomaly").click().run()
     assert_clean(at)
-    assert Registry().verdicts(run.run_id) == {by_rank[1]: ("anomaly", "scuffed toe")}
+    assert Registry().verdicts(run.fingerprint) == {by_rank[1]: ("anomaly", "scuffed toe")}
     assert any(text.startswith("**Your verdict**: anomaly (scuffed toe)") for text in at.markdown.values)
     assert metrics(at)["Rank"] == "2 of 300"  # the verdict keeps the sample on screen
 
@@ -430,8 +433,8 @@ def test_results_threshold_curves_verdicts_rerun_and_runs(home, runner):
     samples = run.samples.sort_values("rank")
     normal = samples[samples["kept"] == 0]["id"].iat[0]
     anomaly = samples[samples["kept"] == 1]["id"].iat[-1]
-    Registry().set_verdict(run.run_id, normal, "normal")
-    Registry().set_verdict(run.run_id, anomaly, "anomaly")
+    Registry().set_verdict(run.fingerprint, normal, "normal")
+    Registry().set_verdict(run.fingerprint, anomaly, "anomaly")
     at.run()
     assert_clean(at)
     agreement = next(frame for frame in frames(at) if "model normal" in frame.columns)
@@ -723,3 +726,253 @@ def test_streamlit_config_is_local_and_quiet(server_config):
 
 def test_streamlit_upload_limit_equals_the_engine_limit(server_config):
     assert server_config["server"]["maxUploadSize"] * 1024**2 == MAX_UPLOAD_BYTES
+
+
+# ------------------------------------------------------------------- Verdicts follow the data (issue 14.5)
+# A verdict belongs to a sample of the data (fingerprint, sample id), so every run on that data shows it.
+
+
+def judged_frame(at) -> pd.DataFrame:
+    """The Results page's list of the judged samples."""
+    return next(frame for frame in frames(at) if {"verdict", "model"} <= set(frame.columns))
+
+
+def open_sample(at, sample_id: str):
+    """Open ``sample_id`` on the Inspect page, as a link from another page does."""
+    at.switch_page("pages/inspect.py")
+    at.session_state["inspect_id"] = sample_id
+    return at.run()
+
+
+def test_a_verdict_on_one_run_shows_on_another_run_of_the_same_data(own_runs):
+    first = own_runs.table
+    second = fit_digits_run(own_runs.home)  # a second, independent fit of the same table
+    assert SavedRun(second).fingerprint == SavedRun(first).fingerprint and run_id(second) != run_id(first)
+    at = studio("inspect", run=first)
+    sample = at.subheader[0].value
+    at.text_input(key=f"note-{sample}").set_value("odd loop")
+    at.button(key="verdict-anomaly").click().run()
+    assert_clean(at)
+
+    on_second = studio(url={"session": at.query_params["session"]}, run=second)  # the same browser, run B
+    open_sample(on_second, sample)
+    assert_clean(on_second)
+    assert on_second.subheader[0].value == sample
+    assert "**Your verdict**: anomaly (odd loop)" in on_second.markdown.values
+    on_second.switch_page("pages/results.py").run()
+    assert_clean(on_second)
+    assert not any(value.startswith("No verdicts yet") for value in on_second.caption.values)
+    judged = judged_frame(on_second)
+    assert judged[["id", "verdict", "note"]].values.tolist() == [[sample, "anomaly", "odd loop"]]
+    on_second.switch_page("pages/embeddings.py").run()
+    assert_clean(on_second)
+    assert "verdict" in on_second.selectbox(key="colour_by").options
+
+
+def test_a_rerun_with_the_verdicts_shows_them_and_its_round_view_names_the_confirmed_anomalies(own_runs, runner):
+    run = SavedRun(own_runs.table)
+    samples = run.samples.sort_values("rank")
+    confirmed = samples[samples["kept"] == 1]["id"].iat[-1]  # the most typical kept row, confirmed anomalous
+    normal = samples[samples["kept"] == 0]["id"].iat[0]
+    at = studio(run=own_runs.table)
+    for sample, button in ((confirmed, "verdict-anomaly"), (normal, "verdict-normal")):
+        open_sample(at, sample)
+        at.button(key=button).click().run()
+    at.switch_page("pages/results.py").run()
+    at.button(key="rerun_with_verdicts").click().run()
+    assert_clean(at)
+    at.switch_page("pages/refine.py")
+    wait_for_job(at, runner)
+    assert_clean(at)
+    rerun = Path(at.query_params["run"])
+    assert rerun != own_runs.table
+
+    removed = [frame for frame in frames(at) if "consensus margin" in frame.columns]
+    assert removed, "the round view lists the removed rows"
+    first_round = removed[0].set_index("id")
+    assert first_round.loc[confirmed, "votes"] == "confirmed anomaly (expert)"
+    cells = [str(value).lower() for frame in removed for value in frame.to_numpy().ravel()]
+    assert "nan" not in cells and "none" not in cells
+
+    at.switch_page("pages/results.py").run()
+    assert_clean(at)
+    assert any(value.startswith(f"Run {rerun.name}") for value in at.caption.values)
+    assert not any(value.startswith("No verdicts yet") for value in at.caption.values)
+    shown = judged_frame(at).set_index("id")["verdict"].to_dict()
+    assert shown == {confirmed: "anomaly", normal: "normal"}
+
+
+def test_results_list_the_samples_where_the_expert_and_the_model_disagree(own_runs):
+    run = SavedRun(own_runs.table)
+    samples = run.samples.sort_values("rank")
+    flagged, called_normal = samples[samples["is_anomaly"] == 1]["id"], samples[samples["is_anomaly"] == 0]["id"]
+    verdicts = {flagged.iat[0]: "anomaly", flagged.iat[1]: "normal", flagged.iat[2]: "unsure",
+                called_normal.iat[0]: "anomaly", called_normal.iat[1]: "normal"}
+    for sample, verdict in verdicts.items():
+        Registry().set_verdict(run.fingerprint, sample, verdict, "checked")
+    at = studio("results", run=own_runs.table)
+    assert_clean(at)
+    listed = [button.key.removeprefix("disagree-") for button in at.button if (button.key or "").startswith("disagree-")]
+    assert listed == [flagged.iat[1], called_normal.iat[0]]  # most anomalous first
+    agreement = next(frame for frame in frames(at) if "model normal" in frame.columns)
+    assert int(agreement.to_numpy().sum()) == len(verdicts)
+
+    at.button(key=f"disagree-{called_normal.iat[0]}").click().run()
+    assert_clean(at)
+    assert at.title[0].value == "Inspect" and at.subheader[0].value == called_normal.iat[0]
+    assert "**Your verdict**: anomaly (checked)" in at.markdown.values
+
+
+# ------------------------------------------------------ The session keeps its place; progress you can see (issue 14.2, 14.6)
+
+
+def in_order(block) -> list:
+    """Every element and block under ``block``, depth first, in the order the page draws them."""
+    found = []
+    for child in block.children.values():
+        found.append(child)
+        if hasattr(child, "children"):
+            found.extend(in_order(child))
+    return found
+
+
+def use_builtin(at, key: str):
+    source = next(source for source in builtin_sources() if source.key == key)
+    at.radio(key="builtin_choice").set_value(source).run()
+    return at.button(key="use_builtin").click().run()
+
+
+def test_a_reload_restores_the_data_named_in_the_url(home):
+    at = use_builtin(studio(), "digits")
+    assert_clean(at)
+    assert (at.query_params["data"], at.query_params["label"]) == ("builtin:digits", "label")
+    at.switch_page("pages/refine.py").run()  # a page change clears the URL; the session puts the data back
+    assert at.query_params["data"] == "builtin:digits"
+
+    reloaded = studio(url=dict(at.query_params))  # a new script session on the same URL: a reload
+    assert_clean(reloaded)
+    assert reloaded.session_state["data_path"] == at.session_state["data_path"]
+    assert reloaded.session_state["label_column"] == "label"
+    assert (metrics(reloaded)["Kind"], metrics(reloaded)["Samples"]) == ("table", "200")
+    assert Path(at.session_state["data_path"]).name in reloaded.sidebar.caption.values
+    reloaded.switch_page("pages/refine.py").run()
+    assert reloaded.caption[0].value.startswith("Training data: 200 rows")
+
+
+def test_a_url_cannot_open_another_sessions_upload(home):
+    owner = studio()
+    table = pd.DataFrame(np.random.default_rng(0).normal(size=(40, 3)), columns=["a", "b", "c"])
+    upload = save_uploads([("sensors.csv", table.to_csv(index=False).encode())], home / "workspace",
+                          session=session_id(owner))
+    owner.run()
+    owner.button(key="use_earlier_upload").click().run()
+    assert_clean(owner)
+    assert owner.session_state["data_path"] == str(upload)
+    assert studio(url=dict(owner.query_params)).session_state["data_path"] == str(upload)  # its owner reloads
+    stranger = studio(url={"data": owner.query_params["data"]})
+    assert not stranger.exception
+    assert stranger.session_state["data_path"] == str(DEMO_DIR)
+    assert [toast.value for toast in stranger.toast] and "not one of this session's uploads" in stranger.toast[0].value
+    assert stranger.query_params["data"] == "builtin:demo"
+
+
+def test_a_refused_upload_keeps_the_previous_data(home):
+    at = use_builtin(studio(), "digits")
+    chosen = at.session_state["data_path"]
+    archive = (home / "good.zip")
+    shutil.make_archive(str(archive.with_suffix("")), "zip", DEMO_DIR)
+    truncated = archive.read_bytes()[: archive.stat().st_size // 2]  # an upload cut off half-way
+    save_uploads([("images.zip", truncated)], home / "workspace", session=session_id(at))
+    at.run()
+    at.button(key="use_earlier_upload").click().run()
+    assert not at.exception
+    assert len(at.error) == 1  # the refusal, said once, above the data that stays active
+    assert at.session_state["data_path"] == chosen and at.query_params["data"] == "builtin:digits"
+    assert (metrics(at)["Kind"], metrics(at)["Samples"]) == ("table", "200")
+    at.switch_page("pages/refine.py").run()
+    assert_clean(at)
+    assert at.caption[0].value.startswith("Training data: 200 rows")
+
+
+def test_a_running_job_shows_plain_progress_above_the_folded_settings(home, runner):
+    at = studio("refine")
+    reported, release = threading.Event(), threading.Event()
+
+    def work(context):  # a job of this session, reporting as the fit's localization stage does
+        context.plan([("embed", 1.0), ("patch_fit", 1.0)])
+        context.on_progress(ProgressEvent("embed", 10, 10))
+        context.on_progress(ProgressEvent("patch_fit", 3, 10))
+        reported.set()
+        release.wait(HOLD_S)
+
+    job_id = runner.submit("fit demo", work, owner=session_id(at))
+    try:
+        assert reported.wait(HOLD_S)
+        at.run()
+        assert_clean(at)
+        assert at.query_params["job"] == job_id
+        bar = at.get("progress")[0]
+        assert bar.value == 65  # the whole job: embedding done (half), then 3 of 10 in the second half
+        assert bar.proto.text.startswith("**learning what normal patches look like (3/10)**")
+        assert "patch_fit" not in bar.proto.text
+        sidebar = studio(url=dict(at.query_params)).sidebar.caption.values  # (AppTest draws it on the first page only)
+        assert "fit demo: running (learning what normal patches look like (3/10))" in sidebar
+        order = in_order(at.main)
+        settings = next(block for block in order if getattr(block, "type", "") == "expander")
+        assert order.index(bar) < order.index(settings)  # the live view first, the settings below it
+        assert settings.proto.expanded is False  # folded away while the job runs
+        assert settings.label == "Settings of the next fit"
+        assert at.form_submit_button[0].disabled
+    finally:
+        release.set()
+
+
+def test_fields_that_do_not_apply_are_hidden(home):
+    at = studio("refine")
+    assert at.selectbox(key="objective").value == "none"
+    shown = {element.key for element in [*at.number_input, *at.selectbox]}
+    assert not {"epochs", "retrain_epochs", "encoder"} & shown
+    at.selectbox(key="objective").set_value("rotation").run()
+    shown = {element.key for element in [*at.number_input, *at.selectbox]}
+    assert {"epochs", "retrain_epochs", "encoder"} <= shown and {"backbone", "localization"} <= shown
+    use_builtin(at.switch_page("pages/data.py").run(), "digits").switch_page("pages/refine.py").run()
+    assert_clean(at)
+    shown = {element.key for element in [*at.number_input, *at.selectbox, *at.select_slider]}
+    assert not {"backbone", "image_size", "localization"} & shown  # image-only settings, for a table
+    assert "refine_detector" in shown
+
+
+def test_a_fit_leaves_its_map_laid_out_for_the_embeddings_page(home, runner):
+    at = use_builtin(studio(), "digits").switch_page("pages/refine.py").run()
+    at.number_input(key="rounds").set_value(1)
+    at.form_submit_button[0].click().run()
+    wait_for_job(at, runner)
+    assert_clean(at)
+    cached = Path(at.query_params["run"]) / "layouts.safetensors"
+    assert cached.is_file()  # laid out by the fit job
+    written = cached.stat().st_mtime_ns
+    at.switch_page("pages/embeddings.py").run()
+    assert_clean(at)
+    assert len(charts(at)) == 1 and cached.stat().st_mtime_ns == written  # the page read it, computed nothing
+
+
+def test_the_sidebar_names_the_run_of_a_finished_rerun_at_once(own_runs, runner):
+    key = secrets.token_urlsafe(32)  # the studio session that re-runs the run it has open
+    dataset = engine.load_data(prepare_builtin("digits", own_runs.home / "workspace"), label_column="label")
+    out_dir = engine.new_run_dir("rerun", root=own_runs.home / "runs")
+    work = engine.fit_work(dataset, engine.suggested_config(dataset).with_changes(rounds=1, label_column="label"),
+                           out_dir, registry=Registry(), session=session_id_of(key))
+    job_id = runner.submit("fit rerun", work, owner=session_id_of(key))  # as Results' re-run button does
+    assert runner.wait(job_id, 120).state == "done"
+    at = studio(url={"session": key, "job": job_id, "run": str(own_runs.images)})  # (AppTest draws the sidebar on its first run only)
+    assert_clean(at)
+    assert out_dir.name in at.sidebar.caption.values and own_runs.images.name not in at.sidebar.caption.values
+    assert at.query_params["run"] == str(out_dir)
+
+
+def test_the_map_shows_removed_in_red_and_kept_in_blue(own_runs):  # the map caches its layout in the run
+    at = studio("embeddings", run=own_runs.images)
+    at.selectbox(key="colour_by").set_value("kept / removed").run()
+    assert_clean(at)
+    colours = {trace["name"]: trace["marker"].get("color") for trace in json.loads(charts(at)[0].proto.spec)["data"]}
+    assert colours == {"kept": KEPT_COLOUR, "removed": REMOVED_COLOUR}

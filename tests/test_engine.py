@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from core import engine
+from core.project import CACHE_FILE
 from core.config import FitConfig
 from core.data import table_dataset
 from core.data.protocol import contaminate
@@ -246,7 +247,8 @@ def test_fit_work_publishes_dataset_rounds_and_run_dir(tmp_path, digits, registr
     assert [len(value) for value in growing] == list(range(1, len(result.rounds) + 1))
     assert status.outputs["dataset"] is digits and status.outputs["run_dir"] == result.run_dir
     assert list(status.outputs["rounds"]) == result.rounds
-    assert status.stage == "score" and status.eta_s is None
+    assert status.stage == "project" and status.eta_s is None, "the map layout is the last stage of a fit job"
+    assert (tmp_path / "run" / CACHE_FILE).is_file(), "the map layout is cached in the run"
 
 
 def test_fit_work_failure_marks_the_job_failed(tmp_path, digits, registry):

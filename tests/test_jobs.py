@@ -3,6 +3,7 @@ import dataclasses
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from core import jobs
@@ -311,3 +312,56 @@ def test_jobs_remember_who_submitted_them():
     assert [job.job_id for job in runner.jobs(owner="bob")] == [theirs]
     assert [job.job_id for job in runner.jobs()] == [anonymous, theirs, mine]
     assert runner.wait(theirs, TIMEOUT).owner == "bob"  # a finished job keeps its owner
+
+
+def run_events(events, plan=None):
+    """Run a job that reports ``events`` ((seconds before, ProgressEvent), ...) on a fake clock; its snapshots."""
+    clock = FakeClock()
+    runner = JobRunner(clock=clock)
+    observed = []
+
+    def work(context):
+        if plan:
+            context.plan(plan)
+        for seconds_before, event in events:
+            clock.advance(seconds_before)
+            context.on_progress(event)
+            observed.append(runner.status(job_id))
+
+    job_id = runner.submit("events", work)
+    assert runner.wait(job_id, TIMEOUT).state == "done"
+    return observed
+
+
+def test_a_slow_first_batch_does_not_inflate_the_stage_eta():
+    # 30 s of setting up before the first of 11 units, then 1 s per unit (the coreset stage).
+    observed = run_events([(31.0, ProgressEvent("coreset", 1, 11))]
+                          + [(1.0, ProgressEvent("coreset", done, 11)) for done in range(2, 11)])
+    assert observed[0].eta_s == 310.0, "one event: paced from the stage's start, setup included"
+    assert [status.eta_s for status in observed[1:]] == [float(11 - done) for done in range(2, 11)]
+
+
+def test_the_stage_eta_is_smoothed_against_an_uneven_pace():
+    paces = [0.5, 1.5] * 6  # seconds per unit, alternating
+    observed = run_events([(1.0, ProgressEvent("embed", 1, 20))]
+                          + [(pace, ProgressEvent("embed", done, 20)) for done, pace in enumerate(paces, start=2)])
+    elapsed = np.cumsum(paces)
+    raw = [elapsed[i] / (i + 1) * (20 - done) for i, done in enumerate(range(2, 2 + len(paces)))]
+    smoothed = [status.eta_s for status in observed[1:]]
+
+    def jumps(etas):  # how far each estimate moves beyond the time that passed
+        return sum(abs(later - (earlier - pace)) for earlier, later, pace in zip(etas, etas[1:], paces[1:]))
+
+    assert jumps(smoothed) < 0.5 * jumps(raw)
+
+
+def test_a_planned_job_reports_its_whole_progress_and_eta():
+    plan = [("embed", 1.0), ("refine", 2.0), ("project", 1.0)]
+    events = [(1.0, ProgressEvent("embed", 5, 10)), (1.0, ProgressEvent("embed", 10, 10)),
+              (2.0, ProgressEvent("refine", 1, 2)), (1.0, ProgressEvent("embed", 10, 10)),  # re-embedding in a round
+              (2.0, ProgressEvent("refine", 2, 2)), (1.0, ProgressEvent("project", 1, 1))]
+    observed = run_events(events, plan)
+    assert [status.overall for status in observed] == [0.125, 0.25, 0.5, 0.5, 0.75, 1.0]
+    assert all(status.overall_eta_s is not None for status in observed)
+    assert observed[-1].overall_eta_s < observed[0].overall_eta_s
+    assert all(status.overall is None and status.overall_eta_s is None for status in run_events(events))

@@ -18,6 +18,7 @@ from core.results import (
     bundle_run,
     compare_runs,
     confusion_at,
+    judged_samples,
     score_curves,
     verdict_agreement,
 )
@@ -255,6 +256,23 @@ def test_verdict_agreement_counts(plain):
     expected = [[2, 1], [0, 1], [1, 0]]
     assert table.to_numpy().tolist() == expected
     assert table.to_numpy().sum() == len(verdicts)
+
+
+def test_judged_samples_mark_where_the_expert_and_the_model_disagree(plain):
+    _, run = plain
+    samples = run.samples
+    flagged = list(samples["id"][samples["is_anomaly"] == 1][:3])
+    normal = list(samples["id"][samples["is_anomaly"] == 0][:3])
+    verdicts = {flagged[0]: ("anomaly", ""), flagged[1]: ("normal", "a thick seven"), flagged[2]: ("unsure", ""),
+                normal[0]: ("normal", ""), normal[1]: ("anomaly", "smudged"), normal[2]: ("unsure", "")}
+    judged = judged_samples(samples, {**verdicts, "not-a-sample": ("anomaly", "")})
+    assert list(judged.columns) == ["id", "verdict", "note", "model", "anomaly_score", "rank", "disagrees"]
+    assert set(judged["id"]) == set(verdicts)  # a verdict on an id the run lacks is left out
+    assert list(judged["rank"]) == sorted(judged["rank"])  # most anomalous first
+    assert set(judged.loc[judged["disagrees"], "id"]) == {flagged[1], normal[1]}
+    row = judged.set_index("id").loc[normal[1]]
+    assert (row["verdict"], row["note"], row["model"]) == ("anomaly", "smudged", "normal")
+    assert row["anomaly_score"] == samples.set_index("id").loc[normal[1], "anomaly_score"]
 
 
 # ---------------------------------------------------------------------------- comparison and bundle

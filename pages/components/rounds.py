@@ -9,6 +9,8 @@ import streamlit as st
 from pages.components import charts, services, state, widgets
 
 STRIP_IMAGES = 16
+CONFIRMED = "confirmed anomaly (expert)"
+"""What a removed sample shows instead of votes and a margin when the expert's verdict removed it."""
 
 
 MARGIN_HELP = (
@@ -90,7 +92,8 @@ def _removed_strip(record, ids, labels, image_path, anomaly_score, key: str | No
                 + (f" (first {STRIP_IMAGES} of {len(record.removed)})" if len(record.removed) > STRIP_IMAGES else ""),
                 help=MARGIN_HELP)
     ensemble = len(record.thresholds)
-    votes = [("expert" if record.votes[i] < 0 else f"{record.votes[i]}/{ensemble} votes") for i in shown]
+    # A confirmed anomaly is removed before round 1 unjudged: no votes (-1), no consensus margin (NaN).
+    votes = [(CONFIRMED if record.votes[i] < 0 else f"{record.votes[i]}/{ensemble} votes") for i in shown]
     margin = [("-" if np.isnan(record.anomaly_score[i]) else f"{record.anomaly_score[i]:+.1f}") for i in shown]
     if image_path is None:
         table = {"id": [ids[i] for i in shown], "votes": votes, "consensus margin": margin}
@@ -99,7 +102,7 @@ def _removed_strip(record, ids, labels, image_path, anomaly_score, key: str | No
         st.dataframe(table, hide_index=True)
         return
     captions = [
-        f"{ids[i]} · {vote} · margin {m}"
+        f"{ids[i]} · {vote}" + ("" if vote == CONFIRMED else f" · margin {m}")
         + ("" if anomaly_score is None else f" · anomaly_score {anomaly_score[i]:.4g}")
         + ("" if labels is None else (" · labelled anomaly" if labels[i] == 1 else ""))
         for i, vote, m in zip(shown, votes, margin)

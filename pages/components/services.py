@@ -6,6 +6,10 @@ Refine page. Run-level resources (models, layouts, maps) live in :mod:`pages.com
 ``st.cache_resource`` holds shared objects (the job runner, the registry, loaded data sets);
 ``st.cache_data`` holds arrays keyed by their file, so page switches are fast.
 
+The active data is named in the URL by its *source* (:func:`builtin_source`, :func:`upload_source`,
+:func:`server_source`), which :func:`source_path` checks as the Data page checks a choice, so a URL
+cannot open what the page would refuse (another session's upload, Refinery's own storage).
+
 Runs and jobs are seen through the studio session (:func:`state.session_id`): a session sees its
 own runs and jobs, shared runs and the command line's runs; another session's private run or job
 named in the URL is refused (:func:`run_refused`, :func:`job_refused`), never opened.
@@ -21,8 +25,9 @@ import streamlit as st
 
 from core.data import Dataset, load_dataset, read_rgb
 from core.data.protocol import contaminate
-from core.data.sources import DEMO_DIR
-from core.jobs import JobRunner, JobStatus, Work
+from core.data.sources import earlier_uploads, prepare_builtin, resolve_server_folder
+from core.errors import DataError, RefineryError
+from core.jobs import DONE, JobRunner, JobStatus, Work
 from core.store import Registry, RunRecord, refinery_home
 from pages.components import state
 
@@ -85,18 +90,81 @@ def workspace() -> Path:
     return refinery_home() / "workspace"
 
 
+DEMO_SOURCE = "builtin:demo"
+"""The active data until the user picks other data: the bundled demo."""
+
+
+def builtin_source(key: str) -> str:
+    """The URL's name of the built-in data set ``key``."""
+    return f"builtin:{key}"
+
+
+def upload_source(path: Path | str) -> str:
+    """The URL's name of one of this session's uploads (its path in the workspace)."""
+    return f"upload:{Path(path).relative_to(workspace()).as_posix()}"
+
+
+def server_source(typed: str) -> str:
+    """The URL's name of a path on the server, as the user typed it."""
+    return f"path:{typed}"
+
+
+def source_path(source: str) -> Path:
+    """The data a source names: a built-in set by key, one of this session's uploads, or a server path
+    outside Refinery's own storage. DataError (or ConfigError) when it names none of these."""
+    kind, _, value = source.partition(":")
+    if kind == "builtin":
+        return prepare_builtin(value, workspace())
+    if kind == "upload":
+        found = [entry for entry in earlier_uploads(workspace(), state.session_id())
+                 if entry.relative_to(workspace()).as_posix() == value]
+        if not found:
+            raise DataError(f"{value!r} is not one of this session's uploads; upload the files again")
+        return found[0]
+    if kind == "path":
+        return resolve_server_folder(value, private=[refinery_home()])
+    raise DataError(f"{source!r} names no data; the URL's data is 'builtin:KEY', 'upload:PATH' or 'path:PATH'")
+
+
+def use_data(path: Path | str, label_column: str | None, source: str) -> None:
+    """Make ``path`` the active data once it loads, then draw the page again so that the sidebar names
+    it. Data that does not load (a truncated zip, a table without ``label_column``) raises its error
+    and the active data stays as it was."""
+    dataset(str(path), label_column)
+    state.choose_data(path, label_column, source)
+    st.rerun()
+
+
 def active_data() -> tuple[str, str | None, tuple[float, int] | None]:
-    """(path, label column, protocol) of the active data; the built-in demo until the user picks other data."""
+    """(path, label column, protocol) of the active data: the URL's (a reload), else this session's,
+    else the built-in demo. A URL naming data that no longer loads is dropped with a message."""
+    requested = state.requested_data()
+    if requested is not None:
+        source, label_column = requested
+        try:
+            path = source_path(source)
+            dataset(str(path), label_column)
+        except RefineryError as error:
+            state.forget_requested_data()
+            st.toast(f"The data in the URL could not be opened ({error}); the studio kept its data.",
+                     icon=":material/warning:")
+        else:
+            state.choose_data(path, label_column, source)
     path, label_column, protocol = state.data_choice()
     if path is None:
-        state.choose_data(DEMO_DIR)
-        return str(DEMO_DIR), None, None
+        path = source_path(DEMO_SOURCE)
+        state.choose_data(path, None, DEMO_SOURCE)
+        return str(path), None, None
     return path, label_column, protocol
 
 
 def active_run_dir() -> str | None:
-    """The run in the URL, else the newest finished run this session may see whose folder still exists;
+    """The run of this session's job that just finished (once, see :func:`state.adopt_job_result`), else
+    the run in the URL, else the newest finished run this session may see whose folder still exists;
     None without one, or when the URL names another session's private run (:func:`run_refused`)."""
+    job = watched_job()
+    if job is not None and job.state == DONE:
+        state.adopt_job_result(job.job_id, job.result.run_dir)
     if run_refused():
         return None
     chosen = state.run_dir()

@@ -1,10 +1,16 @@
-"""The sidebar every page shows: active data, active run, device and job state."""
+"""The sidebar every page shows: active data, active run, device and job state.
+
+It is drawn before the page; a page that changes the data reruns the script (``services.use_data``),
+and a finished job's run becomes active as the sidebar reads it (``services.active_run_dir``), so
+the sidebar names every change at once.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import streamlit as st
 
+from core.progress import stage_text
 from pages.components import services
 
 
@@ -28,5 +34,5 @@ def draw() -> None:
             busy = services.job_runner().active() is not None
             st.caption("idle" + (" (another session's job is running; yours would queue)" if busy else ""))
         else:
-            progress = f" ({job.stage} {job.done}/{job.total})" if job.state == "running" and job.total else ""
+            progress = f" ({stage_text(job.stage, job.done, job.total)})" if job.state == "running" and job.stage else ""
             st.caption(f"{job.title}: {job.state}{progress}")

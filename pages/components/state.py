@@ -1,8 +1,8 @@
 """Every session-state key and query parameter the pages use, in one place.
 
-The studio session's key, the active run and the watched job are mirrored into the URL
-(``?session=...&run=...&job=...``) so that a browser refresh, or the URL opened in a second tab,
-comes back to the same studio session, run and job. Streamlit clears the URL's parameters on every
+The studio session's key, the active data, the active run and the watched job are mirrored into
+the URL (``?session=...&data=...&label=...&run=...&job=...``) so that a browser refresh, or the URL
+opened in a second tab, comes back to the same studio session, data, run and job. Streamlit clears the URL's parameters on every
 page change (navigation menu, ``st.page_link``, ``st.switch_page``), so the session keeps them
 too and puts them back into the URL.
 
@@ -23,6 +23,7 @@ import streamlit as st
 
 # Session-state keys
 DATA_PATH = "data_path"              # str: the folder, zip or table being worked on
+DATA_SOURCE = "data_source"          # str: how the URL names the active data (the URL's ``data``, see services)
 LABEL_COLUMN = "label_column"        # str | None: a table's label column (metrics only)
 PROTOCOL = "protocol"                # tuple[float, int] | None: (anomaly ratio, seed) of a contamination protocol
 SELECTION = "selection"              # list[int]: sample indices selected on the Embeddings page
@@ -39,6 +40,8 @@ COMPARE_WITH = "compare_with"        # str: the run folder a verdict re-run is c
 RUN_PARAM = "run"
 JOB_PARAM = "job"
 SESSION_PARAM = "session"
+DATA_PARAM = "data"                  # the active data's source (services.data_source / services.source_path)
+LABEL_PARAM = "label"                # its label column, when it has one
 
 KEY_BYTES = 32
 """Random bytes in a new session key (``secrets.token_urlsafe``: 43 URL-safe characters)."""
@@ -50,13 +53,51 @@ def data_choice() -> tuple[str | None, str | None, tuple[float, int] | None]:
     return st.session_state.get(DATA_PATH), st.session_state.get(LABEL_COLUMN), st.session_state.get(PROTOCOL)
 
 
-def choose_data(path: Path | str, label_column: str | None = None) -> None:
-    """Make ``path`` the active data (clears a protocol and selection made on other data)."""
+def choose_data(path: Path | str, label_column: str | None = None, source: str | None = None) -> None:
+    """Make ``path`` the active data (clears a protocol and selection made on other data).
+
+    ``source`` is how the URL names it (``?data=...``, with ``?label=...``), so that a reload restores
+    it; None leaves it out of the URL."""
     if st.session_state.get(DATA_PATH) != str(path) or st.session_state.get(LABEL_COLUMN) != label_column:
         st.session_state[PROTOCOL] = None
         st.session_state[SELECTION] = []
     st.session_state[DATA_PATH] = str(path)
     st.session_state[LABEL_COLUMN] = label_column
+    st.session_state[DATA_SOURCE] = source
+    _put_data_in_url()
+
+
+def requested_data() -> tuple[str, str | None] | None:
+    """(source, label column) the URL names when they are not this session's active data: a reload, or
+    a URL opened in a new tab; None otherwise. A URL without them (a page change cleared it) gets this
+    session's back."""
+    source = st.query_params.get(DATA_PARAM)
+    if source is None:
+        _put_data_in_url()
+        return None
+    label_column = st.query_params.get(LABEL_PARAM)
+    if (source, label_column) == (st.session_state.get(DATA_SOURCE), st.session_state.get(LABEL_COLUMN)):
+        return None
+    return source, label_column
+
+
+def forget_requested_data() -> None:
+    """Drop a data choice from the URL that could not be restored; this session's own goes back in."""
+    st.query_params.pop(DATA_PARAM, None)
+    st.query_params.pop(LABEL_PARAM, None)
+    _put_data_in_url()
+
+
+def _put_data_in_url() -> None:
+    source = st.session_state.get(DATA_SOURCE)
+    label_column = st.session_state.get(LABEL_COLUMN)
+    if source is None:
+        return
+    st.query_params[DATA_PARAM] = source
+    if label_column is None:
+        st.query_params.pop(LABEL_PARAM, None)
+    else:
+        st.query_params[LABEL_PARAM] = label_column
 
 
 def _mirrored(param: str, key: str) -> str | None:

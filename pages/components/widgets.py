@@ -9,7 +9,6 @@ import streamlit as st
 from streamlit.errors import StreamlitPageNotFoundError
 
 from core.errors import RefineryError
-from core.jobs import JobStatus
 from pages.components import services
 
 log = logging.getLogger("refinery.app")
@@ -80,18 +79,6 @@ def gallery(
                 ):
                     clicked = position
     return clicked
-
-
-def job_progress(status: JobStatus) -> None:
-    """One progress bar with the stage, counts and ETA of a job."""
-    if status.state == "queued":
-        st.info(f"**{status.title}** is queued behind another job; it starts when that one finishes.")
-        return
-    counts = f" {status.done}/{status.total}" if status.total else ""
-    eta = f", about {status.eta_s:.0f} s left in this stage" if status.eta_s is not None else ""
-    text = f"{status.stage or 'starting'}{counts}{eta}" + (f" - {status.message}" if status.message else "")
-    st.progress(status.fraction, text=text)
-    st.caption(f"{status.title}: running for {status.elapsed_s:.0f} s")
 
 
 THRESHOLD_BY = ("share of samples flagged", "anomaly_score value")
