@@ -1,11 +1,19 @@
 """A walk through the studio in a real browser, step by step: shared by the browser tests and the screenshots.
 
-The walk a user takes: the Data page shows the bundled demo; a fit runs on the Refine page (and
-survives a page reload while it runs and after); a lasso on the Embeddings map lists samples; one
-opens on the Inspect page, where a verdict is recorded; the Results page lists it. Every page is
-checked for tracebacks and error boundaries, and each step leaves a full-page screenshot
-``<page>.png`` in the folder it is given. A failed check raises ``AssertionError`` (Playwright's
-``expect``), in a test and in ``bench/screenshots.py`` alike.
+Two walks. :func:`walk`, the one the README's screenshots show: the Data page shows the bundled demo;
+a fit runs on the Refine page (and survives a page reload while it runs and after); a lasso on the
+Embeddings map lists samples; one opens on the Inspect page, where a verdict is recorded; the
+Results page lists it. :func:`review_walk`, an expert's review of data of their own: a zip is
+uploaded, refined with the defaults (the page reloaded mid-fit still names the uploaded data),
+lassoed on the map, judged on Inspect with the keys N / A / U over a readable localization map,
+re-run with the verdicts from Results (the new run removes the confirmed anomaly first and lists the
+verdicts), and its scores downloaded and read.
+
+Every page is checked for tracebacks and error boundaries (:func:`assert_clean`), pages with charts for
+a plotly axis that cuts its data (:func:`assert_axes_whole`), and pages that name the run for a run
+named two ways (:func:`assert_one_run_name`). Each step leaves a full-page screenshot in the folder it
+is given. A failed check raises ``AssertionError`` (Playwright's ``expect``), in a test and in
+``bench/screenshots.py`` alike.
 
 Used by ``tests/test_e2e_browser.py`` (screenshots into pytest's temporary folder),
 ``tests/test_e2e_concurrent.py`` (the page helpers and :class:`Budget`) and ``bench/screenshots.py``
@@ -20,14 +28,19 @@ ran out, named by Playwright.
 """
 from __future__ import annotations
 
+import csv
+import json
+import math
+import random
 import re
 import time
+import zipfile
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 from playwright.sync_api import expect
 
-from bench.studio import VIEWPORT
+from bench.studio import REPO, VIEWPORT
 
 PAGE_MS = 60_000   # a page's first render (the first one imports torch and the engine); any other wait's limit
 FIT_MS = 150_000   # the demo fit, about 20 s on 2 idle cores; generous for a busy machine
@@ -37,8 +50,11 @@ SETTLE_MS = 500    # charts finish their transitions before a screenshot
 OPEN_TRY_MS = 10_000  # a selectbox's list shows this soon after a click that lands, or the click is repeated
 OPEN_ATTEMPTS = 3
 DEMO_SAMPLES = 300
-FINISHED = re.compile(r"^Finished in \d+ s: run (\w+) saved")
-"""The Refine page's finished view; the group is the run id."""
+DEMO_NAME = "fashion-mnist-sneakers"
+DEMO_DIR = REPO / "assets" / "demo" / DEMO_NAME
+SELECTION_SHOWN = 48  # the Embeddings page lists at most this many selected samples
+FINISHED = re.compile(r"^Finished in \d+ s: run (\S+) saved")
+"""The Refine page's finished view; the group is the run's name (its folder's)."""
 
 DATA_PAGE_S = 2 * PAGE_MS / 1000
 """Budget of :func:`data_page`: the first render, then a few checks that each take a moment."""
@@ -46,6 +62,28 @@ FIT_TO_RESULTS_S = (FIT_MS + MAP_MS) / 1000 + 4 * PAGE_MS / 1000
 """Budget of the steps from :func:`refine` to :func:`results`: the fit, the map, and page changes."""
 WALK_S = DATA_PAGE_S + FIT_TO_RESULTS_S
 """Budget of :func:`walk`."""
+
+REVIEW_NORMAL, REVIEW_ANOMALIES = 72, 6
+REVIEW_SAMPLES = REVIEW_NORMAL + REVIEW_ANOMALIES
+REVIEW_ZIP = "parts-review.zip"
+VERDICT_KEYS = (("n", "normal"), ("a", "anomaly"), ("u", "unsure"))
+"""The Inspect page's verdict keys, pressed on the first three samples the review judges."""
+READABLE_MAP_PX = 128
+"""The least height of a localization map with its colour bar at which the bar's labels can be read."""
+CONFIRMED = "confirmed anomaly (expert)"
+"""What the Refine page's round view says of a sample the expert's verdict removed."""
+SCORE_COLUMNS = ["id", "anomaly_score", "is_anomaly", "kept", "round_removed", "verdict", "verdict_note"]
+"""The scores download of a run on unlabelled data."""
+REVIEW_S = DATA_PAGE_S + (2 * FIT_MS + MAP_MS) / 1000 + 10 * PAGE_MS / 1000
+"""Budget of :func:`review_walk`: the upload, two fits, the map, and page changes and checks."""
+
+RUN_FOLDER = re.compile(r"\d{8}-\d{6}-[\w-]+-[0-9a-f]{6}")
+"""A run folder's name (``core.engine.new_run_dir``): what the studio calls a run."""
+RUN_NAMED = re.compile(r"\b(?:[Rr]un|fit):? ([\w-]+)")
+"""A run named in a text ("Run NAME", "run NAME saved", "fit NAME")."""
+NAMING_ELEMENTS = ", ".join(f"[data-testid={area}] [data-testid={element}]" for area in ("stSidebarUserContent", "stMain")
+                            for element in ("stHeading", "stCaptionContainer", "stAlertContainer", "stMarkdownContainer"))
+"""Where the pages name runs: headings, captions, messages and text, in the sidebar and the main area."""
 
 
 class Budget:
@@ -157,47 +195,67 @@ def data_page(page, url: str, budget: Budget, shots: Path) -> None:
     main = main_area(page)
     expect(page.get_by_role("heading", name="Data", exact=True)).to_be_visible(timeout=budget.ms())
     expect(page.get_by_role("button", name="Use this data set")).to_be_enabled(timeout=budget.ms())
-    samples = page.get_by_test_id("stMetric").filter(has_text="Samples")
-    expect(samples.get_by_test_id("stMetricValue")).to_have_text(str(DEMO_SAMPLES), timeout=budget.ms())
-    expect(main.get_by_text("fashion-mnist-sneakers")).to_be_visible(timeout=budget.ms())
+    expect(samples_metric(page)).to_have_text(str(DEMO_SAMPLES), timeout=budget.ms())
+    expect(main.get_by_text(DEMO_NAME)).to_be_visible(timeout=budget.ms())
     expect(main.get_by_test_id("stImage").first).to_be_visible(timeout=budget.ms())
     assert_clean(page, budget)
     screenshot(page, shots / "data.png", budget)
 
 
 def refine(page, url: str, budget: Budget, shots: Path) -> str:
-    """Start the demo fit on the Refine page, reload while it runs, wait for the saved run; its folder.
-
-    A reload after the job keeps the run (the URL holds it) and shows its rounds again.
-    """
+    """Start the demo fit on the Refine page, reload while it runs, wait for the saved run; its folder."""
     page.goto(url, timeout=budget.ms())
     expect(page.get_by_role("button", name="Use this data set")).to_be_visible(timeout=budget.ms())
+    return fit(page, DEMO_NAME, DEMO_SAMPLES, budget, shots / "refine.png")
+
+
+def fit(page, data_name: str, samples: int, budget: Budget, shot: Path) -> str:
+    """On the Refine page, start a fit of the active data (``samples`` images named ``data_name`` in the
+    sidebar) with the form's defaults; see :func:`watch_fit`. The run's folder."""
     goto_page(page, "Refine", budget)
-    expect(main_area(page).get_by_text(f"Training data: {DEMO_SAMPLES} images")).to_be_visible(timeout=budget.ms())
+    expect(main_area(page).get_by_text(f"Training data: {samples} images")).to_be_visible(timeout=budget.ms())
     page.get_by_role("button", name="Start refinement").click(timeout=budget.ms())
+    return watch_fit(page, data_name, samples, budget, shot)
+
+
+def watch_fit(page, data_name: str, samples: int, budget: Budget, shot: Path) -> str:
+    """A fit just started from this page: reload while it runs, wait for the saved run; its folder.
+
+    The reload keeps the job and the data (the URL holds them): the sidebar still names ``data_name``
+    and the page the fit's ``samples`` images. A reload after the job keeps the run and shows its
+    rounds again. Every place that names the run names it by its folder (:func:`assert_one_run_name`).
+    """
     expect(page.get_by_test_id("stProgress")).to_be_visible(timeout=budget.ms())
     assert "job=" in page.url
     job_url = page.url
     page.reload(timeout=budget.ms())
     assert page.url == job_url
+    main = main_area(page)
     finished = page.get_by_text(FINISHED)
     expect(page.get_by_test_id("stProgress").or_(finished).first).to_be_visible(timeout=budget.ms())
+    named = re.compile(rf"^(Fitting|Training data): {samples} images from \S*{re.escape(Path(data_name).stem)}")
+    expect(main.get_by_text(named)).to_be_visible(timeout=budget.ms())
+    assert sidebar_fact(page, "Data", budget) == data_name
     expect(finished).to_be_visible(timeout=budget.ms(FIT_MS))
     run = query_param(page, "run")
     assert run is not None and Path(run).is_dir(), page.url
     for round_number in (1, 2, 3):
         expect(page.get_by_role("tab", name=f"Round {round_number}")).to_be_visible(timeout=budget.ms())
     assert_clean(page, budget)
-    screenshot(page, shots / "refine.png", budget)
+    assert_one_run_name(page, run, budget)
+    assert_axes_whole(page, budget)
+    screenshot(page, shot, budget)
 
     page.reload(timeout=budget.ms())
-    expect(page.get_by_role("heading", name=re.compile(r"^Run \S+$"))).to_be_visible(timeout=budget.ms())
+    expect(page.get_by_role("heading", name=f"Run {Path(run).name}", exact=True)).to_be_visible(timeout=budget.ms())
     expect(page.get_by_role("tab", name="Round 1")).to_be_visible(timeout=budget.ms())
     assert query_param(page, "run") == run
+    assert sidebar_fact(page, "Data", budget) == data_name
     return run
 
 
-def embeddings(page, run: str, budget: Budget, shots: Path) -> str:
+def embeddings(page, run: str, budget: Budget, shots: Path, samples: int = DEMO_SAMPLES,
+               shot: str = "embeddings.png") -> str:
     """The run's map renders every sample; a lasso round all points lists them with Inspect buttons.
 
     Returns the id of the first sample listed, whose Inspect button :func:`inspect` presses.
@@ -205,31 +263,45 @@ def embeddings(page, run: str, budget: Budget, shots: Path) -> str:
     goto_page(page, "Embeddings", budget)
     points = page.locator(".js-plotly-plot .scatterlayer .point")
     expect(points.first).to_be_attached(timeout=budget.ms(MAP_MS))
-    expect(points).to_have_count(DEMO_SAMPLES, timeout=budget.ms())
+    expect(points).to_have_count(samples, timeout=budget.ms())
     assert query_param(page, "run") == run
+    assert_axes_whole(page, budget)
     lasso_everything(page, budget)
     heading = page.get_by_role("heading", name=re.compile(r"^\d+ selected"))
     expect(heading).to_be_visible(timeout=budget.ms())
     selected = int(heading.inner_text(timeout=budget.ms()).split()[0])
-    assert selected > DEMO_SAMPLES // 2  # the lasso ran round the plot area's border
-    expect(main_area(page).get_by_role("button", name="Inspect", exact=True).first).to_be_visible(timeout=budget.ms())
+    assert selected > samples // 2  # the lasso ran round the plot area's border
+    buttons = main_area(page).get_by_role("button", name="Inspect", exact=True)
+    expect(buttons.first).to_be_visible(timeout=budget.ms())
+    expect(buttons).to_have_count(min(selected, SELECTION_SHOWN), timeout=budget.ms())  # one per listed sample
     first_caption = main_area(page).get_by_test_id("stImageCaption").first.inner_text(timeout=budget.ms())
     assert_clean(page, budget)
-    screenshot(page, shots / "embeddings.png", budget)
+    assert_one_run_name(page, run, budget)
+    screenshot(page, shots / shot, budget)
     return first_caption.split(" · ")[0]
 
 
 def inspect(page, run: str, sample_id: str, budget: Budget, shots: Path) -> None:
     """From the Embeddings selection, open ``sample_id`` (the first listed); record an Anomaly verdict."""
+    open_from_selection(page, run, sample_id, budget)
+    page.get_by_role("button", name=re.compile("^Anomaly")).click(timeout=budget.ms())
+    expect_verdict(page, sample_id, "anomaly", budget)
+    assert_clean(page, budget)
+    screenshot(page, shots / "inspect.png", budget)
+
+
+def open_from_selection(page, run: str, sample_id: str, budget: Budget) -> None:
+    """Press the first Inspect button of the Embeddings selection: the Inspect page shows ``sample_id``."""
     main_area(page).get_by_role("button", name="Inspect", exact=True).first.click(timeout=budget.ms())
     expect(page.get_by_role("heading", name="Inspect", exact=True)).to_be_visible(timeout=budget.ms())
     expect(page.get_by_role("heading", name=sample_id, exact=True)).to_be_visible(timeout=budget.ms())
     assert query_param(page, "run") == run
-    page.get_by_role("button", name=re.compile("^Anomaly")).click(timeout=budget.ms())
-    expect(page.get_by_test_id("stToast").filter(has_text=f"{sample_id}: anomaly")).to_be_visible(timeout=budget.ms())
-    expect(main_area(page).get_by_text("Your verdict: anomaly")).to_be_visible(timeout=budget.ms())
-    assert_clean(page, budget)
-    screenshot(page, shots / "inspect.png", budget)
+
+
+def expect_verdict(page, sample_id: str, verdict: str, budget: Budget) -> None:
+    """The verdict just recorded on ``sample_id``: its toast, and the page showing it as the sample's."""
+    expect(page.get_by_test_id("stToast").filter(has_text=f"{sample_id}: {verdict}")).to_be_visible(timeout=budget.ms())
+    expect(main_area(page).get_by_text(f"Your verdict: {verdict}")).to_be_visible(timeout=budget.ms())
 
 
 def results(page, run: str, budget: Budget, shots: Path) -> None:
@@ -241,6 +313,8 @@ def results(page, run: str, budget: Budget, shots: Path) -> None:
     expect(page.get_by_role("heading", name="Downloads")).to_be_visible(timeout=budget.ms())
     assert query_param(page, "run") == run
     assert_clean(page, budget)
+    assert_one_run_name(page, run, budget)
+    assert_axes_whole(page, budget)
     expect(page.get_by_test_id("stToast")).to_have_count(0, timeout=budget.ms(TOAST_MS))  # the verdict's toast went
     screenshot(page, shots / "results.png", budget)
 
@@ -253,3 +327,287 @@ def walk(page, url: str, budget: Budget, shots: Path) -> str:
     inspect(page, run, sample_id, budget, shots)
     results(page, run, budget, shots)
     return run
+
+
+# ----------------------------------------------------------------------------- the expert's review
+
+def review_zip(folder: Path) -> Path:
+    """A zip of ``REVIEW_NORMAL`` demo sneakers and ``REVIEW_ANOMALIES`` other garments (one of each kind
+    the demo holds, as far as they go), shuffled under neutral names (``part-000.png``...): no folder or
+    name tells them apart, as with data an expert reviews. Written into ``folder``; its path."""
+    normal = sorted((DEMO_DIR / "good").glob("*.png"))[:REVIEW_NORMAL]
+    odd = sorted((DEMO_DIR / "other").glob("*.png"))[::5][:REVIEW_ANOMALIES]
+    files = normal + odd
+    assert len(files) == REVIEW_SAMPLES, f"the bundled demo folder {DEMO_DIR} is incomplete"
+    random.Random(0).shuffle(files)
+    archive = Path(folder) / REVIEW_ZIP
+    with zipfile.ZipFile(archive, "w") as written:
+        for number, source in enumerate(files):
+            written.write(source, f"part-{number:03d}.png")
+    return archive
+
+
+def upload(page, url: str, archive: Path, samples: int, budget: Budget, shots: Path) -> None:
+    """Open the studio at ``url``, upload ``archive`` (a zip of ``samples`` images) and use it: the Data
+    page shows it, the sidebar and the URL name it."""
+    page.goto(url, timeout=budget.ms())
+    expect(page.get_by_role("heading", name="Data", exact=True)).to_be_visible(timeout=budget.ms())
+    page.get_by_role("tab", name="Upload").click(timeout=budget.ms())
+    page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files(str(archive), timeout=budget.ms())
+    use = page.get_by_role("button", name="Use the uploaded files")
+    expect(use).to_be_enabled(timeout=budget.ms())  # the uploader commits once the file has arrived
+    use.click(timeout=budget.ms())
+    expect(main_area(page).get_by_role("heading", name=archive.name, exact=True)).to_be_visible(timeout=budget.ms())
+    expect(samples_metric(page)).to_have_text(str(samples), timeout=budget.ms())
+    assert sidebar_fact(page, "Data", budget) == archive.name
+    assert (query_param(page, "data") or "").startswith("upload:"), page.url
+    assert_clean(page, budget)
+    screenshot(page, shots / "review-data.png", budget)
+
+
+def judge_with_keys(page, run: str, sample_id: str, budget: Budget, shots: Path) -> dict[str, str]:
+    """Open ``sample_id`` from the Embeddings selection, check its map reads (:func:`assert_readable_map`),
+    then judge it and the next samples of the ranked list with the keys N, A and U, paging with the
+    Right key. Each sample's "Model says" matches the run's scores. The verdicts given, by sample id."""
+    open_from_selection(page, run, sample_id, budget)
+    ranked = ranked_ids(run)
+    position = ranked.index(sample_id)
+    assert position + len(VERDICT_KEYS) <= len(ranked), "the selection's first sample has too few after it"
+    calls = model_calls(run)
+    main = main_area(page)
+    verdicts = {}
+    for step, (key, verdict) in enumerate(VERDICT_KEYS):
+        current = ranked[position + step]
+        if step:
+            page.keyboard.press("ArrowRight")  # the pager's Next
+        expect(page.get_by_role("heading", name=current, exact=True)).to_be_visible(timeout=budget.ms())
+        model_says = page.get_by_test_id("stMetric").filter(has_text="Model says").get_by_test_id("stMetricValue")
+        expect(model_says).to_have_text(calls[current], timeout=budget.ms())
+        if step == 0:
+            assert_readable_map(page, budget)
+            screenshot(page, shots / "review-inspect.png", budget)
+        no_verdict = main.get_by_test_id("stMarkdownContainer").filter(has_text=re.compile(r"^Your verdict$"))
+        expect(no_verdict).to_be_visible(timeout=budget.ms())  # none yet
+        page.keyboard.press(key)
+        expect_verdict(page, current, verdict, budget)
+        verdicts[current] = verdict
+    assert_clean(page, budget)
+    assert_one_run_name(page, run, budget)
+    return verdicts
+
+
+def assert_readable_map(page, budget: Budget) -> None:
+    """The localization map is drawn over the image with its colour bar beside it, tall enough to read.
+
+    The overlay is the image, a gap and the colour bar side by side: wider for its height than the image
+    itself. Its height in pixels (``READABLE_MAP_PX`` at least) keeps the bar's labels legible.
+    """
+    main = main_area(page)
+    source = main.get_by_test_id("stImage").filter(has=page.get_by_test_id("stImageCaption").filter(
+        has_text=re.compile(r"^image$"))).locator("img")
+    shown = main.get_by_test_id("stImage").filter(has=page.get_by_test_id("stImageCaption").filter(
+        has_text="localization map")).locator("img")
+    for image in (source, shown):
+        expect(image).to_be_visible(timeout=budget.ms(MAP_MS))
+        expect(image).to_have_js_property("complete", True, timeout=budget.ms())
+    size = "image => [image.naturalWidth, image.naturalHeight]"
+    (source_w, source_h), (shown_w, shown_h) = source.evaluate(size), shown.evaluate(size)
+    assert shown_w / shown_h > 1.2 * source_w / source_h, ("no colour bar beside the map", (shown_w, shown_h))
+    assert shown_h >= READABLE_MAP_PX, f"the map with its colour bar is {shown_h} px tall: its labels cannot be read"
+
+
+def review_results(page, run: str, verdicts: dict[str, str], budget: Budget, shot: Path) -> None:
+    """The Results page of ``run`` lists the ``verdicts``, and exactly the samples on which the expert and
+    the run's model disagree, each with an Inspect button that opens it; its histogram is whole."""
+    goto_page(page, "Results", budget)
+    main = main_area(page)
+    expect(page.get_by_role("heading", name="Expert verdicts")).to_be_visible(timeout=budget.ms())
+    expect(main.get_by_text(f"{len(verdicts)} samples judged")).to_be_visible(timeout=budget.ms())
+    assert query_param(page, "run") == run
+    calls = model_calls(run)
+    disagreeing = {i: v for i, v in verdicts.items() if v in ("normal", "anomaly") and v != calls[i]}
+    rows = main.get_by_test_id("stHorizontalBlock").filter(has_text=re.compile(r": expert \w+, model \w+"))
+    expect(rows).to_have_count(len(disagreeing), timeout=budget.ms())
+    for sample_id, verdict in disagreeing.items():
+        row = rows.filter(has_text=f"{sample_id}: expert {verdict}, model {calls[sample_id]}")
+        expect(row.get_by_role("button", name=re.compile("Inspect$"))).to_be_visible(timeout=budget.ms())
+    if not disagreeing:
+        expect(main.get_by_text("The model's call agrees with every normal and anomaly verdict.")).to_be_visible(
+            timeout=budget.ms())
+    assert_clean(page, budget)
+    assert_one_run_name(page, run, budget)
+    assert_axes_whole(page, budget, at_least=1)
+    expect(page.get_by_test_id("stToast")).to_have_count(0, timeout=budget.ms(TOAST_MS))  # the verdicts' toasts went
+    screenshot(page, shot, budget)
+    if disagreeing:  # the first one's Inspect button opens it, with its verdict
+        sample_id, verdict = next(iter(disagreeing.items()))
+        rows.filter(has_text=f"{sample_id}: expert").get_by_role("button").click(timeout=budget.ms())
+        expect(page.get_by_role("heading", name="Inspect", exact=True)).to_be_visible(timeout=budget.ms())
+        expect(page.get_by_role("heading", name=sample_id, exact=True)).to_be_visible(timeout=budget.ms())
+        expect(main.get_by_text(f"Your verdict: {verdict}")).to_be_visible(timeout=budget.ms())
+        goto_page(page, "Results", budget)
+
+
+def rerun_with_verdicts(page, run: str, data_name: str, samples: int, verdicts: dict[str, str], budget: Budget,
+                        shots: Path) -> str:
+    """From the Results page of ``run``, re-run refinement with the verdicts (:func:`watch_fit`): every
+    sample judged an anomaly is removed before round 1, as the Refine page's round 1 shows, and the
+    new run's Results compare it with ``run``. The new run's folder."""
+    page.get_by_role("button", name="Re-run refinement using the verdicts").click(timeout=budget.ms())
+    expect(page.get_by_role("heading", name="Refine", exact=True)).to_be_visible(timeout=budget.ms())
+    rerun = watch_fit(page, data_name, samples, budget, shots / "review-rerun.png")
+    assert rerun != run
+    scores = _scores(rerun)
+    removed_in = dict(zip(scores["id"], scores["round_removed"]))
+    for sample_id, verdict in verdicts.items():
+        if verdict == "anomaly":
+            assert removed_in[sample_id] == "1", (sample_id, removed_in[sample_id])
+            expect(main_area(page).get_by_test_id("stImageCaption").filter(
+                has_text=f"{sample_id} · {CONFIRMED}")).to_be_visible(timeout=budget.ms())
+    review_results(page, rerun, verdicts, budget, shots / "review-rerun-results.png")
+    expect(page.get_by_role("heading", name="Compare with another run on the same data")).to_be_visible(
+        timeout=budget.ms())
+    return rerun
+
+
+def download_scores(page, run: str, samples: int, verdicts: dict[str, str], budget: Budget) -> None:
+    """The Results page's scores download: one row per sample, the run's columns plus the verdicts."""
+    button = main_area(page).get_by_test_id("stDownloadButton").filter(has_text="Scores and verdicts (CSV)")
+    with page.expect_download(timeout=budget.ms()) as started:
+        button.get_by_role("button").click(timeout=budget.ms())
+    download = started.value
+    assert download.suggested_filename == f"{Path(run).name}-scores.csv"
+    with open(download.path(), newline="") as opened:
+        reader = csv.DictReader(opened)
+        rows = list(reader)
+    assert reader.fieldnames == SCORE_COLUMNS, reader.fieldnames
+    assert [row["id"] for row in rows] == list(_scores(run)["id"])
+    assert len(rows) == samples
+    assert all(math.isfinite(float(row["anomaly_score"])) for row in rows)
+    assert {row["id"]: row["verdict"] for row in rows if row["verdict"]} == verdicts
+
+
+def review_walk(page, url: str, folder: Path, budget: Budget, shots: Path) -> str:
+    """An expert's review, end to end: upload a zip (built in ``folder``), refine it with the defaults
+    (reloading mid-fit), lasso on the map, judge samples on Inspect with the keys, re-run with the
+    verdicts from Results, download the scores. The re-run's folder."""
+    archive = review_zip(folder)
+    upload(page, url, archive, REVIEW_SAMPLES, budget, shots)
+    run = fit(page, archive.name, REVIEW_SAMPLES, budget, shots / "review-refine.png")
+    sample_id = embeddings(page, run, budget, shots, REVIEW_SAMPLES, "review-embeddings.png")
+    verdicts = judge_with_keys(page, run, sample_id, budget, shots)
+    review_results(page, run, verdicts, budget, shots / "review-results.png")
+    rerun = rerun_with_verdicts(page, run, archive.name, REVIEW_SAMPLES, verdicts, budget, shots)
+    download_scores(page, rerun, REVIEW_SAMPLES, verdicts, budget)
+    return rerun
+
+
+# ----------------------------------------------------------------------------- checks and facts
+
+def samples_metric(page):
+    """The Data page's sample count."""
+    return page.get_by_test_id("stMetric").filter(has_text="Samples").get_by_test_id("stMetricValue")
+
+
+def sidebar_fact(page, label: str, budget: Budget) -> str:
+    """What the sidebar says under ``label`` (``Data``, ``Run``, ``Device``, ``Job``)."""
+    sidebar = page.get_by_test_id("stSidebarUserContent")
+    expect(sidebar.get_by_text(label, exact=True)).to_be_visible(timeout=budget.ms())
+    lines = [line.strip() for line in sidebar.inner_text(timeout=budget.ms()).splitlines() if line.strip()]
+    return lines[lines.index(label) + 1]
+
+
+def assert_one_run_name(page, run: str, budget: Budget) -> None:
+    """Every place that names the active run, names it by its folder: the sidebar, headings, captions
+    and messages ("run NAME", "fit NAME"). The run's registry id may appear only as "id ..."."""
+    name = Path(run).name
+    run_id = json.loads((Path(run) / "run.json").read_text())["run_id"]
+    texts = page.locator(NAMING_ELEMENTS).all_inner_texts()
+    named = {sidebar_fact(page, "Run", budget)}
+    named |= {token for text in texts for token in RUN_NAMED.findall(text)
+              if RUN_FOLDER.fullmatch(token) or token == run_id}
+    assert named == {name}, f"the run {name} is named {sorted(named)}"
+
+
+def assert_axes_whole(page, budget: Budget, at_least: int = 1) -> None:
+    """No plotly chart on the page cuts its data: every drawn trace's points (bars with their width,
+    stacked bars with their totals) lie within its axes' ranges. Reads each chart's figure as drawn
+    (``_fullData``, ``_fullLayout``); at least ``at_least`` charts must be drawn."""
+    charts = page.locator(".js-plotly-plot")
+    expect(charts.nth(at_least - 1)).to_be_attached(timeout=budget.ms())
+    checked, problems = page.evaluate(AXES_JS)
+    assert checked >= at_least, f"only {checked} charts drawn"
+    assert not problems, problems
+
+
+def ranked_ids(run: str) -> list[str]:
+    """The run's sample ids, most anomalous first (the Inspect page's default list)."""
+    scores = _scores(run)
+    return [i for _, i in sorted(zip((-float(s) for s in scores["anomaly_score"]), scores["id"]),
+                                 key=lambda pair: pair[0])]
+
+
+def model_calls(run: str) -> dict[str, str]:
+    """The run's call on each sample (``normal`` / ``anomaly``), by id."""
+    scores = _scores(run)
+    return {i: "anomaly" if int(flag) else "normal" for i, flag in zip(scores["id"], scores["is_anomaly"])}
+
+
+def _scores(run: str) -> dict[str, list[str]]:
+    """The run's ``scores.csv``, column by column, as written."""
+    with open(Path(run) / "scores.csv", newline="") as opened:
+        rows = list(csv.DictReader(opened))
+    return {column: [row[column] for row in rows] for column in rows[0]}
+
+
+AXES_JS = """() => {
+  const problems = [];
+  let checked = 0;
+  for (const chart of document.querySelectorAll('.js-plotly-plot')) {
+    const layout = chart._fullLayout, data = chart._fullData;
+    if (!layout || !data) continue;
+    checked += 1;
+    const title = (layout.title && layout.title.text) || 'untitled chart';
+    const extent = {};   // axis name -> [low, high] of what the traces put on it
+    const stacks = {};   // value axis name -> position -> stacked total
+    const cover = (axis, value) => {
+      if (!Number.isFinite(value)) return;
+      const seen = extent[axis._name] || (extent[axis._name] = [value, value]);
+      seen[0] = Math.min(seen[0], value); seen[1] = Math.max(seen[1], value);
+    };
+    for (const trace of data) {
+      if (trace.visible !== true || !trace.x || !trace.y) continue;
+      const xa = layout['xaxis' + (trace.xaxis || 'x').slice(1)], ya = layout['yaxis' + (trace.yaxis || 'y').slice(1)];
+      if (!xa || !ya) continue;
+      const horizontal = trace.type === 'bar' && trace.orientation === 'h';
+      const [at, atAxis, val, valAxis] = horizontal ? [trace.y, ya, trace.x, xa] : [trace.x, xa, trace.y, ya];
+      const positions = Array.from(at, value => atAxis.d2l(value));
+      const values = Array.from(val, value => valAxis.d2l(value));
+      if (trace.type !== 'bar') {
+        positions.forEach(value => cover(atAxis, value));
+        values.forEach(value => cover(valAxis, value));
+        continue;
+      }
+      const widths = Array.isArray(trace.width) || ArrayBuffer.isView(trace.width) ? Array.from(trace.width)
+        : positions.map(() => (typeof trace.width === 'number' ? trace.width : 0));
+      positions.forEach((p, i) => { cover(atAxis, p - widths[i] / 2); cover(atAxis, p + widths[i] / 2); });
+      cover(valAxis, 0);
+      if (layout.barmode === 'stack') {
+        const totals = stacks[valAxis._name] || (stacks[valAxis._name] = {axis: valAxis, at: {}});
+        positions.forEach((p, i) => { totals.at[p] = (totals.at[p] || 0) + values[i]; });
+      } else {
+        values.forEach(value => cover(valAxis, value));
+      }
+    }
+    for (const {axis, at} of Object.values(stacks)) Object.values(at).forEach(total => cover(axis, total));
+    for (const [name, [low, high]] of Object.entries(extent)) {
+      const range = layout[name].range.map(Number);
+      const [from, to] = [Math.min(...range), Math.max(...range)];
+      const slack = 1e-6 * Math.max(to - from, 1e-12);
+      if (low < from - slack || high > to + slack) {
+        problems.push(`${title}: ${name} range [${from}, ${to}] cuts the data [${low}, ${high}]`);
+      }
+    }
+  }
+  return [checked, problems];
+}"""

@@ -353,7 +353,7 @@ def _record(round_number, kept_before, kept, pinned, removed_by_vote, vote, judg
     note = (f"round {round_number}: removed {len(newly)} of {len(judged)} judged, {len(returned)} came back, "
             f"{int(kept.sum())} kept (gamma {vote.gamma:.3f})")
     if len(confirmed):
-        note += f"; {len(confirmed)} confirmed anomalies removed first"
+        note += f"; {len(confirmed)} confirmed {'anomaly' if len(confirmed) == 1 else 'anomalies'} removed first"
     if capped:
         note += f"; capped: {n_flagged} were flagged but the kept share may not fall below the guard"
     elif np.array_equal(kept, kept_before) and not len(confirmed):

@@ -15,6 +15,7 @@ SCALE_HELP = ("Colour starts at the normal floor: the 99th percentile of the map
               "at this image's own peak.")
 MAP_UNITS = "feature distance"
 GRADCAM_UNITS = "Grad-CAM, score units"
+MAP_SHOWN_PX = 256  # the least height a map is drawn at, with its colour bar (see shown_map)
 VERDICTS = (("normal", "N", ":material/check_circle:"), ("anomaly", "A", ":material/error:"),
             ("unsure", "U", ":material/help:"))
 
@@ -89,12 +90,23 @@ def gradcam_scale(run_dir: str) -> render.ColourScale:
 
 def shown_map(path: str, amap: np.ndarray, run_scale: render.ColourScale, per_image: bool,
               mask_path: str | None) -> np.ndarray:
-    """The image with ``amap`` drawn over it on the chosen scale, the mask outlined, the colour bar beside it."""
+    """The image with ``amap`` drawn over it on the chosen scale, the mask outlined, the colour bar beside it.
+
+    A small image (a 28 px Fashion-MNIST one) is drawn enlarged, each pixel a square block, to at least
+    ``MAP_SHOWN_PX`` tall: the colour bar is as tall as the image, and its labels need the room.
+    """
     scale = render.image_scale(run_scale, amap) if per_image else run_scale
-    shown = render.heatmap(services.image(path), amap, scale)
+    image = services.image(path)
+    blocks = -(-MAP_SHOWN_PX // image.shape[0])  # ceiling division: 1 for an image this tall or taller
+    shown = render.heatmap(_enlarged(image, blocks), _enlarged(amap, blocks), scale)
     if mask_path is not None:
-        shown = render.mask_contour(shown, services.image(mask_path)[..., 0] > 127)
+        shown = render.mask_contour(shown, _enlarged(services.image(mask_path)[..., 0] > 127, blocks))
     return render.with_colour_bar(shown, scale)
+
+
+def _enlarged(array: np.ndarray, blocks: int) -> np.ndarray:
+    """``array`` (an image or a map, height and width first) with each pixel repeated ``blocks`` times each way."""
+    return np.repeat(np.repeat(array, blocks, axis=0), blocks, axis=1)
 
 
 def image_views(run_dir: str, run, sample_id: str) -> None:

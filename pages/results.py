@@ -86,7 +86,8 @@ def disagreements(disagreeing) -> None:
     if disagreeing.empty:
         st.caption("The model's call agrees with every normal and anomaly verdict.")
         return
-    st.markdown(f"**The expert and the model disagree on {len(disagreeing)} samples**")
+    st.markdown(f"**The expert and the model disagree on {len(disagreeing)} "
+                f"sample{'s' if len(disagreeing) != 1 else ''}**")
     for row in disagreeing.head(DISAGREEMENTS_SHOWN).itertuples():
         text, button = st.columns([5, 1], vertical_alignment="center")
         text.markdown(f"`{row.id}`: expert **{row.verdict}**, model {row.model} (anomaly_score "

@@ -1,11 +1,13 @@
 """End to end in a real browser: the studio served by ``streamlit run app.py``, driven by Playwright.
 
-One walk through the studio as a user takes it (:mod:`bench.studio_walk`): the Data page shows
-the bundled demo, a fit runs on the Refine page (and survives a page reload while it runs and
-after), a lasso on the Embeddings map lists samples, one opens on the Inspect page, a verdict is
-recorded and the Results page lists it. Every page is checked for tracebacks and error
-boundaries, and a screenshot of each is taken into the test's temporary folder (proof that it
-rendered); the README's screenshots come from ``python bench/screenshots.py``, never from a test.
+Two walks through the studio as a user takes them (:mod:`bench.studio_walk`): the Data page shows
+the bundled demo; and an expert's review of data of their own (:func:`bench.studio_walk.review_walk`):
+a zip is uploaded, refined (the page reloaded mid-fit keeps the data and the job), lassoed on the
+Embeddings map, judged on the Inspect page with the keys N / A / U over a readable localization map,
+re-run with the verdicts from Results, and its scores downloaded and read. Every page is checked for
+tracebacks and error boundaries, plotly axes that cut their data and a run named two ways, and a
+screenshot of each step is taken into the test's temporary folder (proof that it rendered); the
+README's screenshots come from ``python bench/screenshots.py``, never from a test.
 
 Timeouts: each test's pytest timeout is the sum of everything that may wait in it: the server's
 start, chromium's launch, the walk's budget (which bounds all the walk's waits together, see
@@ -18,6 +20,8 @@ own browser download is not used. The server runs with ``REFINERY_HOME`` in a te
 so nothing touches ``~/.refinery``.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -38,7 +42,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 require_path(CHROMIUM, "apt-get install chromium")
 from bench import studio_walk  # noqa: E402  (imports playwright)
-from bench.studio_walk import DATA_PAGE_S, FIT_TO_RESULTS_S, PAGE_MS, Budget  # noqa: E402
+from bench.studio_walk import DATA_PAGE_S, PAGE_MS, REVIEW_S, Budget  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +80,12 @@ def test_data_page_shows_the_builtin_demo(server, page, tmp_path):
     assert pngs(tmp_path) == {"data.png"}
 
 
-@pytest.mark.timeout(_timeout(FIT_TO_RESULTS_S))
-def test_refine_explore_inspect_and_results(server, page, tmp_path):
-    budget = Budget(FIT_TO_RESULTS_S)
-    run = studio_walk.refine(page, server, budget, tmp_path)
-    sample_id = studio_walk.embeddings(page, run, budget, tmp_path)
-    studio_walk.inspect(page, run, sample_id, budget, tmp_path)
-    studio_walk.results(page, run, budget, tmp_path)
-    assert pngs(tmp_path) == {"refine.png", "embeddings.png", "inspect.png", "results.png"}
+@pytest.mark.timeout(_timeout(REVIEW_S))
+def test_an_experts_review_from_upload_to_download(server, page, tmp_path):
+    """Upload a zip, refine it (reloading mid-fit), lasso on the map, judge with the keys on Inspect,
+    re-run with the verdicts from Results, download the scores (:func:`bench.studio_walk.review_walk`)."""
+    shots = tmp_path / "shots"
+    rerun = studio_walk.review_walk(page, server, tmp_path, Budget(REVIEW_S), shots)
+    assert Path(rerun).is_dir()
+    assert pngs(shots) == {"review-data.png", "review-refine.png", "review-embeddings.png", "review-inspect.png",
+                           "review-results.png", "review-rerun.png", "review-rerun-results.png"}
