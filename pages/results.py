@@ -63,11 +63,11 @@ def verdict_section(run, verdicts: dict) -> None:
         st.caption("No verdicts yet: record them on the Inspect page.")
         return
     judged = judged_samples(run.samples, verdicts)
-    st.caption(f"{len(judged)} samples judged, on this run or another run of the same data: verdicts follow "
+    st.caption(f"{len(judged)} sample{'s' if len(judged) != 1 else ''} judged, on this run or another run of the same data: verdicts follow "
                "the samples into every run on them.")
     st.dataframe(verdict_agreement(run.samples, verdicts))
     disagreements(judged[judged["disagrees"]])
-    with st.expander(f"All {len(judged)} judged samples"):
+    with st.expander(f"All {len(judged)} judged sample{'s' if len(judged) != 1 else ''}"):
         st.dataframe(judged.drop(columns="disagrees"), hide_index=True, key="judged_samples")
     st.caption("Re-running refinement with the verdicts keeps every confirmed normal, removes every confirmed "
                "anomaly before the first round (no detector trains on them), then compares the two runs.")
