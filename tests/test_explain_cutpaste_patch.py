@@ -19,19 +19,12 @@ from core.explain.cutpaste_patch import (
 )
 from core.progress import CancelToken
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SIZE = 64                    # synthetic image side and working resolution
 SQUARE = (20, 28, 16)        # planted defect: top, left, side
 FAST = dict(image_size=SIZE, patch_size=32, stride=8, fit_stride=8, epochs=2, patches_per_image=4, batch_size=32,
             device="cpu")    # a 5 x 5 patch grid; about 2 s to fit on one CPU thread
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: small convolutions on a shared CPU are faster, and results stay bit-exact."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def stripes(rng: np.random.Generator, height: int = SIZE, width: int = SIZE) -> np.ndarray:

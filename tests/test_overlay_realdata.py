@@ -16,13 +16,12 @@ import logging
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from core.explain import PatchLocalizer, image_scores_from_maps
 from core.explain.render import heatmap, image_scale, run_scale, scale_images
 
-pytestmark = pytest.mark.realdata
+pytestmark = [pytest.mark.realdata, pytest.mark.usefixtures("one_torch_thread")]
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +29,6 @@ DEFECTS = ("MT_Blowhole", "MT_Break", "MT_Crack", "MT_Fray", "MT_Uneven")
 IMAGE_SIZE = 128
 MAX_MASK_SHARE = 0.1
 LIFT = 3.0                   # coloured pixels inside the mask, over the mask's share of the image
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: small convolutions on a shared CPU are far slower with two spinning threads."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
