@@ -13,7 +13,8 @@ the unrefined fit and the clean oracle. Studies (``--study``):
 - ``cutoff``: the ``gamma=auto`` rule's cutoff (robust SDs above the median of the last round's
   consensus scores) against the true share, and the alternative tried, the weight of the upper
   component of a two-Gaussian mixture fitted to the same scores: median estimate / true per share;
-- ``knn-k``: the kNN detector's k on tables (ensemble and final detector).
+- ``knn-k``: the kNN detector's k on tables (ensemble and final detector);
+- ``rounds-k``: the number of rounds (1, 3, 5) and of detectors K (3, 5, 10), one changed at a time.
 
 Run: ``python bench/explore_refinement.py --out bench/results/explore_refinement.txt`` (about 20 minutes
 on 2 cores once bench/refinement.py has cached the embeddings).
@@ -38,7 +39,7 @@ from core.detectors import make_detector
 from core.metrics import detection_metrics
 from core.refine import estimate_contamination, iter_refine
 
-STUDIES = ("refine-detector", "subsets", "gamma-error", "cutoff", "knn-k")
+STUDIES = ("refine-detector", "subsets", "gamma-error", "cutoff", "knn-k", "rounds-k")
 GAMMA_FACTORS = (0.5, 0.75, 1.0, 1.5, 2.0)
 CUTOFFS = (2.0, 2.5, 3.0, 3.5, 4.0)
 
@@ -102,6 +103,9 @@ def study_variants(study: str, case: Case) -> dict[str, object]:
     if study == "knn-k":
         return {f"k = {k}": refined(case, detector("knn", n_neighbors=k), detector("knn", n_neighbors=k))[1]
                 for k in (5, 10, 20, 50)}
+    if study == "rounds-k":
+        return {**{f"rounds = {r}": refined(case, default, final, rounds=r)[1] for r in (1, 3, 5)},
+                **{f"K = {k}": refined(case, default, final, ensemble=k)[1] for k in (3, 10)}}
     raise ValueError(study)
 
 
