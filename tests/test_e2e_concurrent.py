@@ -82,7 +82,7 @@ RECORD_START_BUTTON = """() => {
     window.startButtonStates = [];
     const record = () => {
         const button = document.querySelector('[data-testid=stFormSubmitButton] button');
-        const state = button && `${button.innerText.trim()}|${button.disabled}`;
+        const state = button && `${button.textContent.trim()}|${button.disabled}`;
         if (state && window.startButtonStates.at(-1) !== state) window.startButtonStates.push(state);
     };
     new MutationObserver(record).observe(document.body, {subtree: true, childList: true, attributes: true,
