@@ -1,4 +1,6 @@
 """Encoders: pretrained image features and the table encoder."""
+import logging
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -72,7 +74,10 @@ def test_table_encoder_scales_one_hots_imputes_and_round_trips(tmp_path):
     np.testing.assert_array_equal(TableEncoder.load(tmp_path).embed(frame_dataset(new)), encoder.embed(frame_dataset(new)))
 
 
-def test_identifiers_are_never_features(caplog):
+def test_identifiers_are_never_features(caplog, monkeypatch):
+    # A library's logging.config.dictConfig earlier in this worker (disable_existing_loggers) may have
+    # switched the encoder's logger off; the warning is what the user reads, so switch it back on.
+    monkeypatch.setattr(logging.getLogger("core.models.tabular"), "disabled", False)
     rng = np.random.default_rng(0)
     n = 60
     train = pd.DataFrame({"record": [f"REC-{i:06d}" for i in rng.permutation(n)], "row": rng.permutation(n) + 1,
@@ -81,6 +86,7 @@ def test_identifiers_are_never_features(caplog):
     with pytest.raises(DataError, match="'typo' holds text with 60 distinct values"):
         TableEncoder().fit(frame_dataset(train))
     encoder = TableEncoder().fit(frame_dataset(train.drop(columns="typo")))
+    assert encoder.state_.identifiers == ["record", "row"]
     assert "'record', 'row' look like identifiers" in caplog.text
     assert encoder.feature_names == ["x", "amount", "site=north", "site=south"], \
         "distinct integers that are not consecutive (an amount) stay a feature"
