@@ -31,6 +31,8 @@ LAUNCH_TIMEOUT_S = 30  # chromium's start (Playwright's own default)
 STOP_TIMEOUT_S = 15    # the server's stop after terminate, and again after kill: at most twice this
 SERVED_URL = re.compile(r"URL: (http://[^\s/]+:(\d+))")
 """The line Streamlit prints once it listens ("URL: http://localhost:PORT", or "Local URL: ...")."""
+FINISHED = re.compile(r"^Finished in \d+ s: run (\S+) saved")
+"""The live view's line once a fit job has saved its run; the group is the run's name."""
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from urllib.parse import parse_qs, urlparse
 
 from playwright.sync_api import expect
 
-from bench.studio import REPO, VIEWPORT
+from bench.studio import FINISHED, REPO, VIEWPORT
 
 PAGE_MS = 60_000   # a page's first render (the first one imports torch and the engine); any other wait's limit
 FIT_MS = 150_000   # the demo fit, about 20 s on 2 idle cores; generous for a busy machine
@@ -53,7 +53,6 @@ DEMO_SAMPLES = 300
 DEMO_NAME = "fashion-mnist-sneakers"
 DEMO_DIR = REPO / "assets" / "demo" / DEMO_NAME
 SELECTION_SHOWN = 48  # the Embeddings page lists at most this many selected samples
-FINISHED = re.compile(r"^Finished in \d+ s: run (\S+) saved")
 """The Refine page's finished view; the group is the run's name (its folder's)."""
 
 DATA_PAGE_S = 2 * PAGE_MS / 1000

@@ -119,7 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--device", choices=DEVICES, default=DEFAULTS.device, help="auto = CUDA when present, else CPU (default)")
     fit.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed for every random step (default: %(default)s)")
     fit.add_argument("--label-column", metavar="NAME",
-                     help="table column with labels (1 = anomaly); used only for metrics, never for fitting")
+                     help="table column with labels (1 = anomaly); used only for metrics, never for fitting. "
+                     "Default: a 0/1 column named like a label (is_fraud, label, anomaly...) if there is one; "
+                     "'none': no label column")
+    fit.add_argument("--id-column", metavar="NAME", default=DEFAULTS.id_column,
+                     help="table column that names the rows: carried into every output, never a feature. "
+                     "'auto' (default): a column with a distinct text or counter in every row; 'none': row numbers")
+    fit.add_argument("--ignore-columns", metavar="NAME,NAME", default="",
+                     help="table columns to leave out of the fit (comma-separated)")
     _add_engine_options(fit, "the embedding of frozen features, the detector fits and the scoring")
 
     score = commands.add_parser("score", help="score DATA with a fitted run and write SCORES.csv",
@@ -145,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("data", type=Path, metavar="DATA", help="a table with the run's columns, or images")
     explain.add_argument("--method", choices=("gradcam", "gradcam++"), default="gradcam",
                          help="images: Grad-CAM weighting (default: %(default)s)")
-    explain.add_argument("--ids", metavar="ID,ID", help="row ids (0-based) to explain; default: the most anomalous")
+    explain.add_argument("--ids", metavar="ID,ID", help="ids of the rows to explain (the table's id column, or 0-based row numbers without one); default: the most anomalous")
     explain.add_argument("--top", type=int, default=5, metavar="N", help="rows to explain without --ids (default: %(default)s)")
     explain.add_argument("--features", type=int, default=5, metavar="K", help="features per row (default: %(default)s)")
     explain.add_argument("--out", type=Path, metavar="EXPLAIN.csv|MAPS_DIR",
@@ -205,7 +212,8 @@ def _fit(args: argparse.Namespace) -> None:
         gamma=args.gamma, rounds=args.rounds, threshold_source=args.threshold_source,
         min_keep_fraction=args.min_keep_fraction, false_alarm_rate=args.false_alarm_rate,
         localization=args.localization, device=args.device,
-        batch_size=args.batch_size, seed=args.seed, label_column=args.label_column,
+        batch_size=args.batch_size, seed=args.seed, label_column=args.label_column, id_column=args.id_column,
+        ignore_columns=tuple(name.strip() for name in args.ignore_columns.split(",") if name.strip()),
     ).validate()
     if ddp.launched_by_torchrun() and config.objective == "none":
         raise ConfigError("torchrun started several processes, but objective 'none' (frozen pretrained features) "
@@ -214,7 +222,7 @@ def _fit(args: argparse.Namespace) -> None:
         if not ddp.is_main():
             _fit_alongside_main(args, config)
             return
-        dataset = engine.load_data(args.data, label_column=args.label_column)
+        dataset = engine.load_data(args.data, **config.column_choice().load_kwargs())
         _report_skipped(dataset)
         with _ProgressBar() as progress, _compute(args) as compute:
             result = engine.fit(dataset, config, args.out, resume=args.resume, on_progress=progress, compute=compute)
@@ -243,15 +251,14 @@ def _fit_alongside_main(args: argparse.Namespace, config: FitConfig) -> None:
     signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
     with tempfile.TemporaryDirectory(prefix="refinery-ddp-") as scratch:
         scratch = Path(scratch)
-        dataset = engine.load_data(args.data, label_column=args.label_column, workspace=scratch / "workspace")
+        dataset = engine.load_data(args.data, **config.column_choice().load_kwargs(), workspace=scratch / "workspace")
         engine.fit(dataset, config, scratch / "run", registry=Registry(scratch / "registry.sqlite"))
 
 
 def _score(args: argparse.Namespace) -> None:
     run = engine.open_run(args.run_dir)
-    dataset = engine.load_data(
-        args.data, label_column=args.label_column or run.config.label_column, label_required=bool(args.label_column)
-    )
+    roles = run.column_choice().load_kwargs() | ({"label_column": args.label_column} if args.label_column else {})
+    dataset = engine.load_data(args.data, **roles, label_required=bool(args.label_column))
     _report_skipped(dataset)
     with _ProgressBar() as progress, _compute(args) as compute:
         maps = run.iter_anomaly_maps(dataset, on_progress=progress) if args.maps else None
@@ -280,7 +287,7 @@ def _compute(args: argparse.Namespace) -> AbstractContextManager[Compute]:
 
 def _explain(args: argparse.Namespace) -> None:
     run = engine.open_run(args.run_dir)
-    dataset = engine.load_data(args.data, label_column=run.config.label_column, label_required=False)
+    dataset = engine.load_data(args.data, **run.column_choice().load_kwargs(), label_required=False)
     if dataset.kind == "images":
         _explain_images(run, dataset, args)
         return

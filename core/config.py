@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from core.detectors.registry import DETECTORS as DETECTOR_NAMES
+from core.data.columns import ColumnChoice
 from core.errors import ConfigError
 
 BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
@@ -98,7 +99,14 @@ class FitConfig:
     seed : int
         Seed for every stochastic step.
     label_column : str or None
-        Table column holding labels (used for metrics only, never for fitting).
+        Table column holding labels (used for metrics only, never for fitting); None finds a 0/1
+        column named like a label, ``"none"`` means the table has no label column.
+    id_column : str
+        Table column that names the rows, carried into every output and never a feature:
+        ``"auto"`` (a column with a distinct text or counter in every row), a name, or ``"none"``
+        (0-based row numbers).
+    ignore_columns : tuple of str
+        Table columns left out of the fit (see :mod:`core.data.columns`).
     """
 
     backbone: str = "efficientnet-lite0"
@@ -123,6 +131,8 @@ class FitConfig:
     batch_size: int = 32
     seed: int = 0
     label_column: str | None = None
+    id_column: str = "auto"
+    ignore_columns: tuple[str, ...] = ()
 
     def validate(self) -> "FitConfig":
         """Return self, or raise ConfigError naming the bad value and the allowed ones."""
@@ -192,8 +202,9 @@ class FitConfig:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
-        if "feature_layers" in raw:
-            raw["feature_layers"] = tuple(raw["feature_layers"])
+        for name in ("feature_layers", "ignore_columns"):
+            if name in raw:
+                raw[name] = tuple(raw[name])
         return cls(**raw).validate()
 
     def save(self, path: Path) -> None:
@@ -207,6 +218,10 @@ class FitConfig:
         from core.store import read_json
 
         return cls.from_json(json.dumps(read_json(path)))
+
+    def column_choice(self) -> ColumnChoice:
+        """The table column roles this config asks for."""
+        return ColumnChoice(self.label_column, self.id_column, tuple(self.ignore_columns))
 
     def with_changes(self, **changes: Any) -> "FitConfig":
         return replace(self, **changes).validate()

@@ -24,6 +24,7 @@ import pandas as pd
 from core.compute import Compute, LocalCompute, check_finite, fit_rows, score_rows
 from core.config import FitConfig
 from core.data import IMAGES, Dataset, load_dataset
+from core.data.columns import ColumnChoice, ColumnProfile, chosen_roles
 from core.data.images import image_shape
 from core.detectors import make_detector
 from core.errors import Cancelled, ConfigError, DataError, RefineryError, RunError
@@ -123,6 +124,8 @@ def load_data(
     path: Path | str,
     *,
     label_column: str | None = None,
+    id_column: str = "auto",
+    ignore_columns: tuple[str, ...] = (),
     label_required: bool = True,
     workspace: Path | None = None,
     on_progress: ProgressCallback = ignore_progress,
@@ -130,13 +133,14 @@ def load_data(
 ) -> Dataset:
     """Load a folder, zip or table; archives are extracted under ``workspace`` (default: the Refinery home).
 
-    ``label_required=False`` lets a table lack ``label_column`` (scoring new data with the name of
-    the run's label column).
+    ``label_column``, ``id_column`` and ``ignore_columns`` give a table's column roles (see
+    :mod:`core.data.columns`; ``FittedRun.column_choice()`` holds a run's). ``label_required=False``
+    lets a table lack those columns (scoring new data with the run's roles).
     """
     workspace = Path(workspace) if workspace else refinery_home() / "workspace"
     return load_dataset(
-        Path(path), workspace=workspace, label_column=label_column, label_required=label_required,
-        on_progress=on_progress, cancel=cancel,
+        Path(path), workspace=workspace, label_column=label_column, id_column=id_column,
+        ignore_columns=ignore_columns, label_required=label_required, on_progress=on_progress, cancel=cancel,
     )
 
 
@@ -252,7 +256,7 @@ def run_dataset(run_dir: Path | str, *, workspace: Path | None = None) -> Datase
     saved = read_json(Path(run_dir) / "run.json")
     frame = pd.read_csv(Path(run_dir) / "scores.csv", dtype={"id": str}, keep_default_na=False)
     dataset = load_data(saved["data_source"], label_required=False, workspace=workspace,
-                        label_column=FitConfig.load(Path(run_dir) / "config.json").label_column)
+                        **saved_column_choice(saved, FitConfig.load(Path(run_dir) / "config.json")).load_kwargs())
     position = {sample_id: index for index, sample_id in enumerate(dataset.ids)}
     missing = [i for i in frame["id"] if i not in position]
     if missing:
@@ -619,9 +623,18 @@ def _save_run(
         "metrics": result.metrics.as_dict() if result.metrics else None,
         "timings": result.timings,
         "skipped": [asdict(item) for item in dataset.skipped],
+        "columns": [asdict(profile) for profile in dataset.columns],
         # Written last: the SHA-256 of every other artifact, checked when the run is opened.
         "artifacts": artifact_manifest(directory, exclude=("run.json", RESUME_DIR)),
     })
+
+
+def saved_column_choice(info: dict, config: FitConfig) -> ColumnChoice:
+    """A run's table column roles: those its fit settled on (``run.json``), or the config's choices
+    for a run saved before roles were recorded."""
+    if info.get("columns"):
+        return chosen_roles([ColumnProfile(**profile) for profile in info["columns"]])
+    return config.column_choice()
 
 
 def threshold_meaning(false_alarm_rate: float) -> str:
@@ -666,6 +679,10 @@ class FittedRun:
         if self.info["kind"] == IMAGES and self.config.localization != "none":
             localizer_class = CutPastePatchLocalizer if self.config.localization == "cutpaste" else PatchLocalizer
             self.localizer = localizer_class.load(self.run_dir, device=self.config.device)
+
+    def column_choice(self) -> ColumnChoice:
+        """The table column roles to load new data with (see :func:`saved_column_choice`)."""
+        return saved_column_choice(self.info, self.config)
 
     @cached_property
     def kept_embeddings(self) -> np.ndarray:
@@ -762,7 +779,7 @@ class FittedRun:
             position = {sample_id: index for index, sample_id in enumerate(dataset.ids)}
             unknown = [i for i in ids if i not in position]
             if unknown:
-                raise DataError(f"no row with id {', '.join(unknown[:5])} (ids are 0-based row numbers)")
+                raise DataError(f"no row with id {', '.join(unknown[:5])} (ids are the table's id column, or 0-based row numbers without one)")
             dataset = dataset.subset(np.array([position[i] for i in ids]))
         encoded = check_finite(self.encoder.embed(dataset))
         state = self.encoder.state_

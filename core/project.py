@@ -15,7 +15,9 @@ Example
 """
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,6 +242,7 @@ def _fit_mappers(states: list[np.ndarray], params: dict) -> list:
     """
     import umap  # deferred: importing umap-learn takes seconds (numba)
 
+    _cache_umap_compilation()
     if len(states) == 1:
         return [umap.UMAP(n_jobs=1, **params).fit(states[0])]
     identity = {i: i for i in range(len(states[0]))}
@@ -247,6 +250,29 @@ def _fit_mappers(states: list[np.ndarray], params: dict) -> list:
     for mapper, layout in zip(aligned.mappers_, aligned.embeddings_):
         mapper.embedding_ = np.asarray(layout, dtype=np.float32)
     return aligned.mappers_
+
+
+@functools.cache
+def _cache_umap_compilation() -> None:
+    """Keep umap-learn's compiled functions on disk, once per process (call it after importing umap).
+
+    Most of umap-learn's numba functions are compiled without ``cache=True``, so every new process
+    (each studio server, each CLI call) spent about 14 s compiling them before its first layout;
+    with numba's own disk cache only the first process on a machine does. Where no cache folder is
+    writable numba refuses, and the functions compile in memory as before.
+    """
+    from numba.core.caching import NullCache
+    from numba.core.dispatcher import Dispatcher
+
+    libraries = [module for name, module in list(sys.modules.items())
+                 if module is not None and name.split(".")[0] in ("umap", "pynndescent")]
+    try:
+        for module in libraries:
+            for function in list(vars(module).values()):
+                if isinstance(function, Dispatcher) and isinstance(function._cache, NullCache):
+                    function.enable_caching()
+    except RuntimeError as error:  # numba found no writable cache location
+        log.info("umap-learn's compiled functions are not cached on disk: %s", error)
 
 
 def _run_states(run_dir: Path) -> list[np.ndarray]:

@@ -170,6 +170,8 @@ def iter_refine(
     for round_number in range(1, rounds + 1):
         if cancel is not None:
             cancel.raise_if_cancelled()
+        if round_number == 1:  # the stage starts now, not when its first round ends
+            on_progress(ProgressEvent("refine", 0, rounds, "judging the samples"))
         started = time.perf_counter()
         fit_on = np.flatnonzero(kept) if subsets_from == "kept" else judged
         if len(fit_on) < ensemble * MIN_SAMPLES_PER_DETECTOR:

@@ -45,7 +45,7 @@ def selected_gallery(run, selected: list[int]) -> None:
     if run.kind != "images":
         st.dataframe(run.samples.iloc[order], hide_index=True)
         return
-    captions = [f"{ids[i]} · {run.samples['anomaly_score'].iat[i]:.3g}" for i in order]
+    captions = [f"{ids[i]} · {charts.score_text(run.samples['anomaly_score'].iat[i])}" for i in order]
     clicked = widgets.gallery([services.thumbnail(str(run.image_path(ids[i]))) for i in order], captions, key="selected")
     if clicked is not None:
         state.open_in_inspect(ids[order[clicked]])
@@ -68,7 +68,7 @@ def body() -> None:
         round_number = right.slider("After refinement round", 0, len(run.rounds), len(run.rounds), key="map_round",
                                     help="Round 0 is the data before refinement.")
     values, categorical = colouring(run, colour_name, round_number, verdicts)
-    hover = [f"{i} · anomaly_score {s:.3g} · rank {r}"
+    hover = [f"{i} · anomaly_score {charts.score_text(s)} · rank {r}"
              for i, s, r in zip(run.samples["id"], run.samples["anomaly_score"], run.samples["rank"])]
     layout = layouts[min(round_number, len(layouts) - 1)]
     figure = charts.scatter_map(layout, values, colour_name=colour_name, categorical=categorical, hover=hover)

@@ -47,9 +47,9 @@ def pager(order: np.ndarray) -> int:
 def facts(run, index: int) -> None:
     row = run.samples.iloc[index]
     cells = st.columns(5)
-    cells[0].metric("anomaly_score", f"{row['anomaly_score']:.4g}", help="Higher = more anomalous")
+    cells[0].metric("anomaly_score", charts.score_text(row['anomaly_score']), help="Higher = more anomalous")
     cells[1].metric("Rank", f"{row['rank']} of {len(run.samples)}")
-    cells[2].metric("Model says", "anomaly" if row["is_anomaly"] else "normal", help=f"Threshold {run.threshold:.4g}")
+    cells[2].metric("Model says", "anomaly" if row["is_anomaly"] else "normal", help=f"Threshold {charts.score_text(run.threshold)}")
     cells[3].metric("Removed in round", row["round_removed"] or "- (kept)")
     cells[4].metric("Label", {1: "anomaly", 0: "normal"}.get(row.get("label", -1), "unknown"))
 

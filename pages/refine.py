@@ -18,8 +18,6 @@ from core.config import (
 from pages.components import runs, services, state, widgets
 from pages.components.rounds import show_rounds
 
-LIVE_REFRESH_S = 1.0
-
 
 def method_form(dataset, label_column: str | None, job_running: bool):
     """The fit settings; returns a FitConfig when Start was pressed, else None."""
@@ -93,7 +91,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
-@st.fragment(run_every=LIVE_REFRESH_S)
+@st.fragment(run_every=services.LIVE_REFRESH_S)
 def live_view(job_id: str) -> None:
     status = services.job_runner().status(job_id)
     if status is None:

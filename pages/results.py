@@ -31,8 +31,8 @@ def threshold_section(run) -> None:
     threshold = widgets.threshold_control(scores, run.threshold, key="threshold")
     above = scores > threshold
     st.caption(f"{int(above.sum())} of {len(scores)} samples ({above.mean():.1%}) score above the threshold "
-               f"{threshold:,.4g}. "
-               f"The run's own threshold ({run.threshold:.4g}) {run.threshold_meaning}. "
+               f"{charts.score_text(threshold)}. "
+               f"The run's own threshold ({charts.score_text(run.threshold)}) {run.threshold_meaning}. "
                f"Training data: {run.contamination_text}.")
     st.plotly_chart(charts.score_histogram(
         scores, threshold=threshold, threshold_name="threshold", marked=above, marked_name="above the threshold",
@@ -91,7 +91,7 @@ def disagreements(disagreeing) -> None:
     for row in disagreeing.head(DISAGREEMENTS_SHOWN).itertuples():
         text, button = st.columns([5, 1], vertical_alignment="center")
         text.markdown(f"`{row.id}`: expert **{row.verdict}**, model {row.model} (anomaly_score "
-                      f"{row.anomaly_score:.4g}, rank {row.rank})" + (f" · {row.note}" if row.note else ""))
+                      f"{charts.score_text(row.anomaly_score)}, rank {row.rank})" + (f" · {row.note}" if row.note else ""))
         if button.button("Inspect", key=f"disagree-{row.id}", icon=":material/search:"):
             state.open_in_inspect(row.id)
             st.switch_page("pages/inspect.py")

@@ -53,16 +53,17 @@ def test_label_column_does_not_change_the_fingerprint(tmp_path):
 
 def test_missing_label_column_lists_the_columns(tmp_path):
     FRAME.to_csv(tmp_path / "t.csv", index=False)
-    with pytest.raises(DataError, match=r"no column 'label'; columns are \['temp', 'pressure', 'site', 'faulty'\]"):
+    with pytest.raises(DataError, match=r"no column 'label'; its columns are \['temp', 'pressure', 'site', 'faulty'\]"):
         load_table(tmp_path / "t.csv", label_column="label")
 
 
-def test_label_like_column_without_label_column_is_warned_about(tmp_path, caplog):
-    FRAME.rename(columns={"faulty": "label"}).to_csv(tmp_path / "t.csv", index=False)
+def test_a_label_like_column_is_the_label_and_said_so_unless_there_is_none(tmp_path, caplog):
+    FRAME.rename(columns={"faulty": "is_fraud"}).to_csv(tmp_path / "t.csv", index=False)
     with caplog.at_level(logging.WARNING, logger="core.data.tables"):
         data = load_table(tmp_path / "t.csv")
-    assert "label" in data.table.columns and data.labels is None
-    assert any("look like labels" in r.getMessage() for r in caplog.records)
+    assert "is_fraud" not in data.table.columns and data.labels is not None, "never silently a feature"
+    assert "column 'is_fraud' is the label (named like a label, with 0/1 values" in caplog.text
+    assert "is_fraud" in load_table(tmp_path / "t.csv", label_column="none").table.columns
 
 
 @pytest.mark.parametrize("values, expected", [

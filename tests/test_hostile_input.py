@@ -407,7 +407,7 @@ def _small_table_limit(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _decimal_comma(inputs: Path) -> Path:
-    rows = "\n".join(f"{i},{i % 7};{i};{'abc'[i % 3]}" for i in range(40))
+    rows = "\n".join(f"{i},{i % 7};{i * i % 11};{'abc'[i % 3]}" for i in range(40))
     (inputs / "excel.csv").write_text("temp;count;site\n" + rows + "\n")
     return inputs / "excel.csv"
 
@@ -470,9 +470,17 @@ def _identifiers_beside_features(rng: np.random.Generator) -> pd.DataFrame:
     return frame
 
 
+def _identified_by_record(dataset: Dataset) -> None:
+    assert dataset.table.shape == (60, 3), "the id and the row counter are not features"
+    assert dataset.ids[:2] == ["REC-000053", "REC-000003"], "rows are named by their record column"
+    assert [(c.name, c.role) for c in dataset.columns] == [("row", "ignore"), ("record", "id"), ("a", "feature"),
+                                                          ("b", "feature"), ("c", "feature")]
+
+
 def _planted_row_7_on_top(scores: pd.DataFrame) -> None:
     _finite_scores(scores)
     assert scores["anomaly_score"].idxmax() == 7 and scores["anomaly_score"].nunique() == 60
+    assert scores.loc[7, "id"].startswith("REC-"), "scores.csv keys rows by the table's own ids"
 
 
 def _pickle_unused(inputs: Path) -> Path:
@@ -484,10 +492,10 @@ TABLE_CASES = [
          message="column 'dead' has no finite value; drop it or fill it in"),
     Case("table-text-in-a-numeric-column", _csv("typo.csv", _text_in_numbers), stage="fit",
          message="column 'pressure' holds text with 80 distinct values (more than 50); it cannot be encoded"),
-    Case("table-only-an-identifier", _csv("ids.csv", _identifiers_only), stage="fit",
-         message="the table has no feature column: record only identify rows (a distinct value in every row)"),
+    Case("table-only-an-identifier", _csv("ids.csv", _identifiers_only),
+         message="the table has no feature column: record is the id; add the measured columns or change a role"),
     Case("table-identifiers-beside-features", _csv("records.csv", _identifiers_beside_features),
-         check=_shape_check(60, 5), fitted=_planted_row_7_on_top),
+         check=_identified_by_record, fitted=_planted_row_7_on_top),
     Case("table-one-row-npz", _npz("one.npz", X=np.ones((1, 4))), message="1 rows is too few: this fit needs at least"),
     Case("table-one-column", _csv("one.csv", lambda rng: pd.DataFrame({"x": rng.normal(size=60)})),
          check=_shape_check(60, 1), fitted=_finite_scores),

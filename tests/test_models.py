@@ -1,5 +1,4 @@
 """Encoders: pretrained image features and the table encoder."""
-import logging
 
 import numpy as np
 import pandas as pd
@@ -72,32 +71,6 @@ def test_table_encoder_scales_one_hots_imputes_and_round_trips(tmp_path):
     assert row[2] == 4.0, "a constant column keeps scale 1, so a change stays visible"
     encoder.save(tmp_path)
     np.testing.assert_array_equal(TableEncoder.load(tmp_path).embed(frame_dataset(new)), encoder.embed(frame_dataset(new)))
-
-
-def test_identifiers_are_never_features(caplog, monkeypatch):
-    # A library's logging.config.dictConfig earlier in this worker (disable_existing_loggers) may have
-    # switched the encoder's logger off; the warning is what the user reads, so switch it back on.
-    monkeypatch.setattr(logging.getLogger("core.models.tabular"), "disabled", False)
-    rng = np.random.default_rng(0)
-    n = 60
-    train = pd.DataFrame({"record": [f"REC-{i:06d}" for i in rng.permutation(n)], "row": rng.permutation(n) + 1,
-                          "x": rng.normal(size=n), "site": rng.choice(["north", "south"], n),
-                          "amount": rng.integers(0, 10**6, n), "typo": [*map(str, rng.normal(size=n - 1)), "oops"]})
-    with pytest.raises(DataError, match="'typo' holds text with 60 distinct values"):
-        TableEncoder().fit(frame_dataset(train))
-    encoder = TableEncoder().fit(frame_dataset(train.drop(columns="typo")))
-    assert encoder.state_.identifiers == ["record", "row"]
-    assert "'record', 'row' look like identifiers" in caplog.text
-    assert encoder.feature_names == ["x", "amount", "site=north", "site=south"], \
-        "distinct integers that are not consecutive (an amount) stay a feature"
-    caplog.clear()
-    encoder.embed(frame_dataset(train.drop(columns="typo")))
-    assert "ignoring" not in caplog.text, "an identifier in the scored table is expected, not an extra column"
-    with pytest.raises(DataError, match="no feature column: record only identify rows"):
-        TableEncoder().fit(frame_dataset(train[["record"]]))
-    few = pd.DataFrame({"x": [3.0, 1.0, 2.0], "flag": [True, False, True]})
-    assert TableEncoder().fit(frame_dataset(few)).feature_names == ["x", "flag"], \
-        "a few consecutive numbers are a measurement, not a row counter"
 
 
 def test_table_encoder_errors():

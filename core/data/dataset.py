@@ -8,6 +8,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from core.data.columns import ColumnProfile
+
 IMAGES = "images"
 TABLE = "table"
 
@@ -30,7 +32,8 @@ class Dataset:
     ----------
     kind : {"images", "table"}
     ids : list of str, length N
-        Image path relative to ``source`` (POSIX separators) or the 0-based row index.
+        Image path relative to ``source`` (POSIX separators); a table's id column, or the 0-based
+        row number when it has none.
     source : Path
         The folder, archive or table file the data came from.
     fingerprint : str
@@ -45,6 +48,9 @@ class Dataset:
         Feature columns, one row per id (tables only); the label column is not in it.
     skipped : list of SkippedFile
         Unreadable files left out, with the reason.
+    columns : tuple of ColumnProfile
+        Every column of a table file with its role (id, feature, label, ignore); empty for images
+        and for tables built in memory.
     """
 
     kind: Literal["images", "table"]
@@ -56,6 +62,7 @@ class Dataset:
     masks: dict[str, Path] = field(default_factory=dict)
     table: pd.DataFrame | None = None
     skipped: list[SkippedFile] = field(default_factory=list)
+    columns: tuple[ColumnProfile, ...] = ()
 
     def __len__(self) -> int:
         return len(self.ids)

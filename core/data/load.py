@@ -8,7 +8,8 @@ from pathlib import Path
 from core.data.archive import extract_zip
 from core.data.dataset import Dataset
 from core.data.images import IMAGE_SUFFIXES, load_image_folder
-from core.data.tables import TABLE_SUFFIXES, load_table
+from core.data.columns import AUTO
+from core.data.tables import NO_LABEL, TABLE_SUFFIXES, load_table
 from core.errors import DataError
 from core.progress import CancelToken, ProgressCallback, ignore_progress
 
@@ -27,6 +28,8 @@ def load_dataset(
     *,
     workspace: Path | str,
     label_column: str | None = None,
+    id_column: str = AUTO,
+    ignore_columns: tuple[str, ...] | list[str] = (),
     label_required: bool = True,
     on_progress: ProgressCallback = ignore_progress,
     cancel: CancelToken | None = None,
@@ -42,9 +45,12 @@ def load_dataset(
         Folder where a zip is extracted (into a new sub-folder); ids are then relative to that
         extracted folder, which becomes ``Dataset.source``.
     label_column : str, optional
-        Label column or array of a table (ignored, with a warning, for images).
+        Label column or array of a table (ignored, with a warning, for images); see
+        :func:`~core.data.tables.load_table` for None and ``"none"``.
+    id_column, ignore_columns
+        Column roles of a table (see :func:`~core.data.tables.load_table`); ignored for images.
     label_required : bool
-        When False, a table without ``label_column`` loads without labels instead of failing.
+        When False, columns named above that a table lacks are not an error (scoring new data).
     on_progress : callable
         Receives progress events while extracting and checking images.
     cancel : CancelToken, optional
@@ -66,13 +72,14 @@ def load_dataset(
         raise DataError(f"{path} is neither a folder nor a regular file; pass {SUPPORTED_FORMATS}")
     suffix = path.suffix.lower()
     if path.is_dir() or suffix == ".zip":
-        if label_column is not None and label_required:
+        if label_column not in (None, NO_LABEL) and label_required:
             logger.warning("label_column=%r ignored: image labels come from folder names", label_column)
         if path.is_dir():
             return load_image_folder(path, on_progress=on_progress, cancel=cancel)
         return _load_zip(path, workspace, on_progress, cancel)
     if suffix in TABLE_SUFFIXES:
-        return load_table(path, label_column=label_column, label_required=label_required)
+        return load_table(path, label_column=label_column, id_column=id_column, ignore_columns=ignore_columns,
+                          label_required=label_required)
     if _looks_like_idx(path):
         raise DataError(f"{path.name} looks like an IDX (MNIST-style) or gzip file, which is not loaded directly; "
                         "use core.data.load_idx_images and materialize_images, or pass a folder or .zip of images")

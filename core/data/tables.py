@@ -15,6 +15,10 @@ feature table.
 
 Labels: ``label_column`` names a column (csv, parquet) or an array (npz, mat; default ``y``). Values
 must be 0/1 (1 = anomaly) or booleans; missing values (NaN/empty) become -1 (unknown).
+
+Column roles (csv, parquet): every column is an id, a feature, the label or ignored, decided by
+:func:`core.data.columns.profile_columns` from the caller's choices and the column's values; only
+features stay in ``Dataset.table``, the id column's values become ``Dataset.ids``.
 """
 from __future__ import annotations
 
@@ -29,6 +33,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.data.columns import (
+    AUTO,
+    FEATURE,
+    ID,
+    LABEL,
+    NO_ID,
+    ColumnProfile,
+    profile_columns,
+    role_of,
+)
 from core.data.dataset import TABLE, Dataset
 from core.data.fingerprint import fingerprint_table
 from core.errors import DataError
@@ -48,11 +62,10 @@ CSV_DELIMITERS = ",;\t|"
 
 _DECIMAL_COMMA_NUMBER = r"[+-]?\d*,?\d+(?:[eE][+-]?\d+)?"
 
+NO_LABEL = "none"
+"""``label_column`` value: the table has no label column (do not look for one)."""
 ARRAY_LABEL_KEY = "y"
 """Default label array name in ``.npz`` and ``.mat`` files."""
-
-_LABEL_LIKE_NAMES = frozenset({"label", "labels", "y", "target", "class", "anomaly", "is_anomaly",
-                               "outlier", "ground_truth"})
 
 
 @contextlib.contextmanager
@@ -260,8 +273,14 @@ def _array_labels(labels: np.ndarray, n_rows: int, where: str) -> np.ndarray | N
     return parse_labels(labels.reshape(-1), where)
 
 
-def table_dataset(features: pd.DataFrame, source: Path | str, labels: np.ndarray | None = None) -> Dataset:
-    """Wrap a feature table as a table :class:`Dataset` (ids ``"0"`` .. ``"N-1"``).
+def table_dataset(
+    features: pd.DataFrame,
+    source: Path | str,
+    labels: np.ndarray | None = None,
+    ids: list[str] | None = None,
+    columns: tuple[ColumnProfile, ...] = (),
+) -> Dataset:
+    """Wrap a feature table as a table :class:`Dataset` (ids ``"0"`` .. ``"N-1"`` unless given).
 
     Parameters
     ----------
@@ -271,6 +290,10 @@ def table_dataset(features: pd.DataFrame, source: Path | str, labels: np.ndarray
         Where the data came from (shown to the user).
     labels : (N,) int8 array, optional
         1 anomaly, 0 normal, -1 unknown.
+    ids : list of str, optional
+        The rows' ids (the user's id column); 0-based row numbers when None.
+    columns : tuple of ColumnProfile
+        Every column of the file with its role (see :mod:`core.data.columns`).
 
     Raises
     ------
@@ -292,15 +315,23 @@ def table_dataset(features: pd.DataFrame, source: Path | str, labels: np.ndarray
             labels = None
     return Dataset(
         kind=TABLE,
-        ids=[str(i) for i in range(features.shape[0])],
+        ids=[str(i) for i in range(features.shape[0])] if ids is None else list(ids),
         source=source,
         fingerprint=fingerprint_table(features),
         labels=labels,
         table=features,
+        columns=tuple(columns),
     )
 
 
-def load_table(path: Path | str, label_column: str | None = None, *, label_required: bool = True) -> Dataset:
+def load_table(
+    path: Path | str,
+    label_column: str | None = None,
+    *,
+    id_column: str = AUTO,
+    ignore_columns: tuple[str, ...] | list[str] = (),
+    label_required: bool = True,
+) -> Dataset:
     """Load a ``.csv``, ``.parquet``, ``.npz`` or ``.mat`` table as a table :class:`Dataset`.
 
     Parameters
@@ -309,15 +340,22 @@ def load_table(path: Path | str, label_column: str | None = None, *, label_requi
         The table file (see the module docstring for each format).
     label_column : str, optional
         Label column (csv, parquet) or array name (npz, mat; default ``"y"`` when present).
-        Labels are 0/1 (1 = anomaly) or booleans, used for metrics only.
+        Labels are 0/1 (1 = anomaly) or booleans, used for metrics only. For csv and parquet,
+        None finds a 0/1 column named like a label, ``"none"`` means no label column.
+    id_column : str
+        The column that names the rows (csv, parquet): a name, ``"auto"`` (default: a column
+        with a distinct text or counter in every row) or ``"none"`` (0-based row numbers).
+    ignore_columns : sequence of str
+        Columns to drop (csv, parquet).
     label_required : bool
-        When False, a missing label column or array means "no labels" instead of an error
-        (scoring a table with the run's label column name, which new data may lack).
+        When False, columns named above that the file lacks are not an error (scoring new data
+        with the run's column roles: a new batch may lack its label, id or ignored columns).
 
     Returns
     -------
     Dataset
-        ``kind="table"``, ``table`` holding the raw feature columns, ids ``"0"`` .. ``"N-1"``.
+        ``kind="table"``, ``table`` holding the feature columns, ``ids`` the id column's values
+        (0-based row numbers without one), ``columns`` every column's role.
 
     Raises
     ------
@@ -342,20 +380,31 @@ def load_table(path: Path | str, label_column: str | None = None, *, label_requi
         raise DataError(f"{path.name} is {size} bytes, over the limit of {MAX_TABLE_BYTES}; use a smaller table")
 
     labels: np.ndarray | None = None
+    ids: list[str] | None = None
+    columns: list[ColumnProfile] = []
     if suffix in (".csv", ".parquet"):
         frame = _read_csv(path) if suffix == ".csv" else _read_parquet(path)
-        if label_column is not None:
-            if label_column not in frame.columns and not label_required:
-                label_column = None
-            elif label_column not in frame.columns:
-                shown = [str(c) for c in frame.columns[:30]]
-                more = f" and {frame.shape[1] - 30} more" if frame.shape[1] > 30 else ""
-                raise DataError(f"{path.name} has no column {label_column!r}; columns are {shown}{more}")
-        if label_column is not None:
-            labels = parse_labels(frame[label_column], f"label column {label_column!r} of {path.name}")
-            frame = frame.drop(columns=[label_column])
-        else:
-            _warn_label_like(frame, path)
+        if not label_required:  # scoring: the run's roles, as far as this file has the columns
+            present = {str(column) for column in frame.columns}
+            label_column = label_column if label_column in present else NO_LABEL
+            id_column = id_column if id_column in (AUTO, NO_ID) or id_column in present else NO_ID
+            ignore_columns = [name for name in ignore_columns if name in present]
+        columns = profile_columns(frame, id_column=id_column, ignore_columns=ignore_columns,
+                                  label_column=None if label_column in (None, NO_LABEL) else label_column,
+                                  find_label=label_column is None)
+        by_name = {str(column): column for column in frame.columns}
+        [label] = role_of(columns, LABEL) or [None]
+        if label is not None:
+            labels = parse_labels(frame[by_name[label]], f"label column {label!r} of {path.name}")
+        [id_name] = role_of(columns, ID) or [None]
+        if id_name is not None:
+            ids = frame[by_name[id_name]].astype(str).tolist()
+        for profile in columns:
+            if profile.role != FEATURE:
+                logger.warning("%s: column %r is %s (%s)", path.name, profile.name,
+                               "the id" if profile.role == ID else f"the {profile.role}" if profile.role == LABEL
+                               else "ignored", profile.reason)
+        frame = frame[[by_name[name] for name in role_of(columns, FEATURE)]]
     else:
         key = ARRAY_LABEL_KEY if label_column is None else label_column
         reader = _read_npz if suffix == ".npz" else _read_mat
@@ -366,14 +415,7 @@ def load_table(path: Path | str, label_column: str | None = None, *, label_requi
         frame = pd.DataFrame(matrix, columns=[f"x{j}" for j in range(matrix.shape[1])])
         if raw_labels is not None:
             labels = _array_labels(raw_labels, matrix.shape[0], f"array {key!r} of {path.name}")
-    dataset = table_dataset(frame, path, labels)
+    dataset = table_dataset(frame, path, labels, ids, tuple(columns))
     logger.info("loaded %s: %d rows x %d feature columns%s", path, dataset.table.shape[0],
                 dataset.table.shape[1], "" if dataset.labels is None else ", with labels")
     return dataset
-
-
-def _warn_label_like(frame: pd.DataFrame, path: Path) -> None:
-    suspects = [str(c) for c in frame.columns if str(c).strip().lower() in _LABEL_LIKE_NAMES]
-    if suspects:
-        logger.warning("%s: column(s) %s look like labels but are used as features; "
-                       "pass label_column to use one for metrics only", path.name, suspects)

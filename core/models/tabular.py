@@ -3,14 +3,16 @@
 The encoder is fitted on the training table only and saved as plain JSON with the run, so
 scoring a new table applies exactly the same transformation.
 
-Rules (documented for users in README.md):
-- an identifier is never a feature: a text column whose values are all distinct, or an integer
-  column that counts rows (all distinct, consecutive); it is named in a warning and ignored,
-  also when scoring; a table left with no feature is an error;
+It sees the feature columns only: ids, labels and ignored columns are taken out when the table
+is loaded (:mod:`core.data.columns`). Rules (documented for users in README.md):
 - numeric and boolean columns are features; text columns whose values all parse as numbers
   are numeric;
 - other text columns with at most ``MAX_CATEGORIES`` distinct values are one-hot encoded
-  (a category unseen in training encodes as all zeros); more distinct values is an error;
+  (a category unseen in training encodes as all zeros); more distinct values is an error. Each
+  column's one-hot block is weighted so that, between two random training rows, it adds as much
+  to the squared distance as a normally distributed numeric column does (``category_spread``):
+  a categorical column counts like one numeric column, so a random one cannot split the data
+  into islands;
 - NaN and +-inf are imputed with the training median of the column (counted and logged);
   a column with no finite value in training is an error;
 - each numeric column is centred on its median and divided by its interquartile range
@@ -28,15 +30,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.data.columns import MAX_CATEGORIES, as_numeric
 from core.data.dataset import Dataset
 from core.errors import DataError
 from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
 
 log = logging.getLogger(__name__)
 
-MAX_CATEGORIES = 50
-MIN_COUNTER_ROWS = 10
-"""Fewest rows at which distinct consecutive integers are taken for a row counter, not a measurement."""
+NUMERIC_SPREAD = 2 / 1.349**2
+"""Mean squared difference between two rows of a normal column scaled by its interquartile range."""
 MAX_SCALED = 1e6
 """Largest encoded magnitude of a numeric value, in interquartile ranges from the median."""
 
@@ -49,7 +51,7 @@ class TableEncoderState:
     medians: list[float] = field(default_factory=list)
     scales: list[float] = field(default_factory=list)
     categories: dict[str, list[str]] = field(default_factory=dict)
-    identifiers: list[str] = field(default_factory=list)
+    category_weights: dict[str, float] = field(default_factory=dict)
 
 
 class TableEncoder:
@@ -62,7 +64,10 @@ class TableEncoder:
     kind = "table"
     state_file = "table_encoder.json"
 
-    def __init__(self) -> None:
+    def __init__(self, category_spread: float | None = NUMERIC_SPREAD) -> None:
+        """``category_spread``: the mean squared distance a categorical column adds between two random
+        training rows (see the module docstring); None keeps plain one-hot columns (weight 1)."""
+        self.category_spread = category_spread
         self.state_: TableEncoderState | None = None
 
     @property
@@ -75,18 +80,9 @@ class TableEncoder:
     def fit(self, dataset: Dataset) -> "TableEncoder":
         """Learn column kinds, medians, scales and categories from ``dataset.table``."""
         frame = _require_table(dataset)
-        state = TableEncoderState(identifiers=[str(column) for column in frame.columns
-                                               if is_identifier(frame[column])])
-        if state.identifiers:
-            log.warning("column(s) %s look like identifiers (a distinct value in every row); they are not "
-                        "used as features", ", ".join(repr(c) for c in state.identifiers))
-        if len(state.identifiers) == frame.shape[1]:
-            raise DataError(f"the table has no feature column: {', '.join(state.identifiers)} only identify rows "
-                            f"(a distinct value in every row); add the measured columns")
+        state = TableEncoderState()
         for column in frame.columns:
-            if str(column) in state.identifiers:
-                continue
-            values = _as_numeric(frame[column])
+            values = as_numeric(frame[column])
             if values is not None:
                 finite = values[np.isfinite(values)]
                 if finite.size == 0:
@@ -102,9 +98,11 @@ class TableEncoder:
             if len(distinct) > MAX_CATEGORIES:
                 raise DataError(
                     f"column {column!r} holds text with {len(distinct)} distinct values (more than "
-                    f"{MAX_CATEGORIES}); it cannot be encoded as categories: drop it or convert it to numbers"
+                    f"{MAX_CATEGORIES}); it cannot be encoded as categories: make it the id column if it names "
+                    "rows (--id-column, or its role on the Data page), else ignore it (--ignore-columns)"
                 )
             state.categories[str(column)] = distinct
+            state.category_weights[str(column)] = self._category_weight(frame[column])
         self.state_ = state
         return self
 
@@ -121,14 +119,15 @@ class TableEncoder:
         missing = [c for c in state.numeric + list(state.categories) if c not in frame.columns]
         if missing:
             raise DataError(f"the table lacks columns the run was fitted on: {', '.join(missing[:10])}")
-        used = set(state.numeric) | set(state.categories) | set(state.identifiers)
+        used = set(state.numeric) | set(state.categories)
         extra = [c for c in frame.columns if c not in used]
         if extra:
             log.warning("ignoring %d columns the run was not fitted on: %s", len(extra), ", ".join(extra[:10]))
         parts = [self._numeric_block(frame, state)]
         for column, values in state.categories.items():
             text = frame[column].astype(str).to_numpy()
-            parts.append((text[:, None] == np.asarray(values)[None, :]).astype(np.float32))
+            onehot = (text[:, None] == np.asarray(values)[None, :]).astype(np.float32)
+            parts.append(onehot * np.float32(state.category_weights.get(column, 1.0)))
         encoded = np.concatenate(parts, axis=1).astype(np.float32)
         on_progress(ProgressEvent("embed", len(frame), len(frame), "table encoded"))
         return encoded
@@ -145,10 +144,18 @@ class TableEncoder:
         encoder.state_ = TableEncoderState(**raw)
         return encoder
 
+    def _category_weight(self, column: pd.Series) -> float:
+        """The weight of a one-hot block: ``category_spread`` = 2 w^2 (1 - sum of squared category shares)."""
+        shares = column.dropna().astype(str).value_counts(normalize=True).to_numpy()
+        differ = 1.0 - float(np.sum(shares**2))  # chance that two random rows differ
+        if self.category_spread is None or differ == 0.0:
+            return 1.0
+        return float(np.sqrt(self.category_spread / (2.0 * differ)))
+
     def _numeric_block(self, frame: pd.DataFrame, state: TableEncoderState) -> np.ndarray:
         block = np.empty((len(frame), len(state.numeric)), np.float64)
         for j, column in enumerate(state.numeric):
-            values = _as_numeric(frame[column])
+            values = as_numeric(frame[column])
             if values is None:
                 raise DataError(f"column {column!r} was numeric when the run was fitted but now holds text")
             block[:, j] = values
@@ -171,31 +178,3 @@ def _require_table(dataset: Dataset) -> pd.DataFrame:
         raise DataError("expected a table, got images")
     return dataset.table.copy()
 
-
-def is_identifier(series: pd.Series) -> bool:
-    """Whether ``series`` names rows rather than measures them.
-
-    True for a text column with a distinct value in every row, most of them not numbers (one-hot
-    encoding it would make every row equally unusual) and, from ``MIN_COUNTER_ROWS`` rows, for an integer row counter (distinct,
-    consecutive values in any order, such as the index a spreadsheet or ``DataFrame.to_csv`` writes).
-    A boolean column, or one with a missing value, is not an identifier.
-    """
-    if (len(series) < 2 or pd.api.types.is_bool_dtype(series) or series.isna().any()
-            or series.nunique() != len(series)):
-        return False
-    values = _as_numeric(series)
-    if values is None:  # text: an identifier unless it is mostly numbers with a typo or two
-        return bool(pd.to_numeric(series, errors="coerce").isna().mean() > 0.5)
-    if len(values) < MIN_COUNTER_ROWS or not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
-        return False
-    return bool(np.all(np.diff(np.sort(values)) == 1))
-
-
-def _as_numeric(series: pd.Series) -> np.ndarray | None:
-    """The column as float64 (NaN where empty), or None when it holds text that is not a number."""
-    if pd.api.types.is_bool_dtype(series) or pd.api.types.is_numeric_dtype(series):
-        return series.to_numpy(dtype=np.float64, na_value=np.nan)
-    converted = pd.to_numeric(series, errors="coerce")
-    if converted.isna().sum() > series.isna().sum():
-        return None
-    return converted.to_numpy(dtype=np.float64, na_value=np.nan)

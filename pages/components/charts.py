@@ -104,6 +104,7 @@ def score_histogram(
     edges = np.linspace(low, high, BINS + 1) if high > low else np.array([low - 0.5, low + 0.5])
     width = edges[1] - edges[0]
     bounds = np.column_stack([axis.inverse(edges[:-1]), axis.inverse(edges[1:])])
+    ranges = [f"{score_text(low)} to {score_text(high)}" for low, high in bounds]
     figure = go.Figure()
     peak = 1
     stacked = np.zeros(len(edges) - 1)
@@ -114,7 +115,7 @@ def score_histogram(
         stacked += counts
         figure.add_trace(go.Bar(
             x=(edges[:-1] + edges[1:]) / 2, y=counts, width=width, name=name, marker_color=colour, customdata=bounds,
-            hovertemplate="anomaly_score %{customdata[0]:.4g} to %{customdata[1]:.4g}: %{y} samples<extra>%{fullData.name}</extra>",
+            hovertext=ranges, hovertemplate="anomaly_score %{hovertext}: %{y} samples<extra>%{fullData.name}</extra>",
         ))
         peak = max(peak, int(stacked.max()))
     # Labels take the top rows of the plot area; the bars stay below them.
@@ -131,7 +132,7 @@ def score_histogram(
         on_right = (x - span[0]) > 0.7 * (span[1] - span[0])  # the label reads away from the plot's edge
         figure.add_annotation(
             x=x, xref="x", y=1.0 - row * LABEL_ROW, yref="paper", yanchor="top", xanchor="right" if on_right else "left",
-            text=f"{name}: {value:,.4g}", showarrow=False, bgcolor="rgba(255,255,255,0.85)", font_size=12,
+            text=f"{name}: {score_text(value)}", showarrow=False, bgcolor="rgba(255,255,255,0.85)", font_size=12,
         )
     return _layout(figure, title)
 
@@ -152,6 +153,12 @@ def _nice_ticks(axis: ScoreAxis, span: tuple[float, float]) -> np.ndarray:
             if np.isfinite(where) and all(abs(where - axis.forward(np.array([c]))[0]) >= gap for c in chosen):
                 chosen.append(value)
     return np.array(sorted(chosen))
+
+
+def score_text(value: float) -> str:
+    """A score or threshold as every page shows it: whole numbers with separators from 1,000 up (1,172),
+    four significant digits below (86.26), so one sample reads the same everywhere."""
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
 
 
 def _tick_text(value: float) -> str:

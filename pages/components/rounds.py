@@ -103,7 +103,7 @@ def _removed_strip(record, ids, labels, image_path, anomaly_score, key: str | No
         return
     captions = [
         f"{ids[i]} · {vote}" + ("" if vote == CONFIRMED else f" · margin {m}")
-        + ("" if anomaly_score is None else f" · anomaly_score {anomaly_score[i]:.4g}")
+        + ("" if anomaly_score is None else f" · anomaly_score {charts.score_text(anomaly_score[i])}")
         + ("" if labels is None else (" · labelled anomaly" if labels[i] == 1 else ""))
         for i, vote, m in zip(shown, votes, margin)
     ]

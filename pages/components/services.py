@@ -32,6 +32,8 @@ from core.store import Registry, RunRecord, refinery_home
 from pages.components import state
 
 THUMBNAIL_PX = 96
+LIVE_REFRESH_S = 1.0
+"""Seconds between redraws of a running job's live view and sidebar line."""
 FOREIGN_RUN = ("This run belongs to another session and was not shared with this one, so it is not shown. "
                "Open one of your runs on the Results page, or ask the session that made it to share it.")
 FOREIGN_JOB = ("This job belongs to another session, so it is not shown. Start a fit of your own below; it queues "

@@ -30,9 +30,16 @@ def draw() -> None:
         st.caption(services.device_name())
         st.markdown("**Job**")
         job = services.watched_job()
-        if job is None:
-            busy = services.job_runner().active() is not None
-            st.caption("idle" + (" (another session's job is running; yours would queue)" if busy else ""))
-        else:
-            progress = f" ({stage_text(job.stage, job.done, job.total)})" if job.state == "running" and job.stage else ""
-            st.caption(f"{job.title}: {job.state}{progress}")
+        running = job is not None and job.active
+        # While the job runs, its line redraws on its own, like the page's live view.
+        st.fragment(_job_line, run_every=services.LIVE_REFRESH_S if running else None)()
+
+
+def _job_line() -> None:
+    job = services.watched_job()
+    if job is None:
+        busy = services.job_runner().active() is not None
+        st.caption("idle" + (" (another session's job is running; yours would queue)" if busy else ""))
+    else:
+        progress = f" ({stage_text(job.stage, job.done, job.total)})" if job.state == "running" and job.stage else ""
+        st.caption(f"{job.title}: {job.state}{progress}")
