@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     machine_header(report, "Tables: a random 3-valued categorical column")
     report.line(f"- {len(files)} ADBench sets from {DATA_DIR}; subsampled to {args.max_rows} rows; 70/30 split as in "
                 f"bench/tables.py; seeds {args.seeds}; default pipeline (FitConfig() for tables)")
-    report.line("- each cell: mean over sets of (test AUROC with the random column `site` - without it) | "
+    report.line("- each cell: mean over sets of (test AUROC with the random column `site` - without it); "
                 "mean share of training rows whose is_anomaly flag changed")
     report.line()
     results: dict[str, dict[str, list[tuple[float, float]]]] = {}
@@ -124,10 +124,10 @@ def main(argv: list[str] | None = None) -> None:
         for name in WEIGHTINGS:
             changes = [mean([results[s][seed][name][0] for seed in results[s]]) for s in stems]
             flips = [mean([results[s][seed][name][1] for seed in results[s]]) for s in stems]
-            cells.append(f"{mean(changes):+.4f} (largest {max(changes, key=abs):+.3f}) | {mean(flips):.3f}")
+            cells.append(f"{mean(changes):+.4f} (largest {max(changes, key=abs):+.3f}); {mean(flips):.3f}")
         rows.append([half, len(stems), *cells])
     report.table(["half", "sets", *WEIGHTINGS], rows,
-                 title="Mean AUROC change (largest single-set change) | share of training rows flagged differently")
+                 title="Mean AUROC change (largest single-set change); share of training rows flagged differently")
     for name in WEIGHTINGS:
         change = mean([mean([results[s][seed][name][0] for seed in results[s]]) for s in results])
         verdict = "MET" if abs(change) < TARGET_AUROC_CHANGE else "NOT met"

@@ -1,21 +1,22 @@
 """A walk through the studio in a real browser, step by step: shared by the browser tests and the screenshots.
 
-Two walks. :func:`walk`, the one the README's screenshots show: the Data page shows the bundled demo;
+Three walks. :func:`walk`, the one the README's screenshots show: the Data page shows the bundled demo;
 a fit runs on the Refine page (and survives a page reload while it runs and after); a lasso on the
 Embeddings map lists samples; one opens on the Inspect page, where a verdict is recorded; the
 Results page lists it. :func:`review_walk`, an expert's review of data of their own: a zip is
 uploaded, refined with the defaults (the page reloaded mid-fit still names the uploaded data),
 lassoed on the map, judged on Inspect with the keys N / A / U over a readable localization map,
 re-run with the verdicts from Results (the new run removes the confirmed anomaly first and lists the
-verdicts), and its scores downloaded and read.
+verdicts), and its scores downloaded and read. :func:`roles_walk`: a table is uploaded, its id column
+shows the role id in the Data page's Columns panel, and the scores downloaded after a fit are keyed by it.
 
 Every page is checked for tracebacks and error boundaries (:func:`assert_clean`), pages with charts for
 a plotly axis that cuts its data (:func:`assert_axes_whole`), and pages that name the run for a run
 named two ways (:func:`assert_one_run_name`). Each step leaves a full-page screenshot in the folder it
-is given. A failed check raises ``AssertionError`` (Playwright's ``expect``), in a test and in
+is given (none when it is given None, as in the tests). A failed check raises ``AssertionError`` (Playwright's ``expect``), in a test and in
 ``bench/screenshots.py`` alike.
 
-Used by ``tests/test_e2e_browser.py`` (screenshots into pytest's temporary folder),
+Used by ``tests/test_e2e_browser.py`` (no screenshots),
 ``tests/test_e2e_concurrent.py`` (the page helpers and :class:`Budget`) and ``bench/screenshots.py``
 (screenshots into ``docs/screenshots/``). Needs the ``playwright`` package: the tests import this
 module only after skipping themselves without it.
@@ -73,8 +74,12 @@ CONFIRMED = "confirmed anomaly (expert)"
 """What the Refine page's round view says of a sample the expert's verdict removed."""
 SCORE_COLUMNS = ["id", "anomaly_score", "is_anomaly", "kept", "round_removed", "verdict", "verdict_note"]
 """The scores download of a run on unlabelled data."""
+LABELLED_SCORE_COLUMNS = [*SCORE_COLUMNS[:3], "label", *SCORE_COLUMNS[3:]]
+"""The scores download of a run on labelled data."""
 REVIEW_S = DATA_PAGE_S + (2 * FIT_MS + MAP_MS) / 1000 + 10 * PAGE_MS / 1000
 """Budget of :func:`review_walk`: the upload, two fits, the map, and page changes and checks."""
+ROLES_S = DATA_PAGE_S + FIT_MS / 1000 + 4 * PAGE_MS / 1000
+"""Budget of :func:`roles_walk`: the upload, one fit, and page changes and checks."""
 
 RUN_FOLDER = re.compile(r"\d{8}-\d{6}-[\w-]+-[0-9a-f]{6}")
 """A run folder's name (``core.engine.new_run_dir``): what the studio calls a run."""
@@ -161,8 +166,16 @@ def selectbox_options(page, label: str, budget: Budget) -> list[str]:
     return names
 
 
-def screenshot(page, path: Path, budget: Budget) -> None:
-    """The whole page into ``path`` (PNG): the viewport grows to the main area's scroll height for the shot."""
+def _shot(shots: Path | None, name: str) -> Path | None:
+    """Where the screenshot ``name`` goes: into ``shots``, or nowhere (None) when the walk takes none."""
+    return None if shots is None else shots / name
+
+
+def screenshot(page, path: Path | None, budget: Budget) -> None:
+    """The whole page into ``path`` (PNG): the viewport grows to the main area's scroll height for the shot.
+    Nothing when ``path`` is None: the browser tests take no screenshots (slow in a software renderer)."""
+    if path is None:
+        return
     page.wait_for_timeout(SETTLE_MS)
     height = page.evaluate("() => document.querySelector('[data-testid=stMain]').scrollHeight")
     page.set_viewport_size({"width": VIEWPORT["width"], "height": min(max(height, VIEWPORT["height"]), 8000)})
@@ -188,7 +201,7 @@ def lasso_everything(page, budget: Budget) -> None:
 
 # ----------------------------------------------------------------------------- the walk
 
-def data_page(page, url: str, budget: Budget, shots: Path) -> None:
+def data_page(page, url: str, budget: Budget, shots: Path | None) -> None:
     """The studio's first page shows the bundled demo: its sample count, its name and preview images."""
     page.goto(url, timeout=budget.ms())
     main = main_area(page)
@@ -198,17 +211,17 @@ def data_page(page, url: str, budget: Budget, shots: Path) -> None:
     expect(main.get_by_text(DEMO_NAME)).to_be_visible(timeout=budget.ms())
     expect(main.get_by_test_id("stImage").first).to_be_visible(timeout=budget.ms())
     assert_clean(page, budget)
-    screenshot(page, shots / "data.png", budget)
+    screenshot(page, _shot(shots, "data.png"), budget)
 
 
-def refine(page, url: str, budget: Budget, shots: Path) -> str:
+def refine(page, url: str, budget: Budget, shots: Path | None) -> str:
     """Start the demo fit on the Refine page, reload while it runs, wait for the saved run; its folder."""
     page.goto(url, timeout=budget.ms())
     expect(page.get_by_role("button", name="Use this data set")).to_be_visible(timeout=budget.ms())
-    return fit(page, DEMO_NAME, DEMO_SAMPLES, budget, shots / "refine.png")
+    return fit(page, DEMO_NAME, DEMO_SAMPLES, budget, _shot(shots, "refine.png"))
 
 
-def fit(page, data_name: str, samples: int, budget: Budget, shot: Path) -> str:
+def fit(page, data_name: str, samples: int, budget: Budget, shot: Path | None) -> str:
     """On the Refine page, start a fit of the active data (``samples`` images named ``data_name`` in the
     sidebar) with the form's defaults; see :func:`watch_fit`. The run's folder."""
     goto_page(page, "Refine", budget)
@@ -217,7 +230,7 @@ def fit(page, data_name: str, samples: int, budget: Budget, shot: Path) -> str:
     return watch_fit(page, data_name, samples, budget, shot)
 
 
-def watch_fit(page, data_name: str, samples: int, budget: Budget, shot: Path) -> str:
+def watch_fit(page, data_name: str, samples: int, budget: Budget, shot: Path | None) -> str:
     """A fit just started from this page: reload while it runs, wait for the saved run; its folder.
 
     The reload keeps the job and the data (the URL holds them): the sidebar still names ``data_name``
@@ -253,7 +266,7 @@ def watch_fit(page, data_name: str, samples: int, budget: Budget, shot: Path) ->
     return run
 
 
-def embeddings(page, run: str, budget: Budget, shots: Path, samples: int = DEMO_SAMPLES,
+def embeddings(page, run: str, budget: Budget, shots: Path | None, samples: int = DEMO_SAMPLES,
                shot: str = "embeddings.png") -> str:
     """The run's map renders every sample; a lasso round all points lists them with Inspect buttons.
 
@@ -276,17 +289,17 @@ def embeddings(page, run: str, budget: Budget, shots: Path, samples: int = DEMO_
     first_caption = main_area(page).get_by_test_id("stImageCaption").first.inner_text(timeout=budget.ms())
     assert_clean(page, budget)
     assert_one_run_name(page, run, budget)
-    screenshot(page, shots / shot, budget)
+    screenshot(page, _shot(shots, shot), budget)
     return first_caption.split(" · ")[0]
 
 
-def inspect(page, run: str, sample_id: str, budget: Budget, shots: Path) -> None:
+def inspect(page, run: str, sample_id: str, budget: Budget, shots: Path | None) -> None:
     """From the Embeddings selection, open ``sample_id`` (the first listed); record an Anomaly verdict."""
     open_from_selection(page, run, sample_id, budget)
     page.get_by_role("button", name=re.compile("^Anomaly")).click(timeout=budget.ms())
     expect_verdict(page, sample_id, "anomaly", budget)
     assert_clean(page, budget)
-    screenshot(page, shots / "inspect.png", budget)
+    screenshot(page, _shot(shots, "inspect.png"), budget)
 
 
 def open_from_selection(page, run: str, sample_id: str, budget: Budget) -> None:
@@ -303,7 +316,7 @@ def expect_verdict(page, sample_id: str, verdict: str, budget: Budget) -> None:
     expect(main_area(page).get_by_text(f"Your verdict: {verdict}")).to_be_visible(timeout=budget.ms())
 
 
-def results(page, run: str, budget: Budget, shots: Path) -> None:
+def results(page, run: str, budget: Budget, shots: Path | None) -> None:
     """The Results page shows the run's metrics, downloads and the verdict just recorded."""
     goto_page(page, "Results", budget)
     expect(page.get_by_role("heading", name="Expert verdicts")).to_be_visible(timeout=budget.ms())
@@ -315,10 +328,10 @@ def results(page, run: str, budget: Budget, shots: Path) -> None:
     assert_one_run_name(page, run, budget)
     assert_axes_whole(page, budget)
     expect(page.get_by_test_id("stToast")).to_have_count(0, timeout=budget.ms(TOAST_MS))  # the verdict's toast went
-    screenshot(page, shots / "results.png", budget)
+    screenshot(page, _shot(shots, "results.png"), budget)
 
 
-def walk(page, url: str, budget: Budget, shots: Path) -> str:
+def walk(page, url: str, budget: Budget, shots: Path | None) -> str:
     """Every step above in order on the studio at ``url``; the run folder of the fit it made."""
     data_page(page, url, budget, shots)
     run = refine(page, url, budget, shots)
@@ -346,9 +359,9 @@ def review_zip(folder: Path) -> Path:
     return archive
 
 
-def upload(page, url: str, archive: Path, samples: int, budget: Budget, shots: Path) -> None:
-    """Open the studio at ``url``, upload ``archive`` (a zip of ``samples`` images) and use it: the Data
-    page shows it, the sidebar and the URL name it."""
+def upload(page, url: str, archive: Path, samples: int, budget: Budget, shot: Path | None) -> None:
+    """Open the studio at ``url``, upload ``archive`` (a zip of ``samples`` images, or a table of
+    ``samples`` rows) and use it: the Data page shows it, the sidebar and the URL name it."""
     page.goto(url, timeout=budget.ms())
     expect(page.get_by_role("heading", name="Data", exact=True)).to_be_visible(timeout=budget.ms())
     page.get_by_role("tab", name="Upload").click(timeout=budget.ms())
@@ -361,10 +374,10 @@ def upload(page, url: str, archive: Path, samples: int, budget: Budget, shots: P
     assert sidebar_fact(page, "Data", budget) == archive.name
     assert (query_param(page, "data") or "").startswith("upload:"), page.url
     assert_clean(page, budget)
-    screenshot(page, shots / "review-data.png", budget)
+    screenshot(page, shot, budget)
 
 
-def judge_with_keys(page, run: str, sample_id: str, budget: Budget, shots: Path) -> dict[str, str]:
+def judge_with_keys(page, run: str, sample_id: str, budget: Budget, shots: Path | None) -> dict[str, str]:
     """Open ``sample_id`` from the Embeddings selection, check its map reads (:func:`assert_readable_map`),
     then judge it and the next samples of the ranked list with the keys N, A and U, paging with the
     Right key. Each sample's "Model says" matches the run's scores. The verdicts given, by sample id."""
@@ -384,7 +397,7 @@ def judge_with_keys(page, run: str, sample_id: str, budget: Budget, shots: Path)
         expect(model_says).to_have_text(calls[current], timeout=budget.ms())
         if step == 0:
             assert_readable_map(page, budget)
-            screenshot(page, shots / "review-inspect.png", budget)
+            screenshot(page, _shot(shots, "review-inspect.png"), budget)
         no_verdict = main.get_by_test_id("stMarkdownContainer").filter(has_text=re.compile(r"^Your verdict$"))
         expect(no_verdict).to_be_visible(timeout=budget.ms())  # none yet
         page.keyboard.press(key)
@@ -415,7 +428,7 @@ def assert_readable_map(page, budget: Budget) -> None:
     assert shown_h >= READABLE_MAP_PX, f"the map with its colour bar is {shown_h} px tall: its labels cannot be read"
 
 
-def review_results(page, run: str, verdicts: dict[str, str], budget: Budget, shot: Path) -> None:
+def review_results(page, run: str, verdicts: dict[str, str], budget: Budget, shot: Path | None) -> None:
     """The Results page of ``run`` lists the ``verdicts``, and exactly the samples on which the expert and
     the run's model disagree, each with an Inspect button that opens it; its histogram is whole."""
     goto_page(page, "Results", budget)
@@ -448,13 +461,13 @@ def review_results(page, run: str, verdicts: dict[str, str], budget: Budget, sho
 
 
 def rerun_with_verdicts(page, run: str, data_name: str, samples: int, verdicts: dict[str, str], budget: Budget,
-                        shots: Path) -> str:
+                        shots: Path | None) -> str:
     """From the Results page of ``run``, re-run refinement with the verdicts (:func:`watch_fit`): every
     sample judged an anomaly is removed before round 1, as the Refine page's round 1 shows, and the
     new run's Results compare it with ``run``. The new run's folder."""
     page.get_by_role("button", name="Re-run refinement using the verdicts").click(timeout=budget.ms())
     expect(page.get_by_role("heading", name="Refine", exact=True)).to_be_visible(timeout=budget.ms())
-    rerun = watch_fit(page, data_name, samples, budget, shots / "review-rerun.png")
+    rerun = watch_fit(page, data_name, samples, budget, _shot(shots, "review-rerun.png"))
     assert rerun != run
     scores = _scores(rerun)
     removed_in = dict(zip(scores["id"], scores["round_removed"]))
@@ -463,14 +476,16 @@ def rerun_with_verdicts(page, run: str, data_name: str, samples: int, verdicts: 
             assert removed_in[sample_id] == "1", (sample_id, removed_in[sample_id])
             expect(main_area(page).get_by_test_id("stImageCaption").filter(
                 has_text=f"{sample_id} · {CONFIRMED}")).to_be_visible(timeout=budget.ms())
-    review_results(page, rerun, verdicts, budget, shots / "review-rerun-results.png")
+    review_results(page, rerun, verdicts, budget, _shot(shots, "review-rerun-results.png"))
     expect(page.get_by_role("heading", name="Compare with another run on the same data")).to_be_visible(
         timeout=budget.ms())
     return rerun
 
 
-def download_scores(page, run: str, samples: int, verdicts: dict[str, str], budget: Budget) -> None:
-    """The Results page's scores download: one row per sample, the run's columns plus the verdicts."""
+def download_scores(page, run: str, samples: int, verdicts: dict[str, str], budget: Budget,
+                    columns: list[str] = SCORE_COLUMNS) -> list[dict[str, str]]:
+    """The Results page's scores download: one row per sample, the run's ``columns`` plus the verdicts.
+    Its rows, as read."""
     button = main_area(page).get_by_test_id("stDownloadButton").filter(has_text="Scores and verdicts (CSV)")
     with page.expect_download(timeout=budget.ms()) as started:
         button.get_by_role("button").click(timeout=budget.ms())
@@ -479,26 +494,56 @@ def download_scores(page, run: str, samples: int, verdicts: dict[str, str], budg
     with open(download.path(), newline="") as opened:
         reader = csv.DictReader(opened)
         rows = list(reader)
-    assert reader.fieldnames == SCORE_COLUMNS, reader.fieldnames
+    assert reader.fieldnames == columns, reader.fieldnames
     assert [row["id"] for row in rows] == list(_scores(run)["id"])
     assert len(rows) == samples
     assert all(math.isfinite(float(row["anomaly_score"])) for row in rows)
     assert {row["id"]: row["verdict"] for row in rows if row["verdict"]} == verdicts
+    return rows
 
 
-def review_walk(page, url: str, folder: Path, budget: Budget, shots: Path) -> str:
+def review_walk(page, url: str, folder: Path, budget: Budget, shots: Path | None) -> str:
     """An expert's review, end to end: upload a zip (built in ``folder``), refine it with the defaults
     (reloading mid-fit), lasso on the map, judge samples on Inspect with the keys, re-run with the
     verdicts from Results, download the scores. The re-run's folder."""
     archive = review_zip(folder)
-    upload(page, url, archive, REVIEW_SAMPLES, budget, shots)
-    run = fit(page, archive.name, REVIEW_SAMPLES, budget, shots / "review-refine.png")
+    upload(page, url, archive, REVIEW_SAMPLES, budget, _shot(shots, "review-data.png"))
+    run = fit(page, archive.name, REVIEW_SAMPLES, budget, _shot(shots, "review-refine.png"))
     sample_id = embeddings(page, run, budget, shots, REVIEW_SAMPLES, "review-embeddings.png")
     verdicts = judge_with_keys(page, run, sample_id, budget, shots)
-    review_results(page, run, verdicts, budget, shots / "review-results.png")
+    review_results(page, run, verdicts, budget, _shot(shots, "review-results.png"))
     rerun = rerun_with_verdicts(page, run, archive.name, REVIEW_SAMPLES, verdicts, budget, shots)
     download_scores(page, rerun, REVIEW_SAMPLES, verdicts, budget)
     return rerun
+
+
+# ----------------------------------------------------------------------------- a table's column roles
+
+def roles_walk(page, url: str, table: Path, id_column: str, rows: int, budget: Budget,
+               shots: Path | None) -> list[dict[str, str]]:
+    """Upload ``table`` (a labelled csv of ``rows`` rows), see ``id_column`` take the role id in the Data
+    page's Columns panel, fit it from the Refine page with the defaults and download its scores from
+    Results. The downloaded rows."""
+    upload(page, url, table, rows, budget, _shot(shots, "roles-data.png"))
+    main = main_area(page)
+    expect(main.get_by_role("heading", name="Columns", exact=True)).to_be_visible(timeout=budget.ms())
+    # The editor draws on a canvas; its cells are read from the table inside it (for screen readers).
+    roles = main.get_by_test_id("stDataFrame").filter(has_text="why / problem")
+    named = page.locator("td[aria-colindex='1']", has_text=re.compile(rf"^{re.escape(id_column)}$"))
+    row = roles.locator("tr", has=named)
+    expect(row.locator("td[aria-colindex='2']")).to_have_text("id", timeout=budget.ms())
+    goto_page(page, "Refine", budget)
+    expect(main.get_by_text(f"Training data: {rows} rows")).to_be_visible(timeout=budget.ms())
+    page.get_by_role("button", name="Start refinement").click(timeout=budget.ms())
+    expect(page.get_by_text(FINISHED)).to_be_visible(timeout=budget.ms(FIT_MS))
+    run = query_param(page, "run")
+    assert run is not None and Path(run).is_dir(), page.url
+    assert_clean(page, budget)
+    screenshot(page, _shot(shots, "roles-refine.png"), budget)
+    goto_page(page, "Results", budget)
+    expect(page.get_by_role("heading", name="Downloads")).to_be_visible(timeout=budget.ms())
+    assert_clean(page, budget)
+    return download_scores(page, run, rows, {}, budget, LABELLED_SCORE_COLUMNS)
 
 
 # ----------------------------------------------------------------------------- checks and facts

@@ -285,6 +285,17 @@ def _compute(args: argparse.Namespace) -> AbstractContextManager[Compute]:
     return RayCompute(address=args.address)
 
 
+EXPLAIN_LEGEND = {
+    "mahalanobis": "Each feature: the row's value against the typical range (5-95% of the kept training rows) and "
+                   "IQRs from their median; share = the feature's part of the anomaly score (its term of the "
+                   "Mahalanobis distance; the terms sum to the score, correlated features can cancel).",
+    "robust_z": "Each feature: the row's value against the typical range (5-95% of the kept training rows) and "
+                "IQRs from their median; share = the feature's part of the row's summed squared robust z-scores "
+                "(how unusual each value is on its own; they do not sum to the detector's score).",
+}
+"""What the numbers of ``refinery explain`` mean, per attribution method."""
+
+
 def _explain(args: argparse.Namespace) -> None:
     run = engine.open_run(args.run_dir)
     dataset = engine.load_data(args.data, **run.column_choice().load_kwargs(), label_required=False)
@@ -296,12 +307,14 @@ def _explain(args: argparse.Namespace) -> None:
     if ids is None:
         explanations = explanations[: args.top]
     rows = []
+    if explanations:
+        print(EXPLAIN_LEGEND[explanations[0].method])
     for explanation in explanations:
-        print(f"row {explanation.id}: anomaly_score {explanation.anomaly_score:.4g} ({explanation.method})")
+        print(f"row {explanation.id}: anomaly_score {explanation.anomaly_score:.4g}")
         for item in explanation.features:
-            print(f"  {item.feature:24s} value {item.value:<12.4g} typical {item.typical_low:.4g} .. "
-                  f"{item.typical_high:.4g}   share {item.share:6.1%}")
-            rows.append({"id": explanation.id, "anomaly_score": explanation.anomaly_score, **asdict(item)})
+            print(f"  {item.feature:24s} {item.describe():64s} share {item.share:6.1%}")
+            rows.append({"id": explanation.id, "anomaly_score": explanation.anomaly_score, **asdict(item),
+                         "description": item.describe()})
     if args.out:
         atomic_write_text(args.out, pd.DataFrame(rows).to_csv(index=False))
         print(f"written to {args.out}")

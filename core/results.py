@@ -268,6 +268,7 @@ def compare_runs(before: SavedRun, after: SavedRun) -> RunComparison:
     if list(before.samples["id"]) != list(after.samples["id"]):
         raise DataError("these runs were fitted on different samples; compare runs of the same data set")
     rows = {}
+    labelled = before.metrics is not None or after.metrics is not None  # no label: no metric rows
     for run in (before, after):
         metrics = run.metrics.as_dict() if run.metrics else {}
         rows[run.name] = {
@@ -275,7 +276,7 @@ def compare_runs(before: SavedRun, after: SavedRun) -> RunComparison:
             "removed": int((~run.samples["kept"].astype(bool)).sum()),
             "called anomaly": int(run.samples["is_anomaly"].sum()),
             "threshold": run.threshold,
-            **{name: metrics.get(name, np.nan) for name in ("auroc", "ap", "f1")},
+            **({name: metrics.get(name, np.nan) for name in ("auroc", "ap", "f1")} if labelled else {}),
         }
     merged = pd.DataFrame({
         "id": before.samples["id"],

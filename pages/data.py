@@ -1,11 +1,16 @@
-"""Data page: pick a built-in set, upload files or point to a server folder; see what was found."""
+"""Data page: pick a built-in set, upload files or point to a server folder; see what was found and,
+for a table, what each column is for (its role)."""
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 
+from core.data.columns import ID, LABEL, ROLES, ColumnChoice, chosen_roles, role_of
 from core.data.images import IMAGE_SUFFIXES
 from core.data.sources import (
+    MAX_UPLOAD_MB,
     builtin_sources,
     earlier_uploads,
     prepare_builtin,
@@ -13,11 +18,16 @@ from core.data.sources import (
     save_uploads,
 )
 from core.data.tables import TABLE_SUFFIXES
+from core.errors import RefineryError
 from core.store import refinery_home
 from pages.components import services, state, widgets
 
 PREVIEW_IMAGES = 24
 UPLOAD_TYPES = sorted({suffix.lstrip(".") for suffix in (*IMAGE_SUFFIXES, *TABLE_SUFFIXES, ".zip")})
+UPLOAD_HELP = (f"At most {MAX_UPLOAD_MB} MiB for all the files together. "
+               "Larger data: put it on the server and type its path in the next tab.")
+ROLES_HELP = ("id: names the row in every output, never a feature. feature: what the fit measures. "
+              "label: 0/1 (1 = anomaly), used for metrics only. ignore: left out.")
 
 
 def choose_source() -> None:
@@ -32,33 +42,32 @@ def choose_source() -> None:
         if st.button("Use this data set", key="use_builtin", type="primary", disabled=not chosen.available):
             with st.spinner(f"Preparing {chosen.title}..."):
                 path = prepare_builtin(chosen.key, services.workspace())
-            services.use_data(path, chosen.label_column, services.builtin_source(chosen.key))
+            services.use_data(path, ColumnChoice(label_column=chosen.label_column), services.builtin_source(chosen.key))
     with upload:
         files = st.file_uploader(
             "Images (several files or one .zip) or one table", type=UPLOAD_TYPES, accept_multiple_files=True,
-            key="upload_files",
+            key="upload_files", help=UPLOAD_HELP,
         )
-        label_column = st.text_input("Label column of a table (optional; used for metrics only)", key="upload_label")
         if st.button("Use the uploaded files", key="use_upload", disabled=not files):
             path = save_uploads([(file.name, file.getvalue()) for file in files], services.workspace(),
                                 session=state.session_id())
-            services.use_data(path, label_column or None, services.upload_source(path))
+            services.use_data(path, ColumnChoice(), services.upload_source(path))
         earlier = earlier_uploads(services.workspace(), state.session_id())
         if earlier:
             chosen = st.selectbox("Or an earlier upload of this session", earlier, format_func=lambda path: path.name,
                                   key="earlier_upload")
             if st.button("Use this upload", key="use_earlier_upload"):
-                services.use_data(chosen, label_column or None, services.upload_source(chosen))
+                services.use_data(chosen, ColumnChoice(), services.upload_source(chosen))
     with server:
         typed = st.text_input("Path of a folder of images, a .zip or a table on this server", key="server_path")
-        server_label = st.text_input("Label column of a table (optional)", key="server_label")
         if st.button("Use this path", key="use_server", disabled=not typed):
-            services.use_data(resolve_server_folder(typed, private=[refinery_home()]), server_label or None,
+            services.use_data(resolve_server_folder(typed, private=[refinery_home()]), ColumnChoice(),
                               services.server_source(typed))
+    st.caption("A table's columns get their roles (id, feature, label, ignore) below, once it is loaded.")
 
 
-def show_dataset(path: str, label_column: str | None) -> None:
-    dataset = services.dataset(path, label_column)
+def show_dataset(path: str, columns: ColumnChoice) -> None:
+    dataset = services.dataset(path, columns)
     labels = dataset.labels
     st.subheader(Path(path).name)
     cells = st.columns(5)
@@ -74,7 +83,8 @@ def show_dataset(path: str, label_column: str | None) -> None:
         with st.expander(f"{len(dataset.skipped)} files could not be used and were skipped"):
             st.dataframe([{"file": item.name, "reason": item.reason} for item in dataset.skipped], hide_index=True)
     if dataset.kind == "table":
-        st.dataframe(dataset.table.head(50))
+        st.dataframe(dataset.table.head(50).set_axis(pd.Index(dataset.ids[:50], name="id")))
+        column_roles(path, dataset)
         return
     shown = np.arange(len(dataset))[:: max(1, len(dataset) // PREVIEW_IMAGES)][:PREVIEW_IMAGES]
     widgets.gallery(
@@ -83,8 +93,42 @@ def show_dataset(path: str, label_column: str | None) -> None:
     )
 
 
-def protocol_form(path: str, label_column: str | None, protocol) -> None:
-    dataset = services.dataset(path, label_column)
+def column_roles(path: str, dataset) -> None:
+    """Every column of the table with its role, which the user may change and apply (the data reloads)."""
+    if not dataset.columns:  # .npz and .mat tables: features and labels are arrays, not named columns
+        return
+    st.subheader("Columns")
+    st.caption(ROLES_HELP)
+    shown = pd.DataFrame([{"column": p.name, "role": p.role, "type": p.kind, "distinct": p.distinct,
+                           "missing": p.missing, "example": p.example, "why / problem": p.problem or p.reason}
+                          for p in dataset.columns])
+    edited = st.data_editor(
+        shown, hide_index=True, key=f"{state.COLUMN_ROLES}-{dataset.fingerprint}",
+        disabled=[name for name in shown.columns if name != "role"],
+        column_config={"role": st.column_config.SelectboxColumn("role", options=ROLES, required=True)},
+    )
+    widgets.column_problems(dataset)
+    if st.button("Apply column roles", key="apply_roles"):
+        apply_roles(path, dataset, list(edited["role"]))
+
+
+def apply_roles(path: str, dataset, roles: list[str]) -> None:
+    """Reload the active data with ``roles`` (one per column); a message instead when a table would
+    get two ids or two labels, or the loader refuses the roles (an id column that repeats a value)."""
+    profiles = [replace(profile, role=role) for profile, role in zip(dataset.columns, roles)]
+    for role in (ID, LABEL):
+        if len(role_of(profiles, role)) > 1:
+            st.error(f"A table has at most one {role} column, not {' and '.join(role_of(profiles, role))}: "
+                     "give all but one of them another role.")
+            return
+    try:
+        services.use_data(path, chosen_roles(profiles), state.data_source())
+    except RefineryError as error:
+        st.error(f"The roles were not applied, the data keeps its roles: {error}")
+
+
+def protocol_form(path: str, columns: ColumnChoice, protocol) -> None:
+    dataset = services.dataset(path, columns)
     if not dataset.has_labels:
         return
     with st.expander("Contamination protocol (benchmarks and demos)", expanded=protocol is not None):
@@ -94,11 +138,11 @@ def protocol_form(path: str, label_column: str | None, protocol) -> None:
         seed = st.number_input("Seed", 0, 10_000, 0, key="protocol_seed")
         left, right = st.columns(2)
         if left.button("Apply protocol", key="apply_protocol"):
-            services.protocol_dataset(path, label_column, ratio, int(seed))
+            services.protocol_dataset(path, columns, ratio, int(seed))
             st.session_state[state.PROTOCOL] = (ratio, int(seed))
             st.rerun()
         if protocol is not None:
-            st.success(services.protocol_dataset(path, label_column, *protocol).description)
+            st.success(services.protocol_dataset(path, columns, *protocol).description)
             if right.button("Remove protocol", key="clear_protocol"):
                 st.session_state[state.PROTOCOL] = None
                 st.rerun()
@@ -107,9 +151,9 @@ def protocol_form(path: str, label_column: str | None, protocol) -> None:
 def body() -> None:
     st.title("Data")
     widgets.guarded(choose_source)  # a refused choice (one that does not load) shows its message; the active data stays below
-    path, label_column, protocol = services.active_data()
-    show_dataset(path, label_column)
-    protocol_form(path, label_column, protocol)
+    path, columns, protocol = services.active_data()
+    show_dataset(path, columns)
+    protocol_form(path, columns, protocol)
     widgets.page_link("pages/refine.py", "Next: refine this data", ":material/arrow_forward:")
 
 

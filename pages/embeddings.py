@@ -43,7 +43,7 @@ def selected_gallery(run, selected: list[int]) -> None:
     st.subheader(f"{len(selected)} selected" + (f" (the {GALLERY_LIMIT} most anomalous shown)" if len(selected) > GALLERY_LIMIT else ""))
     ids = run.samples["id"].to_numpy()
     if run.kind != "images":
-        st.dataframe(run.samples.iloc[order], hide_index=True)
+        st.dataframe(charts.with_score_text(run.samples.iloc[order]), hide_index=True)
         return
     captions = [f"{ids[i]} · {charts.score_text(run.samples['anomaly_score'].iat[i])}" for i in order]
     clicked = widgets.gallery([services.thumbnail(str(run.image_path(ids[i]))) for i in order], captions, key="selected")

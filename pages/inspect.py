@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
+from core.errors import DataError
 from core.explain import render
 from pages.components import charts, runs, services, state, widgets
 
@@ -18,6 +19,8 @@ GRADCAM_UNITS = "Grad-CAM, score units"
 MAP_SHOWN_PX = 256  # the least height a map is drawn at, with its colour bar (see shown_map)
 VERDICTS = (("normal", "N", ":material/check_circle:"), ("anomaly", "A", ":material/error:"),
             ("unsure", "U", ":material/help:"))
+GO_TO_ID = "go_to_id"  # the id box's key
+CHART_FEATURES = 10    # features in a row's chart; its table lists every one
 
 
 def queue_order(run, queue: str) -> np.ndarray:
@@ -42,6 +45,25 @@ def pager(order: np.ndarray) -> int:
     st.session_state[state.INSPECT_POSITION] = position
     box.caption(f"{position + 1} of {len(order)}  ·  keys: Left / Right to page, N / A / U for a verdict")
     return int(order[position])
+
+
+def go_to_typed_id() -> None:
+    """The id box's callback: open the typed id (see :func:`state.open_in_inspect`) and empty the box."""
+    typed = st.session_state[GO_TO_ID].strip()
+    if typed:
+        state.open_in_inspect(typed)
+    st.session_state[GO_TO_ID] = ""
+
+
+def open_requested(run, sample_id: str) -> None:
+    """Show ``sample_id`` next, at its place in the full ranked list; a message when the run lacks it."""
+    try:
+        index = run.index_of(sample_id)
+    except DataError as error:
+        st.warning(f"{error}; its ids look like {run.samples['id'].iat[0]}")
+        return
+    st.session_state[state.INSPECT_QUEUE] = QUEUES[0]
+    st.session_state[state.INSPECT_POSITION] = int(run.samples["rank"].iat[index]) - 1
 
 
 def facts(run, index: int) -> None:
@@ -136,15 +158,21 @@ def neighbours(run, index: int) -> None:
         widgets.gallery([services.thumbnail(str(run.image_path(i))) for i in near["id"]],
                         [f"{i} · {d:.3g}" for i, d in zip(near["id"], near["distance"])], columns=6)
     else:
-        st.dataframe(near, hide_index=True)
+        shown = charts.with_score_text(near.drop(columns="index"))
+        st.dataframe(shown.assign(distance=near["distance"].map("{:.3g}".format)), hide_index=True)
 
 
 def table_views(run_dir: str, sample_id: str) -> None:
-    dataset = runs.run_dataset(run_dir)
-    explanation = runs.fitted_run(run_dir).explain_rows(dataset, [sample_id])[0]
+    """The row's features, largest share of its anomaly score first: the leading ones as a chart, then
+    every feature of the row beside the kept rows' typical range."""
+    fitted = runs.fitted_run(run_dir)
+    [explanation] = fitted.explain_rows(runs.run_dataset(run_dir), [sample_id], k=len(fitted.encoder.feature_names))
     features = explanation.features
-    st.plotly_chart(charts.feature_bars([f.feature for f in features], [f.share for f in features]))
-    st.dataframe([{"feature": f.feature, "value": f.value, "typical range (5-95%)": f"{f.typical_low:.4g} - {f.typical_high:.4g}",
+    leading = features[:CHART_FEATURES]
+    st.plotly_chart(charts.feature_bars([f.feature for f in leading], [f.share for f in leading]))
+    st.markdown("**The whole row** against the kept rows")
+    st.dataframe([{"feature": f.feature, "value": f"{f.value:.6g}",
+                   "typical range (5-95%)": f"{charts.score_text(f.typical_low)} - {charts.score_text(f.typical_high)}",
                    "share of score": f"{f.share:.0%}"} for f in features], hide_index=True)
 
 
@@ -176,10 +204,11 @@ def body() -> None:
     if run_dir is None:
         return
     run = runs.saved_run(run_dir)
+    st.text_input("Go to id", key=GO_TO_ID, on_change=go_to_typed_id,
+                  placeholder=f"e.g. {run.samples['id'].iat[0]}; Enter opens it")
     requested = st.session_state.pop(state.INSPECT_ID, None)
-    if requested is not None:  # opened from another page: find it in the full ranked list
-        st.session_state[state.INSPECT_QUEUE] = QUEUES[0]
-        st.session_state[state.INSPECT_POSITION] = int(run.samples["rank"].iat[run.index_of(requested)]) - 1
+    if requested is not None:  # typed, or opened from another page
+        open_requested(run, requested)
     queue = st.radio("Browse", QUEUES, horizontal=True, key=state.INSPECT_QUEUE)
     order = queue_order(run, queue)
     if len(order) == 0:

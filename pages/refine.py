@@ -15,12 +15,14 @@ from core.config import (
     THRESHOLD_SOURCES,
     parse_gamma,
 )
+from core.data.columns import ColumnChoice
 from pages.components import runs, services, state, widgets
 from pages.components.rounds import show_rounds
 
 
-def method_form(dataset, label_column: str | None, job_running: bool):
-    """The fit settings; returns a FitConfig when Start was pressed, else None."""
+def method_form(dataset, columns: ColumnChoice, job_running: bool):
+    """The fit settings; returns a FitConfig (with the table's column roles ``columns``) when Start was
+    pressed, else None."""
     suggested = engine.suggested_config(dataset)
     images = dataset.kind == "images"
     objective = st.selectbox(  # outside the form, so that the fields it needs show or hide at once
@@ -68,9 +70,10 @@ def method_form(dataset, label_column: str | None, job_running: bool):
     return suggested.with_changes(
         detector=detector, refine_detector=refine_detector, refine=refine, ensemble=int(ensemble), gamma=parse_gamma(gamma), rounds=int(rounds),
         threshold_source=threshold_source, seed=int(seed), device=device, backbone=backbone,
-        image_size=int(image_size), localization=localization, label_column=label_column, objective=objective,
+        image_size=int(image_size), localization=localization, objective=objective,
         encoder=encoder, epochs=int(epochs), retrain_epochs=int(retrain_epochs),
-    ).validate()
+        label_column=columns.label_column, id_column=columns.id_column, ignore_columns=columns.ignore_columns,
+    )
 
 
 def job_progress(status) -> None:
@@ -139,25 +142,31 @@ def training_caption(dataset, path: str, protocol, status) -> str:
     """What the page fits: the running job's data once it has started, else the active data."""
     fitting = status.outputs.get("dataset") if status is not None and status.active else None
     if fitting is not None:
-        return (f"Fitting: {len(fitting)} {'images' if fitting.kind == 'images' else 'rows'} from {fitting.source} "
-                f"({status.title})")
-    return (f"Training data: {len(dataset)} {'images' if dataset.kind == 'images' else 'rows'} from {path}"
-            + (" (contamination protocol applied)" if protocol else ""))
+        return f"Fitting: {_samples(fitting)} from {fitting.source} ({status.title})"
+    return f"Training data: {_samples(dataset)} from {path}" + (" (contamination protocol applied)" if protocol else "")
+
+
+def _samples(dataset) -> str:
+    """``300 images``, or ``200 rows of 3 feature columns``."""
+    if dataset.kind == "images":
+        return f"{len(dataset)} images"
+    return f"{len(dataset)} rows of {dataset.table.shape[1]} feature columns"
 
 
 def body() -> None:
     st.title("Refine")
-    path, label_column, protocol = services.active_data()
-    dataset = services.training_dataset(path, label_column, protocol)
+    path, columns, protocol = services.active_data()
+    dataset = services.training_dataset(path, columns, protocol)
     status = services.watched_job()  # this session's own job only
     running = status is not None and status.active
     st.caption(training_caption(dataset, path, protocol, status))
     if services.job_refused():
         st.warning(services.FOREIGN_JOB)
+    widgets.column_problems(dataset)
     if running:
         live_view(status.job_id)
     with st.expander("Settings of the next fit" if running else "Fit settings", expanded=not running):
-        config = method_form(dataset, label_column, job_running=running)
+        config = method_form(dataset, columns, job_running=running)
     if config is not None:
         state.set_job_id(runs.start_fit(dataset, config))
         st.rerun()

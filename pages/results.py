@@ -68,7 +68,7 @@ def verdict_section(run, verdicts: dict) -> None:
     st.dataframe(verdict_agreement(run.samples, verdicts))
     disagreements(judged[judged["disagrees"]])
     with st.expander(f"All {len(judged)} judged sample{'s' if len(judged) != 1 else ''}"):
-        st.dataframe(judged.drop(columns="disagrees"), hide_index=True, key="judged_samples")
+        st.dataframe(charts.with_score_text(judged.drop(columns="disagrees")), hide_index=True, key="judged_samples")
     st.caption("Re-running refinement with the verdicts keeps every confirmed normal, removes every confirmed "
                "anomaly before the first round (no detector trains on them), then compares the two runs.")
     if st.button("Re-run refinement using the verdicts", key="rerun_with_verdicts", type="primary"):

@@ -1,4 +1,5 @@
-"""Small real data sets built on the fly for engine and CLI tests (sklearn's bundled digits)."""
+"""Small real data sets built on the fly for engine, CLI and studio tests (sklearn's bundled digits, a
+payments table)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,3 +40,19 @@ def write_digits_images(folder: Path, *, labelled_folders=True, size=32, **kwarg
         pixels = (image * (255 / 16)).astype(np.uint8)
         Image.fromarray(pixels).resize((size, size), Image.BILINEAR).save(target)
     return folder
+
+
+def fraud_table(rows: int = 200, seed: int = 0) -> pd.DataFrame:
+    """A payments table whose columns take every role: ``record`` (``REC-000100``...: the id),
+    ``amount`` and ``duration`` (numbers), ``site`` (three categories) and ``is_fraud`` (0/1, the label).
+    One row in ten is a fraud, with an amount and a duration far from the others."""
+    rng = np.random.default_rng(seed)
+    fraud = np.zeros(rows, dtype=int)
+    fraud[rng.choice(rows, rows // 10, replace=False)] = 1
+    return pd.DataFrame({
+        "record": [f"REC-{100 + i:06d}" for i in range(rows)],
+        "amount": np.round(np.where(fraud, rng.normal(5000, 500, rows), rng.normal(100, 20, rows)), 2),
+        "duration": np.round(np.where(fraud, rng.normal(2, 0.5, rows), rng.normal(30, 5, rows)), 1),
+        "site": rng.choice(["north", "south", "east"], rows),
+        "is_fraud": fraud,
+    })

@@ -39,6 +39,7 @@ from app_fixtures import (
     wait_for_job,
 )
 from core import engine
+from core.data.columns import ColumnChoice
 from core.data.protocol import contaminate
 from core.data.sources import DEMO_DIR, MAX_UPLOAD_BYTES, builtin_sources, prepare_builtin, save_uploads
 from core.results import SavedRun
@@ -47,6 +48,7 @@ from core.store import Registry
 from pages.components.charts import KEPT_COLOUR, REMOVED_COLOUR, score_axis, score_text
 from pages.components.services import FOREIGN_JOB, FOREIGN_RUN
 from pages.components.state import session_id_of
+from sample_data import fraud_table
 
 
 @dataclass(frozen=True)
@@ -182,9 +184,11 @@ def test_data_page_switches_to_a_builtin_table(home):
     assert_clean(at)
     shown = metrics(at)
     assert (shown["Kind"], shown["Samples"], shown["Labelled anomalous"]) == ("table", "200", "20")
-    assert len(at.dataframe) == 1 and at.dataframe[0].value.shape == (50, 64)  # the first 50 rows, 64 pixel columns
+    assert at.dataframe[0].value.shape == (50, 64)  # the first 50 rows, 64 pixel columns
+    roles = shown_roles(at)  # the Columns panel
+    assert roles.pop("label") == "label" and list(roles.values()) == ["feature"] * 64
     assert len(at.image) == 0
-    assert at.session_state["label_column"] == "label"
+    assert at.session_state["column_choice"] == ColumnChoice(label_column="label")
     assert Path(at.session_state["data_path"]).is_relative_to(home / "workspace")
 
 
@@ -388,7 +392,9 @@ def test_inspect_explains_a_table_row_by_its_features(shared):
     assert bars["data"][0]["type"] == "bar" and len(bars["data"][0]["y"]) > 0
     features = at.dataframe[0].value
     assert list(features.columns) == ["feature", "value", "typical range (5-95%)", "share of score"]
-    assert len(features) == len(bars["data"][0]["y"])
+    assert len(features) == 64  # the whole row: every pixel column, the leading ones charted (largest on top)
+    charted = list(bars["data"][0]["y"])[::-1]
+    assert list(features["feature"][:len(charted)]) == charted
     assert len(at.image) == 0
 
 
@@ -724,8 +730,13 @@ def test_streamlit_config_is_local_and_quiet(server_config):
     assert server_config["client"]["showErrorDetails"] == "none"
 
 
-def test_streamlit_upload_limit_equals_the_engine_limit(server_config):
-    assert server_config["server"]["maxUploadSize"] * 1024**2 == MAX_UPLOAD_BYTES
+def test_the_upload_limit_is_stated_the_same_everywhere(server_config, home):
+    assert server_config["server"]["maxUploadSize"] * 1024**2 == MAX_UPLOAD_BYTES  # Streamlit's MB are MiB
+    stated = f"{MAX_UPLOAD_BYTES // 1024**2} MiB"
+    assert stated in studio().get("file_uploader")[0].help
+    for doc in ("README.md", "SECURITY.md"):
+        text = (ROOT / doc).read_text()
+        assert stated in text and f"{MAX_UPLOAD_BYTES // 1024**2} MB" not in text, doc
 
 
 # ------------------------------------------------------------------- Verdicts follow the data (issue 14.5)
@@ -852,7 +863,7 @@ def test_a_reload_restores_the_data_named_in_the_url(home):
     reloaded = studio(url=dict(at.query_params))  # a new script session on the same URL: a reload
     assert_clean(reloaded)
     assert reloaded.session_state["data_path"] == at.session_state["data_path"]
-    assert reloaded.session_state["label_column"] == "label"
+    assert reloaded.session_state["column_choice"] == ColumnChoice(label_column="label")
     assert (metrics(reloaded)["Kind"], metrics(reloaded)["Samples"]) == ("table", "200")
     assert Path(at.session_state["data_path"]).name in reloaded.sidebar.caption.values
     reloaded.switch_page("pages/refine.py").run()
@@ -976,3 +987,138 @@ def test_the_map_shows_removed_in_red_and_kept_in_blue(own_runs):  # the map cac
     assert_clean(at)
     colours = {trace["name"]: trace["marker"].get("color") for trace in json.loads(charts(at)[0].proto.spec)["data"]}
     assert colours == {"kept": KEPT_COLOUR, "removed": REMOVED_COLOUR}
+
+
+# ---------------------------------------------------------------------------- Column roles (issue 15)
+# A table's columns each have a role (id, feature, label, ignore), shown and changed on the Data page;
+# the table's own ids key every output.
+
+
+def use_payments(at, home: Path, table: pd.DataFrame | None = None):
+    """Upload ``table`` (default :func:`fraud_table`) as ``payments.csv`` in ``at``'s session and use it."""
+    table = fraud_table() if table is None else table
+    save_uploads([("payments.csv", table.to_csv(index=False).encode())], home / "workspace", session=session_id(at))
+    at.run()
+    return at.button(key="use_earlier_upload").click().run()
+
+
+def shown_roles(at) -> dict[str, str]:
+    """The role of each column in the Data page's Columns panel."""
+    return at.data_editor[0].value.set_index("column")["role"].to_dict()
+
+
+def apply_roles(at, roles: dict[str, str]):
+    """Pick ``roles`` (column -> role) in the Columns panel, as the user does in its role column, and apply them."""
+    editor = at.data_editor[0]
+    rows = list(editor.value["column"])
+    at.session_state[editor.key] = {"edited_rows": {rows.index(name): {"role": role} for name, role in roles.items()},
+                                    "added_rows": [], "deleted_rows": []}
+    at.run()
+    return at.button(key="apply_roles").click().run()
+
+
+def training_caption(at) -> str:
+    """The Refine page's line on what it trains on."""
+    return next(value for value in at.switch_page("pages/refine.py").run().caption.values
+                if value.startswith("Training data"))
+
+
+def test_the_data_page_shows_each_columns_role_and_applied_roles_reload_the_data(home):
+    at = use_payments(studio(), home)
+    assert_clean(at)
+    assert shown_roles(at) == {"record": "id", "amount": "feature", "duration": "feature", "site": "feature",
+                               "is_fraud": "label"}
+    assert list(at.dataframe[0].value.index[:2]) == ["REC-000100", "REC-000101"]  # the preview, by the table's ids
+    assert metrics(at)["Labelled anomalous"] == "20"
+    assert not {"label", "id", "ignore"} & set(at.query_params)  # found, not chosen: a reload finds them again
+    assert training_caption(at).startswith("Training data: 200 rows of 3 feature columns")
+
+    at.switch_page("pages/data.py").run()
+    apply_roles(at, {"site": "ignore"})
+    assert_clean(at)
+    assert shown_roles(at)["site"] == "ignore"
+    chosen = ColumnChoice(label_column="is_fraud", id_column="record", ignore_columns=("site",))
+    assert at.session_state["column_choice"] == chosen
+    assert [at.query_params[name] for name in ("label", "id", "ignore")] == ["is_fraud", "record", "site"]
+    assert training_caption(at).startswith("Training data: 200 rows of 2 feature columns")
+
+    reloaded = studio(url=dict(at.query_params))  # a reload keeps the roles
+    assert_clean(reloaded)
+    assert reloaded.session_state["column_choice"] == chosen
+    assert shown_roles(reloaded)["site"] == "ignore"
+    assert training_caption(reloaded).startswith("Training data: 200 rows of 2 feature columns")
+
+
+def test_roles_that_cannot_apply_are_refused_and_the_data_keeps_its_roles(home):
+    at = use_payments(studio(), home)
+    apply_roles(at, {"amount": "id"})  # a second id
+    assert not at.exception
+    assert len(at.error) == 1 and "at most one id column, not record and amount" in at.error[0].value
+    apply_roles(at, {"record": "feature", "site": "id"})  # an id column that repeats its values
+    assert not at.exception
+    assert len(at.error) == 1 and "'site' must name each row once" in at.error[0].value
+    assert at.session_state["column_choice"] == ColumnChoice()
+    assert shown_roles(at)["record"] == "id" and "id" not in at.query_params
+    assert training_caption(at).startswith("Training data: 200 rows of 3 feature columns")
+
+
+def test_a_column_that_a_fit_would_refuse_is_named_with_the_role_that_fixes_it(home):
+    notes = fraud_table().assign(note=[f"call {i % 60}" for i in range(200)])  # 60 distinct texts: not a category
+    at = use_payments(studio(), home, notes)
+    assert_clean(at)
+    assert shown_roles(at)["note"] == "feature"
+    warned = [warning.value for warning in at.warning]
+    assert len(warned) == 1 and "note" in warned[0]
+    assert "set its role to id if it names rows, else to ignore" in warned[0]
+    at.switch_page("pages/refine.py").run()
+    assert [warning.value for warning in at.warning] == warned  # said again before Start
+    at.switch_page("pages/data.py").run()
+    apply_roles(at, {"note": "ignore"})
+    assert_clean(at)
+    assert not at.warning
+
+
+def test_a_table_fit_names_its_rows_by_the_tables_ids_on_every_page(home, runner):
+    table = fraud_table()
+    ids = set(table["record"])
+    at = apply_roles(use_payments(studio(), home, table), {"site": "ignore"})
+    at.switch_page("pages/refine.py").run()
+    at.number_input(key="rounds").set_value(1)
+    at.form_submit_button[0].click().run()
+    wait_for_job(at, runner)
+    assert_clean(at)
+    run_dir = Path(at.query_params["run"])
+    run = SavedRun(run_dir)
+    assert set(pd.read_csv(run_dir / "scores.csv", dtype={"id": str})["id"]) == ids
+    assert run.config.column_choice() == ColumnChoice(label_column="is_fraud", id_column="record", ignore_columns=("site",))
+    assert list(engine.open_run(run_dir).encoder.feature_names) == ["amount", "duration"]
+    by_id = run.samples.set_index("id")["anomaly_score"]
+    removed = next(frame for frame in frames(at) if "consensus margin" in frame.columns)
+    assert len(removed) and set(removed["id"]) <= ids
+    assert list(removed["anomaly_score"]) == [score_text(by_id[i]) for i in removed["id"]]
+
+    at.switch_page("pages/embeddings.py").run()
+    assert_clean(at)
+    hover = [text for trace in json.loads(charts(at)[0].proto.spec)["data"] for text in trace["text"]]
+    assert {text.split(" · ")[0] for text in hover} == ids
+    at.session_state["selection"] = [0, 1]
+    at.run()
+    assert list(frames(at)[0]["id"]) == sorted(run.samples["id"][:2], key=lambda i: -by_id[i])
+
+    at.switch_page("pages/inspect.py").run()
+    at.text_input(key="go_to_id").set_value("REC-000123").run()
+    assert_clean(at)
+    assert at.subheader[0].value == "REC-000123"
+    row = table.set_index("record").loc["REC-000123"]
+    whole = frames(at)[0].set_index("feature")
+    assert sorted(whole.index) == ["amount", "duration"]  # every feature of the row; site was ignored
+    for name in ("amount", "duration"):
+        assert whole.loc[name, "value"] == f"{row[name]:.6g}"  # as written, no float noise
+    at.text_input(key="go_to_id").set_value("REC-999999").run()
+    assert not at.exception
+    assert "no sample with id 'REC-999999'" in at.warning[0].value and at.subheader[0].value == "REC-000123"
+
+    at.switch_page("pages/results.py").run()
+    assert_clean(at)
+    assert "download_scores" in {button.key for button in at.get("download_button")}
+    assert set(run.export_frame({})["id"]) == ids  # what the button downloads

@@ -278,7 +278,10 @@ def test_explain_lists_the_planted_deviating_feature(tmp_path, capsys):
     capsys.readouterr()
     out_csv = tmp_path / "why.csv"
     assert main(["explain", str(tmp_path / "r"), str(tmp_path / "t.csv"), "--top", "1", "--out", str(out_csv)]) == 0
-    assert capsys.readouterr().out.startswith("row 17:")
+    legend, row, first = capsys.readouterr().out.splitlines()[:3]
+    assert legend.startswith("Each feature: the row's value against the typical range") and "share = " in legend
+    assert row.startswith("row 17:") and first.split()[0] == "f4" and "above the typical" in first
     why = pd.read_csv(out_csv)
     assert why.iloc[0]["feature"] == "f4" and why.iloc[0]["value"] == pytest.approx(25.0)
+    assert why.iloc[0]["description"].startswith("25: ") and why.iloc[0]["robust_z"] > 10
     fails_cleanly(capsys, ["explain", str(tmp_path / "r"), str(tmp_path / "t.csv"), "--ids", "9999"], "9999")

@@ -1,6 +1,7 @@
 """Per-row table attributions: Mahalanobis terms for GDE, robust z-scores for other detectors."""
 from __future__ import annotations
 
+from dataclasses import astuple
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,6 @@ import pytest
 from core.data.dataset import TABLE, Dataset
 from core.detectors import GaussianDensity, make_detector
 from core.explain.attribution import (
-    FeatureAttribution,
     decode_table_values,
     explain_table_rows,
     feature_contributions,
@@ -92,11 +92,23 @@ def test_top_features_report_values_typical_ranges_and_shares():
     contributions = np.array([0.5, 8.0, 1.5])
     ranges = np.array([[0.0, 2.0], [10.0, 20.0], [2.0, 4.0]])
     top = top_deviating_features(values, contributions, ["a", "b", "c"], ranges, k=2)
-    assert top == [
-        FeatureAttribution("b", 50.0, 10.0, 20.0, 8.0, 0.8),
-        FeatureAttribution("c", 3.0, 2.0, 4.0, 1.5, 0.15),
-    ]
+    assert [astuple(f)[:6] for f in top] == [("b", 50.0, 10.0, 20.0, 8.0, 0.8), ("c", 3.0, 2.0, 4.0, 1.5, 0.15)]
     assert len(top_deviating_features(values, contributions, ["a", "b", "c"], ranges, k=10)) == 3
+
+
+def test_a_dominant_feature_does_not_hide_another_far_outside_its_range():
+    # "amount" takes nearly the whole score; "blackpix" is far above its range with a tiny term
+    names = ["amount", "blackpix", "width", "site=east"]
+    values, ranges = np.array([9e6, 4955.0, 3.0, 1.0]), np.array([[10.0, 90.0], [17.0, 493.0], [2.0, 4.0], [0.0, 1.0]])
+    terms, z = np.array([1e9, 0.5, 0.2, 0.1]), np.array([1e5, 40.0, 0.1, np.nan])
+    shares = np.array([np.nan, np.nan, np.nan, 0.02])
+    top = top_deviating_features(values, terms, names, ranges, k=1, robust_z=z, kept_shares=shares)
+    assert [f.feature for f in top] == ["amount", "blackpix"], "listed for its distance, whatever its share"
+    assert top[1].share == pytest.approx(0.0, abs=1e-8)
+    assert top[1].describe() == "4955: 10.1x the typical high; above the typical 17-493 (40 IQRs from the median)"
+    [width, east] = top_deviating_features(values, terms, names, ranges, k=4, robust_z=z, kept_shares=shares)[2:]
+    assert width.describe() == "3: within the typical 2-4"
+    assert east.describe() == "has 'east', as 2% of the kept rows do"
 
 
 def test_top_features_reject_mismatched_inputs():
@@ -120,7 +132,7 @@ def test_values_and_ranges_are_in_the_tables_units_with_the_real_encoder():
 
     decoded = decode_table_values(encoded, state.medians, state.scales)
     assert decoded[:, :2] == pytest.approx(frame[["temperature", "pressure"]].to_numpy(), rel=1e-5)
-    assert np.array_equal(decoded[:, 2:], encoded[:, 2:])
+    assert np.array_equal(decoded[:, 2:], encoded[:, 2:] != 0), "one-hot columns decode to 1 / 0 whatever their weight"
 
     kept = np.arange(200) >= 20  # pretend the first 20 rows were removed by refinement
     detector = GaussianDensity().fit(encoded[kept])

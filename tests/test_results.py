@@ -1,4 +1,5 @@
 """Saved runs read back for display: rounds, neighbours, image files, evaluation helpers, comparison, bundle."""
+import copy
 import io
 import json
 import shutil
@@ -294,6 +295,11 @@ def test_compare_runs_of_the_same_data(plain, guided):
     assert list(changed["id"]) == list(before.samples["id"][differs])
     assert (changed[f"is_anomaly {before.name}"] != changed[f"is_anomaly {after.name}"]).all()
     assert compare_runs(before, before).changed.empty
+    unlabelled = [copy.copy(run) for run in (before, after)]
+    for run in unlabelled:
+        run.samples = run.samples.drop(columns="label")
+    assert list(compare_runs(*unlabelled).metrics.index) == ["kept", "removed", "called anomaly", "threshold"], \
+        "without labels, no rows of empty metrics"
 
 
 def test_compare_runs_of_different_data_is_an_error(plain, image_run):

@@ -10,7 +10,12 @@ Two methods, chosen by what the detector offers:
   for a constant feature). It says how unusual each value is on its own; the terms do not sum to
   the detector's score.
 
-Typical ranges are the 5th-95th percentiles of the kept training rows, in the table's units.
+Typical ranges are the 5th-95th percentiles of the kept training rows, in the table's units. Each
+numeric feature also gets its robust z-score in those units (IQRs from the kept rows' median), and
+each one-hot category the share of kept rows that have it. The listed features are the ``k`` with
+the largest terms *and* any other feature at least ``FAR_Z`` IQRs from the median: one dominant
+feature cannot hide another far outside its range. :meth:`FeatureAttribution.describe` says it
+in words ("4955: 10x the typical high; typical 17-493").
 Everything here is numpy; the engine supplies the encoded rows, the kept training rows and the
 table encoder's medians and scales.
 
@@ -29,6 +34,8 @@ import numpy as np
 
 ATTRIBUTION_METHODS = ("mahalanobis", "robust_z")
 TYPICAL_PERCENTILES = (5.0, 95.0)
+FAR_Z = 3.0
+"""A value this many interquartile ranges from the kept rows' median is listed whatever its term."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,11 @@ class FeatureAttribution:
         The feature's term (see the module docstring for each method).
     share : float
         ``contribution`` divided by the sum of the row's terms over all features.
+    robust_z : float
+        ``(value - median) / IQR`` over the kept training rows, in the table's units; NaN for a
+        one-hot category.
+    kept_share : float
+        For a one-hot category, the share of kept training rows in that category; NaN otherwise.
     """
 
     feature: str
@@ -55,6 +67,27 @@ class FeatureAttribution:
     typical_high: float
     contribution: float
     share: float
+    robust_z: float = float("nan")
+    kept_share: float = float("nan")
+
+    def describe(self) -> str:
+        """The deviation in plain words, e.g. ``"4955: 10x the typical high (typical 17-493)"``."""
+        if not np.isnan(self.kept_share):
+            has = "has" if self.value else "lacks"
+            return f"{has} {self.feature.split('=', 1)[1]!r}, as {self.kept_share:.0%} of the kept rows do"
+        typical = f"typical {_number(self.typical_low)}-{_number(self.typical_high)}"
+        value = _number(self.value)
+        if self.typical_low <= self.value <= self.typical_high:
+            return f"{value}: within the {typical}"
+        side, edge = ("above", self.typical_high) if self.value > self.typical_high else ("below", self.typical_low)
+        ratio = self.value / edge if edge and np.sign(edge) == np.sign(self.value) else 0.0
+        times = f"{ratio:.3g}x the typical high; " if side == "above" and ratio >= 2 else ""
+        return f"{value}: {times}{side} the {typical} ({abs(self.robust_z):.3g} IQRs from the median)"
+
+
+def _number(value: float) -> str:
+    """A value without float noise: 4955.0001 -> 4955, 0.123456 -> 0.1235."""
+    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
 
 
 @dataclass(frozen=True)
@@ -64,7 +97,7 @@ class RowExplanation:
     Attributes
     ----------
     id : str
-        The row's id (its 0-based index in the table).
+        The row's id (the table's id column, or its 0-based row number).
     anomaly_score : float
         ``-detector.score_samples(row)`` under the run (higher = more anomalous).
     method : str
@@ -83,14 +116,15 @@ def decode_table_values(encoded: np.ndarray, medians: Sequence[float], scales: S
     """Undo the table encoder's robust scaling: ``(N, D)`` encoded -> ``(N, D) float64`` table units.
 
     The first ``len(medians)`` columns are the numeric ones (``value * scale + median``); the
-    one-hot columns after them are returned as they are. A value imputed at encoding time comes
-    back as the training median.
+    one-hot columns after them come back as 1.0 (the row has that category) or 0.0, whatever
+    weight the encoder gave them. A value imputed at encoding time comes back as the training median.
     """
     values = np.array(encoded, dtype=np.float64, ndmin=2)
     n_numeric = len(medians)
     if n_numeric != len(scales) or n_numeric > values.shape[1]:
         raise ValueError(f"{len(medians)} medians and {len(scales)} scales for {values.shape[1]} features")
     values[:, :n_numeric] = values[:, :n_numeric] * np.asarray(scales) + np.asarray(medians)
+    values[:, n_numeric:] = values[:, n_numeric:] != 0
     return values
 
 
@@ -147,8 +181,11 @@ def top_deviating_features(
     feature_names: Sequence[str],
     typical_ranges: np.ndarray,
     k: int = 5,
+    robust_z: np.ndarray | None = None,
+    kept_shares: np.ndarray | None = None,
 ) -> list[FeatureAttribution]:
-    """The ``k`` features with the largest contributions of one row, largest first.
+    """The ``k`` features with the largest contributions of one row, largest first, then every other
+    feature at least ``FAR_Z`` IQRs from the median, farthest first.
 
     Parameters
     ----------
@@ -160,7 +197,11 @@ def top_deviating_features(
     typical_ranges : (D, 2) array
         :func:`percentile_ranges` of the kept training rows, in the table's units.
     k : int >= 1
-        How many features (all of them when D is smaller).
+        How many features by contribution (all of them when D is smaller).
+    robust_z : (D,) array, optional
+        The row's robust z-scores in the table's units (NaN for one-hot columns).
+    kept_shares : (D,) array, optional
+        Share of kept rows with each one-hot category (NaN for numeric columns).
 
     Returns
     -------
@@ -171,15 +212,18 @@ def top_deviating_features(
     contributions = np.asarray(contributions, dtype=np.float64)
     ranges = np.asarray(typical_ranges, dtype=np.float64)
     n = len(feature_names)
-    if values.shape != (n,) or contributions.shape != (n,) or ranges.shape != (n, 2):
+    z = np.full(n, np.nan) if robust_z is None else np.asarray(robust_z, dtype=np.float64)
+    shares = np.full(n, np.nan) if kept_shares is None else np.asarray(kept_shares, dtype=np.float64)
+    if any(array.shape != (n,) for array in (values, contributions, z, shares)) or ranges.shape != (n, 2):
         raise ValueError(
-            f"expected ({n},) values and contributions and ({n}, 2) ranges for {n} feature names; "
-            f"got {values.shape}, {contributions.shape} and {ranges.shape}"
+            f"expected ({n},) values, contributions, z-scores and shares and ({n}, 2) ranges for {n} feature "
+            f"names; got {values.shape}, {contributions.shape}, {z.shape}, {shares.shape} and {ranges.shape}"
         )
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     total = contributions.sum()
-    order = np.argsort(-contributions, kind="stable")[:k]
+    order = list(np.argsort(-contributions, kind="stable")[:k])
+    far = [d for d in np.argsort(-np.nan_to_num(np.abs(z)), kind="stable") if abs(z[d]) >= FAR_Z and d not in order]
     return [
         FeatureAttribution(
             feature=str(feature_names[d]),
@@ -188,8 +232,10 @@ def top_deviating_features(
             typical_high=float(ranges[d, 1]),
             contribution=float(contributions[d]),
             share=float(contributions[d] / total) if total != 0 else 0.0,
+            robust_z=float(z[d]),
+            kept_share=float(shares[d]),
         )
-        for d in order
+        for d in order + far
     ]
 
 
@@ -235,8 +281,13 @@ def explain_table_rows(
     contributions, method = feature_contributions(detector, encoded, kept_encoded)
     scores = -np.asarray(detector.score_samples(encoded), dtype=np.float64)
     values = decode_table_values(encoded, medians, scales)
-    ranges = percentile_ranges(decode_table_values(kept_encoded, medians, scales))
+    kept_values = decode_table_values(kept_encoded, medians, scales)
+    ranges = percentile_ranges(kept_values)
+    numeric = np.arange(values.shape[1]) < len(medians)
+    z = np.where(numeric, robust_z_scores(values, kept_values), np.nan)
+    shares = np.where(numeric, np.nan, kept_values.mean(axis=0))
     return [
-        RowExplanation(row_id, float(score), method, top_deviating_features(row, terms, feature_names, ranges, k))
-        for row_id, score, row, terms in zip(ids, scores, values, contributions)
+        RowExplanation(row_id, float(score), method,
+                       top_deviating_features(row, terms, feature_names, ranges, k, row_z, shares))
+        for row_id, score, row, terms, row_z in zip(ids, scores, values, contributions, z)
     ]

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 
 WEBGL_FROM_POINTS = 2_000
@@ -159,6 +160,11 @@ def score_text(value: float) -> str:
     """A score or threshold as every page shows it: whole numbers with separators from 1,000 up (1,172),
     four significant digits below (86.26), so one sample reads the same everywhere."""
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
+def with_score_text(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with its ``anomaly_score`` column as :func:`score_text` writes it, for a table on a page."""
+    return frame.assign(anomaly_score=frame["anomaly_score"].map(score_text))
 
 
 def _tick_text(value: float) -> str:

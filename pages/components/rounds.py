@@ -98,7 +98,7 @@ def _removed_strip(record, ids, labels, image_path, anomaly_score, key: str | No
     if image_path is None:
         table = {"id": [ids[i] for i in shown], "votes": votes, "consensus margin": margin}
         if anomaly_score is not None:
-            table["anomaly_score"] = np.asarray(anomaly_score)[shown]
+            table["anomaly_score"] = [charts.score_text(anomaly_score[i]) for i in shown]
         st.dataframe(table, hide_index=True)
         return
     captions = [

@@ -24,6 +24,7 @@ import numpy as np
 import streamlit as st
 
 from core.data import Dataset, load_dataset, read_rgb
+from core.data.columns import ColumnChoice
 from core.data.protocol import contaminate
 from core.data.sources import earlier_uploads, prepare_builtin, resolve_server_folder
 from core.errors import DataError, RefineryError
@@ -128,36 +129,37 @@ def source_path(source: str) -> Path:
     raise DataError(f"{source!r} names no data; the URL's data is 'builtin:KEY', 'upload:PATH' or 'path:PATH'")
 
 
-def use_data(path: Path | str, label_column: str | None, source: str) -> None:
-    """Make ``path`` the active data once it loads, then draw the page again so that the sidebar names
-    it. Data that does not load (a truncated zip, a table without ``label_column``) raises its error
-    and the active data stays as it was."""
-    dataset(str(path), label_column)
-    state.choose_data(path, label_column, source)
+def use_data(path: Path | str, columns: ColumnChoice, source: str) -> None:
+    """Make ``path`` with the column roles ``columns`` the active data once it loads, then draw the page
+    again so that the sidebar names it. Data that does not load (a truncated zip, a table without a
+    chosen column, an id column that repeats a value) raises its error and the active data stays as
+    it was."""
+    dataset(str(path), columns)
+    state.choose_data(path, columns, source)
     st.rerun()
 
 
-def active_data() -> tuple[str, str | None, tuple[float, int] | None]:
-    """(path, label column, protocol) of the active data: the URL's (a reload), else this session's,
+def active_data() -> tuple[str, ColumnChoice, tuple[float, int] | None]:
+    """(path, column roles, protocol) of the active data: the URL's (a reload), else this session's,
     else the built-in demo. A URL naming data that no longer loads is dropped with a message."""
     requested = state.requested_data()
     if requested is not None:
-        source, label_column = requested
+        source, columns = requested
         try:
             path = source_path(source)
-            dataset(str(path), label_column)
+            dataset(str(path), columns)
         except RefineryError as error:
             state.forget_requested_data()
             st.toast(f"The data in the URL could not be opened ({error}); the studio kept its data.",
                      icon=":material/warning:")
         else:
-            state.choose_data(path, label_column, source)
-    path, label_column, protocol = state.data_choice()
+            state.choose_data(path, columns, source)
+    path, columns, protocol = state.data_choice()
     if path is None:
         path = source_path(DEMO_SOURCE)
-        state.choose_data(path, None, DEMO_SOURCE)
-        return str(path), None, None
-    return path, label_column, protocol
+        state.choose_data(path, ColumnChoice(), DEMO_SOURCE)
+        return str(path), ColumnChoice(), None
+    return path, columns, protocol
 
 
 def active_run_dir() -> str | None:
@@ -179,21 +181,22 @@ def active_run_dir() -> str | None:
 
 
 @st.cache_resource(show_spinner="Loading data...", max_entries=4)
-def dataset(path: str, label_column: str | None) -> Dataset:
-    return load_dataset(path, label_column=label_column, workspace=workspace())
+def dataset(path: str, columns: ColumnChoice) -> Dataset:
+    """The data at ``path``; a table's columns take the roles ``columns`` (images ignore them)."""
+    return load_dataset(path, workspace=workspace(), **columns.load_kwargs())
 
 
 @st.cache_resource(max_entries=8)
-def protocol_dataset(path: str, label_column: str | None, ratio: float, seed: int):
+def protocol_dataset(path: str, columns: ColumnChoice, ratio: float, seed: int):
     """The contamination protocol's split of a labelled data set (see core.data.protocol.contaminate)."""
-    return contaminate(dataset(path, label_column), ratio, seed)
+    return contaminate(dataset(path, columns), ratio, seed)
 
 
-def training_dataset(path: str, label_column: str | None, protocol: tuple[float, int] | None) -> Dataset:
+def training_dataset(path: str, columns: ColumnChoice, protocol: tuple[float, int] | None) -> Dataset:
     """What a fit on the active data trains on: the data, or its protocol's training split."""
     if protocol is None:
-        return dataset(path, label_column)
-    return protocol_dataset(path, label_column, *protocol).train
+        return dataset(path, columns)
+    return protocol_dataset(path, columns, *protocol).train
 
 
 @st.cache_data(max_entries=4096, show_spinner=False)

@@ -1,10 +1,10 @@
 """Every session-state key and query parameter the pages use, in one place.
 
-The studio session's key, the active data, the active run and the watched job are mirrored into
-the URL (``?session=...&data=...&label=...&run=...&job=...``) so that a browser refresh, or the URL
-opened in a second tab, comes back to the same studio session, data, run and job. Streamlit clears the URL's parameters on every
-page change (navigation menu, ``st.page_link``, ``st.switch_page``), so the session keeps them
-too and puts them back into the URL.
+The studio session's key, the active data with its column roles, the active run and the watched job
+are mirrored into the URL (``?session=...&data=...&label=...&id=...&ignore=...&run=...&job=...``) so
+that a browser refresh, or the URL opened in a second tab, comes back to the same studio session,
+data, run and job. Streamlit clears the URL's parameters on every page change (navigation menu,
+``st.page_link``, ``st.switch_page``), so the session keeps them too and puts them back into the URL.
 
 A *studio session* is what one browser works in: its uploads and the runs it starts are private
 to it until it shares a run (SECURITY.md, "Sessions"). It is named by a random secret key, made
@@ -21,10 +21,13 @@ from pathlib import Path
 
 import streamlit as st
 
+from core.data.columns import AUTO, ColumnChoice
+
 # Session-state keys
 DATA_PATH = "data_path"              # str: the folder, zip or table being worked on
 DATA_SOURCE = "data_source"          # str: how the URL names the active data (the URL's ``data``, see services)
-LABEL_COLUMN = "label_column"        # str | None: a table's label column (metrics only)
+COLUMN_CHOICE = "column_choice"      # ColumnChoice: a table's column roles as the user chose them
+COLUMN_ROLES = "column_roles"        # prefix of the Data page's roles editor, one key per loaded table
 PROTOCOL = "protocol"                # tuple[float, int] | None: (anomaly ratio, seed) of a contamination protocol
 SELECTION = "selection"              # list[int]: sample indices selected on the Embeddings page
 INSPECT_QUEUE = "inspect_queue"      # str: which list the Inspect page pages through
@@ -41,63 +44,77 @@ RUN_PARAM = "run"
 JOB_PARAM = "job"
 SESSION_PARAM = "session"
 DATA_PARAM = "data"                  # the active data's source (services.data_source / services.source_path)
-LABEL_PARAM = "label"                # its label column, when it has one
+LABEL_PARAM = "label"                # a table's label column: absent finds one, "none" = no label
+ID_PARAM = "id"                      # its id column: absent finds one ("auto"), "none" = row numbers
+IGNORE_PARAM = "ignore"              # its ignored columns, one parameter each (?ignore=a&ignore=b)
 
 KEY_BYTES = 32
 """Random bytes in a new session key (``secrets.token_urlsafe``: 43 URL-safe characters)."""
 _KEY_FORMAT = re.compile(r"[A-Za-z0-9_-]{32,128}")
 
 
-def data_choice() -> tuple[str | None, str | None, tuple[float, int] | None]:
-    """(path, label column, protocol) of the active data; path None until one is chosen."""
-    return st.session_state.get(DATA_PATH), st.session_state.get(LABEL_COLUMN), st.session_state.get(PROTOCOL)
+def data_choice() -> tuple[str | None, ColumnChoice, tuple[float, int] | None]:
+    """(path, column roles, protocol) of the active data; path None until one is chosen."""
+    return (st.session_state.get(DATA_PATH), st.session_state.get(COLUMN_CHOICE, ColumnChoice()),
+            st.session_state.get(PROTOCOL))
 
 
-def choose_data(path: Path | str, label_column: str | None = None, source: str | None = None) -> None:
-    """Make ``path`` the active data (clears a protocol and selection made on other data).
+def data_source() -> str | None:
+    """How the URL names the active data (see :func:`choose_data`)."""
+    return st.session_state.get(DATA_SOURCE)
 
-    ``source`` is how the URL names it (``?data=...``, with ``?label=...``), so that a reload restores
-    it; None leaves it out of the URL."""
-    if st.session_state.get(DATA_PATH) != str(path) or st.session_state.get(LABEL_COLUMN) != label_column:
+
+def choose_data(path: Path | str, columns: ColumnChoice = ColumnChoice(), source: str | None = None) -> None:
+    """Make ``path`` with the column roles ``columns`` the active data (clears a protocol and selection
+    made on other data or roles).
+
+    ``source`` is how the URL names it (``?data=...``, with the roles in ``label``, ``id`` and
+    ``ignore``), so that a reload restores it; None leaves it out of the URL."""
+    if data_choice()[:2] != (str(path), columns):
         st.session_state[PROTOCOL] = None
         st.session_state[SELECTION] = []
     st.session_state[DATA_PATH] = str(path)
-    st.session_state[LABEL_COLUMN] = label_column
+    st.session_state[COLUMN_CHOICE] = columns
     st.session_state[DATA_SOURCE] = source
     _put_data_in_url()
 
 
-def requested_data() -> tuple[str, str | None] | None:
-    """(source, label column) the URL names when they are not this session's active data: a reload, or
+def requested_data() -> tuple[str, ColumnChoice] | None:
+    """(source, column roles) the URL names when they are not this session's active data: a reload, or
     a URL opened in a new tab; None otherwise. A URL without them (a page change cleared it) gets this
     session's back."""
     source = st.query_params.get(DATA_PARAM)
     if source is None:
         _put_data_in_url()
         return None
-    label_column = st.query_params.get(LABEL_PARAM)
-    if (source, label_column) == (st.session_state.get(DATA_SOURCE), st.session_state.get(LABEL_COLUMN)):
+    columns = ColumnChoice(label_column=st.query_params.get(LABEL_PARAM),
+                           id_column=st.query_params.get(ID_PARAM, AUTO),
+                           ignore_columns=tuple(st.query_params.get_all(IGNORE_PARAM)))
+    if (source, columns) == (data_source(), data_choice()[1]):
         return None
-    return source, label_column
+    return source, columns
 
 
 def forget_requested_data() -> None:
     """Drop a data choice from the URL that could not be restored; this session's own goes back in."""
-    st.query_params.pop(DATA_PARAM, None)
-    st.query_params.pop(LABEL_PARAM, None)
+    for param in (DATA_PARAM, LABEL_PARAM, ID_PARAM, IGNORE_PARAM):
+        st.query_params.pop(param, None)
     _put_data_in_url()
 
 
 def _put_data_in_url() -> None:
-    source = st.session_state.get(DATA_SOURCE)
-    label_column = st.session_state.get(LABEL_COLUMN)
+    source = data_source()
     if source is None:
         return
+    columns = data_choice()[1]
     st.query_params[DATA_PARAM] = source
-    if label_column is None:
-        st.query_params.pop(LABEL_PARAM, None)
-    else:
-        st.query_params[LABEL_PARAM] = label_column
+    shown = {LABEL_PARAM: columns.label_column, ID_PARAM: None if columns.id_column == AUTO else columns.id_column,
+             IGNORE_PARAM: list(columns.ignore_columns) or None}
+    for param, value in shown.items():
+        if value is None:
+            st.query_params.pop(param, None)
+        else:
+            st.query_params[param] = value
 
 
 def _mirrored(param: str, key: str) -> str | None:

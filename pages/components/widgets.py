@@ -1,4 +1,5 @@
-"""Reusable page pieces: the error boundary, links between pages, thumbnail galleries and a job's progress line."""
+"""Reusable page pieces: the error boundary, links between pages, column warnings, thumbnail galleries and the
+threshold control."""
 from __future__ import annotations
 
 import logging
@@ -56,6 +57,13 @@ def require_run() -> str | None:
         st.info("No run yet: start one on the Refine page.")
         page_link("pages/refine.py", "Refine", ":material/filter_alt:")
     return None
+
+
+def column_problems(dataset) -> None:
+    """A warning for each column of a table that a fit would refuse in its role, naming the role that fixes it."""
+    for profile in dataset.columns:
+        if profile.problem:
+            st.warning(f"Column **{profile.name}**: {profile.problem} (Data page, Columns).", icon=":material/warning:")
 
 
 def gallery(
