@@ -60,12 +60,13 @@ DATA_PAGE_READY = """() => {
     const button = [...document.querySelectorAll('button')].find(b => b.innerText.trim() === 'Use this data set');
     return Boolean(button && !button.disabled && document.querySelector('[data-testid=stMetric]'));
 }"""
-# The Embeddings map holds all n points and its WebGL canvas exists (scattergl from 2,000 points).
+# The Embeddings map holds all n points and has drawn them: its WebGL canvas (scattergl, from 2,000
+# points) or its SVG markers (fewer points).
 MAP_DRAWN = """(n) => {
     const plot = document.querySelector('.js-plotly-plot');
     if (!plot || !plot._fullData) return false;
     const points = plot._fullData.reduce((total, trace) => total + (trace.x ? trace.x.length : 0), 0);
-    return points === n && Boolean(plot.querySelector('canvas.gl-canvas-context'));
+    return points === n && Boolean(plot.querySelector('canvas.gl-canvas-context, .scatterlayer .point'));
 }"""
 # One read of the live view: [progress text, "running for" caption, finished?].
 LIVE_STATE = """() => {
