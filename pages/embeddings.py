@@ -1,20 +1,29 @@
 """Embeddings page: the UMAP map of a run's samples, coloured and sliced by round; select to browse."""
 import numpy as np
+import pandas as pd
 import streamlit as st
 
+from core.data.columns import cell_text
+from core.errors import RefineryError
 from pages.components import charts, runs, services, state, widgets
 
 GALLERY_LIMIT = 48
 LABEL_NAMES = {0: "normal", 1: "anomaly", -1: "unknown"}
 COLOURINGS = ("anomaly_score", "kept / removed", "round removed", "label", "verdict")
+COLUMN_COLOURING = "column: "   # a table's feature column, e.g. "column: site"
+HOVER_COLUMNS = 6               # a table row's first feature values shown on hover
 # Samples removed in round 1, 2, ...: reds and oranges, so that removed reads red beside the blue kept
 # (a string here would be drawn on the page: Streamlit's magic shows a page's bare expressions).
 ROUND_COLOURS = (charts.REMOVED_COLOUR, "#f97316", "#9f1239", "#f43f5e", "#c2410c", "#fb923c")
 
 
-def colouring(run, name: str, round_number: int, verdicts: dict) -> tuple[np.ndarray, bool]:
-    """Values to colour by and whether they are categories."""
+def colouring(run, name: str, round_number: int, verdicts: dict, table: pd.DataFrame | None) -> tuple[np.ndarray, bool]:
+    """Values to colour by and whether they are categories (``table``: a table run's feature columns)."""
     samples = run.samples
+    if name.startswith(COLUMN_COLOURING):
+        column = table[name.removeprefix(COLUMN_COLOURING)]
+        numeric = pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
+        return (column.to_numpy() if numeric else column.astype(str).to_numpy()), not numeric
     if name == "anomaly_score":
         return samples["anomaly_score"].to_numpy(), False
     if name == "kept / removed":
@@ -38,12 +47,37 @@ def outcome_colours(figure) -> None:
             trace.marker.color = ROUND_COLOURS[(int(trace.name.split()[1]) - 1) % len(ROUND_COLOURS)]
 
 
-def selected_gallery(run, selected: list[int]) -> None:
+def feature_table(run_dir: str, run) -> pd.DataFrame | None:
+    """A table run's feature columns in the run's sample order (None for images, or when the data is gone)."""
+    if run.kind == "images":
+        return None
+    try:
+        return runs.run_dataset(run_dir).table
+    except RefineryError as error:
+        st.info(f"The run's table could not be read again ({error}); its values are not shown.")
+        return None
+
+
+def hover_texts(run, table: pd.DataFrame | None) -> list[str]:
+    """Each point's hover: id, anomaly_score and rank, and a table row's first feature values."""
+    texts = [f"{i} · anomaly_score {charts.score_text(s)} · rank {r}"
+             for i, s, r in zip(run.samples["id"], run.samples["anomaly_score"], run.samples["rank"])]
+    if table is None:
+        return texts
+    shown = table.iloc[:, :HOVER_COLUMNS]
+    values = [" · ".join(f"{name} {cell_text(value)}" for name, value in row.items()) for _, row in shown.iterrows()]
+    return [f"{text}<br>{row}" for text, row in zip(texts, values)]
+
+
+def selected_gallery(run, selected: list[int], table: pd.DataFrame | None) -> None:
     order = sorted(selected, key=lambda i: -run.samples["anomaly_score"].iat[i])[:GALLERY_LIMIT]
     st.subheader(f"{len(selected)} selected" + (f" (the {GALLERY_LIMIT} most anomalous shown)" if len(selected) > GALLERY_LIMIT else ""))
     ids = run.samples["id"].to_numpy()
     if run.kind != "images":
-        st.dataframe(charts.with_score_text(run.samples.iloc[order]), hide_index=True)
+        rows = charts.with_score_text(run.samples.iloc[order])
+        if table is not None:  # the rows in context: their values beside their scores
+            rows = pd.concat([rows.reset_index(drop=True), table.iloc[order].reset_index(drop=True)], axis=1)
+        st.dataframe(rows, hide_index=True)
         return
     captions = [f"{ids[i]} · {charts.score_text(run.samples['anomaly_score'].iat[i])}" for i in order]
     clicked = widgets.gallery([services.thumbnail(str(run.image_path(ids[i]))) for i in order], captions, key="selected")
@@ -60,16 +94,17 @@ def body() -> None:
     run = runs.saved_run(run_dir)
     layouts = runs.layouts(run_dir)
     verdicts = services.registry().verdicts(run.fingerprint, visible_to=state.session_id())
+    table = feature_table(run_dir, run)
     choices = [name for name in COLOURINGS if (name != "label" or run.labels is not None) and (name != "verdict" or verdicts)]
+    choices += [] if table is None else [COLUMN_COLOURING + str(column) for column in table.columns]
     left, right = st.columns([1, 2])
     colour_name = left.selectbox("Colour by", choices, key="colour_by")
     round_number = len(run.rounds)
     if run.rounds:
         round_number = right.slider("After refinement round", 0, len(run.rounds), len(run.rounds), key="map_round",
                                     help="Round 0 is the data before refinement.")
-    values, categorical = colouring(run, colour_name, round_number, verdicts)
-    hover = [f"{i} · anomaly_score {charts.score_text(s)} · rank {r}"
-             for i, s, r in zip(run.samples["id"], run.samples["anomaly_score"], run.samples["rank"])]
+    values, categorical = colouring(run, colour_name, round_number, verdicts, table)
+    hover = hover_texts(run, table)
     layout = layouts[min(round_number, len(layouts) - 1)]
     figure = charts.scatter_map(layout, values, colour_name=colour_name, categorical=categorical, hover=hover)
     if colour_name in ("kept / removed", "round removed"):
@@ -80,7 +115,7 @@ def body() -> None:
         state.set_selection(picked)
     st.caption("Drag a box or lasso round points (or click one) to list them below; Inspect opens one.")
     if state.selection():
-        selected_gallery(run, state.selection())
+        selected_gallery(run, state.selection(), table)
 
 
 widgets.guarded(body)

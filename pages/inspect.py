@@ -5,6 +5,7 @@ import numpy as np
 import streamlit as st
 
 from core.errors import DataError
+from core.data.columns import cell_text
 from core.explain import render
 from pages.components import charts, runs, services, state, widgets
 
@@ -171,8 +172,8 @@ def table_views(run_dir: str, sample_id: str) -> None:
     leading = features[:CHART_FEATURES]
     st.plotly_chart(charts.feature_bars([f.feature for f in leading], [f.share for f in leading]))
     st.markdown("**The whole row** against the kept rows")
-    st.dataframe([{"feature": f.feature, "value": f"{f.value:.6g}",
-                   "typical range (5-95%)": f"{charts.score_text(f.typical_low)} - {charts.score_text(f.typical_high)}",
+    st.dataframe([{"feature": f.feature, "value": cell_text(f.value),
+                   "against the kept rows (typical: 5-95%)": f.describe(),
                    "share of score": f"{f.share:.0%}"} for f in features], hide_index=True)
 
 

@@ -391,8 +391,9 @@ def test_inspect_explains_a_table_row_by_its_features(shared):
     bars = json.loads(charts(at)[0].proto.spec)
     assert bars["data"][0]["type"] == "bar" and len(bars["data"][0]["y"]) > 0
     features = at.dataframe[0].value
-    assert list(features.columns) == ["feature", "value", "typical range (5-95%)", "share of score"]
+    assert list(features.columns) == ["feature", "value", "against the kept rows (typical: 5-95%)", "share of score"]
     assert len(features) == 64  # the whole row: every pixel column, the leading ones charted (largest on top)
+    assert all(text.startswith(value + ": ") for text, value in zip(features.iloc[:, 2], features["value"]))
     charted = list(bars["data"][0]["y"])[::-1]
     assert list(features["feature"][:len(charted)]) == charted
     assert len(at.image) == 0
@@ -1101,9 +1102,20 @@ def test_a_table_fit_names_its_rows_by_the_tables_ids_on_every_page(home, runner
     assert_clean(at)
     hover = [text for trace in json.loads(charts(at)[0].proto.spec)["data"] for text in trace["text"]]
     assert {text.split(" · ")[0] for text in hover} == ids
+    first = table.set_index("record").loc[run.samples["id"].iat[0]]
+    assert hover[0].endswith(f"<br>amount {first['amount']:.6g} · duration {first['duration']:.6g}"), "the row's values"
+    colour = at.selectbox(key="colour_by")
+    assert {"column: amount", "column: duration"} <= set(colour.options)  # features only: site was ignored
+    colour.set_value("column: amount").run()
+    assert_clean(at)
+    marker = json.loads(charts(at)[0].proto.spec)["data"][0]["marker"]
+    assert marker["colorbar"]["title"]["text"] == "column: amount"
+    assert marker["cmax"] == pytest.approx(table["amount"].quantile(0.98), rel=1e-6), "coloured by the amounts"
     at.session_state["selection"] = [0, 1]
     at.run()
-    assert list(frames(at)[0]["id"]) == sorted(run.samples["id"][:2], key=lambda i: -by_id[i])
+    selected = frames(at)[0]
+    assert list(selected["id"]) == sorted(run.samples["id"][:2], key=lambda i: -by_id[i])
+    assert list(selected["amount"]) == list(table.set_index("record").loc[selected["id"], "amount"]), "rows in context"
 
     at.switch_page("pages/inspect.py").run()
     at.text_input(key="go_to_id").set_value("REC-000123").run()

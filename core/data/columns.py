@@ -124,7 +124,7 @@ def _is_binary(series: pd.Series) -> bool:
     return values is not None and len(values) > 0 and set(np.unique(values)) <= {0.0, 1.0}
 
 
-def _text(value) -> str:
+def cell_text(value) -> str:
     """A cell as the user wrote it, without float noise (0.1 + 0.2 shows as 0.3)."""
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
@@ -211,7 +211,7 @@ def profile_columns(
         else:
             role, reason = FEATURE, {"numeric": "numbers", "boolean": "true/false", "empty": "no values"}.get(
                 kind, f"{distinct} categories" if kind == "categorical" else "text")
-        example = "" if missing == len(series) else _text(series.dropna().iloc[0])
+        example = "" if missing == len(series) else cell_text(series.dropna().iloc[0])
         profiles.append(ColumnProfile(name, role, kind, distinct, missing, example, reason,
                                       _problem(kind, role, distinct)))
     if not any(profile.role == FEATURE for profile in profiles):

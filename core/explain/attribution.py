@@ -32,6 +32,8 @@ from typing import Sequence
 
 import numpy as np
 
+from core.data.columns import cell_text
+
 ATTRIBUTION_METHODS = ("mahalanobis", "robust_z")
 TYPICAL_PERCENTILES = (5.0, 95.0)
 FAR_Z = 3.0
@@ -75,19 +77,14 @@ class FeatureAttribution:
         if not np.isnan(self.kept_share):
             has = "has" if self.value else "lacks"
             return f"{has} {self.feature.split('=', 1)[1]!r}, as {self.kept_share:.0%} of the kept rows do"
-        typical = f"typical {_number(self.typical_low)}-{_number(self.typical_high)}"
-        value = _number(self.value)
+        typical = f"typical {cell_text(self.typical_low)}-{cell_text(self.typical_high)}"
+        value = cell_text(self.value)
         if self.typical_low <= self.value <= self.typical_high:
             return f"{value}: within the {typical}"
         side, edge = ("above", self.typical_high) if self.value > self.typical_high else ("below", self.typical_low)
         ratio = self.value / edge if edge and np.sign(edge) == np.sign(self.value) else 0.0
         times = f"{ratio:.3g}x the typical high; " if side == "above" and ratio >= 2 else ""
         return f"{value}: {times}{side} the {typical} ({abs(self.robust_z):.3g} IQRs from the median)"
-
-
-def _number(value: float) -> str:
-    """A value without float noise: 4955.0001 -> 4955, 0.123456 -> 0.1235."""
-    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
 
 
 @dataclass(frozen=True)
