@@ -17,7 +17,7 @@ is given (none when it is given None, as in the tests). A failed check raises ``
 ``bench/screenshots.py`` alike.
 
 Used by ``tests/test_e2e_browser.py`` (no screenshots),
-``tests/test_e2e_concurrent.py`` (the page helpers and :class:`Budget`) and ``bench/screenshots.py``
+``tests/concurrent_sessions.py`` (the page helpers and :class:`Budget`) and ``bench/screenshots.py``
 (screenshots into ``docs/screenshots/``). Needs the ``playwright`` package: the tests import this
 module only after skipping themselves without it.
 

@@ -4,7 +4,6 @@ import pandas as pd
 import streamlit as st
 
 from core.data.columns import cell_text
-from core.errors import RefineryError
 from pages.components import charts, runs, services, state, widgets
 
 GALLERY_LIMIT = 48
@@ -47,17 +46,6 @@ def outcome_colours(figure) -> None:
             trace.marker.color = ROUND_COLOURS[(int(trace.name.split()[1]) - 1) % len(ROUND_COLOURS)]
 
 
-def feature_table(run_dir: str, run) -> pd.DataFrame | None:
-    """A table run's feature columns in the run's sample order (None for images, or when the data is gone)."""
-    if run.kind == "images":
-        return None
-    try:
-        return runs.run_dataset(run_dir).table
-    except RefineryError as error:
-        st.info(f"The run's table could not be read again ({error}); its values are not shown.")
-        return None
-
-
 def hover_texts(run, table: pd.DataFrame | None) -> list[str]:
     """Each point's hover: id, anomaly_score and rank, and a table row's first feature values."""
     texts = [f"{i} · anomaly_score {charts.score_text(s)} · rank {r}"
@@ -94,7 +82,7 @@ def body() -> None:
     run = runs.saved_run(run_dir)
     layouts = runs.layouts(run_dir)
     verdicts = services.registry().verdicts(run.fingerprint, visible_to=state.session_id())
-    table = feature_table(run_dir, run)
+    table = runs.run_values(run_dir, run.kind)
     choices = [name for name in COLOURINGS if (name != "label" or run.labels is not None) and (name != "verdict" or verdicts)]
     choices += [] if table is None else [COLUMN_COLOURING + str(column) for column in table.columns]
     left, right = st.columns([1, 2])

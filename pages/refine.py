@@ -109,7 +109,8 @@ def live_view(job_id: str) -> None:
     if dataset is not None:
         paths = dict(zip(dataset.ids, map(str, dataset.paths or [])))
         show_rounds(status.outputs.get("rounds", ()), ids=dataset.ids, labels=dataset.labels,
-                    image_path=paths.get if dataset.paths else None, key="live", inspectable=False)
+                    image_path=paths.get if dataset.paths else None, key="live", inspectable=False,
+                    values=dataset.table)
 
 
 def finished_view(status) -> None:
@@ -131,7 +132,7 @@ def saved_rounds(run_dir: str) -> None:
                f"The threshold {run.threshold_meaning}. Run id {run.run_id}.")
     image_path = (lambda sample_id: str(run.image_path(sample_id))) if run.kind == "images" else None
     show_rounds(run.rounds, ids=list(run.samples["id"]), labels=run.labels, image_path=image_path, key="saved",
-                anomaly_score=run.samples["anomaly_score"].to_numpy())
+                anomaly_score=run.samples["anomaly_score"].to_numpy(), values=runs.run_values(run_dir, run.kind))
     cells = st.columns(3)
     widgets.page_link("pages/embeddings.py", "Explore the map", ":material/scatter_plot:", cells[0])
     widgets.page_link("pages/inspect.py", "Inspect samples", ":material/search:", cells[1])

@@ -1097,6 +1097,9 @@ def test_a_table_fit_names_its_rows_by_the_tables_ids_on_every_page(home, runner
     removed = next(frame for frame in frames(at) if "consensus margin" in frame.columns)
     assert len(removed) and set(removed["id"]) <= ids
     assert list(removed["anomaly_score"]) == [score_text(by_id[i]) for i in removed["id"]]
+    by_record = table.set_index("record")
+    assert list(removed["amount"]) == [f"{by_record.loc[i, 'amount']:.6g}" for i in removed["id"]], "rows in context"
+    assert "amount" in removed["outside the kept rows' 5-95%"].iat[0], "the planted amounts lie outside the kept range"
 
     at.switch_page("pages/embeddings.py").run()
     assert_clean(at)
@@ -1132,5 +1135,7 @@ def test_a_table_fit_names_its_rows_by_the_tables_ids_on_every_page(home, runner
 
     at.switch_page("pages/results.py").run()
     assert_clean(at)
+    [by_column] = [c.value for c in at.caption if c.value.startswith("What makes the flagged rows' scores, by column")]
+    assert "amount" in by_column and "duration" in by_column and "site" not in by_column
     assert "download_scores" in {button.key for button in at.get("download_button")}
     assert set(run.export_frame({})["id"]) == ids  # what the button downloads

@@ -1,6 +1,7 @@
 """End to end in a real browser: the studio served by ``streamlit run app.py``, driven by Playwright.
 
-Three walks through the studio as a user takes them (:mod:`bench.studio_walk`): the Data page shows
+Three walks through the studio as a user takes them (:mod:`bench.studio_walk`), and two users at
+once on one server (:mod:`concurrent_sessions`, collected here). The walks: the Data page shows
 the bundled demo; an expert's review of data of their own (:func:`bench.studio_walk.review_walk`):
 a zip is uploaded, refined (the page reloaded mid-fit keeps the data and the job), lassoed on the
 Embeddings map, judged on the Inspect page with the keys N / A / U over a readable localization map,
@@ -45,6 +46,9 @@ require_path(CHROMIUM, "apt-get install chromium")
 from bench import studio_walk  # noqa: E402  (imports playwright)
 from bench.studio_walk import DATA_PAGE_S, PAGE_MS, REVIEW_S, ROLES_S, Budget  # noqa: E402
 from sample_data import fraud_table  # noqa: E402
+# Two users on one server: collected here, beside the other browser tests, so that no two studio servers
+# and chromiums run at once (see concurrent_sessions.py).
+from concurrent_sessions import test_two_sessions_keep_their_data_and_runs_to_themselves_and_their_fits_queue  # noqa: E402,F401,E501
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,9 @@ import pytest
 from core.data.dataset import TABLE, Dataset
 from core.detectors import GaussianDensity, make_detector
 from core.explain.attribution import (
+    FeatureAttribution,
+    RowExplanation,
+    column_shares,
     decode_table_values,
     explain_table_rows,
     feature_contributions,
@@ -150,3 +153,13 @@ def test_values_and_ranges_are_in_the_tables_units_with_the_real_encoder():
 def test_percentile_ranges_are_the_5th_and_95th_percentiles():
     values = np.arange(101, dtype=float)[:, None] * np.array([1.0, -1.0])
     assert percentile_ranges(values) == pytest.approx(np.array([[5.0, 95.0], [-95.0, -5.0]]))
+
+
+def test_column_shares_add_a_categorys_features_to_its_column():
+    def row(**shares):
+        return RowExplanation("r", 1.0, "robust_z", [FeatureAttribution(name.replace("_is_", "="), 0.0, 0.0, 0.0, share, share)
+                                                      for name, share in shares.items()])
+
+    shares = column_shares([row(amount=0.6, site_is_east=0.3, width=0.1), row(amount=0.2, site_is_north=0.7, width=0.1)])
+    assert list(shares) == ["site", "amount", "width"]
+    assert shares == pytest.approx({"site": 0.5, "amount": 0.4, "width": 0.1})

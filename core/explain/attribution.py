@@ -35,6 +35,8 @@ import numpy as np
 from core.data.columns import cell_text
 
 ATTRIBUTION_METHODS = ("mahalanobis", "robust_z")
+DRIVES_SHARE = 0.5
+"""A column whose features make this much of the flagged rows' scores on average drives them."""
 TYPICAL_PERCENTILES = (5.0, 95.0)
 FAR_Z = 3.0
 """A value this many interquartile ranges from the kept rows' median is listed whatever its term."""
@@ -288,3 +290,15 @@ def explain_table_rows(
                        top_deviating_features(row, terms, feature_names, ranges, k, row_z, shares))
         for row_id, score, row, terms, row_z in zip(ids, scores, values, contributions, z)
     ]
+
+
+def column_shares(explanations: Sequence[RowExplanation]) -> dict[str, float]:
+    """Each table column's mean share of the rows' scores, largest first: a category's one-hot features
+    (``site=east``) count for their column. The rows' explanations must list every feature (``k`` = D)."""
+    totals: dict[str, float] = {}
+    for explanation in explanations:
+        for feature in explanation.features:
+            column = feature.feature.split("=", 1)[0]
+            totals[column] = totals.get(column, 0.0) + feature.share
+    count = max(len(explanations), 1)
+    return dict(sorted(((column, total / count) for column, total in totals.items()), key=lambda item: -item[1]))

@@ -4,8 +4,10 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 
+from core.data.columns import cell_text
 from pages.components import charts, services, state, widgets
 
 STRIP_IMAGES = 16
@@ -30,6 +32,7 @@ def show_rounds(
     key: str,
     inspectable: bool = True,
     anomaly_score: np.ndarray | None = None,
+    values: pd.DataFrame | None = None,
 ) -> None:
     """Timeline plus one tab per round: note, removal precision/recall, the detectors' votes, removed samples.
 
@@ -37,7 +40,9 @@ def show_rounds(
     ``image_path`` maps an id to its file (None for tables). ``inspectable`` adds an
     Inspect button under each removed image (not inside a live fragment, which cannot switch pages).
     ``anomaly_score`` (N,) is the saved run's score of each sample (None while the fit runs), shown
-    next to each removed sample so that it reads as on every other page.
+    next to each removed sample so that it reads as on every other page. ``values`` (a table's feature
+    columns, one row per sample) puts each removed row's values beside it, with the features outside the
+    typical range (5-95%) of the rows kept in that round.
     """
     if not rounds:
         st.caption("No refinement round has finished yet.")
@@ -66,7 +71,7 @@ def show_rounds(
             st.caption(f"Each of the {ensemble} detectors flags about the {record.gamma:.1%} of samples it scores "
                        "as most anomalous (its threshold is set on samples it did not train on); a sample is kept "
                        "only if none flags it.")
-            _removed_strip(record, ids, labels, image_path, anomaly_score,
+            _removed_strip(record, ids, labels, image_path, anomaly_score, values,
                            f"{key}-strip-{record.round}" if inspectable else None)
             kept_before = record.kept
 
@@ -84,7 +89,16 @@ def round_outcomes(record, kept_before: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def _removed_strip(record, ids, labels, image_path, anomaly_score, key: str | None) -> None:
+def outside_typical(values: pd.DataFrame, kept: np.ndarray, rows: np.ndarray) -> list[str]:
+    """For each of ``rows``, its numeric features outside the 5-95% range of the ``kept`` rows, comma-separated."""
+    numeric = values.select_dtypes("number")
+    low, high = numeric[kept].quantile(0.05), numeric[kept].quantile(0.95)
+    chosen = numeric.iloc[rows]
+    outside = (chosen < low) | (chosen > high)
+    return [", ".join(numeric.columns[flags]) for flags in outside.to_numpy()]
+
+
+def _removed_strip(record, ids, labels, image_path, anomaly_score, values, key: str | None) -> None:
     shown = record.removed[:STRIP_IMAGES]
     if len(shown) == 0:
         return
@@ -99,6 +113,9 @@ def _removed_strip(record, ids, labels, image_path, anomaly_score, key: str | No
         table = {"id": [ids[i] for i in shown], "votes": votes, "consensus margin": margin}
         if anomaly_score is not None:
             table["anomaly_score"] = [charts.score_text(anomaly_score[i]) for i in shown]
+        if values is not None:  # the rows in context: what lies outside the kept rows' range, then the values
+            table["outside the kept rows' 5-95%"] = outside_typical(values, record.kept, shown)
+            table |= {str(column): [cell_text(values[column].iat[i]) for i in shown] for column in values.columns}
         st.dataframe(table, hide_index=True)
         return
     captions = [

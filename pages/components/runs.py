@@ -14,7 +14,7 @@ import streamlit as st
 
 from core import engine
 from core.data import Dataset
-from core.errors import RunError
+from core.errors import RefineryError, RunError
 from core.project import run_layouts
 from core.results import SavedRun
 from core.store import RunRecord, read_json
@@ -75,6 +75,18 @@ def fitted_run(run_dir: str) -> engine.FittedRun:
 @st.cache_resource(show_spinner="Loading the run's data...", max_entries=2)
 def run_dataset(run_dir: str) -> Dataset:
     return engine.run_dataset(run_dir, workspace=workspace())
+
+
+def run_values(run_dir: str, kind: str) -> pd.DataFrame | None:
+    """A table run's feature columns in the run's sample order; None for images, or (with a note on the
+    page) when the run's table can no longer be read."""
+    if kind == "images":
+        return None
+    try:
+        return run_dataset(run_dir).table
+    except RefineryError as error:
+        st.info(f"The run's table could not be read again ({error}); its values are not shown.")
+        return None
 
 
 @st.cache_data(show_spinner="Computing the UMAP map (cached for this run)...", max_entries=8)

@@ -1,5 +1,9 @@
 """Two users on one studio server at once, in a real browser (issue 6, "Concurrent users").
 
+Collected from ``tests/test_e2e_browser.py``, which imports the test: one test file holds every
+browser test, so the two xdist workers (``--dist loadfile``) never run two studio servers and two
+chromiums at once on two cores. It uses that module's chromium (the ``browser`` fixture).
+
 One ``streamlit run app.py`` (its own ``REFINERY_HOME``) and two Playwright browser contexts, i.e.
 two browsers, each with a studio session of its own (a different key in its URL):
 
@@ -36,13 +40,11 @@ from urllib.parse import urlencode
 import pytest
 
 from available import require_path
-from bench.studio import CHROMIUM, LAUNCH_TIMEOUT_S, STOP_TIMEOUT_S, browser_page, launch_chromium, served
+from bench.studio import CHROMIUM, LAUNCH_TIMEOUT_S, STOP_TIMEOUT_S, browser_page, served
 from core.data.sources import DEMO_DIR
 from core.store import Registry
 from pages.components.services import FOREIGN_RUN
 from pages.components.state import session_id_of
-
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 SERVER_START_S = 60
 MARGIN_S = 60            # page.content() reads, closing contexts, the registry checks: work outside any wait
@@ -172,7 +174,7 @@ def _peak_rss_bytes(pid: int) -> int:
 # ----------------------------------------------------------------------------- the test
 
 @pytest.mark.timeout(TIMEOUT_S)
-def test_two_sessions_keep_their_data_and_runs_to_themselves_and_their_fits_queue(tmp_path):
+def test_two_sessions_keep_their_data_and_runs_to_themselves_and_their_fits_queue(tmp_path, browser):
     home = tmp_path / "refinery-home"
     home.mkdir()
     registry = Registry(path=home / "registry.sqlite")
@@ -180,111 +182,107 @@ def test_two_sessions_keep_their_data_and_runs_to_themselves_and_their_fits_queu
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
-    with served(home, SERVER_START_S) as server, playwright_api.sync_playwright() as playwright:
-        browser = launch_chromium(playwright)
+    with served(home, SERVER_START_S) as server:
         budget = Budget(BUDGET_S)
-        try:
-            with browser_page(browser, PAGE_MS) as page_a, browser_page(browser, PAGE_MS) as page_b:
-                # Both browsers open the studio on the built-in demo, each in a studio session of its own.
-                for page in (page_a, page_b):
-                    page.goto(server.url, timeout=budget.ms())
-                    expect(page.get_by_role("heading", name="Data", exact=True)).to_be_visible(timeout=budget.ms())
-                    expect(_samples_metric(page)).to_have_text(str(DEMO_SAMPLES), timeout=budget.ms())
-                keys = {"A": _wait_for_param(page_a, "session", budget), "B": _wait_for_param(page_b, "session", budget)}
-                assert keys["A"] != keys["B"]
+        with browser_page(browser, PAGE_MS) as page_a, browser_page(browser, PAGE_MS) as page_b:
+            # Both browsers open the studio on the built-in demo, each in a studio session of its own.
+            for page in (page_a, page_b):
+                page.goto(server.url, timeout=budget.ms())
+                expect(page.get_by_role("heading", name="Data", exact=True)).to_be_visible(timeout=budget.ms())
+                expect(_samples_metric(page)).to_have_text(str(DEMO_SAMPLES), timeout=budget.ms())
+            keys = {"A": _wait_for_param(page_a, "session", budget), "B": _wait_for_param(page_b, "session", budget)}
+            assert keys["A"] != keys["B"]
 
-                # B uploads its own images into its own folder; A keeps the demo.
-                page_b.get_by_role("tab", name="Upload").click(timeout=budget.ms())
-                page_b.get_by_test_id("stFileUploaderDropzoneInput").set_input_files([str(p) for p in upload],
-                                                                                     timeout=budget.ms())
-                use_upload = page_b.get_by_role("button", name="Use the uploaded files")
-                expect(use_upload).to_be_enabled(timeout=budget.ms())  # the uploader commits once every file has arrived
-                use_upload.click(timeout=budget.ms())
-                expect(_samples_metric(page_b)).to_have_text(str(UPLOAD_SAMPLES), timeout=budget.ms())
-                uploads = list((home / "workspace" / "uploads").glob("*/*"))
-                assert len(uploads) == 1 and len(list(uploads[0].iterdir())) == UPLOAD_SAMPLES, uploads
-                assert uploads[0].parent.name == session_id_of(keys["B"])  # a hash of B's key, never the key
-                upload_name = uploads[0].name
-                expect(main_area(page_b).get_by_role("heading", name=upload_name)).to_be_visible(timeout=budget.ms())
-                expect(page_b.get_by_text(EARLIER_UPLOADS)).to_be_visible(timeout=budget.ms())
-                assert_clean(page_b, budget)
-                timings["upload_s"] = time.perf_counter() - started
+            # B uploads its own images into its own folder; A keeps the demo.
+            page_b.get_by_role("tab", name="Upload").click(timeout=budget.ms())
+            page_b.get_by_test_id("stFileUploaderDropzoneInput").set_input_files([str(p) for p in upload],
+                                                                                 timeout=budget.ms())
+            use_upload = page_b.get_by_role("button", name="Use the uploaded files")
+            expect(use_upload).to_be_enabled(timeout=budget.ms())  # the uploader commits once every file has arrived
+            use_upload.click(timeout=budget.ms())
+            expect(_samples_metric(page_b)).to_have_text(str(UPLOAD_SAMPLES), timeout=budget.ms())
+            uploads = list((home / "workspace" / "uploads").glob("*/*"))
+            assert len(uploads) == 1 and len(list(uploads[0].iterdir())) == UPLOAD_SAMPLES, uploads
+            assert uploads[0].parent.name == session_id_of(keys["B"])  # a hash of B's key, never the key
+            upload_name = uploads[0].name
+            expect(main_area(page_b).get_by_role("heading", name=upload_name)).to_be_visible(timeout=budget.ms())
+            expect(page_b.get_by_text(EARLIER_UPLOADS)).to_be_visible(timeout=budget.ms())
+            assert_clean(page_b, budget)
+            timings["upload_s"] = time.perf_counter() - started
 
-                # A's session reruns (a page change and back) and still works on the demo only.
-                goto_page(page_a, "Refine", budget)
-                expect(main_area(page_a).get_by_text(f"Training data: {DEMO_SAMPLES} images")).to_be_visible(
+            # A's session reruns (a page change and back) and still works on the demo only.
+            goto_page(page_a, "Refine", budget)
+            expect(main_area(page_a).get_by_text(f"Training data: {DEMO_SAMPLES} images")).to_be_visible(
+                timeout=budget.ms())
+            goto_page(page_a, "Data", budget)
+            expect(_samples_metric(page_a)).to_have_text(str(DEMO_SAMPLES), timeout=budget.ms())
+            expect(main_area(page_a).get_by_role("heading", name=DEMO_DIR.name)).to_be_visible(timeout=budget.ms())
+            page_a.get_by_role("tab", name="Upload").click(timeout=budget.ms())
+            # B's files are not here, nor among A's earlier uploads
+            expect(page_a.get_by_test_id("stFileUploaderFile")).to_have_count(0, timeout=budget.ms())
+            expect(page_a.get_by_text(EARLIER_UPLOADS)).to_have_count(0, timeout=budget.ms())
+            assert upload_name not in page_a.content()
+            assert_clean(page_a, budget)
+
+            # Both prepare a fit of their own data, then press Start: A first, B right after.
+            _prepare_fit_form(page_a, DEMO_SAMPLES, budget)
+            _prepare_fit_form(page_b, UPLOAD_SAMPLES, budget)
+            for page in (page_a, page_b):
+                page.evaluate(RECORD_START_BUTTON)
+            fit_started = time.perf_counter()
+            press_at = time.time() * 1000 + START_LEAD_MS  # one clock: the browsers run on this machine
+            _press_start_at(page_a, press_at, budget)
+            _press_start_at(page_b, press_at + START_GAP_MS, budget)
+            job_a, job_b = _wait_for_param(page_a, "job", budget), _wait_for_param(page_b, "job", budget)
+            assert job_a != job_b  # neither page saw the other's job: two jobs, the second queued
+            sessions = {"A": (page_a, DEMO_SAMPLES), "B": (page_b, UPLOAD_SAMPLES)}
+            own_runs = {name: _wait_finished(page, budget) for name, (page, _) in sessions.items()}
+            assert (query_param(page_a, "job"), query_param(page_b, "job")) == (job_a, job_b)
+            timings["fits_s"] = time.perf_counter() - fit_started
+
+            # While its job ran or waited, each page offered no second start: between the press and
+            # the finished view, its Start button was the disabled "job running" one.
+            for name, (page, _) in sessions.items():
+                states = page.evaluate("() => window.startButtonStates")
+                assert states == ["Start refinement|false", f"{QUEUED_LABEL}|true", "Start refinement|false"], (
+                    name, states)
+
+            # Each session ends on its own run, trained on its own data, and lists only that run.
+            run_dirs = {}
+            for name, (page, samples) in sessions.items():
+                expect(main_area(page).get_by_text(f"Training data: {samples} images")).to_be_visible(
                     timeout=budget.ms())
-                goto_page(page_a, "Data", budget)
-                expect(_samples_metric(page_a)).to_have_text(str(DEMO_SAMPLES), timeout=budget.ms())
-                expect(main_area(page_a).get_by_role("heading", name=DEMO_DIR.name)).to_be_visible(timeout=budget.ms())
-                page_a.get_by_role("tab", name="Upload").click(timeout=budget.ms())
-                # B's files are not here, nor among A's earlier uploads
-                expect(page_a.get_by_test_id("stFileUploaderFile")).to_have_count(0, timeout=budget.ms())
-                expect(page_a.get_by_text(EARLIER_UPLOADS)).to_have_count(0, timeout=budget.ms())
-                assert upload_name not in page_a.content()
-                assert_clean(page_a, budget)
+                expect(page.get_by_role("heading", name=f"Run {own_runs[name]}")).to_be_visible(timeout=budget.ms())
+                run_dirs[name] = query_param(page, "run")
+                goto_page(page, "Results", budget)
+                sidebar = page.get_by_test_id("stSidebar")
+                expect(sidebar.get_by_text(Path(run_dirs[name]).name, exact=True)).to_be_visible(timeout=budget.ms())
+                assert selectbox_options(page, "Open a run", budget) == [Path(run_dirs[name]).name]
+                expect(page.get_by_test_id("stButton").filter(has_text=re.compile("^Open$"))).to_have_count(
+                    0, timeout=budget.ms())
+                assert_clean(page, budget)
+            for name, other in (("A", "B"), ("B", "A")):
+                assert Path(run_dirs[other]).name not in sessions[name][0].content()
 
-                # Both prepare a fit of their own data, then press Start: A first, B right after.
-                _prepare_fit_form(page_a, DEMO_SAMPLES, budget)
-                _prepare_fit_form(page_b, UPLOAD_SAMPLES, budget)
-                for page in (page_a, page_b):
-                    page.evaluate(RECORD_START_BUTTON)
-                fit_started = time.perf_counter()
-                press_at = time.time() * 1000 + START_LEAD_MS  # one clock: the browsers run on this machine
-                _press_start_at(page_a, press_at, budget)
-                _press_start_at(page_b, press_at + START_GAP_MS, budget)
-                job_a, job_b = _wait_for_param(page_a, "job", budget), _wait_for_param(page_b, "job", budget)
-                assert job_a != job_b  # neither page saw the other's job: two jobs, the second queued
-                sessions = {"A": (page_a, DEMO_SAMPLES), "B": (page_b, UPLOAD_SAMPLES)}
-                own_runs = {name: _wait_finished(page, budget) for name, (page, _) in sessions.items()}
-                assert (query_param(page_a, "job"), query_param(page_b, "job")) == (job_a, job_b)
-                timings["fits_s"] = time.perf_counter() - fit_started
+            # A link to B's run, opened in A's session, shows a message instead of the run.
+            link_to_b = f"{server.url}/results?{urlencode({'session': keys['A'], 'run': run_dirs['B']})}"
+            page_a.goto(link_to_b, timeout=budget.ms())
+            expect(main_area(page_a).get_by_text(FOREIGN_RUN)).to_be_visible(timeout=budget.ms())
+            expect(page_a.get_by_text(f"Run {own_runs['B']}:")).to_have_count(0, timeout=budget.ms())
+            assert_clean(page_a, budget)
 
-                # While its job ran or waited, each page offered no second start: between the press and
-                # the finished view, its Start button was the disabled "job running" one.
-                for name, (page, _) in sessions.items():
-                    states = page.evaluate("() => window.startButtonStates")
-                    assert states == ["Start refinement|false", f"{QUEUED_LABEL}|true", "Start refinement|false"], (
-                        name, states)
-
-                # Each session ends on its own run, trained on its own data, and lists only that run.
-                run_dirs = {}
-                for name, (page, samples) in sessions.items():
-                    expect(main_area(page).get_by_text(f"Training data: {samples} images")).to_be_visible(
-                        timeout=budget.ms())
-                    expect(page.get_by_role("heading", name=f"Run {own_runs[name]}")).to_be_visible(timeout=budget.ms())
-                    run_dirs[name] = query_param(page, "run")
-                    goto_page(page, "Results", budget)
-                    sidebar = page.get_by_test_id("stSidebar")
-                    expect(sidebar.get_by_text(Path(run_dirs[name]).name, exact=True)).to_be_visible(timeout=budget.ms())
-                    assert selectbox_options(page, "Open a run", budget) == [Path(run_dirs[name]).name]
-                    expect(page.get_by_test_id("stButton").filter(has_text=re.compile("^Open$"))).to_have_count(
-                        0, timeout=budget.ms())
-                    assert_clean(page, budget)
-                for name, other in (("A", "B"), ("B", "A")):
-                    assert Path(run_dirs[other]).name not in sessions[name][0].content()
-
-                # A link to B's run, opened in A's session, shows a message instead of the run.
-                link_to_b = f"{server.url}/results?{urlencode({'session': keys['A'], 'run': run_dirs['B']})}"
-                page_a.goto(link_to_b, timeout=budget.ms())
-                expect(main_area(page_a).get_by_text(FOREIGN_RUN)).to_be_visible(timeout=budget.ms())
-                expect(page_a.get_by_text(f"Run {own_runs['B']}:")).to_have_count(0, timeout=budget.ms())
-                assert_clean(page_a, budget)
-
-                # B shares its run: the same link now opens it for A, without the share switch.
-                page_b.get_by_text(SHARE_LABEL).click(timeout=budget.ms())
-                _wait_shared(registry, run_dirs["B"], budget)
-                page_a.reload(timeout=budget.ms())
-                b_caption = re.compile(rf"^Run {re.escape(own_runs['B'])} \(id \w+\): {UPLOAD_SAMPLES} images")
-                expect(main_area(page_a).get_by_text(b_caption)).to_be_visible(timeout=budget.ms())
-                expect(page_a.get_by_text(SHARE_LABEL)).to_have_count(0, timeout=budget.ms())
-                both = sorted(Path(run_dir).name for run_dir in run_dirs.values())
-                assert sorted(selectbox_options(page_a, "Open a run", budget)) == both
-                assert_clean(page_a, budget)
-                assert_clean(page_b, budget)
-                peak_rss = _peak_rss_bytes(server.pid)
-        finally:
-            browser.close()
+            # B shares its run: the same link now opens it for A, without the share switch.
+            page_b.get_by_text(SHARE_LABEL).click(timeout=budget.ms())
+            _wait_shared(registry, run_dirs["B"], budget)
+            page_a.reload(timeout=budget.ms())
+            b_caption = re.compile(rf"^Run {re.escape(own_runs['B'])} \(id \w+\): {UPLOAD_SAMPLES} images")
+            expect(main_area(page_a).get_by_text(b_caption)).to_be_visible(timeout=budget.ms())
+            expect(page_a.get_by_text(SHARE_LABEL)).to_have_count(0, timeout=budget.ms())
+            both = sorted(Path(run_dir).name for run_dir in run_dirs.values())
+            assert sorted(selectbox_options(page_a, "Open a run", budget)) == both
+            assert_clean(page_a, budget)
+            assert_clean(page_b, budget)
+            peak_rss = _peak_rss_bytes(server.pid)
 
     server_log = server.log_path.read_text(errors="replace")
     assert "Traceback" not in server_log, server_log[-3000:]
