@@ -64,8 +64,9 @@ def test_contrastive_embeddings_are_unit_length(contrastive_run):
 def test_labels_do_not_change_a_self_supervised_fit(demo, tmp_path):
     config = FitConfig(objective="rotation", **{**TINY, "rounds": 1})
     registry = Registry(tmp_path / "registry.sqlite")
-    with_labels = engine.fit(demo, config, tmp_path / "a", registry=registry)
-    without = engine.fit(demo.without_labels(), config, tmp_path / "b", registry=registry)
+    data = demo.subset(np.arange(0, len(demo), 3))  # 100 images: the claim does not need more
+    with_labels = engine.fit(data, config, tmp_path / "a", registry=registry)
+    without = engine.fit(data.without_labels(), config, tmp_path / "b", registry=registry)
     np.testing.assert_array_equal(with_labels.scores.anomaly_score, without.scores.anomaly_score)
 
 
