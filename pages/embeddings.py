@@ -52,9 +52,8 @@ def hover_texts(run, table: pd.DataFrame | None) -> list[str]:
              for i, s, r in zip(run.samples["id"], run.samples["anomaly_score"], run.samples["rank"])]
     if table is None:
         return texts
-    shown = table.iloc[:, :HOVER_COLUMNS]
-    values = [" · ".join(f"{name} {cell_text(value)}" for name, value in row.items()) for _, row in shown.iterrows()]
-    return [f"{text}<br>{row}" for text, row in zip(texts, values)]
+    columns = [[f"{name} {cell_text(value)}" for value in table[name]] for name in table.columns[:HOVER_COLUMNS]]
+    return [f"{text}<br>{' · '.join(values)}" for text, *values in zip(texts, *columns)]
 
 
 def selected_gallery(run, selected: list[int], table: pd.DataFrame | None) -> None:
