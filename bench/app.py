@@ -239,10 +239,9 @@ def map_render(browser, home: Path, rows: int, repeats: int) -> list[float]:
 def map_after_studio_fit(browser, home: Path) -> tuple[float, float]:
     """Fit the demo from the Refine page (the form's defaults); (fit s, first Embeddings visit s)."""
     with served(home) as server, browser_page(browser, WAIT_MS) as page:
-        open_data_page(page, server.url)
-        page.get_by_text(DEMO_DATA, exact=True).click()
-        page.get_by_role("button", name="Use this data set").click()
-        go_to(page, "Refine")
+        open_data_page(page, server.url)  # a new session starts on the demo: nothing to choose (a "Use this
+        go_to(page, "Refine")             # data set" click reruns the page, and a click during it can be lost)
+        page.get_by_text(re.compile(f"^Training data: {DEMO_SAMPLES} images")).wait_for()
         started = time.perf_counter()
         page.get_by_role("button", name="Start refinement").click()
         page.get_by_text(FINISHED).wait_for(timeout=MAX_JOB_S * 1000)
