@@ -2,6 +2,8 @@
 features, the user's choices first, problems named with the role that fixes them."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -80,6 +82,11 @@ def test_the_loader_keys_rows_by_the_id_and_keeps_only_features(tmp_path):
 
 def test_the_cli_runs_an_analysts_table_keyed_by_its_ids(tmp_path, monkeypatch, capsys, caplog):
     monkeypatch.setenv("REFINERY_HOME", str(tmp_path / "home"))
+    # Earlier tests in this worker may have changed logging (a library's dictConfig disables existing
+    # loggers); the roles' log lines are what the user reads, so read them at their own logger.
+    for name in ("core.data.tables", "core.models.tabular"):
+        monkeypatch.setattr(logging.getLogger(name), "disabled", False)
+        caplog.set_level(logging.WARNING, logger=name)
     frame = analyst_table(np.random.default_rng(4))
     frame.to_csv(tmp_path / "records.csv", index=False)
     assert main(["fit", str(tmp_path / "records.csv"), "--out", str(tmp_path / "run"), "--ignore-columns", "items"]) == 0
