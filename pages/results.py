@@ -3,7 +3,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from core.explain.attribution import DRIVES_SHARE, column_shares
+from core.explain.attribution import DRIVES_SHARE
 from core.results import bundle_run, compare_runs, confusion_at, judged_samples, score_curves, verdict_agreement
 from pages.components import charts, runs, services, state, widgets
 
@@ -118,16 +118,13 @@ def comparison_section(run, records) -> None:
         st.dataframe(comparison.changed, hide_index=True)
 
 
-def driving_columns(run_dir: str, run) -> None:
+def driving_columns(run_dir: str) -> None:
     """For a table run: which columns make the flagged rows' scores, and a warning when one column makes
     most of them (a random or id-like column should then be ignored on the Data page)."""
-    dataset = runs.run_dataset(run_dir)
-    flagged = [i for i, flag in zip(run.samples["id"], run.samples["is_anomaly"]) if flag]
-    if not flagged or dataset.table.shape[1] < 2:
+    shares = runs.flagged_column_shares(run_dir)
+    if len(shares) < 2:
         return
-    fitted = runs.fitted_run(run_dir)
-    shares = column_shares(fitted.explain_rows(dataset, flagged, k=len(fitted.encoder.feature_names)))
-    (top, share), *rest = shares.items()
+    top, share = next(iter(shares.items()))
     st.caption("What makes the flagged rows' scores, by column (mean share): "
                + ", ".join(f"{column} {value:.0%}" for column, value in list(shares.items())[:5]))
     if share >= DRIVES_SHARE:
@@ -174,7 +171,7 @@ def body() -> None:
         verdict_section(run, verdicts)
         comparison_section(run, records)
         if run.kind == "table" and run.config.objective == "none":  # explanations need the table's own features
-            driving_columns(run_dir, run)
+            driving_columns(run_dir)
         downloads(run, verdicts)
     if records:  # without an active run (none yet, or another session's in the URL) one can be opened here
         past_runs(records, run_dir)

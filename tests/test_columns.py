@@ -37,7 +37,7 @@ def test_automatic_roles_find_the_id_the_label_and_the_features():
     assert "used for metrics only" in profiles["is_fraud"].reason
     assert profiles["amount"].example == f"{frame.loc[0, 'amount']:.6g}", "without float noise"
     assert roles(frame, id_column="none")["id"] == "ignore", "an identifier is never a feature, even without ids"
-    assert roles(frame, label_column=None, find_label=False)["is_fraud"] == "feature"
+    assert roles(frame, label_column="none")["is_fraud"] == "feature"
 
 
 def test_the_users_choices_come_first_and_wrong_ones_are_refused():

@@ -32,6 +32,8 @@ ID, FEATURE, LABEL, IGNORE = "id", "feature", "label", "ignore"
 ROLES = (ID, FEATURE, LABEL, IGNORE)
 AUTO, NO_ID = "auto", "none"
 """``id_column`` values: find the id column automatically / use 0-based row numbers."""
+NO_LABEL = "none"
+"""``label_column`` value: the table has no label column (None finds one named like a label)."""
 
 MAX_CATEGORIES = 50
 """Most distinct values of a text column encoded as categories (one-hot)."""
@@ -156,11 +158,11 @@ def profile_columns(
     id_column: str = AUTO,
     label_column: str | None = None,
     ignore_columns: tuple[str, ...] | list[str] = (),
-    find_label: bool = True,
 ) -> list[ColumnProfile]:
     """The role of every column of ``frame`` (see the module docstring), in column order.
 
-    ``find_label=False`` leaves a column named like a label a feature when no ``label_column`` is given.
+    ``label_column``: a name, None (find a 0/1 column named like a label) or ``"none"`` (no label:
+    such a column stays a feature).
 
     Raises
     ------
@@ -169,8 +171,10 @@ def profile_columns(
         table, one column is given two roles, or the chosen id column repeats a value or misses one.
     """
     names = [str(column) for column in frame.columns]
+    find_label = label_column is None
     chosen = {name: IGNORE for name in ignore_columns}
-    for role, name in ((LABEL, label_column), (ID, None if id_column in (AUTO, NO_ID) else id_column)):
+    for role, name in ((LABEL, None if label_column == NO_LABEL else label_column),
+                       (ID, None if id_column in (AUTO, NO_ID) else id_column)):
         if name is None:
             continue
         if name in chosen:
@@ -204,10 +208,10 @@ def profile_columns(
             role = ID if name == id_name else IGNORE
             reason = "a distinct value in every row: it names rows" + (
                 "" if role == ID else f"; ignored ({'another column is the id' if id_name else 'ids are row numbers'})")
-        elif (find_label and label_column is None and _LABEL_LIKE.match(name.strip().lower()) and _is_binary(series)
+        elif (find_label and _LABEL_LIKE.match(name.strip().lower()) and _is_binary(series)
               and len(names) - len(chosen) - len(naming) > 1):  # a feature must remain
             role, reason = LABEL, "named like a label, with 0/1 values: used for metrics only, never as a feature"
-            label_column = name
+            find_label = False  # one label at most
         else:
             role, reason = FEATURE, {"numeric": "numbers", "boolean": "true/false", "empty": "no values"}.get(
                 kind, f"{distinct} categories" if kind == "categorical" else "text")
@@ -230,6 +234,6 @@ def chosen_roles(profiles: list[ColumnProfile] | tuple[ColumnProfile, ...]) -> C
     """The roles ``profiles`` settled on, as the choice that gives them again on another file of the
     same columns: scoring a new batch of a few rows reuses a run's id column although so few rows
     could not show that it names them."""
-    return ColumnChoice(label_column=next(iter(role_of(profiles, LABEL)), "none"),
+    return ColumnChoice(label_column=next(iter(role_of(profiles, LABEL)), NO_LABEL),
                         id_column=next(iter(role_of(profiles, ID)), NO_ID),
                         ignore_columns=tuple(role_of(profiles, IGNORE)))

@@ -8,8 +8,8 @@ from pathlib import Path
 from core.data.archive import extract_zip
 from core.data.dataset import Dataset
 from core.data.images import IMAGE_SUFFIXES, load_image_folder
-from core.data.columns import AUTO
-from core.data.tables import NO_LABEL, TABLE_SUFFIXES, load_table
+from core.data.columns import AUTO, NO_LABEL
+from core.data.tables import TABLE_SUFFIXES, load_table
 from core.errors import DataError
 from core.progress import CancelToken, ProgressCallback, ignore_progress
 

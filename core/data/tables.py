@@ -37,8 +37,10 @@ from core.data.columns import (
     AUTO,
     FEATURE,
     ID,
+    IGNORE,
     LABEL,
     NO_ID,
+    NO_LABEL,
     ColumnProfile,
     profile_columns,
     role_of,
@@ -62,8 +64,6 @@ CSV_DELIMITERS = ",;\t|"
 
 _DECIMAL_COMMA_NUMBER = r"[+-]?\d*,?\d+(?:[eE][+-]?\d+)?"
 
-NO_LABEL = "none"
-"""``label_column`` value: the table has no label column (do not look for one)."""
 ARRAY_LABEL_KEY = "y"
 """Default label array name in ``.npz`` and ``.mat`` files."""
 
@@ -389,9 +389,7 @@ def load_table(
             label_column = label_column if label_column in present else NO_LABEL
             id_column = id_column if id_column in (AUTO, NO_ID) or id_column in present else NO_ID
             ignore_columns = [name for name in ignore_columns if name in present]
-        columns = profile_columns(frame, id_column=id_column, ignore_columns=ignore_columns,
-                                  label_column=None if label_column in (None, NO_LABEL) else label_column,
-                                  find_label=label_column is None)
+        columns = profile_columns(frame, id_column=id_column, label_column=label_column, ignore_columns=ignore_columns)
         by_name = {str(column): column for column in frame.columns}
         [label] = role_of(columns, LABEL) or [None]
         if label is not None:
@@ -402,8 +400,7 @@ def load_table(
         for profile in columns:
             if profile.role != FEATURE:
                 logger.warning("%s: column %r is %s (%s)", path.name, profile.name,
-                               "the id" if profile.role == ID else f"the {profile.role}" if profile.role == LABEL
-                               else "ignored", profile.reason)
+                               "ignored" if profile.role == IGNORE else f"the {profile.role}", profile.reason)
         frame = frame[[by_name[name] for name in role_of(columns, FEATURE)]]
     else:
         key = ARRAY_LABEL_KEY if label_column is None else label_column

@@ -15,6 +15,7 @@ import streamlit as st
 from core import engine
 from core.data import Dataset
 from core.errors import RefineryError, RunError
+from core.explain.attribution import column_shares
 from core.project import run_layouts
 from core.results import SavedRun
 from core.store import RunRecord, read_json
@@ -87,6 +88,18 @@ def run_values(run_dir: str, kind: str) -> pd.DataFrame | None:
     except RefineryError as error:
         st.info(f"The run's table could not be read again ({error}); its values are not shown.")
         return None
+
+
+@st.cache_data(show_spinner="Explaining the flagged rows...", max_entries=4)
+def flagged_column_shares(run_dir: str) -> dict[str, float]:
+    """Each column's mean share of the scores of a table run's flagged rows, largest first (empty when
+    nothing is flagged); computed once per run, not on every redraw of the Results page."""
+    run = saved_run(run_dir)
+    flagged = [i for i, flag in zip(run.samples["id"], run.samples["is_anomaly"]) if flag]
+    if not flagged:
+        return {}
+    fitted = fitted_run(run_dir)
+    return column_shares(fitted.explain_rows(run_dataset(run_dir), flagged, k=len(fitted.encoder.feature_names)))
 
 
 @st.cache_data(show_spinner="Computing the UMAP map (cached for this run)...", max_entries=8)
