@@ -25,7 +25,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence
 
 from core.errors import Cancelled, RefineryError
-from core.progress import CancelToken, ProgressEvent, stage_text
+from core.progress import CancelToken, Monitor, ProgressEvent, stage_text
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,11 @@ class JobContext:
         self._plan: dict[str, float] = {}
         self._plan_position = -1
         self._within = 0.0  # share done of the plan's current stage
+
+    @property
+    def monitor(self) -> Monitor:
+        """This job's progress and cancel token as the one :class:`~core.progress.Monitor` the engine takes."""
+        return Monitor(self.on_progress, self.cancel)
 
     def plan(self, stages: Sequence[tuple[str, float]]) -> None:
         """Declare the stages the job will run, in order, with their expected relative cost.

@@ -1,7 +1,8 @@
 """Progress events and cancellation shared by every long-running step.
 
-Long work takes ``on_progress(event)`` and a :class:`CancelToken`; it reports after each
-batch and calls ``cancel.raise_if_cancelled()`` between batches.
+Long work takes one :class:`Monitor` (``monitor=QUIET`` by default): it calls
+``monitor.report(stage, done, total)`` after each batch and ``monitor.check()`` between batches,
+which raises :class:`~core.errors.Cancelled` once the user has cancelled.
 """
 from __future__ import annotations
 
@@ -85,6 +86,59 @@ class CancelToken:
     def raise_if_cancelled(self) -> None:
         if self._event.is_set():
             raise Cancelled("cancelled by the user")
+
+
+class Monitor:
+    """Where long work reports its progress and learns that it was cancelled: one argument for both.
+
+    Parameters
+    ----------
+    on_progress : callable, optional
+        Receives each :class:`ProgressEvent`; events are dropped when None.
+    cancel : CancelToken, optional
+        Checked by :meth:`check`; work cannot be cancelled when None.
+
+    The do-nothing monitor is :data:`QUIET`. A monitor for a part of the work (a chunk, a stage
+    reported under another name) is derived with :meth:`offset` or :meth:`renamed` and shares the
+    cancel token.
+    """
+
+    def __init__(self, on_progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> None:
+        self.on_progress = on_progress or ignore_progress
+        self.cancel = cancel
+
+    def report(self, stage: str, done: int, total: int, message: str = "") -> None:
+        """Report ``done`` of ``total`` units of ``stage`` (``total`` 0 when unknown)."""
+        self.on_progress(ProgressEvent(stage, done, total, message))
+
+    def check(self) -> None:
+        """Raise :class:`~core.errors.Cancelled` when the work has been cancelled."""
+        if self.cancel is not None:
+            self.cancel.raise_if_cancelled()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.cancelled
+
+    def offset(self, start: int, total: int) -> "Monitor":
+        """This monitor for a chunk that starts at unit ``start`` of ``total``: it reports over the whole."""
+
+        def whole(event: ProgressEvent) -> None:
+            self.on_progress(ProgressEvent(event.stage, start + event.done, total, event.message))
+
+        return Monitor(whole, self.cancel)
+
+    def renamed(self, stage: str) -> "Monitor":
+        """This monitor with every event reported as ``stage`` (a step run inside another stage)."""
+
+        def as_stage(event: ProgressEvent) -> None:
+            self.on_progress(ProgressEvent(stage, event.done, event.total, event.message))
+
+        return Monitor(as_stage, self.cancel)
+
+
+QUIET = Monitor()
+"""The do-nothing monitor: progress is dropped and the work cannot be cancelled."""
 
 
 HOLD_AT_VARIABLE = "REFINERY_HOLD_AT"
