@@ -3,17 +3,11 @@ import logging
 
 import streamlit as st
 
-from pages.components import sidebar
+from pages.components import navigation, sidebar
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 st.set_page_config(page_title="Refinery", page_icon=":material/filter_alt:", layout="wide")
 
-navigation = st.navigation([
-    st.Page("pages/data.py", title="Data", icon=":material/upload:", default=True),
-    st.Page("pages/refine.py", title="Refine", icon=":material/filter_alt:"),
-    st.Page("pages/embeddings.py", title="Embeddings", icon=":material/scatter_plot:"),
-    st.Page("pages/inspect.py", title="Inspect", icon=":material/search:"),
-    st.Page("pages/results.py", title="Results", icon=":material/analytics:"),
-])
+page = navigation.studio_navigation()
 sidebar.draw()
-navigation.run()
+page.run()

@@ -21,7 +21,7 @@ each with its own ``REFINERY_HOME`` in a temporary folder:
     the page not scrolled.
 (c) the Embeddings map of a 10,000-sample run: a table run is fitted here (16 gaussian features,
     3% uniform outliers, ``core.engine.fit``) and its UMAP layout computed beforehand with
-    ``core.project.run_layouts`` (reported separately), so what is timed is the page: seconds from
+    ``core.layouts.run_layouts`` (reported separately), so what is timed is the page: seconds from
     clicking "Embeddings" in the sidebar until the plotly WebGL scatter holds all points and its
     canvas is drawn, ``--repeats`` visits. Target: under 2 s.
 
@@ -197,8 +197,8 @@ def table_run(home: Path, rows: int, seed: int) -> tuple[float, float]:
     import pandas as pd
 
     from core import engine
-    from core.project import run_layouts
-    from core.store import Registry
+    from core.layouts import run_layouts
+    from core.registry import Registry
 
     rng = np.random.default_rng(seed)
     outliers = int(rows * 0.03)
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
                      + [["median", float(np.median(visits)), met(float(np.median(visits)), MAP_TARGET_S)]],
                      title=f"(c) Embeddings page, {rows} samples (plotly WebGL scatter, layout precomputed)")
         report.line(f"- the run: {rows} rows x 16 features, 3% outliers, seed {seed}; engine.fit {fit_s:.1f} s; "
-                    f"UMAP layout (core.project.run_layouts, computed before the visits) {umap_s:.1f} s")
+                    f"UMAP layout (core.layouts.run_layouts, computed before the visits) {umap_s:.1f} s")
         report.line()
 
         progress("(d) the demo fitted in the studio, then the first Embeddings visit")

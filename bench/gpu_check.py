@@ -32,8 +32,8 @@ from bench.common import Report, base_parser, machine_footer, machine_header
 from core import engine
 from core.config import FitConfig
 from core.data import Dataset
-from core.data.sources import DEMO_DIR
-from core.store import Registry
+from core.data.builtin import DEMO_DIR
+from core.registry import Registry
 
 IMAGE_SIZE = 224
 THROUGHPUT_IMAGES = 3_000

@@ -21,26 +21,20 @@ import pandas as pd
 
 from core import engine
 from core.compute import Compute, LocalCompute
-from core.config import (
-    BACKBONES,
-    DETECTORS,
-    DEVICES,
-    ENCODERS,
-    FEATURE_LAYERS,
-    LOCALIZATIONS,
-    OBJECTIVES,
-    THRESHOLD_SOURCES,
-    FitConfig,
-    parse_gamma,
-)
-from core.data.sources import DEMO_DIR
+from core.config import FIT_PARAMS, FitConfig
+from core.data.builtin import DEMO_DIR
 from core.distributed import ddp
 from core.errors import Cancelled, ConfigError, RefineryError
-from core.progress import HOLD_AT_VARIABLE, ProgressCallback, ProgressEvent, holding_at
+from core.files import atomic_write_text, write_npy
+from core.params import Param, describe, interval_of, options_of, parse
+from core.progress import HOLD_AT_VARIABLE, Monitor, ProgressEvent, holding_at
 from core.refine import describe_contamination
-from core.store import Registry, atomic_write_text, refinery_home, write_npy
+from core.registry import Registry, refinery_home
 
-DEFAULTS = FitConfig()
+FIT_METAVARS = {"learning_rate": "LR", "ensemble": "K", "gamma": "G|auto", "rounds": "R", "min_keep_fraction": "F",
+                "false_alarm_rate": "A", "image_size": "PX", "feature_layers": "L1,L2", "label_column": "NAME",
+                "id_column": "NAME", "ignore_columns": "NAME,NAME"}
+"""How ``fit --help`` names an option's value where the field's name in capitals would not do."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,69 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "partial folder .RUN_DIR.partial beside it: cached embeddings and training checkpoints are "
                      "reused; same data and settings required; gives the same run as an uninterrupted fit. "
                      "Without a partial folder the fit starts afresh")
-    fit.add_argument("--backbone", choices=BACKBONES, default=DEFAULTS.backbone,
-                     help="ImageNet-pretrained image backbone (default: %(default)s); ignored for tables")
-    fit.add_argument("--objective", choices=OBJECTIVES, default=DEFAULTS.objective,
-                     help="representation learning objective; 'none' keeps the pretrained features frozen (default); "
-                     "the others train an encoder self-supervised and, with refinement, retrain it on the kept "
-                     "data after every round (STOC). Tables: none, contrastive, contrastive-imix")
-    fit.add_argument("--encoder", choices=ENCODERS, default=DEFAULTS.encoder,
-                     help="what the objective trains: auto = fine-tune the pretrained backbone for CutPaste, "
-                     "ResNet-18 from scratch for the other image objectives (a small CNN at <= 32 px), "
-                     "an MLP for tables (default: %(default)s)")
-    fit.add_argument("--epochs", type=int, default=DEFAULTS.epochs,
-                     help="training epochs before the first refinement round (default: %(default)s)")
-    fit.add_argument("--retrain-epochs", type=int, default=DEFAULTS.retrain_epochs,
-                     help="fine-tuning epochs on the kept data after each round; 0 = no self-training "
-                     "(default: %(default)s)")
-    fit.add_argument("--learning-rate", type=float, default=DEFAULTS.learning_rate, metavar="LR",
-                     help="peak learning rate of the training loop (default: the loop's own)")
-    fit.add_argument("--detector", choices=DETECTORS, default=DEFAULTS.detector,
-                     help="one-class detector of the final scores and the is_anomaly threshold; "
-                     "auto = gde for images, knn for tables (default: %(default)s)")
-    fit.add_argument("--refine-detector", choices=DETECTORS, default=DEFAULTS.refine_detector,
-                     help="one-class detector of the refinement ensemble and the contamination estimate; "
-                     "auto = mcd (robust Gaussian, which a recurring defect cannot mask) for images, knn for tables "
-                     "(default: %(default)s)")
-    fit.add_argument("--refine", action=argparse.BooleanOptionalAction, default=DEFAULTS.refine,
-                     help="remove what the detector ensemble agrees is anomalous before the final fit (default: on)")
-    fit.add_argument("--ensemble", type=int, default=DEFAULTS.ensemble, metavar="K",
-                     help="detectors per round, each fitted on a disjoint 1/K of the data (default: %(default)s)")
-    fit.add_argument("--gamma", type=parse_gamma, default=DEFAULTS.gamma, metavar="G|auto",
-                     help="share of the training set each detector flags per round, in (0, 0.5], or 'auto' "
-                     "to estimate the contamination from the data each round (default: auto)")
-    fit.add_argument("--rounds", type=int, default=DEFAULTS.rounds, metavar="R",
-                     help="maximum refinement rounds; stops early once the kept set stops changing (default: %(default)s)")
-    fit.add_argument("--threshold-source", choices=THRESHOLD_SOURCES, default=DEFAULTS.threshold_source,
-                     help="where each detector's threshold comes from: samples it did not train on "
-                     "(held_out, default) or its own subset (in_sample)")
-    fit.add_argument("--min-keep-fraction", type=float, default=DEFAULTS.min_keep_fraction, metavar="F",
-                     help="refinement never keeps less than this share of the data (default: %(default)s)")
-    fit.add_argument("--false-alarm-rate", type=float, default=DEFAULTS.false_alarm_rate, metavar="A",
-                     help="share of normal data is_anomaly should flag; the threshold is set on out-of-sample "
-                     "scores of the training samples, the estimated contamination share of them taken to be "
-                     "anomalous (default: %(default)s)")
-    fit.add_argument("--localization", choices=LOCALIZATIONS, default=DEFAULTS.localization,
-                     help="patch model for image anomaly maps, fitted on the kept images: memory (nearest normal "
-                     "patch; any layout), gaussian (per location; aligned objects), cutpaste (CutPaste's patch "
-                     "model, trained; slow on a CPU) or none (default: %(default)s)")
-    fit.add_argument("--image-size", type=int, default=DEFAULTS.image_size, metavar="PX",
-                     help="images are resized to PX x PX (default: %(default)s)")
-    fit.add_argument("--feature-layers", default=",".join(DEFAULTS.feature_layers), metavar="L1,L2",
-                     help=f"pooled backbone stages forming the embedding, from {', '.join(FEATURE_LAYERS)} "
-                     "(default: %(default)s)")
-    fit.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="images per forward pass (default: %(default)s)")
-    fit.add_argument("--device", choices=DEVICES, default=DEFAULTS.device, help="auto = CUDA when present, else CPU (default)")
-    fit.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed for every random step (default: %(default)s)")
-    fit.add_argument("--label-column", metavar="NAME",
-                     help="table column with labels (1 = anomaly); used only for metrics, never for fitting. "
-                     "Default: a 0/1 column named like a label (is_fraud, label, anomaly...) if there is one; "
-                     "'none': no label column")
-    fit.add_argument("--id-column", metavar="NAME", default=DEFAULTS.id_column,
-                     help="table column that names the rows: carried into every output, never a feature. "
-                     "'auto' (default): a column with a distinct text or counter in every row; 'none': row numbers")
-    fit.add_argument("--ignore-columns", metavar="NAME,NAME", default="",
-                     help="table columns to leave out of the fit (comma-separated)")
+    _add_config_options(fit)
     _add_engine_options(fit, "the embedding of frozen features, the detector fits and the scoring")
 
     score = commands.add_parser("score", help="score DATA with a fitted run and write SCORES.csv",
@@ -169,6 +101,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_config_options(command: argparse.ArgumentParser) -> None:
+    """One option per :class:`FitConfig` field, built from its declaration (``FIT_PARAMS``): the flag from
+    the field's name, the choices, type and help from its constraints and help, the default from the field.
+    :func:`_config_from_args` reads them back."""
+    defaults = FitConfig()
+    for name, spec in FIT_PARAMS.items():
+        command.add_argument("--" + name.replace("_", "-"), **_option(name, spec, getattr(defaults, name)))
+
+
+def _option(name: str, spec: Param, default) -> dict:
+    """``add_argument``'s keywords for one declared field."""
+    text = spec.help.replace("%", "%%")
+    if bool in spec.constraints:
+        return {"action": argparse.BooleanOptionalAction, "default": default,
+                "help": f"{text} (default: {'on' if default else 'off'})"}
+    options, interval = options_of(spec.constraints), interval_of(spec.constraints)
+    option = {"metavar": FIT_METAVARS.get(name), "help": text, "default": default}
+    if spec.is_tuple:  # a comma-separated list on the command line
+        option.update(default=",".join(default), help=f"{text} Comma-separated.")
+    elif options and interval is None and str not in spec.constraints:
+        option["choices"] = options
+    elif options:  # a number or a keyword, e.g. gamma
+        option["type"] = lambda typed: parse(name, typed, spec.constraints, error=argparse.ArgumentTypeError)
+    elif interval is not None:
+        option["type"] = interval.kind
+    notes = [describe(spec.constraints)] if interval is not None else []
+    if option["default"] not in (None, ""):
+        notes.append("default: %(default)s")
+    if notes:
+        option["help"] += f" ({'; '.join(notes)})"
+    return option
+
+
+def _config_from_args(args: argparse.Namespace) -> FitConfig:
+    """The validated :class:`FitConfig` of ``fit``'s options (:func:`_add_config_options`)."""
+    values = {name: getattr(args, name) for name in FIT_PARAMS}
+    for name, spec in FIT_PARAMS.items():
+        if spec.is_tuple:
+            values[name] = tuple(part.strip() for part in values[name].split(",") if part.strip())
+    return FitConfig(**values).validate()
+
+
 def _add_engine_options(command: argparse.ArgumentParser, work: str) -> None:
     command.add_argument("--engine", choices=("local", "ray"), default="local",
                          help=f"where {work} run: in this process (local, default) or on a Ray cluster (ray; "
@@ -203,18 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fit(args: argparse.Namespace) -> None:
-    config = FitConfig(
-        backbone=args.backbone, image_size=args.image_size,
-        feature_layers=tuple(part.strip() for part in args.feature_layers.split(",") if part.strip()),
-        objective=args.objective, encoder=args.encoder, epochs=args.epochs, retrain_epochs=args.retrain_epochs,
-        learning_rate=args.learning_rate, detector=args.detector, refine_detector=args.refine_detector,
-        refine=args.refine, ensemble=args.ensemble,
-        gamma=args.gamma, rounds=args.rounds, threshold_source=args.threshold_source,
-        min_keep_fraction=args.min_keep_fraction, false_alarm_rate=args.false_alarm_rate,
-        localization=args.localization, device=args.device,
-        batch_size=args.batch_size, seed=args.seed, label_column=args.label_column, id_column=args.id_column,
-        ignore_columns=tuple(name.strip() for name in args.ignore_columns.split(",") if name.strip()),
-    ).validate()
+    config = _config_from_args(args)
     if ddp.launched_by_torchrun() and config.objective == "none":
         raise ConfigError("torchrun started several processes, but objective 'none' (frozen pretrained features) "
                           "has nothing to train; choose a self-supervised --objective, or run without torchrun")
@@ -224,8 +187,8 @@ def _fit(args: argparse.Namespace) -> None:
             return
         dataset = engine.load_data(args.data, **config.column_choice().load_kwargs())
         _report_skipped(dataset)
-        with _ProgressBar() as progress, _compute(args) as compute:
-            result = engine.fit(dataset, config, args.out, resume=args.resume, on_progress=progress, compute=compute)
+        with _ProgressBar() as monitor, _compute(args) as compute:
+            result = engine.fit(dataset, config, args.out, resume=args.resume, monitor=monitor, compute=compute)
     for record in result.rounds:
         print(record.note)
     flagged = int(result.scores.is_anomaly.sum())
@@ -260,9 +223,9 @@ def _score(args: argparse.Namespace) -> None:
     roles = run.column_choice().load_kwargs() | ({"label_column": args.label_column} if args.label_column else {})
     dataset = engine.load_data(args.data, **roles, label_required=bool(args.label_column))
     _report_skipped(dataset)
-    with _ProgressBar() as progress, _compute(args) as compute:
-        maps = run.iter_anomaly_maps(dataset, on_progress=progress) if args.maps else None
-        scores = run.score(dataset, on_progress=progress, compute=compute)
+    with _ProgressBar() as monitor, _compute(args) as compute:
+        maps = run.iter_anomaly_maps(dataset, monitor=monitor) if args.maps else None
+        scores = run.score(dataset, monitor=monitor, compute=compute)
         atomic_write_text(args.out, scores.to_frame().to_csv(index=False))
         print(f"scored {len(dataset)} samples; {int(scores.is_anomaly.sum())} flagged; written to {args.out}")
         if maps is not None:
@@ -323,8 +286,8 @@ def _explain(args: argparse.Namespace) -> None:
 def _explain_images(run, dataset, args: argparse.Namespace) -> None:
     if args.out is None:
         raise ConfigError("explaining images writes maps: pass --out MAPS_DIR")
-    with _ProgressBar() as progress:
-        _write_maps(run.iter_gradcam_maps(dataset, method=args.method, on_progress=progress), args.out)
+    with _ProgressBar() as monitor:
+        _write_maps(run.iter_gradcam_maps(dataset, method=args.method, monitor=monitor), args.out)
     print(f"{args.method} maps of {len(dataset)} images written to {args.out}")
 
 
@@ -354,8 +317,8 @@ def _demo(args: argparse.Namespace) -> None:
     config = engine.suggested_config(dataset)
     print(f"demo: {len(dataset)} Fashion-MNIST images from {DEMO_DIR} (sneakers, 10% other classes planted); "
           f"image size {config.image_size} px")
-    with _ProgressBar() as progress:
-        result = engine.fit(dataset, config, out, on_progress=progress)
+    with _ProgressBar() as monitor:
+        result = engine.fit(dataset, config, out, monitor=monitor)
     for record in result.rounds:
         print(record.note)
     order = np.argsort(-result.scores.anomaly_score)[:10]
@@ -377,11 +340,13 @@ def _report_skipped(dataset) -> None:
 class _ProgressBar:
     """A tqdm bar per stage on stderr, fed by engine progress events."""
 
-    def __enter__(self) -> ProgressCallback:
-        """The callback to hand the engine; ``REFINERY_HOLD_AT`` (see :func:`holding_at`) stops it at a point."""
+    def __enter__(self) -> Monitor:
+        """The monitor to hand the engine; ``REFINERY_HOLD_AT`` (see :func:`holding_at`) stops it at a point.
+
+        Ctrl-C ends the work (KeyboardInterrupt), so the monitor holds no cancel token."""
         self._bar = None
         self._stage = None
-        return holding_at(self, os.environ.get(HOLD_AT_VARIABLE))
+        return Monitor(holding_at(self, os.environ.get(HOLD_AT_VARIABLE)))
 
     def __call__(self, event: ProgressEvent) -> None:
         from tqdm import tqdm

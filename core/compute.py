@@ -18,16 +18,16 @@ import numpy as np
 
 from core.data.dataset import Dataset
 from core.detectors._base import sample_of_rows
-from core.detectors.gde import GaussianDensity, GaussianMoments, sample_mean
+from core.detectors.gde import GaussianDensity
 from core.errors import DataError
 from core.mapped import MappedPages
-from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
+from core.progress import QUIET, Monitor
+from core.stats import GaussianMoments, sample_mean
 
 CHUNK_ROWS = 1024
 """Rows of embeddings read at once. A chunk and its scoring temporaries are a few N-independent
-tens of MiB (1024 x 1280 float64 values are 10 MiB). In a one-off comparison on the busy 2-core
-development box, refinement of 100,000 memory-mapped 432-wide embeddings took 29 s and +52 MiB with
-1024-row chunks, 47 s and +125 MiB with 4096-row chunks."""
+tens of MiB (1024 x 1280 float64 values are 10 MiB); larger chunks were slower and used more memory
+(docs/benchmarks.md, "Figures that left the docstrings")."""
 
 DetectorFactory = Callable[[], object]
 
@@ -38,8 +38,7 @@ class Compute(Protocol):
     name: str
 
     def embed(
-        self, encoder, dataset: Dataset, *, out: np.ndarray | None = None,
-        on_progress: ProgressCallback = ignore_progress, cancel: CancelToken | None = None,
+        self, encoder, dataset: Dataset, *, out: np.ndarray | None = None, monitor: Monitor = QUIET,
     ) -> np.ndarray:
         """``(N, D) float32`` embeddings of ``dataset`` by ``encoder``, written into ``out`` when given."""
 
@@ -50,8 +49,7 @@ class Compute(Protocol):
         """``(K, M) float64``: ``score_samples`` of ``features[rows]`` (all rows when None) under each detector."""
 
     def score_dataset(
-        self, encoder, detector, dataset: Dataset, *,
-        on_progress: ProgressCallback = ignore_progress, cancel: CancelToken | None = None,
+        self, encoder, detector, dataset: Dataset, *, monitor: Monitor = QUIET,
     ) -> np.ndarray:
         """``(N,) float64`` ``score_samples`` of new data: embedded by ``encoder``, scored by ``detector``."""
 
@@ -61,10 +59,10 @@ class LocalCompute:
 
     name = "local"
 
-    def embed(self, encoder, dataset, *, out=None, on_progress=ignore_progress, cancel=None) -> np.ndarray:
+    def embed(self, encoder, dataset, *, out=None, monitor=QUIET) -> np.ndarray:
         if out is None:
-            return encoder.embed(dataset, on_progress=on_progress, cancel=cancel)
-        return encoder.embed(dataset, on_progress=on_progress, cancel=cancel, out=out)
+            return encoder.embed(dataset, monitor=monitor)
+        return encoder.embed(dataset, monitor=monitor, out=out)
 
     def fit_detectors(self, factory, features, subsets) -> list:
         return [fit_rows(factory(), features, rows) for rows in subsets]
@@ -72,14 +70,14 @@ class LocalCompute:
     def score(self, detectors, features, rows=None) -> np.ndarray:
         return score_rows(detectors, features, rows)
 
-    def score_dataset(self, encoder, detector, dataset, *, on_progress=ignore_progress, cancel=None) -> np.ndarray:
+    def score_dataset(self, encoder, detector, dataset, *, monitor=QUIET) -> np.ndarray:
         n = len(dataset)
         scores = np.empty(n, dtype=np.float64)
         step = chunk_rows_for([detector], n)
         for start in range(0, n, step):
             stop = min(start + step, n)
             part = dataset.subset(np.arange(start, stop))
-            embeddings = encoder.embed(part, on_progress=_offset_progress(on_progress, start, n), cancel=cancel)
+            embeddings = encoder.embed(part, monitor=monitor.offset(start, n))
             scores[start:stop] = detector.score_samples(check_finite(embeddings))
         return scores
 
@@ -146,11 +144,3 @@ def check_finite(embeddings: np.ndarray) -> np.ndarray:
         raise DataError("the representation produced NaN or infinite values; check the input data")
     return embeddings
 
-
-def _offset_progress(on_progress: ProgressCallback, offset: int, total: int) -> ProgressCallback:
-    """Progress of one chunk of a data set reported as progress over the whole data set."""
-
-    def report(event: ProgressEvent) -> None:
-        on_progress(ProgressEvent(event.stage, offset + event.done, total, event.message))
-
-    return report

@@ -1,4 +1,8 @@
-"""Every knob of a fit, as a frozen dataclass with validation and a JSON round-trip."""
+"""Every knob of a fit, as a frozen dataclass with validation and a JSON round-trip.
+
+Each knob is declared once, as a field with its constraints, help and form hints (``FIT_PARAMS``);
+:meth:`FitConfig.validate`, the CLI's ``fit`` options and the Refine form are built from that declaration.
+"""
 from __future__ import annotations
 
 import json
@@ -6,9 +10,10 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from core.data.columns import NO_LABEL, ColumnChoice
 from core.detectors.registry import DETECTORS as DETECTOR_NAMES
-from core.data.columns import ColumnChoice
 from core.errors import ConfigError
+from core.params import Interval, Options, TupleOf, check_params, describe, param, params_of, parse
 
 BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 FEATURE_LAYERS = ("stride8", "stride16", "stride32", "head")
@@ -18,159 +23,135 @@ ENCODERS = ("auto", "pretrained-finetune", "resnet18", "small-cnn", "mlp")
 SMALL_CNN_MAX_SIDE = 32
 DETECTORS = ("auto", *DETECTOR_NAMES)
 AUTO_DETECTOR = {"images": "gde", "table": "knn"}
+"""What ``detector="auto"`` means per kind of data, chosen by bench/tables.py, bench/mvtec_bottle.py
+and bench/fashion_mnist.py (docs/benchmarks.md)."""
 AUTO_REFINE_DETECTOR = {"images": "mcd", "table": "knn"}
 """What ``refine_detector="auto"`` means per kind of data, chosen on the dev half of bench/refinement.py by
 bench/explore_refinement.py (docs/benchmarks.md)."""
-"""What ``detector="auto"`` means per kind of data, chosen by bench/tables.py, bench/mvtec_bottle.py
-and bench/fashion_mnist.py (docs/benchmarks.md)."""
 THRESHOLD_SOURCES = ("held_out", "in_sample")
 LOCALIZATIONS = ("memory", "gaussian", "cutpaste", "none")
 DEVICES = ("auto", "cpu", "cuda")
+
+
+def _auto_words(choice: dict[str, str]) -> str:
+    return f"{choice['images']} for images, {choice['table']} for tables"
 
 
 @dataclass(frozen=True)
 class FitConfig:
     """How a run is fitted. Defaults are the benchmarked choices (see docs/benchmarks.md).
 
-    Attributes
-    ----------
-    backbone : str
-        Image representation: an ImageNet-pretrained EfficientNet-Lite (``BACKBONES``).
-        Ignored for tables, which use the tabular encoder.
-    image_size : int
-        Images are resized to a square of this many pixels before the backbone.
-    feature_layers : tuple of str
-        Which global-average-pooled stage ends form the image embedding, concatenated:
-        ``stride8`` (40 channels on Lite0), ``stride16`` (112), ``stride32`` (320), ``head`` (1280).
-    objective : str
-        Representation learning objective (``OBJECTIVES``): ``none`` uses the frozen pretrained
-        features (images) or the scaled columns (tables); the others train an encoder
-        self-supervised: CutPaste (3-way, binary, scar), rotation prediction, contrastive learning
-        with distribution augmentation (optionally with i-Mix). Tables allow ``TABLE_OBJECTIVES``.
-    encoder : str
-        What the objective trains (``ENCODERS``): ``auto`` fine-tunes the pretrained backbone for
-        CutPaste (ImageNet features transfer best, as in the CutPaste paper), trains a ResNet-18
-        from scratch for the other image objectives (a small CNN at 32 px and below) and an MLP
-        for tables. Ignored when ``objective`` is ``none``.
-    epochs : int
-        Training epochs on all the data before the first refinement round.
-    retrain_epochs : int
-        Epochs of fine-tuning on the kept data after each refinement round (STOC self-training);
-        0 keeps the first representation throughout.
-    learning_rate : float or None
-        Peak learning rate of the training loop; None uses the loop's default
-        (:class:`core.train.TrainConfig`).
-    detector : str
-        One-class detector for the final scores and the ``is_anomaly`` threshold (``DETECTORS``);
-        ``auto`` picks GDE for images and kNN distance for tables (``AUTO_DETECTOR``), resolved by
-        :meth:`for_data`.
-    refine_detector : str
-        One-class detector of the refinement ensemble and the contamination estimate (``DETECTORS``);
-        ``auto`` picks the robust Gaussian (``mcd``) for images, which a recurring defect cannot mask,
-        and kNN distance for tables (``AUTO_REFINE_DETECTOR``).
-    refine : bool
-        Run STOC data refinement before fitting the final detector.
-    ensemble : int
-        K, the number of disjoint subsets (one detector each) per refinement round.
-    gamma : float or "auto"
-        Share of the training set each ensemble member flags per round; ``auto`` estimates the
-        contamination from the data in every round (see :func:`core.refine.estimate_contamination`).
-    rounds : int
-        Maximum number of refinement rounds (ends early once the kept set stops changing).
-    threshold_source : str
-        ``held_out``: each member's threshold is a quantile of its scores on samples it did not
-        train on; ``in_sample``: on its own training subset (collapses in high dimensions).
-    min_keep_fraction : float
-        Refinement never keeps fewer than this share of the training data.
-    false_alarm_rate : float
-        The share of normal data that ``is_anomaly`` is meant to flag: the threshold is set on
-        out-of-sample scores of the training samples, with the estimated contamination share of
-        them taken to be anomalous (see :func:`core.engine.refine_and_fit`).
-    localization : str
-        Patch model for image anomaly maps, fitted on the kept training images: ``memory``
-        (nearest-neighbour distance to a coreset of normal patches; any layout), ``gaussian`` (one
-        Gaussian per location; aligned objects), ``cutpaste`` (a CutPaste patch model trained on
-        the kept images, dense Mahalanobis scores at stride 4, receptive-field upsampling; see
-        :mod:`core.explain.cutpaste_patch`) or ``none`` (no maps). Ignored for tables.
-    device : str
-        ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-    batch_size : int
-        Images per forward pass.
-    seed : int
-        Seed for every stochastic step.
-    label_column : str or None
-        Table column holding labels (used for metrics only, never for fitting); None finds a 0/1
-        column named like a label, ``"none"`` means the table has no label column.
-    id_column : str
-        Table column that names the rows, carried into every output and never a feature:
-        ``"auto"`` (a column with a distinct text or counter in every row), a name, or ``"none"``
-        (0-based row numbers).
-    ignore_columns : tuple of str
-        Table columns left out of the fit (see :mod:`core.data.columns`).
+    Each field declares, once, what it may be, what it does and how a form offers it
+    (:func:`core.params.param`); ``FIT_PARAMS`` reads the declarations, which :meth:`validate`, the
+    CLI's ``fit`` options and the Refine form are all built from. The Attributes below are written
+    from them.
     """
 
-    backbone: str = "efficientnet-lite0"
-    image_size: int = 224
-    feature_layers: tuple[str, ...] = ("stride16", "stride32")
-    objective: str = "none"
-    encoder: str = "auto"
-    epochs: int = 20
-    retrain_epochs: int = 5
-    learning_rate: float | None = None
-    detector: str = "auto"
-    refine_detector: str = "auto"
-    refine: bool = True
-    ensemble: int = 5
-    gamma: float | str = "auto"
-    rounds: int = 3
-    threshold_source: str = "held_out"
-    min_keep_fraction: float = 0.5
-    false_alarm_rate: float = 0.05
-    localization: str = "memory"
-    device: str = "auto"
-    batch_size: int = 32
-    seed: int = 0
-    label_column: str | None = None
-    id_column: str = "auto"
-    ignore_columns: tuple[str, ...] = ()
+    backbone: str = param(
+        "efficientnet-lite0", [Options(*BACKBONES)],
+        "Image representation: an ImageNet-pretrained EfficientNet-Lite. Ignored for tables, which use the "
+        "tabular encoder.", label="Backbone (ImageNet-pretrained)")
+    image_size: int = param(
+        224, [Interval(int, 32, 1024)], "Images are resized to a square of this many pixels before the backbone.",
+        label="Image size (px)", form_values=(32, 64, 96, 128, 160, 192, 224, 256, 320))
+    feature_layers: tuple[str, ...] = param(
+        ("stride16", "stride32"), [TupleOf(Options(*FEATURE_LAYERS), min_len=1)],
+        "Backbone stages whose global-average-pooled outputs, concatenated, form the image embedding: "
+        "stride8 (40 channels on Lite0), stride16 (112), stride32 (320), head (1280).")
+    objective: str = param(
+        "none", [Options(*OBJECTIVES)],
+        "Representation learning: 'none' uses the frozen pretrained features (images) or the scaled columns "
+        "(tables); the others train an encoder self-supervised (CutPaste 3-way, binary or scar; rotation "
+        "prediction; contrastive learning with distribution augmentation, optionally with i-Mix) and, when "
+        f"refining, retrain it on the kept data after every round. Tables allow {', '.join(TABLE_OBJECTIVES)}.",
+        label="Self-supervised objective")
+    encoder: str = param(
+        "auto", [Options(*ENCODERS)],
+        "What the objective trains; ignored when the objective is 'none'. 'auto' fine-tunes the pretrained "
+        "backbone for CutPaste (ImageNet features transfer best, as in the CutPaste paper), trains a ResNet-18 "
+        f"from scratch for the other image objectives (a small CNN at {SMALL_CNN_MAX_SIDE} px and below) and "
+        "an MLP for tables.", label="Encoder trained")
+    epochs: int = param(
+        20, [Interval(int, 1, None)], "Training epochs on all the data before the first refinement round.",
+        label="Training epochs", form_max=500)
+    retrain_epochs: int = param(
+        5, [Interval(int, 0, None)],
+        "Fine-tuning epochs on the kept data after each refinement round (STOC self-training); 0 keeps the "
+        "first representation throughout.", label="Retraining epochs per round", form_max=200)
+    learning_rate: float | None = param(
+        None, [Interval(float, 0.0, 10.0, closed="neither"), None],
+        "Peak learning rate of the training loop; unset (None): the loop's own default "
+        "(core.train.TrainConfig).")
+    detector: str = param(
+        "auto", [Options(*DETECTORS)],
+        "One-class detector of the final scores and the is_anomaly threshold; 'auto' is "
+        f"{_auto_words(AUTO_DETECTOR)} (resolved by FitConfig.for_data).", label="Detector")
+    refine_detector: str = param(
+        "auto", [Options(*DETECTORS)],
+        "One-class detector of the refinement ensemble and the contamination estimate; 'auto' is "
+        f"{_auto_words(AUTO_REFINE_DETECTOR)} ({AUTO_REFINE_DETECTOR['images']}, a robust Gaussian, is one "
+        "a recurring defect cannot hide in).", label="Refinement detector")
+    refine: bool = param(
+        True, [bool], "Run STOC data refinement: remove what the detector ensemble agrees is anomalous before "
+        "fitting the final detector.", label="Refine the training data (STOC)")
+    ensemble: int = param(
+        5, [Interval(int, 1, None)],
+        "K, the number of disjoint subsets per refinement round, one detector each; a sample is kept only if "
+        "all K call it normal. Held-out thresholds need K >= 2.", label="Ensemble size K", form_min=2, form_max=20)
+    gamma: float | str = param(
+        "auto", [Interval(float, 0.0, 0.5, closed="right"), Options("auto")],
+        "Share of the training set each ensemble member flags per round, or 'auto' to estimate the "
+        "contamination from the data in every round (core.refine.estimate_contamination).",
+        label="Gamma (share flagged per round, or 'auto')")
+    rounds: int = param(
+        3, [Interval(int, 0, None)],
+        "Most refinement rounds; refinement ends early once the kept set stops changing.",
+        label="Rounds", form_min=1, form_max=10)
+    threshold_source: str = param(
+        "held_out", [Options(*THRESHOLD_SOURCES)],
+        "Where each ensemble member's threshold comes from: 'held_out', its scores on samples it did not "
+        "train on; 'in_sample', its own training subset (which collapses in high dimensions).",
+        label="Thresholds from")
+    min_keep_fraction: float = param(
+        0.5, [Interval(float, 0.0, 1.0, closed="right")],
+        "Refinement never keeps fewer than this share of the training data.")
+    false_alarm_rate: float = param(
+        0.05, [Interval(float, 0.0, 0.5, closed="neither")],
+        "The share of normal data that is_anomaly is meant to flag: the threshold is set on out-of-sample "
+        "scores of the training samples, with the estimated contamination share of them taken to be anomalous.")
+    localization: str = param(
+        "memory", [Options(*LOCALIZATIONS)],
+        "Patch model for image anomaly maps, fitted on the kept training images: 'memory' (distance to the "
+        "nearest of a coreset of normal patches; any layout), 'gaussian' (one Gaussian per location; aligned "
+        "objects), 'cutpaste' (CutPaste's patch model, trained; slow on a CPU) or 'none' (no maps). Ignored for "
+        "tables (core.explain).", label="Localization maps")
+    device: str = param(
+        "auto", [Options(*DEVICES)], "Where the work runs: 'auto' is CUDA when available, else the CPU.",
+        label="Device")
+    batch_size: int = param(32, [Interval(int, 1, None)], "Images per forward pass.")
+    seed: int = param(
+        0, [Interval(int, 0, None)], "Seed of every stochastic step: the same seed and data give the same run "
+        "on the same device.", label="Seed", form_max=1_000_000)
+    label_column: str | None = param(
+        None, [str, None],
+        "Table column holding labels (1 = anomaly), used for metrics only, never for fitting. Unset (None): "
+        f"a 0/1 column named like a label (is_fraud, label, anomaly...) if there is one; '{NO_LABEL}': the "
+        "table has no label column.")
+    id_column: str = param(
+        "auto", [str],
+        "Table column that names the rows, carried into every output and never a feature: 'auto' (a column "
+        "with a distinct text or counter in every row), a name, or 'none' (0-based row numbers).")
+    ignore_columns: tuple[str, ...] = param(
+        (), [TupleOf(str)], "Table columns left out of the fit (see core.data.columns).")
 
     def validate(self) -> "FitConfig":
-        """Return self, or raise ConfigError naming the bad value and the allowed ones."""
-        _choice("backbone", self.backbone, BACKBONES)
-        _choice("objective", self.objective, OBJECTIVES)
-        _choice("encoder", self.encoder, ENCODERS)
-        if self.epochs < 1 or self.retrain_epochs < 0:
-            raise ConfigError(f"epochs must be >= 1 and retrain_epochs >= 0, got {self.epochs} and {self.retrain_epochs}")
-        if self.learning_rate is not None and not 0.0 < self.learning_rate < 10.0:
-            raise ConfigError(f"learning_rate must be in (0, 10) or None for the default, got {self.learning_rate}")
-        _choice("detector", self.detector, DETECTORS)
-        _choice("refine_detector", self.refine_detector, DETECTORS)
-        _choice("threshold_source", self.threshold_source, THRESHOLD_SOURCES)
-        _choice("device", self.device, DEVICES)
-        _choice("localization", self.localization, LOCALIZATIONS)
-        if not self.feature_layers:
-            raise ConfigError(f"feature_layers is empty; choose from {', '.join(FEATURE_LAYERS)}")
-        for layer in self.feature_layers:
-            _choice("feature_layers", layer, FEATURE_LAYERS)
-        if not 32 <= self.image_size <= 1024:
-            raise ConfigError(f"image_size must be in [32, 1024] pixels, got {self.image_size}")
-        if self.ensemble < 1:
-            raise ConfigError(f"ensemble (K) must be >= 1, got {self.ensemble}")
+        """Return self, or raise ConfigError naming the field, the allowed values and the bad value.
+
+        Every field is checked against its declared constraints, then the rules that tie fields together.
+        """
+        check_params("", {name: getattr(self, name) for name in FIT_PARAMS}, FIT_CONSTRAINTS)
         if self.refine and self.threshold_source == "held_out" and self.ensemble < 2:
             raise ConfigError("held-out thresholds need an ensemble of K >= 2; raise ensemble or use in_sample")
-        if self.rounds < 0:
-            raise ConfigError(f"rounds must be >= 0, got {self.rounds}")
-        if isinstance(self.gamma, str):
-            if self.gamma != "auto":
-                raise ConfigError(f"gamma must be a number in (0, 0.5] or 'auto', got {self.gamma!r}")
-        elif not 0.0 < float(self.gamma) <= 0.5:
-            raise ConfigError(f"gamma must be a number in (0, 0.5] or 'auto', got {self.gamma}")
-        if not 0.0 < self.min_keep_fraction <= 1.0:
-            raise ConfigError(f"min_keep_fraction must be in (0, 1], got {self.min_keep_fraction}")
-        if not 0.0 < self.false_alarm_rate < 0.5:
-            raise ConfigError(f"false_alarm_rate must be in (0, 0.5), got {self.false_alarm_rate}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         return self
 
     def for_data(self, kind: str) -> "FitConfig":
@@ -188,7 +169,8 @@ class FitConfig:
         if config.encoder == "auto":
             config = replace(config, encoder=_auto_encoder(kind, config.objective, config.image_size))
         if (kind == "table") != (config.encoder == "mlp"):
-            raise ConfigError(f"encoder {config.encoder!r} does not fit {kind} data; use 'auto'")
+            raise ConfigError(f"encoder {config.encoder!r} does not fit {kind} data; use 'auto', which picks one "
+                              "that does (the encoder option's help says which)")
         return config
 
     def to_json(self) -> str:
@@ -202,20 +184,20 @@ class FitConfig:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
-        for name in ("feature_layers", "ignore_columns"):
-            if name in raw:
+        for name, spec in FIT_PARAMS.items():  # JSON has lists where the config holds tuples
+            if spec.is_tuple and isinstance(raw.get(name), list):
                 raw[name] = tuple(raw[name])
         return cls(**raw).validate()
 
     def save(self, path: Path) -> None:
-        from core.store import atomic_write_text
+        from core.files import atomic_write_text
 
         atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: Path) -> "FitConfig":
         """Read a config written by :meth:`save`; a damaged file is a RunError."""
-        from core.store import read_json
+        from core.files import read_json
 
         return cls.from_json(json.dumps(read_json(path)))
 
@@ -227,7 +209,24 @@ class FitConfig:
         return replace(self, **changes).validate()
 
 
+FIT_PARAMS = params_of(FitConfig)
+"""Every FitConfig field's declaration (:class:`core.params.Param`): constraints, help, form hints."""
+FIT_CONSTRAINTS = {name: spec.constraints for name, spec in FIT_PARAMS.items()}
+
+
+def _attributes_section(specs) -> str:
+    """The numpydoc Attributes section of the declared fields, so ``help(FitConfig)`` shows them."""
+    lines = ["", "    Attributes", "    ----------"]
+    for name, spec in specs.items():
+        lines += [f"    {name} : {describe(spec.constraints)}", f"        {spec.help}"]
+    return "\n".join(lines) + "\n"
+
+
+FitConfig.__doc__ += _attributes_section(FIT_PARAMS)
+
+
 def _auto_encoder(kind: str, objective: str, image_size: int) -> str:
+    """What ``encoder="auto"`` stands for; the rule in words is the encoder field's help (``FIT_PARAMS``)."""
     if kind == "table":
         return "mlp"
     if objective.startswith("cutpaste"):
@@ -236,15 +235,5 @@ def _auto_encoder(kind: str, objective: str, image_size: int) -> str:
 
 
 def parse_gamma(text: str) -> float | str:
-    """Parse a CLI/UI gamma value: a number or ``auto``."""
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return float(text)
-    except ValueError:
-        raise ConfigError(f"gamma must be a number in (0, 0.5] or 'auto', got {text!r}") from None
-
-
-def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    """Parse a CLI/UI gamma value: a number or ``auto`` (the range is :meth:`FitConfig.validate`'s)."""
+    return parse("gamma", text, FIT_CONSTRAINTS["gamma"])

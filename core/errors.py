@@ -21,6 +21,10 @@ class Cancelled(RefineryError):
     """Long work was stopped through its cancel token."""
 
 
+CANCELS = (Cancelled, KeyboardInterrupt)
+"""Exceptions that mean the user stopped the work (a run is recorded ``cancelled``, not ``failed``)."""
+
+
 class TrainingError(RefineryError):
     """Representation training diverged (a non-finite loss); the message names where and what to change."""
 

@@ -5,11 +5,14 @@ its list (the way scikit-learn declares ``_parameter_constraints``, written smal
 
 - :class:`Interval` — a number of a kind (``int`` or ``float``) in a range;
 - :class:`Options` — one of a fixed set of values (``Options("auto")`` for a keyword);
+- :class:`TupleOf` — a tuple whose every item meets the constraints it holds;
 - a type such as ``bool`` or ``str`` — any value of it (``bool`` is never taken for a number);
 - ``None`` — the value None.
 
 The same constraints validate :class:`core.config.FitConfig`, the detectors and the localizers, and
 build the CLI's choices and the Refine form's ranges, so none of them can drift from the others.
+A dataclass field declares its constraints, help and form hints once with :func:`param`; :func:`params_of`
+reads them back as :class:`Param` records.
 
 Example
 -------
@@ -21,7 +24,7 @@ core.errors.ConfigError: knn: n_neighbors must be an int >= 1; got 0
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from numbers import Integral, Real
 from typing import Any, Iterable, Mapping
 
@@ -98,6 +101,35 @@ class Options:
         return hash(self.values)
 
 
+class TupleOf:
+    """A tuple of at least ``min_len`` items, each meeting one of ``constraints``.
+
+    ``TupleOf(Options("stride8", "head"), min_len=1)``: a non-empty tuple of those names.
+    """
+
+    def __init__(self, *constraints: Constraint, min_len: int = 0) -> None:
+        self.items = tuple(constraints)
+        self.min_len = min_len
+
+    def accepts(self, value: Any) -> bool:
+        return (isinstance(value, tuple) and len(value) >= self.min_len
+                and all(any(accepts(item, part) for item in self.items) for part in value))
+
+    def describe(self) -> str:
+        size = "a tuple" if self.min_len == 0 else ("a non-empty tuple" if self.min_len == 1
+                                                   else f"a tuple of {self.min_len} or more")
+        return f"{size}, each {describe(self.items)}"
+
+    def __repr__(self) -> str:
+        return f"TupleOf{self.items!r}"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TupleOf) and (other.items, other.min_len) == (self.items, self.min_len)
+
+    def __hash__(self) -> int:
+        return hash((self.items, self.min_len))
+
+
 def accepts(constraint: Constraint, value: Any) -> bool:
     """True when ``value`` meets this one constraint."""
     if constraint is None:
@@ -148,6 +180,108 @@ def options_of(constraints: Iterable[Constraint]) -> tuple[Any, ...]:
 def interval_of(constraints: Iterable[Constraint]) -> Interval | None:
     """The first :class:`Interval` among ``constraints``, or None."""
     return next((constraint for constraint in constraints if isinstance(constraint, Interval)), None)
+
+
+def parse(name: str, text: str, constraints: Iterable[Constraint], error: type[Exception] = ConfigError) -> Any:
+    """The value meant by ``text`` typed on a command line or into a form, e.g. ``"auto"`` or ``"0.1"`` for gamma.
+
+    A keyword of an :class:`Options` (any case) comes first, then a number of the :class:`Interval`'s kind,
+    then the text itself where ``str`` is allowed. Only the type is read here: the range is
+    :func:`check_param`'s. Raises ``error`` naming ``name`` and the allowed values.
+    """
+    constraints = list(constraints)
+    word = text.strip()
+    for option in options_of(constraints):
+        if isinstance(option, str) and word.lower() == option.lower():
+            return option
+    interval = interval_of(constraints)
+    if interval is not None:
+        try:
+            return interval.kind(word)
+        except ValueError:
+            pass
+    if str in constraints:
+        return word
+    raise error(f"{name} must be {describe(constraints)}; got {text!r}")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared parameter: what it may be, what it does, and how a form offers it.
+
+    Attributes
+    ----------
+    constraints : tuple
+        What the value may be (any one of them), as :func:`check_param` reads them.
+    help : str
+        What the value does, in a sentence or two of plain words; the CLI's and the form's help.
+    label : str or None
+        A short name for a form's widget.
+    form_min, form_max : int, float or None
+        The practical range a form's number widget offers, inside the constraints' range;
+        None: the constraints' own end.
+    form_values : tuple or None
+        The values a form's slider offers, each allowed by the constraints.
+    """
+
+    constraints: tuple
+    help: str
+    label: str | None = None
+    form_min: float | None = None
+    form_max: float | None = None
+    form_values: tuple | None = None
+
+    def __post_init__(self) -> None:
+        """A form hint outside the constraints would offer what validation refuses: refuse it here."""
+        interval = interval_of(self.constraints)
+        for bound in (self.form_min, self.form_max):
+            if bound is not None and (interval is None or not interval.accepts(bound)):
+                raise ValueError(f"form bound {bound!r} is outside {describe(self.constraints)}")
+        for value in self.form_values or ():
+            if not any(accepts(constraint, value) for constraint in self.constraints):
+                raise ValueError(f"form value {value!r} is outside {describe(self.constraints)}")
+
+    @property
+    def is_tuple(self) -> bool:
+        """True when the value is a tuple (:class:`TupleOf`): JSON and a command line hold it as a list."""
+        return any(isinstance(constraint, TupleOf) for constraint in self.constraints)
+
+    def form_range(self) -> tuple[float, float | None]:
+        """The lowest and highest value a form's number widget offers (None: no upper end).
+
+        The constraints' :class:`Interval` narrowed by ``form_min`` / ``form_max``; an open int end
+        moves in by one.
+        """
+        interval = interval_of(self.constraints)
+        if interval is None:
+            raise ValueError(f"no range in {describe(self.constraints)}")
+        low, high = interval.low, interval.high
+        if interval.kind is int:
+            if low is not None and interval.closed not in ("both", "left"):
+                low += 1
+            if high is not None and interval.closed not in ("both", "right"):
+                high -= 1
+        if self.form_min is not None:
+            low = self.form_min
+        if self.form_max is not None:
+            high = self.form_max
+        return low, high
+
+
+def param(default: Any, constraints: Iterable[Constraint], help: str, **form: Any) -> Any:
+    """A dataclass field whose :class:`Param` (constraints, help, ``label``, form hints) is in its metadata.
+
+    The default must meet the constraints. Read the declarations back with :func:`params_of`.
+    """
+    spec = Param(tuple(constraints), help, **form)
+    if not any(accepts(constraint, default) for constraint in spec.constraints):
+        raise ValueError(f"default {default!r} is not {describe(spec.constraints)}")
+    return field(default=default, metadata={"param": spec})
+
+
+def params_of(cls: type) -> dict[str, Param]:
+    """Every field of the dataclass ``cls`` declared with :func:`param`, in field order."""
+    return {item.name: item.metadata["param"] for item in fields(cls) if "param" in item.metadata}
 
 
 def _number(value: float) -> str:

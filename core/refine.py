@@ -38,13 +38,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
 from core.compute import Compute, DetectorFactory, LocalCompute
 from core.errors import ConfigError, DataError
-from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
+from core.progress import QUIET, Monitor
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,7 @@ def iter_refine(
     labels: np.ndarray | None = None,
     pinned: np.ndarray | None = None,
     retrain: Callable[[np.ndarray], np.ndarray] | None = None,
-    on_progress: ProgressCallback = ignore_progress,
-    cancel: CancelToken | None = None,
+    monitor: Monitor = QUIET,
     compute: Compute | None = None,
 ) -> Iterator[RefinementRound]:
     """Yield one :class:`RefinementRound` per round (see the module docstring).
@@ -139,14 +138,12 @@ def iter_refine(
         1 = anomaly, 0 = normal, -1 = unknown; used only for the precision/recall fields.
     pinned : (N,) int array, optional
         An expert's verdicts, same coding as ``labels``: 1 = always removed, 0 = never removed,
-        -1 = left to the detectors (see :func:`core.engine.pinned_from_verdicts`).
+        -1 = left to the detectors (see :func:`pinned_from_verdicts`).
     subsets_from : {"all", "kept"}
         What each round splits into the K training subsets: every judged sample, as SRR does (default),
         or only the samples kept so far (later detectors train on cleaner data, but a sample removed
-        early is judged by detectors that never saw anything like it). On the dev half of
-        bench/refinement.py, ``all`` gave the better mean test AUROC (bench/explore_refinement.py, study
-        ``subsets``: Fashion-MNIST 0.848 vs 0.839, tables 0.900 vs 0.897); ``kept`` won only at 5%
-        diffuse and 40% clustered contamination, by at most 0.013.
+        early is judged by detectors that never saw anything like it). ``all`` was chosen on the dev
+        half of bench/refinement.py (bench/explore_refinement.py, study ``subsets``; docs/benchmarks.md).
     compute : Compute, optional
         Fits and scores the detectors (default: :class:`~core.compute.LocalCompute`).
     """
@@ -168,10 +165,9 @@ def iter_refine(
     rng = np.random.default_rng(seed)
     compute = compute or LocalCompute()
     for round_number in range(1, rounds + 1):
-        if cancel is not None:
-            cancel.raise_if_cancelled()
+        monitor.check()
         if round_number == 1:  # the stage starts now, not when its first round ends
-            on_progress(ProgressEvent("refine", 0, rounds, "judging the samples"))
+            monitor.report("refine", 0, rounds, "judging the samples")
         started = time.perf_counter()
         fit_on = np.flatnonzero(kept) if subsets_from == "kept" else judged
         if len(fit_on) < ensemble * MIN_SAMPLES_PER_DETECTOR:
@@ -188,7 +184,7 @@ def iter_refine(
         now_kept[flagged[:budget]] = False
         round_record = _record(round_number, kept, now_kept, pinned, flagged[:budget], vote, judged, started, capped,
                                labels, len(flagged))
-        on_progress(ProgressEvent("refine", round_number, rounds, round_record.note))
+        monitor.report("refine", round_number, rounds, round_record.note)
         log.info(round_record.note)
         yield round_record
         if capped or np.array_equal(now_kept, kept):
@@ -335,6 +331,26 @@ def check_pinned(pinned: np.ndarray | None, n: int) -> np.ndarray:
     if pinned.shape != (n,) or not np.isin(pinned, (-1, 0, 1)).all():
         raise DataError(f"pinned verdicts must be an ({n},) array of -1, 0 and 1, got shape {pinned.shape}")
     return pinned.astype(np.int8)
+
+
+VERDICT_CODES = {"anomaly": 1, "normal": 0, "unsure": -1}
+"""How an expert's verdict pins a sample: 1 always removed, 0 never removed, -1 left to the detectors."""
+
+
+def pinned_from_verdicts(ids: list[str], verdicts: Mapping[str, str] | None) -> np.ndarray:
+    """(N,) int8: 1 for ids an expert confirmed anomalous, 0 for confirmed normal, -1 otherwise.
+
+    Verdicts for ids that are not in ``ids`` are ignored (an expert may have judged other data).
+    """
+    pinned = np.full(len(ids), -1, dtype=np.int8)
+    if verdicts:
+        unknown = set(verdicts.values()) - set(VERDICT_CODES)
+        if unknown:
+            raise DataError(f"unknown verdict {sorted(unknown)[0]!r}; use one of {', '.join(VERDICT_CODES)}")
+        for index, sample_id in enumerate(ids):
+            if sample_id in verdicts:
+                pinned[index] = VERDICT_CODES[verdicts[sample_id]]
+    return pinned
 
 
 def _record(round_number, kept_before, kept, pinned, removed_by_vote, vote, judged, started, capped, labels, n_flagged):

@@ -1,13 +1,11 @@
-"""A saved run read back for display and export: samples, rounds, neighbours, curves, comparisons.
+"""A saved run's results read back for display and export: samples, rounds, neighbours, curves, comparisons.
 
-:class:`SavedRun` only reads the run directory (no model is loaded), so the app can open any
-run in the registry quickly; scoring new data and anomaly maps go through
-:class:`core.engine.FittedRun`.
+:class:`RunResults` only reads the run directory (:mod:`core.run_dir`; no model is loaded), so the app
+can open any run in the registry quickly; scoring new data and anomaly maps go through
+:class:`core.run_model.RunModel`.
 """
 from __future__ import annotations
 
-import io
-import zipfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -16,16 +14,13 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from core.config import FitConfig
-from core.errors import DataError, RunError
+from core.errors import DataError
 from core.metrics import DetectionMetrics, detection_metrics
-from core.refine import RefinementRound, describe_contamination
-from core.store import read_arrays, read_json
-
-BUNDLE_SUFFIXES = (".json", ".safetensors", ".csv", ".pt")
+from core.refine import describe_contamination
+from core.run_dir import pair, read_config, read_embeddings, read_info, read_rounds, read_samples
 
 
-class SavedRun:
+class RunResults:
     """A run directory, read for display.
 
     Attributes
@@ -43,36 +38,12 @@ class SavedRun:
 
     def __init__(self, run_dir: Path | str) -> None:
         self.run_dir = Path(run_dir)
-        if not (self.run_dir / "run.json").is_file():
-            raise RunError(f"{self.run_dir} is not a finished Refinery run (no run.json)")
-        self.info = read_json(self.run_dir / "run.json")
-        self.config = FitConfig.load(self.run_dir / "config.json")
-        samples = pd.read_csv(self.run_dir / "scores.csv", dtype={"id": str}, keep_default_na=False)
+        self.info = read_info(self.run_dir)
+        self.config = read_config(self.run_dir)
+        samples = read_samples(self.run_dir)
         samples["rank"] = samples["anomaly_score"].rank(ascending=False, method="first").astype(int)
         self.samples = samples
-        self.rounds = self._read_rounds()
-
-    def _read_rounds(self) -> list[RefinementRound]:
-        records = read_json(self.run_dir / "refinement.json")
-        if not records:
-            return []
-        arrays = read_arrays(self.run_dir / "refinement.safetensors")
-        position = {sample_id: index for index, sample_id in enumerate(self.samples["id"])}
-        return [
-            RefinementRound(
-                round=record["round"],
-                kept=arrays[f"kept_{record['round']}"].astype(bool),
-                removed=np.array([position[i] for i in record["removed_ids"]], dtype=np.int64),
-                returned=np.array([position[i] for i in record.get("returned_ids", [])], dtype=np.int64),
-                thresholds=np.asarray(record["thresholds"], dtype=np.float64),
-                votes=arrays[f"votes_{record['round']}"],
-                anomaly_score=arrays[f"anomaly_score_{record['round']}"],
-                gamma=record["gamma"], gamma_interval=_pair(record.get("gamma_interval")),
-                seconds=record["seconds"], capped=record["capped"],
-                precision=record["precision"], recall=record["recall"], note=record["note"],
-            )
-            for record in records
-        ]
+        self.rounds = read_rounds(self.run_dir, list(samples["id"]))
 
     # ------------------------------------------------------------------ facts
 
@@ -89,7 +60,7 @@ class SavedRun:
     @property
     def fingerprint(self) -> str:
         """The content hash of the run's training data; the expert's verdicts are kept under it, so that
-        every run on the same data shows them (:meth:`core.store.Registry.verdicts`)."""
+        every run on the same data shows them (:meth:`core.registry.Registry.verdicts`)."""
         return self.info["fingerprint"]
 
     @property
@@ -113,7 +84,7 @@ class SavedRun:
     @property
     def contamination_text(self) -> str:
         """The contamination in words, with its interval when it was estimated."""
-        return describe_contamination(self.contamination, _pair(self.info.get("contamination_interval")))
+        return describe_contamination(self.contamination, pair(self.info.get("contamination_interval")))
 
     @property
     def threshold_meaning(self) -> str:
@@ -133,7 +104,7 @@ class SavedRun:
     @cached_property
     def embeddings(self) -> np.ndarray:
         """(N, D) float32 training embeddings of the final representation."""
-        return read_arrays(self.run_dir / "embeddings.safetensors")["train"]
+        return read_embeddings(self.run_dir)["train"]
 
     def kept_after(self, round_number: int) -> np.ndarray:
         """(N,) bool: samples still kept after ``round_number`` (0 = before refinement: all)."""
@@ -263,7 +234,7 @@ class RunComparison:
     changed: pd.DataFrame     # id, anomaly_score and is_anomaly under each run, for samples whose call differs
 
 
-def compare_runs(before: SavedRun, after: SavedRun) -> RunComparison:
+def compare_runs(before: RunResults, after: RunResults) -> RunComparison:
     """Compare two runs fitted on the same data (e.g. before and after verdict-guided refinement)."""
     if list(before.samples["id"]) != list(after.samples["id"]):
         raise DataError("these runs were fitted on different samples; compare runs of the same data set")
@@ -287,21 +258,3 @@ def compare_runs(before: SavedRun, after: SavedRun) -> RunComparison:
     })
     changed = merged[before.samples["is_anomaly"].to_numpy() != after.samples["is_anomaly"].to_numpy()]
     return RunComparison(pd.DataFrame(rows), changed.reset_index(drop=True))
-
-
-def bundle_run(run_dir: Path | str) -> bytes:
-    """A zip of the run's artifacts (config, weights, scores, refinement record), for download."""
-    run_dir = Path(run_dir)
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(run_dir.rglob("*")):
-            relative = path.relative_to(run_dir)
-            hidden = any(part.startswith(".") for part in relative.parts)  # also files in hidden folders
-            if path.is_file() and not hidden and path.suffix in BUNDLE_SUFFIXES:
-                archive.write(path, f"{run_dir.name}/{relative.as_posix()}")
-    return buffer.getvalue()
-
-
-def _pair(values: list | None) -> tuple[float, float] | None:
-    """A JSON ``[low, high]`` as a tuple (None stays None: a given gamma, or a run older than intervals)."""
-    return None if values is None else (float(values[0]), float(values[1]))

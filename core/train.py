@@ -18,8 +18,8 @@ How a run goes, read top to bottom in :func:`train`:
 - device: ``auto`` picks CUDA when present; on CUDA the forward pass runs under
   ``torch.autocast`` in bfloat16 (same exponent range as float32, so no loss scaling; float16 with
   a ``GradScaler`` on GPUs without bfloat16) and batches travel from pinned memory; on the CPU
-  everything is float32. Conv nets run in channels-last layout on both (on 2 CPU cores a
-  training step at 32 px was 6x faster for ResNet-18 and 1.5x for the small CNN);
+  everything is float32. Conv nets run in channels-last layout on both, the faster layout for
+  convolutions on the CPU as on the GPU;
 - randomness: the shuffle generator, the augmentation generator and torch's global generator
   (dropout) are re-seeded at the start of every epoch from ``(seed, epoch)``, so the random state
   of a run is a function of the epoch it is at: a resumed run equals an uninterrupted one;
@@ -27,9 +27,8 @@ How a run goes, read top to bottom in :func:`train`:
 - a non-finite loss stops training with :class:`~core.errors.TrainingError` before the step that
   would spread it into the weights;
 - checkpoints: every ``checkpoint_every`` epochs and after the last, the encoder, objective and
-  optimiser state go to ``epoch-NNNN/`` in the checkpoint folder, then ``checkpoint.json`` (epoch,
-  losses, config, a fingerprint of the data and architectures) is replaced atomically; it names
-  the folder to resume from, so a crash mid-write leaves the previous checkpoint valid;
+  optimiser state are saved to the checkpoint folder (:mod:`core.checkpoints`: its layout, and what
+  a checkpoint must match to be resumed);
 - several processes (torch DDP, inside :func:`core.distributed.ddp.torchrun_process_group`):
   every process draws the same shuffle and takes its own equal slice of each batch, so the batch
   size, the steps and the learning-rate schedule stay those of one process; DDP averages the
@@ -41,14 +40,10 @@ How a run goes, read top to bottom in :func:`train`:
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import logging
 import math
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -56,19 +51,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.checkpoints import CheckpointFolder, training_identity
 from core.config import DEVICES
 from core.distributed import ddp
-from core.errors import ConfigError, DataError, RunError, TrainingError
-from core.models.backbones import load_state, save_state
+from core.errors import ConfigError, DataError, TrainingError
+from core.models.backbones import image_batch
 from core.models.device import resolve_device
-from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
-from core.store import atomic_write_bytes, read_json, write_json
+from core.progress import QUIET, Monitor
 
 log = logging.getLogger(__name__)
 
 MOMENTUM = 0.9
-CHECKPOINT_FILE = "checkpoint.json"
-CHECKPOINT_FORMAT = 1
 
 
 class Objective(Protocol):
@@ -171,8 +164,7 @@ def train(
     config: TrainConfig,
     *,
     checkpoint_dir: Path | None = None,
-    on_progress: ProgressCallback = ignore_progress,
-    cancel: CancelToken | None = None,
+    monitor: Monitor = QUIET,
 ) -> TrainResult:
     """Train ``encoder`` (and the objective's heads) with ``objective.loss`` on ``data``.
 
@@ -189,14 +181,13 @@ def train(
     config : TrainConfig
         Epochs, batch size, learning rate, seed, device.
     checkpoint_dir : Path, optional
-        Folder for checkpoints. When it holds one written with the same config, data and
-        architectures, training resumes from it (a finished run is not trained again); a
-        checkpoint of anything else is replaced. Under DDP, rank 0's folder is the one used
-        (the other processes' value is ignored) and only rank 0 reads and writes it.
-    on_progress : callable
-        Gets ``ProgressEvent("train", step, total_steps, "epoch e/E loss x")`` after every step.
-    cancel : CancelToken, optional
-        Checked before every step; :class:`~core.errors.Cancelled` propagates and the checkpoint
+        Folder for checkpoints (:mod:`core.checkpoints`). When it holds one written with the same
+        config, data and architectures, training resumes from it (a finished run is not trained
+        again); a checkpoint of anything else is replaced. Under DDP, rank 0's folder is the one
+        used (the other processes' value is ignored) and only rank 0 reads and writes it.
+    monitor : Monitor
+        Gets ``report("train", step, total_steps, "epoch e/E loss x")`` after every step and is
+        checked before every step; :class:`~core.errors.Cancelled` propagates and the checkpoint
         of the last finished epoch stays.
 
     Returns
@@ -236,12 +227,14 @@ def train(
     amp_dtype = torch.float16 if use_amp and not torch.cuda.is_bf16_supported() else torch.bfloat16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
-    identity = _identity(config, device, samples, encoder, objective)
     checkpoint_dir = ddp.from_main(checkpoint_dir)
+    checkpoints = None
     losses: list[float] = []
     resumed_from = None
     if checkpoint_dir is not None:
-        resumed = _resume(Path(checkpoint_dir), identity, encoder, objective, optimizer, scaler, device)
+        identity = training_identity(config, device, samples, encoder, objective)
+        checkpoints = CheckpointFolder(checkpoint_dir, identity, encoder, objective, optimizer, scaler)
+        resumed = checkpoints.resume(device)
         if resumed is not None:
             losses, resumed_from = resumed, len(resumed)
             log.info("resuming training from epoch %d/%d in %s", resumed_from, config.epochs, checkpoint_dir)
@@ -258,8 +251,7 @@ def train(
             order = order[:, share]  # this process's slice of every batch
             epoch_started, epoch_total = time.perf_counter(), 0.0
             for index, rows in enumerate(order):
-                if cancel is not None:
-                    cancel.raise_if_cancelled()
+                monitor.check()
                 step = epoch * steps_per_epoch + index
                 for group in optimizer.param_groups:
                     group["lr"] = float(learning_rates[step])
@@ -281,13 +273,13 @@ def train(
                 scaler.update()
                 epoch_total += value
                 message = f"epoch {epoch + 1}/{config.epochs} loss {value:.4f}"
-                on_progress(ProgressEvent("train", step + 1, total_steps, message))
+                monitor.report("train", step + 1, total_steps, message)
             losses.append(epoch_total / steps_per_epoch)
             log.info("epoch %d/%d loss %.4f (%.1f s)", epoch + 1, config.epochs, losses[-1], time.perf_counter() - epoch_started)
             done = epoch + 1
-            if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == config.epochs):
+            if checkpoints is not None and (done % config.checkpoint_every == 0 or done == config.epochs):
                 if ddp.is_main():
-                    _save_checkpoint(Path(checkpoint_dir), identity, losses, encoder, objective, optimizer, scaler)
+                    checkpoints.save(losses)
                 ddp.barrier()
                 saved_epoch = done
     ddp.copy_buffers_from_main(encoder, objective)  # the last step updated each process's own statistics
@@ -338,10 +330,7 @@ def _to_device(samples: torch.Tensor, rows: torch.Tensor, device: torch.device, 
     batch = samples.index_select(0, rows)
     if device.type == "cuda":
         batch = batch.pin_memory().to(device, non_blocking=True)
-    if images:
-        # permute of NHWC is already channels-last; the conversion keeps that layout
-        batch = batch.permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
-    return batch
+    return image_batch(batch) if images else batch
 
 
 class _StepLoss(nn.Module):
@@ -412,108 +401,3 @@ def _parameter_groups(modules: tuple[nn.Module, ...], weight_decay: float) -> li
     if not seen:
         raise ConfigError("the encoder and the objective have no trainable parameters")
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _identity(config: TrainConfig, device: torch.device, samples: torch.Tensor, *modules: nn.Module) -> dict:
-    """What a checkpoint must match to be resumed: config, device, data, architectures, and the
-    number of processes of a DDP run (absent for one process, so its checkpoints stay as they were)."""
-    settings = {key: value for key, value in asdict(config).items() if key != "checkpoint_every"}
-    data_hash = hashlib.blake2b(samples.numpy(), digest_size=16)  # samples are contiguous
-    architectures = []
-    for module in modules:
-        layout = ";".join(f"{name}:{tuple(value.shape)}" for name, value in module.state_dict().items())
-        architectures.append(f"{type(module).__qualname__}:{hashlib.blake2b(layout.encode(), digest_size=8).hexdigest()}")
-    identity = {
-        "format": CHECKPOINT_FORMAT,
-        "config": settings,
-        "device": device.type,
-        "data": {"shape": list(samples.shape), "dtype": str(samples.dtype), "blake2b": data_hash.hexdigest()},
-        "encoder": architectures[0],
-        "objective": architectures[1],
-    }
-    if ddp.world_size() > 1:
-        identity["processes"] = ddp.world_size()
-    return json.loads(json.dumps(identity))
-
-
-def _save_checkpoint(
-    directory: Path, identity: dict, losses: list[float], encoder: nn.Module, objective: nn.Module,
-    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-) -> None:
-    """Write the state of the finished epoch ``len(losses)`` and point ``checkpoint.json`` at it."""
-    folder = f"epoch-{len(losses):04d}"
-    target = directory / folder
-    save_state(encoder, target / "encoder.safetensors")
-    save_state(objective, target / "objective.safetensors")
-    atomic_write_bytes(target / "optimizer.pt", _optimizer_bytes(optimizer))
-    write_json(directory / CHECKPOINT_FILE, {
-        "identity": identity, "epoch": len(losses), "losses": losses, "folder": folder, "scaler": scaler.state_dict(),
-    })
-    for old in directory.glob("epoch-*"):
-        if old.is_dir() and old.name != folder:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _optimizer_bytes(optimizer: torch.optim.Optimizer) -> bytes:
-    """The optimiser's state as ``torch.save`` writes it."""
-    buffer = io.BytesIO()
-    torch.save(optimizer.state_dict(), buffer)
-    return buffer.getvalue()
-
-
-def _resume(
-    directory: Path, identity: dict, encoder: nn.Module, objective: nn.Module,
-    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
-) -> list[float] | None:
-    """The epoch losses of a matching checkpoint in ``directory``, its state restored; None for none.
-
-    Under DDP only rank 0 reads the folder and sends the losses and the optimiser and scaler state
-    to the other processes (the model's state follows when DDP wraps it), so the folder need only
-    be on rank 0's disk.
-    """
-    resumed = None
-    if ddp.is_main():
-        resumed = _load_checkpoint(directory, identity, encoder, objective, optimizer, scaler, device)
-    if ddp.world_size() == 1:
-        return resumed
-    state = (resumed, _optimizer_bytes(optimizer), scaler.state_dict()) if resumed is not None else None
-    shared = ddp.from_main(state)
-    if shared is None:
-        return None
-    resumed, optimizer_state, scaler_state = shared
-    if not ddp.is_main():
-        optimizer.load_state_dict(torch.load(io.BytesIO(optimizer_state), map_location=device, weights_only=True))
-        scaler.load_state_dict(scaler_state)
-    return resumed
-
-
-def _load_checkpoint(
-    directory: Path, identity: dict, encoder: nn.Module, objective: nn.Module,
-    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
-) -> list[float] | None:
-    """Restore a matching checkpoint into the modules and optimiser; its epoch losses, or None."""
-    path = directory / CHECKPOINT_FILE
-    if not path.exists():
-        return None
-    try:
-        saved = read_json(path)
-    except (OSError, ValueError) as error:
-        log.warning("ignoring the unreadable checkpoint %s (%s); training from the start", path, error)
-        return None
-    if saved.get("identity") != identity:
-        log.warning(
-            "the checkpoint in %s is of another config, data or model; training from the start and replacing it", directory
-        )
-        return None
-    folder = directory / saved["folder"]
-    try:
-        load_state(encoder, folder / "encoder.safetensors")
-        load_state(objective, folder / "objective.safetensors")
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
-        scaler.load_state_dict(saved["scaler"])
-    except Exception as error:  # RunError from load_state, OSError, or torch.load refusing the file
-        reason = str(error) if isinstance(error, RunError) else f"{type(error).__name__} reading {folder.name}"
-        raise RunError(
-            f"the checkpoint in {directory} is incomplete or damaged ({reason}); delete that folder to train from the start"
-        ) from None
-    return [float(loss) for loss in saved["losses"]]

@@ -7,20 +7,15 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from core.data.builtin import builtin_sources, prepare_builtin
 from core.data.columns import ID, LABEL, ROLES, ColumnChoice, chosen_roles, role_of
 from core.data.images import IMAGE_SUFFIXES
-from core.data.sources import (
-    MAX_UPLOAD_MB,
-    builtin_sources,
-    earlier_uploads,
-    prepare_builtin,
-    resolve_server_folder,
-    save_uploads,
-)
+from core.data.server_paths import resolve_server_folder
 from core.data.tables import TABLE_SUFFIXES
+from core.data.uploads import MAX_UPLOAD_MB, earlier_uploads, save_uploads
 from core.errors import RefineryError
-from core.store import refinery_home
-from pages.components import services, state, widgets
+from core.registry import refinery_home
+from pages.components import navigation, services, state, widgets
 
 PREVIEW_IMAGES = 24
 UPLOAD_TYPES = sorted({suffix.lstrip(".") for suffix in (*IMAGE_SUFFIXES, *TABLE_SUFFIXES, ".zip")})
@@ -154,7 +149,7 @@ def body() -> None:
     path, columns, protocol = services.active_data()
     show_dataset(path, columns)
     protocol_form(path, columns, protocol)
-    widgets.page_link("pages/refine.py", "Next: refine this data", ":material/arrow_forward:")
+    navigation.link(navigation.REFINE, "Next: refine this data", ":material/arrow_forward:")
 
 
 widgets.guarded(body)

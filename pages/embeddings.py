@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from core.data.columns import cell_text
-from pages.components import charts, runs, services, state, widgets
+from pages.components import charts, navigation, runs, services, state, widgets
 
 GALLERY_LIMIT = 48
 LABEL_NAMES = {0: "normal", 1: "anomaly", -1: "unknown"}
@@ -69,8 +69,7 @@ def selected_gallery(run, selected: list[int], table: pd.DataFrame | None) -> No
     captions = [f"{ids[i]} · {charts.score_text(run.samples['anomaly_score'].iat[i])}" for i in order]
     clicked = widgets.gallery([services.thumbnail(str(run.image_path(ids[i]))) for i in order], captions, key="selected")
     if clicked is not None:
-        state.open_in_inspect(ids[order[clicked]])
-        st.switch_page("pages/inspect.py")
+        navigation.inspect_sample(ids[order[clicked]])
 
 
 def body() -> None:

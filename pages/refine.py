@@ -4,66 +4,42 @@ While a job runs, its live view sits at the top and the settings fold away below
 import streamlit as st
 
 from core import engine
-from core.config import (
-    BACKBONES,
-    DETECTORS,
-    DEVICES,
-    ENCODERS,
-    LOCALIZATIONS,
-    OBJECTIVES,
-    TABLE_OBJECTIVES,
-    THRESHOLD_SOURCES,
-    parse_gamma,
-)
+from core.config import OBJECTIVES, TABLE_OBJECTIVES, parse_gamma
 from core.data.columns import ColumnChoice
-from pages.components import runs, services, state, widgets
+from pages.components import fit_fields, navigation, runs, services, state, widgets
 from pages.components.rounds import show_rounds
 
 
 def method_form(dataset, columns: ColumnChoice, job_running: bool):
     """The fit settings; returns a FitConfig (with the table's column roles ``columns``) when Start was
-    pressed, else None."""
+    pressed, else None. Each widget's label, help, choices and range are its field's (``fit_fields``)."""
     suggested = engine.suggested_config(dataset)
     images = dataset.kind == "images"
     objective = st.selectbox(  # outside the form, so that the fields it needs show or hide at once
-        "Self-supervised objective", OBJECTIVES if images else TABLE_OBJECTIVES, key="objective",
-        help="'none' uses the pretrained features (images) or the scaled columns (tables); the others train "
-             "an encoder on this data and, when refining, retrain it on the kept samples after every round.",
-    )
+        **fit_fields.choice("objective", suggested.objective, OBJECTIVES if images else TABLE_OBJECTIVES))
     with st.form("fit_form"):
         left, middle, right = st.columns(3)
-        detector = left.selectbox("Detector", DETECTORS, index=DETECTORS.index(suggested.detector), key="detector",
-                                  help="One-class detector of the final model: the scores and the is_anomaly threshold.")
-        refine_detector = left.selectbox(
-            "Refinement detector", DETECTORS, index=DETECTORS.index(suggested.refine_detector), key="refine_detector",
-            help="Detector of each ensemble member and of the contamination estimate. mcd (robust Gaussian) is the "
-                 "default for images: a recurring defect cannot hide in it.")
-        refine = left.toggle("Refine the training data (STOC)", value=suggested.refine, key="refine")
-        ensemble = middle.number_input("Ensemble size K", 2, 20, suggested.ensemble, key="ensemble",
-                                       help="Disjoint subsets, one detector each; a sample is kept only if all call it normal.")
-        gamma = middle.text_input("Gamma (share flagged per round, or 'auto')", str(suggested.gamma), key="gamma",
-                                  help="'auto' estimates the contamination from the data in every round.")
-        rounds = middle.number_input("Rounds", 1, 10, suggested.rounds, key="rounds")
-        threshold_source = right.selectbox("Thresholds from", THRESHOLD_SOURCES, key="threshold_source",
-                                           help="held_out: each detector is thresholded on samples it did not train on.")
-        seed = right.number_input("Seed", 0, 1_000_000, suggested.seed, key="seed")
-        device = right.selectbox("Device", DEVICES, key="device")
+        detector = left.selectbox(**fit_fields.choice("detector", suggested.detector))
+        refine_detector = left.selectbox(**fit_fields.choice("refine_detector", suggested.refine_detector))
+        refine = left.toggle(**fit_fields.switch("refine", suggested.refine))
+        ensemble = middle.number_input(**fit_fields.number("ensemble", suggested.ensemble))
+        gamma = middle.text_input(**fit_fields.text("gamma", suggested.gamma))
+        rounds = middle.number_input(**fit_fields.number("rounds", suggested.rounds))
+        threshold_source = right.selectbox(**fit_fields.choice("threshold_source", suggested.threshold_source))
+        seed = right.number_input(**fit_fields.number("seed", suggested.seed))
+        device = right.selectbox(**fit_fields.choice("device", suggested.device))
         backbone, image_size, localization = suggested.backbone, suggested.image_size, suggested.localization
         if images:
-            backbone = left.selectbox("Backbone (ImageNet-pretrained)", BACKBONES, key="backbone")
-            image_size = middle.select_slider("Image size (px)", [32, 64, 96, 128, 160, 192, 224, 256, 320],
-                                              suggested.image_size, key="image_size")
-            localization = right.selectbox("Localization maps", LOCALIZATIONS, key="localization")
+            backbone = left.selectbox(**fit_fields.choice("backbone", suggested.backbone))
+            image_size = middle.select_slider(**fit_fields.steps("image_size", suggested.image_size))
+            localization = right.selectbox(**fit_fields.choice("localization", suggested.localization))
         encoder, epochs, retrain_epochs = suggested.encoder, suggested.epochs, suggested.retrain_epochs
         if objective != "none":
             st.markdown(f"**Representation: {objective}**")
             left, middle, right = st.columns(3)
-            encoder = left.selectbox("Encoder trained", ENCODERS, key="encoder",
-                                     help="auto: fine-tune the pretrained backbone for CutPaste, ResNet-18 for the "
-                                          "other image objectives (a small CNN at 32 px), an MLP for tables.")
-            epochs = middle.number_input("Training epochs", 1, 500, suggested.epochs, key="epochs")
-            retrain_epochs = right.number_input("Retraining epochs per round", 0, 200, suggested.retrain_epochs,
-                                                key="retrain_epochs", help="0 keeps the first representation.")
+            encoder = left.selectbox(**fit_fields.choice("encoder", suggested.encoder))
+            epochs = middle.number_input(**fit_fields.number("epochs", suggested.epochs))
+            retrain_epochs = right.number_input(**fit_fields.number("retrain_epochs", suggested.retrain_epochs))
         label = "Start refinement" if not job_running else "A job is running; start another when it is done"
         if not st.form_submit_button(label, type="primary", disabled=job_running):
             return None
@@ -134,9 +110,9 @@ def saved_rounds(run_dir: str) -> None:
     show_rounds(run.rounds, ids=list(run.samples["id"]), labels=run.labels, image_path=image_path, key="saved",
                 anomaly_score=run.samples["anomaly_score"].to_numpy(), values=runs.run_values(run_dir, run.kind))
     cells = st.columns(3)
-    widgets.page_link("pages/embeddings.py", "Explore the map", ":material/scatter_plot:", cells[0])
-    widgets.page_link("pages/inspect.py", "Inspect samples", ":material/search:", cells[1])
-    widgets.page_link("pages/results.py", "Results and export", ":material/analytics:", cells[2])
+    navigation.link(navigation.EMBEDDINGS, "Explore the map", where=cells[0])
+    navigation.link(navigation.INSPECT, "Inspect samples", where=cells[1])
+    navigation.link(navigation.RESULTS, "Results and export", where=cells[2])
 
 
 def training_caption(dataset, path: str, protocol, status) -> str:

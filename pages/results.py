@@ -4,8 +4,9 @@ from pathlib import Path
 import streamlit as st
 
 from core.explain.attribution import DRIVES_SHARE
-from core.results import bundle_run, compare_runs, confusion_at, judged_samples, score_curves, verdict_agreement
-from pages.components import charts, runs, services, state, widgets
+from core.run_dir import bundle
+from core.results import compare_runs, confusion_at, judged_samples, score_curves, verdict_agreement
+from pages.components import charts, navigation, runs, services, state, widgets
 
 DISAGREEMENTS_SHOWN = 20  # disagreeing samples listed with an Inspect button each (a page's bare string is shown)
 
@@ -78,7 +79,7 @@ def verdict_section(run, verdicts: dict) -> None:
                                     name=f"{run.source.name}-verdicts")
         state.set_job_id(job_id)
         st.session_state[state.COMPARE_WITH] = str(run.run_dir)
-        st.switch_page("pages/refine.py")
+        navigation.switch_to(navigation.REFINE)
 
 
 def disagreements(disagreeing) -> None:
@@ -93,9 +94,8 @@ def disagreements(disagreeing) -> None:
         text, button = st.columns([5, 1], vertical_alignment="center")
         text.markdown(f"`{row.id}`: expert **{row.verdict}**, model {row.model} (anomaly_score "
                       f"{charts.score_text(row.anomaly_score)}, rank {row.rank})" + (f" · {row.note}" if row.note else ""))
-        if button.button("Inspect", key=f"disagree-{row.id}", icon=":material/search:"):
-            state.open_in_inspect(row.id)
-            st.switch_page("pages/inspect.py")
+        if button.button("Inspect", key=f"disagree-{row.id}", icon=navigation.INSPECT.icon):
+            navigation.inspect_sample(row.id)
     if len(disagreeing) > DISAGREEMENTS_SHOWN:
         st.caption(f"The {DISAGREEMENTS_SHOWN} most anomalous shown; every one is in the list of judged samples "
                    "and the scores download.")
@@ -139,7 +139,7 @@ def downloads(run, verdicts: dict) -> None:
     left.download_button("Scores and verdicts (CSV)", run.export_frame(verdicts).to_csv(index=False),
                          file_name=f"{run.run_dir.name}-scores.csv", mime="text/csv", key="download_scores",
                          on_click="ignore")
-    right.download_button("Model bundle (zip)", lambda: bundle_run(run.run_dir), file_name=f"{run.run_dir.name}.zip",
+    right.download_button("Model bundle (zip)", lambda: bundle(run.run_dir), file_name=f"{run.run_dir.name}.zip",
                           mime="application/zip", key="download_bundle", on_click="ignore")
     st.caption("Score new data with the bundle: unzip it, then `refinery score RUN_DIR DATA --out scores.csv`.")
 

@@ -17,8 +17,9 @@ from streamlit.testing.v1 import AppTest
 
 from core import engine
 from core.config import FitConfig
-from core.data.sources import DEMO_DIR, prepare_builtin
-from core.store import Registry
+from core.data.builtin import DEMO_DIR, prepare_builtin
+from core.registry import Registry
+from pages.components.navigation import StudioPage
 from pages.components.state import SESSION_PARAM, session_id_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,8 +63,8 @@ def session_id(at: AppTest) -> str:
     return session_id_of(at.query_params[SESSION_PARAM])
 
 
-def studio(page: str | None = None, *, run: Path | str | None = None, url: Mapping[str, str] | None = None) -> AppTest:
-    """The whole app (``app.py``) after its first run, switched to ``pages/<page>.py`` when given.
+def studio(page: StudioPage | None = None, *, run: Path | str | None = None, url: Mapping[str, str] | None = None) -> AppTest:
+    """The whole app (``app.py``) after its first run, switched to ``page`` when given.
 
     ``url`` holds the query parameters of the URL opened, e.g. another session's ``at.query_params``
     (the same URL in a second tab, or a link to another session's run); without ``session`` among
@@ -77,16 +78,21 @@ def studio(page: str | None = None, *, run: Path | str | None = None, url: Mappi
         at.query_params["run"] = str(run)
     at.run()
     if page is not None:
-        at.switch_page(f"pages/{page}.py").run()
+        at.switch_page(script(page)).run()
     return at
 
 
-def standalone(page: str, *, run: Path | str | None = None) -> AppTest:
+def standalone(page: StudioPage, *, run: Path | str | None = None) -> AppTest:
     """One page run on its own, without ``app.py`` (its navigation and sidebar)."""
-    at = AppTest.from_file(str(ROOT / "pages" / f"{page}.py"), default_timeout=RUN_TIMEOUT_S)
+    at = AppTest.from_file(script(page), default_timeout=RUN_TIMEOUT_S)
     if run is not None:
         at.query_params["run"] = str(run)
     return at.run()
+
+
+def script(page: StudioPage) -> str:
+    """``page``'s script, as ``AppTest.from_file`` and ``AppTest.switch_page`` take it."""
+    return str(page.path)
 
 
 def wait_for_job(at: AppTest, runner, timeout_s: float = 120.0) -> AppTest:

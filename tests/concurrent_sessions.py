@@ -41,8 +41,8 @@ import pytest
 
 from available import require_path
 from bench.studio import CHROMIUM, LAUNCH_TIMEOUT_S, STOP_TIMEOUT_S, browser_page, served
-from core.data.sources import DEMO_DIR
-from core.store import Registry
+from core.data.builtin import DEMO_DIR
+from core.registry import Registry
 from pages.components.services import FOREIGN_RUN
 from pages.components.state import session_id_of
 

@@ -33,18 +33,21 @@ from app_fixtures import (
     fit_demo_run,
     fit_digits_run,
     run_id,
+    script,
     session_id,
     standalone,
     studio,
     wait_for_job,
 )
 from core import engine
+from core.data.builtin import DEMO_DIR, builtin_sources, prepare_builtin
 from core.data.columns import ColumnChoice
 from core.data.protocol import contaminate
-from core.data.sources import DEMO_DIR, MAX_UPLOAD_BYTES, builtin_sources, prepare_builtin, save_uploads
-from core.results import SavedRun
+from core.data.uploads import MAX_UPLOAD_BYTES, save_uploads
 from core.progress import ProgressEvent
-from core.store import Registry
+from core.registry import Registry
+from core.results import RunResults
+from pages.components.navigation import DATA, EMBEDDINGS, INSPECT, REFINE, RESULTS
 from pages.components.charts import KEPT_COLOUR, REMOVED_COLOUR, score_axis, score_text
 from pages.components.services import FOREIGN_JOB, FOREIGN_RUN
 from pages.components.state import session_id_of
@@ -87,7 +90,7 @@ def own_runs(studio_runs, home) -> StudioRuns:
     writes into a run or the registry.
 
     The copied registry still names the original folders; it finds each copy by the run id in the
-    copy's ``run.json`` (:meth:`core.store.Registry.run_at`), so the test opens the copies by path.
+    copy's ``run.json`` (:meth:`core.registry.Registry.run_at`), so the test opens the copies by path.
     """
     shutil.copytree(studio_runs.home, home)
     return StudioRuns(home, home / studio_runs.images.relative_to(studio_runs.home),
@@ -203,16 +206,16 @@ def test_data_page_says_clearly_that_a_server_path_does_not_exist(home):
 
 
 def test_contamination_protocol_sets_the_training_set_of_the_refine_page(home):
-    at = studio("refine")
+    at = studio(REFINE)
     assert at.caption[0].value.startswith("Training data: 300 images")
-    at.switch_page("pages/data.py").run()
+    at.switch_page(script(DATA)).run()
     at.slider(key="protocol_ratio").set_value(0.05).run()
     at.button(key="apply_protocol").click().run()
     assert_clean(at)
     assert at.session_state["protocol"] == (0.05, 0)
     assert at.success and "anomal" in at.success[0].value
     expected = contaminate(engine.load_data(DEMO_DIR), 0.05, 0).train
-    at.switch_page("pages/refine.py").run()
+    at.switch_page(script(REFINE)).run()
     assert_clean(at)
     caption = at.caption[0].value
     assert caption.startswith(f"Training data: {len(expected)} images") and "contamination protocol applied" in caption
@@ -223,7 +226,7 @@ def test_contamination_protocol_sets_the_training_set_of_the_refine_page(home):
 
 
 def test_refine_runs_a_job_to_a_saved_run_and_a_second_tab_follows_it(home, runner, held_jobs):
-    at = studio("refine")
+    at = studio(REFINE)
     assert_clean(at)
     at.number_input(key="rounds").set_value(2)
     at.selectbox(key="localization").set_value("none")
@@ -233,13 +236,13 @@ def test_refine_runs_a_job_to_a_saved_run_and_a_second_tab_follows_it(home, runn
     held_jobs.wait_running()
 
     # Another tab opened on the session's URL (here without its job) while the job runs.
-    second = studio("refine", url={"session": at.query_params["session"]})
+    second = studio(REFINE, url={"session": at.query_params["session"]})
     assert_clean(second)
     assert len(runner.jobs()) == 1
     assert runner.status(job_id).state == "running"
     assert second.query_params["job"] == job_id  # it follows the session's running job
     assert second.form_submit_button[0].disabled  # no second job from this tab meanwhile
-    stranger = studio("refine")  # another browser: its own session, which neither follows nor waits for the job
+    stranger = studio(REFINE)  # another browser: its own session, which neither follows nor waits for the job
     assert_clean(stranger)
     assert "job" not in stranger.query_params and not stranger.form_submit_button[0].disabled
 
@@ -249,7 +252,7 @@ def test_refine_runs_a_job_to_a_saved_run_and_a_second_tab_follows_it(home, runn
     assert at.success and at.success[0].value.startswith("Finished")
     run_dir = Path(at.query_params["run"])
     assert run_dir.parent == home / "runs" and (run_dir / "run.json").is_file()
-    saved = SavedRun(run_dir)
+    saved = RunResults(run_dir)
     assert 1 <= len(saved.rounds) <= 2
     assert [tab.label for tab in at.tabs] == [f"Round {record.round}" for record in saved.rounds]
     record = next(run for run in Registry().runs() if run.run_id == saved.run_id)
@@ -266,7 +269,7 @@ def test_refine_runs_a_job_to_a_saved_run_and_a_second_tab_follows_it(home, runn
 
 
 def test_refine_cancel_stops_the_job_and_saves_nothing(home, runner, held_jobs):
-    at = studio("refine")
+    at = studio(REFINE)
     at.form_submit_button[0].click().run()
     held_jobs.wait_running()
     assert runner.status(at.query_params["job"]).state == "running"
@@ -279,14 +282,14 @@ def test_refine_cancel_stops_the_job_and_saves_nothing(home, runner, held_jobs):
     assert "run" not in at.query_params
     assert list((home / "runs").iterdir()) == []  # no run folder, no half-written staging folder
     assert [(record.status, "cancel" in record.message) for record in Registry().runs()] == [("cancelled", True)]
-    at.switch_page("pages/results.py").run()
+    at.switch_page(script(RESULTS)).run()
     assert_clean(at)
     listed = next(frame for frame in frames(at) if "path" in frame.columns)
     assert list(listed["status"]) == ["cancelled"]  # not "failed": the user stopped it
 
 
 def test_refine_trains_a_self_supervised_encoder_with_self_training(home, runner):
-    at = studio("refine")
+    at = studio(REFINE)
     at.selectbox(key="objective").set_value("contrastive").run()  # the training fields show once it is chosen
     at.number_input(key="epochs").set_value(1)
     at.number_input(key="retrain_epochs").set_value(1)
@@ -297,13 +300,13 @@ def test_refine_trains_a_self_supervised_encoder_with_self_training(home, runner
     wait_for_job(at, runner)
     assert_clean(at)
     assert at.success and at.success[0].value.startswith("Finished")
-    saved = SavedRun(at.query_params["run"])
+    saved = RunResults(at.query_params["run"])
     assert (saved.config.objective, saved.config.encoder, saved.config.retrain_epochs) == ("contrastive", "small-cnn", 1)
     assert (saved.run_dir / "ssl_encoder_round_1.safetensors").is_file()
 
 
 def test_refine_rejects_a_gamma_that_is_not_a_number(home, runner):
-    at = studio("refine")
+    at = studio(REFINE)
     at.text_input(key="gamma").set_value("abc")
     at.form_submit_button[0].click().run()
     assert not at.exception
@@ -316,7 +319,7 @@ def test_refine_rejects_a_gamma_that_is_not_a_number(home, runner):
 
 
 def test_embeddings_map_colours_slices_and_selects(own_runs):  # the map caches its layout in the run
-    at = studio("embeddings", run=own_runs.images)
+    at = studio(EMBEDDINGS, run=own_runs.images)
     assert_clean(at)
     assert len(charts(at)) == 1
     colour = at.selectbox(key="colour_by")
@@ -328,13 +331,13 @@ def test_embeddings_map_colours_slices_and_selects(own_runs):  # the map caches 
         return {trace.get("name") for trace in json.loads(charts(at)[0].proto.spec)["data"]}
 
     slider = at.slider(key="map_round")
-    assert slider.value == len(SavedRun(own_runs.images).rounds)
+    assert slider.value == len(RunResults(own_runs.images).rounds)
     assert legend(at) == {"kept", "removed"}
     slider.set_value(0).run()  # before refinement: nothing is removed yet
     assert_clean(at)
     assert legend(at) == {"kept"}
 
-    run = SavedRun(own_runs.images)
+    run = RunResults(own_runs.images)
     selection = [3, 10, 200, 299]
     at.session_state["selection"] = selection  # what a lasso on the map leaves behind
     at.run()
@@ -353,10 +356,10 @@ def test_embeddings_map_colours_slices_and_selects(own_runs):  # the map caches 
 
 
 def test_inspect_pages_through_samples_and_records_a_verdict(own_runs):
-    run = SavedRun(own_runs.images)
+    run = RunResults(own_runs.images)
     by_rank = run.samples.sort_values("rank")["id"].tolist()
     assert Registry().verdicts(run.fingerprint) == {}
-    at = studio("inspect", run=own_runs.images)
+    at = studio(INSPECT, run=own_runs.images)
     assert_clean(at)
     assert at.subheader[0].value == by_rank[0]
     shown = metrics(at)
@@ -377,7 +380,7 @@ def test_inspect_pages_through_samples_and_records_a_verdict(own_runs):
 
 
 def test_inspect_shows_grad_cam_on_request(shared):
-    at = studio("inspect", run=shared.images)
+    at = studio(INSPECT, run=shared.images)
     assert not any(caption.startswith("Grad-CAM") for caption in captions(at))
     at.toggle(key="show_gradcam").set_value(True).run()
     assert_clean(at)
@@ -385,7 +388,7 @@ def test_inspect_shows_grad_cam_on_request(shared):
 
 
 def test_inspect_explains_a_table_row_by_its_features(shared):
-    at = studio("inspect", run=shared.table)
+    at = studio(INSPECT, run=shared.table)
     assert_clean(at)
     assert metrics(at)["Rank"] == "1 of 200"
     bars = json.loads(charts(at)[0].proto.spec)
@@ -407,13 +410,13 @@ def test_results_threshold_curves_verdicts_rerun_and_runs(home, runner):
     digits = next(source for source in builtin_sources() if source.key == "digits")
     at.radio(key="builtin_choice").set_value(digits).run()
     at.button(key="use_builtin").click().run()
-    at.switch_page("pages/refine.py").run()
+    at.switch_page(script(REFINE)).run()
     at.form_submit_button[0].click().run()
     wait_for_job(at, runner)
     first = Path(at.query_params["run"])
-    run = SavedRun(first)
+    run = RunResults(first)
     assert run.config.label_column == "label"  # so that reloading the run's data keeps labels out of the features
-    at.switch_page("pages/results.py").run()
+    at.switch_page(script(RESULTS)).run()
     assert_clean(at)
     assert len(charts(at)) == 3  # histogram, ROC, PR (the run has labels)
     assert {"AUROC", "Average precision", "F1 at the run's threshold"} <= set(metrics(at))
@@ -453,7 +456,7 @@ def test_results_threshold_curves_verdicts_rerun_and_runs(home, runner):
     assert at.title[0].value == "Refine"
     # The browser stays on the page st.switch_page opened; AppTest would rerun the last page given to
     # its own switch_page, so it is told where the user is.
-    at.switch_page("pages/refine.py")
+    at.switch_page(script(REFINE))
     wait_for_job(at, runner)
     assert_clean(at)
     assert at.success and at.success[0].value.startswith("Finished")
@@ -464,7 +467,7 @@ def test_results_threshold_curves_verdicts_rerun_and_runs(home, runner):
     assert "label" not in engine.open_run(second).encoder.feature_names
     assert len(runner.jobs()) == 2
 
-    at.switch_page("pages/results.py").run()
+    at.switch_page(script(RESULTS)).run()
     assert_clean(at)
     assert at.selectbox(key="compare_run").value == str(first)  # compared with the run it came from
     comparison = next(frame for frame in frames(at) if "kept" in frame.index)
@@ -489,9 +492,9 @@ def plotted(chart) -> dict:
 
 
 def test_results_histogram_shows_every_score_and_readable_threshold_labels(shared):
-    at = studio("results", run=shared.images)
+    at = studio(RESULTS, run=shared.images)
     assert_clean(at)
-    run = SavedRun(shared.images)
+    run = RunResults(shared.images)
     scores = run.samples["anomaly_score"].to_numpy()
     figure = plotted(charts(at)[0])
     axis = score_axis(scores)
@@ -506,9 +509,9 @@ def test_results_histogram_shows_every_score_and_readable_threshold_labels(share
 
 
 def test_the_round_view_plots_the_votes_that_removed_each_sample(shared):
-    at = studio("refine", run=shared.images)
+    at = studio(REFINE, run=shared.images)
     assert_clean(at)
-    run = SavedRun(shared.images)
+    run = RunResults(shared.images)
     figures = [plotted(chart) for chart in charts(at)]
     votes = [figure for figure in figures
              if "detectors that flagged" in figure["layout"].get("xaxis", {}).get("title", {}).get("text", "")]
@@ -532,9 +535,9 @@ def test_every_page_and_the_sidebar_name_the_run_by_its_folder(shared):
     name = shared.images.name
     at = studio(run=shared.images)
     assert name in at.sidebar.caption.values  # (AppTest draws the sidebar on the first page only)
-    at.switch_page("pages/refine.py").run()
+    at.switch_page(script(REFINE)).run()
     assert at.subheader[0].value == f"Run {name}"
-    at.switch_page("pages/results.py").run()
+    at.switch_page(script(RESULTS)).run()
     assert_clean(at)
     assert any(value.startswith(f"Run {name} (id {run_id(shared.images)})") for value in at.caption.values)
     listed = next(frame for frame in frames(at) if "path" in frame.columns).set_index("path")
@@ -543,10 +546,10 @@ def test_every_page_and_the_sidebar_name_the_run_by_its_folder(shared):
 
 
 def test_the_runs_table_shows_the_settings_that_tell_runs_apart(shared):
-    at = studio("results", run=shared.images)
+    at = studio(RESULTS, run=shared.images)
     listed = next(frame for frame in frames(at) if "path" in frame.columns).set_index("path")
     for folder in (shared.images, shared.table):
-        run = SavedRun(folder)
+        run = RunResults(folder)
         row = listed.loc[str(folder)]
         config = run.config
         assert (row["detector"], row["objective"]) == (config.detector, config.objective)
@@ -560,14 +563,14 @@ def test_the_runs_table_shows_the_settings_that_tell_runs_apart(shared):
 
 
 def test_the_run_opened_on_results_stays_active_across_page_changes(shared):
-    at = studio("results")  # no run in the URL: the newest finished run, the table
+    at = studio(RESULTS)  # no run in the URL: the newest finished run, the table
     assert at.query_params["run"] == str(shared.table)
     at.selectbox(key="open_run").set_value(str(shared.images)).run()
     at.button(key="open_run_button").click().run()
     assert_clean(at)
     assert at.query_params["run"] == str(shared.images)
     at.query_params.clear()  # what the navigation menu does to the URL on every page change
-    at.switch_page("pages/inspect.py").run()
+    at.switch_page(script(INSPECT)).run()
     assert_clean(at)
     assert metrics(at)["Rank"] == "1 of 300"  # still the image run, not the newest run
     assert at.query_params["run"] == str(shared.images)  # and back in the URL, ready to share
@@ -593,7 +596,7 @@ def test_a_new_browser_gets_its_own_session_and_its_url_keeps_it(home):
     assert studio(url=first.query_params).query_params["session"] == key  # a reload, or the URL in a second tab
     assert studio().query_params["session"] != key  # another browser
     first.query_params.clear()  # what the navigation menu does to the URL on every page change
-    first.switch_page("pages/refine.py").run()
+    first.switch_page(script(REFINE)).run()
     assert first.query_params["session"] == key
     assert studio(url={"session": "guessable"}).query_params["session"] != "guessable"  # a malformed key is replaced
 
@@ -606,17 +609,17 @@ def test_sessions_see_only_their_own_runs_until_one_is_shared(home):
         at = studio(url={"session": key})
         assert at.query_params["run"] == str(runs[key])  # its own newest run, not the other session's
         assert runs[key].name in at.sidebar.caption.values
-        at.switch_page("pages/results.py").run()
+        at.switch_page(script(RESULTS)).run()
         assert_clean(at)
         assert shown_runs(at) == {runs[key], cli_run}
         assert share_toggles(at) == {f"share-{run_id(runs[key])}": False}
 
     # Bob shares his run: Alice lists it and can open it, but cannot unshare it.
-    bobs = studio("results", url={"session": bob})
+    bobs = studio(RESULTS, url={"session": bob})
     bobs.toggle(key=f"share-{run_id(runs[bob])}").set_value(True).run()
     assert_clean(bobs)
     assert Registry().run_at(runs[bob]).shared
-    alices = studio("results", url={"session": alice}, run=runs[alice])
+    alices = studio(RESULTS, url={"session": alice}, run=runs[alice])
     assert shown_runs(alices) == {runs[alice], runs[bob], cli_run}
     alices.selectbox(key="open_run").set_value(str(runs[bob])).run()
     alices.button(key="open_run_button").click().run()
@@ -633,7 +636,7 @@ def test_sessions_see_only_their_own_runs_until_one_is_shared(home):
     assert shown_runs(alices) == {runs[alice], cli_run}  # her own runs stay to open one
 
 
-@pytest.mark.parametrize("page", ["refine", "embeddings", "inspect", "results"])
+@pytest.mark.parametrize("page", [REFINE, EMBEDDINGS, INSPECT, RESULTS], ids=lambda page: page.title)
 @pytest.mark.parametrize("browser", ["own session", "new browser"])
 def test_a_link_to_another_sessions_private_run_shows_a_message_instead(home, page, browser):
     owner = studio()
@@ -642,7 +645,7 @@ def test_a_link_to_another_sessions_private_run_shows_a_message_instead(home, pa
     url = {"session": visitor.query_params["session"]} if visitor else {}
     at = studio(url=url, run=private)
     assert "another session's run (not shown)" in at.sidebar.caption.values
-    at.switch_page(f"pages/{page}.py").run()
+    at.switch_page(script(page)).run()
     assert not at.exception, at.exception
     assert not at.error, [error.value for error in at.error]
     assert [warning.value for warning in at.warning] == [FOREIGN_RUN]
@@ -652,11 +655,11 @@ def test_a_link_to_another_sessions_private_run_shows_a_message_instead(home, pa
 
 
 def test_a_link_to_another_sessions_job_shows_a_message_instead(home, runner, held_jobs):
-    owner = studio("refine")
+    owner = studio(REFINE)
     owner.form_submit_button[0].click().run()
     job_id = owner.query_params["job"]
     held_jobs.wait_running()
-    visitor = studio("refine", url={"job": job_id})
+    visitor = studio(REFINE, url={"job": job_id})
     assert not visitor.exception and not visitor.error
     assert [warning.value for warning in visitor.warning] == [FOREIGN_JOB]
     assert not visitor.get("progress")
@@ -701,20 +704,37 @@ def test_the_server_path_field_refuses_refinerys_own_storage(home, where):
 # ----------------------------------------------------------------------------------- Standalone
 
 
-@pytest.mark.parametrize(("page", "needs_a_run"), [("data", False), ("refine", False), ("embeddings", True),
-                                                  ("inspect", True), ("results", True)])
+@pytest.mark.parametrize(("page", "needs_a_run"), [(DATA, False), (REFINE, False), (EMBEDDINGS, True), (INSPECT, True),
+                                                  (RESULTS, True)], ids=["Data", "Refine", "Embeddings", "Inspect", "Results"])
 def test_every_page_runs_on_its_own_without_a_run(home, page, needs_a_run):
     at = standalone(page)
     assert_clean(at)
-    assert at.title[0].value == page.capitalize()
+    assert at.title[0].value == page.title
     assert any(info.value.startswith("No run yet") for info in at.info) is needs_a_run
+    assert not at.get("page_link")  # without app.py's navigation there is no other page to link to
 
 
-@pytest.mark.parametrize("page", ["refine", "results"])
+@pytest.mark.parametrize("page", [REFINE, RESULTS], ids=lambda page: page.title)
 def test_pages_with_links_run_on_their_own_with_a_run(shared, page):
     at = standalone(page, run=shared.table)
     assert_clean(at)
     assert any(run_id(shared.table) in value for value in at.subheader.values + at.caption.values)
+    assert not at.get("page_link")
+
+
+def test_links_between_pages_open_the_pages_the_navigation_defines(shared):
+    """Each link leads to its page's URL, under the page's own icon unless it says otherwise."""
+    links = [link.proto for link in studio(DATA).get("page_link")]
+    assert [(link.page, link.label, link.icon) for link in links] == [
+        ("refine", "Next: refine this data", ":material/arrow_forward:")]
+    links = [link.proto for link in studio(REFINE, run=shared.table).get("page_link")]
+    assert [(link.page, link.icon) for link in links] == [
+        ("embeddings", EMBEDDINGS.icon), ("inspect", INSPECT.icon), ("results", RESULTS.icon)]
+
+
+def test_a_page_that_needs_a_run_links_to_the_refine_page(home):
+    links = [link.proto for link in studio(EMBEDDINGS).get("page_link")]  # no run yet
+    assert [(link.page, link.label, link.icon) for link in links] == [("refine", "Refine", REFINE.icon)]
 
 
 # --------------------------------------------------------------------------------------- Config
@@ -751,7 +771,7 @@ def judged_frame(at) -> pd.DataFrame:
 
 def open_sample(at, sample_id: str):
     """Open ``sample_id`` on the Inspect page, as a link from another page does."""
-    at.switch_page("pages/inspect.py")
+    at.switch_page(script(INSPECT))
     at.session_state["inspect_id"] = sample_id
     return at.run()
 
@@ -759,8 +779,8 @@ def open_sample(at, sample_id: str):
 def test_a_verdict_on_one_run_shows_on_another_run_of_the_same_data(own_runs):
     first = own_runs.table
     second = fit_digits_run(own_runs.home)  # a second, independent fit of the same table
-    assert SavedRun(second).fingerprint == SavedRun(first).fingerprint and run_id(second) != run_id(first)
-    at = studio("inspect", run=first)
+    assert RunResults(second).fingerprint == RunResults(first).fingerprint and run_id(second) != run_id(first)
+    at = studio(INSPECT, run=first)
     sample = at.subheader[0].value
     at.text_input(key=f"note-{sample}").set_value("odd loop")
     at.button(key="verdict-anomaly").click().run()
@@ -771,18 +791,18 @@ def test_a_verdict_on_one_run_shows_on_another_run_of_the_same_data(own_runs):
     assert_clean(on_second)
     assert on_second.subheader[0].value == sample
     assert "**Your verdict**: anomaly (odd loop)" in on_second.markdown.values
-    on_second.switch_page("pages/results.py").run()
+    on_second.switch_page(script(RESULTS)).run()
     assert_clean(on_second)
     assert not any(value.startswith("No verdicts yet") for value in on_second.caption.values)
     judged = judged_frame(on_second)
     assert judged[["id", "verdict", "note"]].values.tolist() == [[sample, "anomaly", "odd loop"]]
-    on_second.switch_page("pages/embeddings.py").run()
+    on_second.switch_page(script(EMBEDDINGS)).run()
     assert_clean(on_second)
     assert "verdict" in on_second.selectbox(key="colour_by").options
 
 
 def test_a_rerun_with_the_verdicts_shows_them_and_its_round_view_names_the_confirmed_anomalies(own_runs, runner):
-    run = SavedRun(own_runs.table)
+    run = RunResults(own_runs.table)
     samples = run.samples.sort_values("rank")
     confirmed = samples[samples["kept"] == 1]["id"].iat[-1]  # the most typical kept row, confirmed anomalous
     normal = samples[samples["kept"] == 0]["id"].iat[0]
@@ -790,10 +810,10 @@ def test_a_rerun_with_the_verdicts_shows_them_and_its_round_view_names_the_confi
     for sample, button in ((confirmed, "verdict-anomaly"), (normal, "verdict-normal")):
         open_sample(at, sample)
         at.button(key=button).click().run()
-    at.switch_page("pages/results.py").run()
+    at.switch_page(script(RESULTS)).run()
     at.button(key="rerun_with_verdicts").click().run()
     assert_clean(at)
-    at.switch_page("pages/refine.py")
+    at.switch_page(script(REFINE))
     wait_for_job(at, runner)
     assert_clean(at)
     rerun = Path(at.query_params["run"])
@@ -806,7 +826,7 @@ def test_a_rerun_with_the_verdicts_shows_them_and_its_round_view_names_the_confi
     cells = [str(value).lower() for frame in removed for value in frame.to_numpy().ravel()]
     assert "nan" not in cells and "none" not in cells
 
-    at.switch_page("pages/results.py").run()
+    at.switch_page(script(RESULTS)).run()
     assert_clean(at)
     assert any(value.startswith(f"Run {rerun.name}") for value in at.caption.values)
     assert not any(value.startswith("No verdicts yet") for value in at.caption.values)
@@ -815,14 +835,14 @@ def test_a_rerun_with_the_verdicts_shows_them_and_its_round_view_names_the_confi
 
 
 def test_results_list_the_samples_where_the_expert_and_the_model_disagree(own_runs):
-    run = SavedRun(own_runs.table)
+    run = RunResults(own_runs.table)
     samples = run.samples.sort_values("rank")
     flagged, called_normal = samples[samples["is_anomaly"] == 1]["id"], samples[samples["is_anomaly"] == 0]["id"]
     verdicts = {flagged.iat[0]: "anomaly", flagged.iat[1]: "normal", flagged.iat[2]: "unsure",
                 called_normal.iat[0]: "anomaly", called_normal.iat[1]: "normal"}
     for sample, verdict in verdicts.items():
         Registry().set_verdict(run.fingerprint, sample, verdict, "checked")
-    at = studio("results", run=own_runs.table)
+    at = studio(RESULTS, run=own_runs.table)
     assert_clean(at)
     listed = [button.key.removeprefix("disagree-") for button in at.button if (button.key or "").startswith("disagree-")]
     assert listed == [flagged.iat[1], called_normal.iat[0]]  # most anomalous first
@@ -858,7 +878,7 @@ def test_a_reload_restores_the_data_named_in_the_url(home):
     at = use_builtin(studio(), "digits")
     assert_clean(at)
     assert (at.query_params["data"], at.query_params["label"]) == ("builtin:digits", "label")
-    at.switch_page("pages/refine.py").run()  # a page change clears the URL; the session puts the data back
+    at.switch_page(script(REFINE)).run()  # a page change clears the URL; the session puts the data back
     assert at.query_params["data"] == "builtin:digits"
 
     reloaded = studio(url=dict(at.query_params))  # a new script session on the same URL: a reload
@@ -867,7 +887,7 @@ def test_a_reload_restores_the_data_named_in_the_url(home):
     assert reloaded.session_state["column_choice"] == ColumnChoice(label_column="label")
     assert (metrics(reloaded)["Kind"], metrics(reloaded)["Samples"]) == ("table", "200")
     assert Path(at.session_state["data_path"]).name in reloaded.sidebar.caption.values
-    reloaded.switch_page("pages/refine.py").run()
+    reloaded.switch_page(script(REFINE)).run()
     assert reloaded.caption[0].value.startswith("Training data: 200 rows")
 
 
@@ -901,13 +921,13 @@ def test_a_refused_upload_keeps_the_previous_data(home):
     assert len(at.error) == 1  # the refusal, said once, above the data that stays active
     assert at.session_state["data_path"] == chosen and at.query_params["data"] == "builtin:digits"
     assert (metrics(at)["Kind"], metrics(at)["Samples"]) == ("table", "200")
-    at.switch_page("pages/refine.py").run()
+    at.switch_page(script(REFINE)).run()
     assert_clean(at)
     assert at.caption[0].value.startswith("Training data: 200 rows")
 
 
 def test_a_running_job_shows_plain_progress_above_the_folded_settings(home, runner):
-    at = studio("refine")
+    at = studio(REFINE)
     reported, release = threading.Event(), threading.Event()
 
     def work(context):  # a job of this session, reporting as the fit's localization stage does
@@ -940,14 +960,14 @@ def test_a_running_job_shows_plain_progress_above_the_folded_settings(home, runn
 
 
 def test_fields_that_do_not_apply_are_hidden(home):
-    at = studio("refine")
+    at = studio(REFINE)
     assert at.selectbox(key="objective").value == "none"
     shown = {element.key for element in [*at.number_input, *at.selectbox]}
     assert not {"epochs", "retrain_epochs", "encoder"} & shown
     at.selectbox(key="objective").set_value("rotation").run()
     shown = {element.key for element in [*at.number_input, *at.selectbox]}
     assert {"epochs", "retrain_epochs", "encoder"} <= shown and {"backbone", "localization"} <= shown
-    use_builtin(at.switch_page("pages/data.py").run(), "digits").switch_page("pages/refine.py").run()
+    use_builtin(at.switch_page(script(DATA)).run(), "digits").switch_page(script(REFINE)).run()
     assert_clean(at)
     shown = {element.key for element in [*at.number_input, *at.selectbox, *at.select_slider]}
     assert not {"backbone", "image_size", "localization"} & shown  # image-only settings, for a table
@@ -955,7 +975,7 @@ def test_fields_that_do_not_apply_are_hidden(home):
 
 
 def test_a_fit_leaves_its_map_laid_out_for_the_embeddings_page(home, runner):
-    at = use_builtin(studio(), "digits").switch_page("pages/refine.py").run()
+    at = use_builtin(studio(), "digits").switch_page(script(REFINE)).run()
     at.number_input(key="rounds").set_value(1)
     at.form_submit_button[0].click().run()
     wait_for_job(at, runner)
@@ -963,7 +983,7 @@ def test_a_fit_leaves_its_map_laid_out_for_the_embeddings_page(home, runner):
     cached = Path(at.query_params["run"]) / "layouts.safetensors"
     assert cached.is_file()  # laid out by the fit job
     written = cached.stat().st_mtime_ns
-    at.switch_page("pages/embeddings.py").run()
+    at.switch_page(script(EMBEDDINGS)).run()
     assert_clean(at)
     assert len(charts(at)) == 1 and cached.stat().st_mtime_ns == written  # the page read it, computed nothing
 
@@ -983,7 +1003,7 @@ def test_the_sidebar_names_the_run_of_a_finished_rerun_at_once(own_runs, runner)
 
 
 def test_the_map_shows_removed_in_red_and_kept_in_blue(own_runs):  # the map caches its layout in the run
-    at = studio("embeddings", run=own_runs.images)
+    at = studio(EMBEDDINGS, run=own_runs.images)
     at.selectbox(key="colour_by").set_value("kept / removed").run()
     assert_clean(at)
     colours = {trace["name"]: trace["marker"].get("color") for trace in json.loads(charts(at)[0].proto.spec)["data"]}
@@ -1020,7 +1040,7 @@ def apply_roles(at, roles: dict[str, str]):
 
 def training_caption(at) -> str:
     """The Refine page's line on what it trains on."""
-    return next(value for value in at.switch_page("pages/refine.py").run().caption.values
+    return next(value for value in at.switch_page(script(REFINE)).run().caption.values
                 if value.startswith("Training data"))
 
 
@@ -1034,7 +1054,7 @@ def test_the_data_page_shows_each_columns_role_and_applied_roles_reload_the_data
     assert not {"label", "id", "ignore"} & set(at.query_params)  # found, not chosen: a reload finds them again
     assert training_caption(at).startswith("Training data: 200 rows of 3 feature columns")
 
-    at.switch_page("pages/data.py").run()
+    at.switch_page(script(DATA)).run()
     apply_roles(at, {"site": "ignore"})
     assert_clean(at)
     assert shown_roles(at)["site"] == "ignore"
@@ -1071,9 +1091,9 @@ def test_a_column_that_a_fit_would_refuse_is_named_with_the_role_that_fixes_it(h
     warned = [warning.value for warning in at.warning]
     assert len(warned) == 1 and "note" in warned[0]
     assert "set its role to id if it names rows, else to ignore" in warned[0]
-    at.switch_page("pages/refine.py").run()
+    at.switch_page(script(REFINE)).run()
     assert [warning.value for warning in at.warning] == warned  # said again before Start
-    at.switch_page("pages/data.py").run()
+    at.switch_page(script(DATA)).run()
     apply_roles(at, {"note": "ignore"})
     assert_clean(at)
     assert not at.warning
@@ -1083,13 +1103,13 @@ def test_a_table_fit_names_its_rows_by_the_tables_ids_on_every_page(home, runner
     table = fraud_table()
     ids = set(table["record"])
     at = apply_roles(use_payments(studio(), home, table), {"site": "ignore"})
-    at.switch_page("pages/refine.py").run()
+    at.switch_page(script(REFINE)).run()
     at.number_input(key="rounds").set_value(1)
     at.form_submit_button[0].click().run()
     wait_for_job(at, runner)
     assert_clean(at)
     run_dir = Path(at.query_params["run"])
-    run = SavedRun(run_dir)
+    run = RunResults(run_dir)
     assert set(pd.read_csv(run_dir / "scores.csv", dtype={"id": str})["id"]) == ids
     assert run.config.column_choice() == ColumnChoice(label_column="is_fraud", id_column="record", ignore_columns=("site",))
     assert list(engine.open_run(run_dir).encoder.feature_names) == ["amount", "duration"]
@@ -1101,7 +1121,7 @@ def test_a_table_fit_names_its_rows_by_the_tables_ids_on_every_page(home, runner
     assert list(removed["amount"]) == [f"{by_record.loc[i, 'amount']:.6g}" for i in removed["id"]], "rows in context"
     assert "amount" in removed["outside the kept rows' 5-95%"].iat[0], "the planted amounts lie outside the kept range"
 
-    at.switch_page("pages/embeddings.py").run()
+    at.switch_page(script(EMBEDDINGS)).run()
     assert_clean(at)
     hover = [text for trace in json.loads(charts(at)[0].proto.spec)["data"] for text in trace["text"]]
     assert {text.split(" · ")[0] for text in hover} == ids
@@ -1120,7 +1140,7 @@ def test_a_table_fit_names_its_rows_by_the_tables_ids_on_every_page(home, runner
     assert list(selected["id"]) == sorted(run.samples["id"][:2], key=lambda i: -by_id[i])
     assert list(selected["amount"]) == list(table.set_index("record").loc[selected["id"], "amount"]), "rows in context"
 
-    at.switch_page("pages/inspect.py").run()
+    at.switch_page(script(INSPECT)).run()
     at.text_input(key="go_to_id").set_value("REC-000123").run()
     assert_clean(at)
     assert at.subheader[0].value == "REC-000123"
@@ -1133,7 +1153,7 @@ def test_a_table_fit_names_its_rows_by_the_tables_ids_on_every_page(home, runner
     assert not at.exception
     assert "no sample with id 'REC-999999'" in at.warning[0].value and at.subheader[0].value == "REC-000123"
 
-    at.switch_page("pages/results.py").run()
+    at.switch_page(script(RESULTS)).run()
     assert_clean(at)
     [by_column] = [c.value for c in at.caption if c.value.startswith("What makes the flagged rows' scores, by column")]
     assert "amount" in by_column and "duration" in by_column and "site" not in by_column

@@ -11,7 +11,7 @@ from PIL import Image
 
 from core.cli import main
 from core.config import FitConfig
-from core.store import Registry
+from core.registry import Registry
 from sample_data import write_digits_images, write_digits_table
 
 
@@ -138,6 +138,50 @@ def test_help_explains_every_option(capsys):
                    "--learning-rate", "--detector", "--refine-detector", "--refine", "--no-refine", "--ensemble",
                    "--gamma", "--rounds", "--device", "--seed", "--label-column"):
         assert option in text
+
+
+def fit_options() -> dict:
+    """``fit``'s options by destination, from the parser itself."""
+    from core.cli import build_parser
+
+    [commands] = [action for action in build_parser()._actions if action.dest == "command"]
+    return {action.dest: action for action in commands.choices["fit"]._actions}
+
+
+def test_fit_options_are_derived_from_the_config_fields():
+    """One option per FitConfig field, whose choices, default and help are the field's: they cannot drift."""
+    from core.config import FIT_PARAMS
+    from core.params import options_of
+
+    options = fit_options()
+    for name, spec in FIT_PARAMS.items():
+        action = options[name]
+        assert action.option_strings[0] == "--" + name.replace("_", "-")
+        choices = options_of(spec.constraints)
+        if action.choices is not None:
+            assert tuple(action.choices) == choices, name
+        else:  # a number or a keyword (gamma), free text, a list or a switch: no argparse choices
+            assert not choices or name == "gamma", name
+        assert spec.help.replace("%", "%%") in action.help, name
+    from core.cli import _config_from_args, build_parser
+
+    args = build_parser().parse_args(["fit", "DATA", "--out", "R"])
+    assert _config_from_args(args) == FitConfig(), "the options' defaults are the config's"
+
+
+def test_fit_options_parse_lists_switches_and_keywords(capsys):
+    from core.cli import _config_from_args, build_parser
+
+    args = build_parser().parse_args(["fit", "DATA", "--out", "R", "--feature-layers", "stride8, head",
+                                      "--ignore-columns", "a,,b", "--no-refine", "--gamma", "AUTO",
+                                      "--label-column", "none", "--learning-rate", "0.01"])
+    config = _config_from_args(args)
+    assert config.feature_layers == ("stride8", "head") and config.ignore_columns == ("a", "b")
+    assert (config.refine, config.gamma, config.label_column, config.learning_rate) == (False, "auto", "none", 0.01)
+    assert _config_from_args(build_parser().parse_args(["fit", "D", "--out", "R", "--gamma", "0.2"])).gamma == 0.2
+    with pytest.raises(SystemExit) as exit_info:  # a wrong command line: usage error, not a traceback
+        build_parser().parse_args(["fit", "D", "--out", "R", "--gamma", "lots"])
+    assert exit_info.value.code == 2 and "gamma must be a number in (0, 0.5] or 'auto'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ bad input

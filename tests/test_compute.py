@@ -12,9 +12,10 @@ from core import compute
 from core.compute import LocalCompute, check_finite, fit_rows, row_chunks, score_rows
 from core.data.dataset import Dataset
 from core.detectors import GaussianDensity, make_detector
-from core.detectors.gde import GaussianMoments, sample_mean
 from core.errors import DataError
 from core.models.tabular import TableEncoder
+from core.progress import Monitor
+from core.stats import GaussianMoments, sample_mean
 from test_memory_scale import resident_kib
 
 
@@ -126,7 +127,7 @@ def test_score_dataset_in_chunks_equals_scoring_all_embeddings():
     encoder = TableEncoder().fit(dataset)
     detector = make_detector("gde").fit(encoder.embed(dataset))
     events = []
-    scores = LocalCompute().score_dataset(encoder, detector, dataset, on_progress=events.append)
+    scores = LocalCompute().score_dataset(encoder, detector, dataset, monitor=Monitor(events.append))
     np.testing.assert_allclose(scores, detector.score_samples(encoder.embed(dataset)), rtol=1e-12)
     assert [event.total for event in events] == [n] * len(events)
     assert events[-1].done == n

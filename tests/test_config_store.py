@@ -6,9 +6,12 @@ import threading
 import numpy as np
 import pytest
 
+from core.arrays import map_arrays, read_arrays, write_arrays
 from core.config import FitConfig, parse_gamma
 from core.errors import ConfigError, RunError
-from core.store import Registry, atomic_write_text, map_arrays, read_arrays, staged_directory, write_arrays
+from core.files import atomic_write_text
+from core.registry import Registry
+from core.run_dir import staged_directory
 from test_memory_scale import resident_kib
 
 
@@ -29,6 +32,36 @@ def test_config_json_round_trip_and_resolution(tmp_path):
 def test_config_errors_name_the_allowed_values(changes, named):
     with pytest.raises(ConfigError, match=named):
         FitConfig(**changes).validate()
+
+
+def test_every_config_field_declares_its_constraints_and_help():
+    from dataclasses import fields
+
+    from core.config import FIT_PARAMS
+    from core.params import accepts
+
+    assert list(FIT_PARAMS) == [item.name for item in fields(FitConfig)]
+    for name, spec in FIT_PARAMS.items():
+        assert spec.constraints and spec.help.strip().endswith("."), name
+        assert any(accepts(c, getattr(FitConfig(), name)) for c in spec.constraints), name
+    assert "Attributes" in FitConfig.__doc__ and FIT_PARAMS["encoder"].help in FitConfig.__doc__
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"epochs": 2.0}, "epochs"), ({"refine": 1}, "refine"), ({"rounds": -1}, "rounds"), ({"seed": True}, "seed"),
+    ({"learning_rate": 10.0}, "learning_rate"), ({"feature_layers": ("stride16", "x")}, "stride8"),
+    ({"feature_layers": ["stride16"]}, "tuple"), ({"ignore_columns": ("a", 1)}, "ignore_columns"),
+])
+def test_config_checks_each_field_against_its_declaration(changes, named):
+    with pytest.raises(ConfigError, match=named):
+        FitConfig(**changes).validate()
+
+
+def test_held_out_thresholds_need_two_ensemble_members_only_when_refining():
+    with pytest.raises(ConfigError, match="K >= 2"):
+        FitConfig(ensemble=1).validate()
+    FitConfig(ensemble=1, threshold_source="in_sample").validate()
+    FitConfig(ensemble=1, refine=False).validate()
 
 
 def test_config_rejects_unknown_json_keys():

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from core.data import archive as archive_module
 from core.data.archive import extract_zip
 from core.errors import Cancelled, DataError
-from core.progress import CancelToken
+from core.progress import CancelToken, Monitor
 
 
 def make_zip(path: Path, entries: dict, compression: int = zipfile.ZIP_DEFLATED) -> Path:
@@ -51,7 +51,7 @@ def test_extracts_files_into_a_new_folder_inside_the_workspace(tmp_path, workspa
     archive = make_zip(tmp_path / "ok.zip", [("a/one.txt", b"1"), ("a/b/", b""), ("a/b/two.txt", b"22"),
                                              ("inner.zip", nested.getvalue())])
     events = []
-    dest = extract_zip(archive, workspace, on_progress=events.append)
+    dest = extract_zip(archive, workspace, monitor=Monitor(events.append))
     assert dest.parent == workspace.resolve()
     assert (dest / "a" / "one.txt").read_bytes() == b"1"
     assert (dest / "a" / "b" / "two.txt").read_bytes() == b"22"
@@ -159,7 +159,7 @@ def test_cancel_removes_the_partial_folder(tmp_path, workspace):
     token = CancelToken()
     token.cancel()
     with pytest.raises(Cancelled):
-        extract_zip(archive, workspace, cancel=token)
+        extract_zip(archive, workspace, monitor=Monitor(cancel=token))
     assert list(workspace.iterdir()) == []
 
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.data import images as images_module
-from core.data.images import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, load_image_folder, read_rgb
+from core.data import decode as decode_module
+from core.data.decode import MAX_IMAGE_PIXELS, read_rgb
+from core.data.images import IMAGE_SUFFIXES, load_image_folder
 from core.errors import Cancelled, DataError
-from core.progress import CancelToken
+from core.progress import CancelToken, Monitor
 
 
 def write_image(path: Path, size=(16, 12), mode="RGB", value=None, seed=0, fmt=None) -> Path:
@@ -196,19 +197,19 @@ def test_progress_and_cancel(tmp_path):
     for i in range(3):
         write_image(tmp_path / f"{i}.png")
     events = []
-    load_image_folder(tmp_path, on_progress=events.append)
+    load_image_folder(tmp_path, monitor=Monitor(events.append))
     assert events[-1].stage == "load" and events[-1].done == events[-1].total == 3
     token = CancelToken()
     token.cancel()
     with pytest.raises(Cancelled):
-        load_image_folder(tmp_path, cancel=token)
+        load_image_folder(tmp_path, monitor=Monitor(cancel=token))
 
 
 def test_pixel_limit_is_set_in_pil_and_oversized_images_are_skipped(tmp_path, monkeypatch):
     assert Image.MAX_IMAGE_PIXELS == MAX_IMAGE_PIXELS
     write_image(tmp_path / "small.png", size=(8, 8))
     write_image(tmp_path / "large.png", size=(40, 40))
-    monkeypatch.setattr(images_module, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(decode_module, "MAX_IMAGE_PIXELS", 1000)
     data = load_image_folder(tmp_path)
     assert data.ids == ["small.png"]
     assert "too large" in data.skipped[0].reason

@@ -1,4 +1,4 @@
-"""Built-in data sets, browser uploads and typed server paths (core.data.sources)."""
+"""Built-in data sets, browser uploads and typed server paths (core.data.builtin, .uploads, .server_paths)."""
 from __future__ import annotations
 
 import io
@@ -13,17 +13,11 @@ import pytest
 from PIL import Image
 
 from core.data import idx, load_dataset
-from core.data.sources import (
-    DEMO_DIR,
-    MAX_NAME_CHARS,
-    builtin_sources,
-    earlier_uploads,
-    prepare_builtin,
-    resolve_server_folder,
-    save_uploads,
-)
+from core.data.builtin import DEMO_DIR, builtin_sources, prepare_builtin
+from core.data.server_paths import resolve_server_folder
+from core.data.uploads import MAX_NAME_CHARS, earlier_uploads, save_uploads
 from core.errors import Cancelled, ConfigError, DataError
-from core.progress import CancelToken
+from core.progress import CancelToken, Monitor
 
 KEYS = ["demo", "fashion-mnist", "elpv", "digits"]
 WRITTEN = ["fashion-mnist", "elpv", "digits"]  # the demo is read in place
@@ -119,7 +113,7 @@ def test_second_prepare_reuses_the_folder(prepared, key):
     assert sorted(p.name for p in (workspace / "builtin").iterdir() if p.name.startswith(".")) == []
     before = _files_under(workspace / "builtin")
     events = []
-    assert prepare_builtin(key, workspace, on_progress=events.append) == path
+    assert prepare_builtin(key, workspace, monitor=Monitor(events.append)) == path
     assert events == []  # nothing was built
     assert _files_under(workspace / "builtin") == before  # nothing rewritten, no scratch folder left
 
@@ -139,10 +133,10 @@ def test_cancel_leaves_nothing_behind(tmp_path):
     token = CancelToken()
     token.cancel()
     with pytest.raises(Cancelled):
-        prepare_builtin("digits", tmp_path, cancel=token)
+        prepare_builtin("digits", tmp_path, monitor=Monitor(cancel=token))
     assert list((tmp_path / "builtin").iterdir()) == []
     events = []
-    assert prepare_builtin("digits", tmp_path, on_progress=events.append).is_file()
+    assert prepare_builtin("digits", tmp_path, monitor=Monitor(events.append)).is_file()
     assert events and events[-1].done == events[-1].total
 
 
@@ -153,7 +147,7 @@ def test_a_copy_finished_concurrently_is_kept(tmp_path):
         (final / "digits.csv").parent.mkdir()
         (final / "digits.csv").write_text("theirs")
 
-    path = prepare_builtin("digits", tmp_path, on_progress=other_process_finishes_first)
+    path = prepare_builtin("digits", tmp_path, monitor=Monitor(other_process_finishes_first))
     assert path == final / "digits.csv" and path.read_text() == "theirs"
     assert [p.name for p in (tmp_path / "builtin").iterdir()] == ["digits-0"]
 

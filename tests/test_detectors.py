@@ -355,6 +355,27 @@ def test_ocsvm_offset_comes_from_contamination_not_nu(data):
         assert np.mean(labels == -1) == pytest.approx(0.1, abs=1.0 / len(X))
 
 
+@pytest.mark.parametrize("params", [{"nu": 0.0}, {"nu": 1.5}, {"gamma": "wide"}, {"gamma": 0.0}])
+def test_ocsvm_rejects_bad_parameters(params, data):
+    with pytest.raises(ConfigError, match=next(iter(params))):
+        OneClassSVM(**params).fit(data["train"])
+
+
+@pytest.mark.parametrize("detector", [GaussianDensity(), KernelDensity(), KNNDistance(), OneClassSVM(),
+                                      RobustGaussian(), SklearnAdapter(IsolationForest())],
+                         ids=lambda detector: type(detector).__name__)
+def test_each_detector_declares_its_parameters_constraints(detector):
+    """Declared under a name of its own: scikit-learn's ``_parameter_constraints`` would switch on its private checks."""
+    from core.params import accepts
+
+    assert not hasattr(detector, "_parameter_constraints")
+    defaults = detector.get_params(deep=False)
+    assert "contamination" in detector._param_constraints
+    for name, allowed in detector._param_constraints.items():
+        assert name in defaults, f"{type(detector).__name__} declares {name}, which is not a parameter"
+        assert any(accepts(constraint, defaults[name]) for constraint in allowed), name
+
+
 # --- adapters ---------------------------------------------------------------------------
 
 

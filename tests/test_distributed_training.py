@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from core.checkpoints import CHECKPOINT_FILE
 from core.cli import main
 from core.config import FitConfig
 from core.data.tables import table_dataset
@@ -29,9 +30,9 @@ from core.errors import Cancelled, ConfigError
 from core.models.backbones import make_backbone
 from core.models.objectives import make_objective
 from core.models.ssl_encoder import SelfSupervisedEncoder
-from core.progress import CancelToken
-from core.store import Registry
-from core.train import CHECKPOINT_FILE, TrainConfig, train
+from core.progress import CancelToken, Monitor
+from core.registry import Registry
+from core.train import TrainConfig, train
 
 PROCESSES = 2
 DEADLINE_S = 120
@@ -191,7 +192,7 @@ def checkpoint_and_resume(data: np.ndarray, folder: Path) -> dict:
     encoder, objective = contrastive_mlp()
     try:
         train(encoder, objective, data, CONTRASTIVE_CONFIG, checkpoint_dir=mine("resumed"),
-              on_progress=stop_after_two_epochs, cancel=token)
+              monitor=Monitor(stop_after_two_epochs, token))
     except Cancelled:
         cancelled_at = json.loads((folder / "resumed" / CHECKPOINT_FILE).read_text())["epoch"]
     else:
@@ -228,7 +229,7 @@ def retrain_on_own_masks(dataset, kept_by_rank: list[np.ndarray]) -> dict:
     config = FitConfig(objective="contrastive", epochs=1, retrain_epochs=1, batch_size=16, device="cpu")
     encoder = SelfSupervisedEncoder(config.for_data("table"), "table").fit(dataset)
     events = []
-    encoder.retrain(kept_by_rank[ddp.rank()], on_progress=events.append)
+    encoder.retrain(kept_by_rank[ddp.rank()], monitor=Monitor(events.append))
     return {"steps": [event.total for event in events], "state": state(encoder.model),
             "embeddings": encoder.embed_training_data()}
 

@@ -9,16 +9,16 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from core import engine
-from core.project import CACHE_FILE
+from core import decision, engine
 from core.config import FitConfig
 from core.data import table_dataset
+from core.data.builtin import DEMO_DIR, prepare_builtin
 from core.data.protocol import contaminate
-from core.data.sources import DEMO_DIR, prepare_builtin
 from core.detectors import make_detector
 from core.errors import DataError, RunError
 from core.jobs import JobContext, JobRunner
-from core.store import Registry
+from core.registry import Registry
+from core.run_dir import LAYOUTS
 from sample_data import write_digits_images, write_digits_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +114,7 @@ def test_failure_mid_fit_leaves_no_run_and_marks_failed(tmp_path, registry, monk
     def broken(*args, **kwargs):
         raise DataError("simulated failure inside refinement")
 
-    monkeypatch.setattr(engine, "iter_refine", broken)
+    monkeypatch.setattr(decision, "iter_refine", broken)
     with pytest.raises(DataError, match="simulated"):
         engine.fit(dataset, FitConfig(), tmp_path / "run", registry=registry)
     assert not (tmp_path / "run").exists()
@@ -125,13 +125,13 @@ def test_failure_mid_fit_leaves_no_run_and_marks_failed(tmp_path, registry, monk
 
 def test_cancel_stops_the_fit(tmp_path, registry):
     from core.errors import Cancelled
-    from core.progress import CancelToken
+    from core.progress import CancelToken, Monitor
 
     token = CancelToken()
     token.cancel()
     dataset = engine.load_data(write_digits_images(tmp_path / "d", n_normal=20, n_anomalous=2))
     with pytest.raises(Cancelled):
-        engine.fit(dataset, FitConfig(image_size=32, ensemble=3), tmp_path / "run", registry=registry, cancel=token)
+        engine.fit(dataset, FitConfig(image_size=32, ensemble=3), tmp_path / "run", registry=registry, monitor=Monitor(cancel=token))
     assert registry.runs()[0].status == "cancelled" and not (tmp_path / "run").exists()
 
 
@@ -248,7 +248,7 @@ def test_fit_work_publishes_dataset_rounds_and_run_dir(tmp_path, digits, registr
     assert status.outputs["dataset"] is digits and status.outputs["run_dir"] == result.run_dir
     assert list(status.outputs["rounds"]) == result.rounds
     assert status.stage == "project" and status.eta_s is None, "the map layout is the last stage of a fit job"
-    assert (tmp_path / "run" / CACHE_FILE).is_file(), "the map layout is cached in the run"
+    assert (tmp_path / "run" / LAYOUTS).is_file(), "the map layout is cached in the run"
 
 
 def test_fit_work_failure_marks_the_job_failed(tmp_path, digits, registry):

@@ -7,17 +7,11 @@ import torch
 from PIL import Image
 from sklearn.exceptions import NotFittedError
 
-from core.detectors.gde import GaussianDensity
 from core.errors import Cancelled, ConfigError, DataError
 from core.explain import CutPastePatchLocalizer, image_scores_from_maps
-from core.explain.cutpaste_patch import (
-    RandomPatchObjective,
-    mahalanobis_distance,
-    patch_grid,
-    receptive_field_upsample,
-    unfold_patches,
-)
-from core.progress import CancelToken
+from core.explain.crops import RandomPatchObjective, patch_grid, unfold_patches
+from core.explain.smoothing import receptive_field_upsample
+from core.progress import CancelToken, Monitor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -148,22 +142,30 @@ def test_cancel_stops_training_and_maps(fitted, synthetic):
             token.cancel()
 
     with pytest.raises(Cancelled):
-        CutPastePatchLocalizer(**FAST).fit(normal, on_progress, token)
+        CutPastePatchLocalizer(**FAST).fit(normal, monitor=Monitor(on_progress, token))
     assert [e.stage for e in events] == ["patch_read", "patch_read", "patch_train"]   # stopped after one step
     with pytest.raises(Cancelled):
-        fitted.anomaly_maps(clean, cancel=token)
+        fitted.anomaly_maps(clean, monitor=Monitor(cancel=token))
 
 
 def test_validation_and_not_fitted(synthetic):
     normal, _, _, _ = synthetic
     with pytest.raises(NotFittedError):
         CutPastePatchLocalizer(device="cpu").anomaly_maps(normal[:1])
-    with pytest.raises(ConfigError, match="auto, small-cnn, resnet18"):
+    with pytest.raises(ConfigError, match="backbone must be one of 'auto', 'small-cnn', 'resnet18'; got 'vgg'"):
         CutPastePatchLocalizer(backbone="vgg").fit(normal)
-    with pytest.raises(ConfigError, match="stride must be in"):
+    with pytest.raises(ConfigError, match="stride must be in \\[1, patch_size\\] = \\[1, 32\\]; got 33"):
         CutPastePatchLocalizer(**{**FAST, "stride": 33}).fit(normal)
-    with pytest.raises(ConfigError, match="patch_size must be in"):
+    with pytest.raises(ConfigError, match="patch_size must be in \\[28, 64\\] pixels for backbone 'small-cnn'"):
         CutPastePatchLocalizer(**{**FAST, "patch_size": 16}).fit(normal)
+    with pytest.raises(ConfigError, match="image_size must be in \\[patch_size, 1024\\]"):
+        CutPastePatchLocalizer(**{**FAST, "image_size": 28}).fit(normal)
+    with pytest.raises(ConfigError, match="shrinkage must be one of 'ledoit-wolf', 'oas' or a number in \\[0, 1\\]"):
+        CutPastePatchLocalizer(**{**FAST, "shrinkage": 1.5}).fit(normal)
+    with pytest.raises(ConfigError, match="learning_rate must be a number in \\(0, inf\\); got inf"):
+        CutPastePatchLocalizer(**{**FAST, "learning_rate": float("inf")}).fit(normal)
+    with pytest.raises(ConfigError, match="sigma must be None or a number >= 0; got -1"):
+        CutPastePatchLocalizer(**{**FAST, "sigma": -1}).fit(normal)
     with pytest.raises(DataError, match="at least 2"):
         CutPastePatchLocalizer(**FAST).fit(normal[:1])
 
@@ -196,16 +198,6 @@ def test_receptive_field_upsampling_keeps_constants_and_spreads_a_patch_over_its
     assert bool((upsampled[inside] > 0).all()) and bool((upsampled[~inside] == 0).all())
     peak = torch.nonzero(upsampled == upsampled.max())[0].tolist()
     assert 16 <= peak[0] < 48 and 8 <= peak[1] < 40
-
-
-def test_mahalanobis_distance_matches_the_gde():
-    rng = np.random.default_rng(0)
-    train_rows = rng.normal(size=(200, 6)) @ rng.normal(size=(6, 6))
-    gde = GaussianDensity().fit(train_rows)
-    queries = rng.normal(size=(10, 6))
-    got = mahalanobis_distance(torch.from_numpy(queries).float(), torch.from_numpy(gde.location_),
-                               torch.from_numpy(gde.precision_))
-    np.testing.assert_allclose(got.numpy() ** 2, -gde.score_samples(queries.astype(np.float32)), rtol=1e-5)
 
 
 def test_random_patch_objective_feeds_seeded_crops_of_each_image():

@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sklearn.covariance import OAS
+from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
 from core.errors import Cancelled, ConfigError
 from core.explain import PatchLocalizer, image_scores_from_maps
-from core.explain.patch import greedy_coreset, nearest_distance, oas_shrinkage
 from core.explain.smoothing import gaussian_blur
-from core.progress import CancelToken
+from core.progress import CancelToken, Monitor
 
 SYNTHETIC_SIZE = 96          # working resolution for synthetic images (a 12 x 12 patch grid)
 REAL_SIZE = 128              # working resolution for the bottle images (a 16 x 16 patch grid)
@@ -140,37 +139,6 @@ def test_memory_is_bounded_by_the_pool_and_the_coreset(synthetic):
     assert small.memory_bank_.shape[0] == math.ceil(0.01 * pool)
 
 
-def test_greedy_coreset_matches_a_brute_force_k_center():
-    points = torch.randn(200, 8, generator=torch.Generator().manual_seed(0))
-    selected = greedy_coreset(points, 20, projection_dim=64, seed=3)     # 8 dims: no projection
-    assert len(set(selected.tolist())) == 20
-    chosen = [int(selected[0])]
-    for _ in range(19):
-        distance = torch.cdist(points, points[chosen]).min(dim=1).values
-        chosen.append(int(torch.argmax(distance)))
-    assert selected.tolist() == chosen
-    assert greedy_coreset(points, 500).tolist() == list(range(200))
-
-
-@pytest.mark.parametrize("support_images,clustered", [(1, False), (2, False), (3, False), (2, True), (3, True)])
-def test_nearest_distance_from_the_m_th_distinct_image_matches_brute_force(support_images, clustered):
-    generator = torch.Generator().manual_seed(0)
-    memory = torch.randn(9000, 4, generator=generator)          # more rows than one memory chunk
-    owners = torch.randint(0, 40, (9000,), generator=generator)
-    queries = torch.randn(50, 4, generator=generator)
-    if clustered:   # each image owns a region, so the 16 nearest rows often share one image (exact path)
-        owners = (memory[:, 0] > 0).long() + 2 * (memory[:, 1] > 0).long()
-    got = nearest_distance(queries, memory, owners, support_images)
-    distances = torch.cdist(queries.double(), memory.double())
-    for row, query_distances in enumerate(distances):
-        seen = set()
-        for index in torch.argsort(query_distances).tolist():
-            seen.add(int(owners[index]))
-            if len(seen) == support_images:
-                assert float(got[row]) == pytest.approx(float(query_distances[index]), abs=1e-4)
-                break
-
-
 def test_a_defect_in_one_training_image_does_not_make_itself_normal(synthetic, tmp_path):
     """The same planted square in one training image: plain nearest neighbour learns it as normal,
     the default support_images=2 does not."""
@@ -187,22 +155,11 @@ def test_a_defect_in_one_training_image_does_not_make_itself_normal(synthetic, t
     assert not mask[np.unravel_index(np.argmax(maps[1]), maps[1].shape)]
 
 
-def test_oas_shrinkage_matches_scikit_learn():
-    rng = np.random.default_rng(0)
-    samples = rng.normal(size=(12, 6)) @ rng.normal(size=(6, 6))
-    centred = samples - samples.mean(axis=0)
-    covariance = torch.from_numpy(centred.T @ centred / len(samples))[None]
-    shrunk, shrinkage = oas_shrinkage(covariance, len(samples))
-    reference = OAS(assume_centered=False).fit(samples)
-    np.testing.assert_allclose(shrunk[0].numpy(), reference.covariance_, rtol=1e-9, atol=1e-12)
-    assert float(shrinkage[0]) == pytest.approx(reference.shrinkage_)
-
-
 def test_image_scores_from_maps():
     maps = [np.arange(100, dtype=np.float32).reshape(10, 10), np.zeros((4, 5), np.float32)]
     np.testing.assert_array_equal(image_scores_from_maps(maps), [99.0, 0.0])
     np.testing.assert_allclose(image_scores_from_maps(maps, "topk_mean", topk_fraction=0.05), [97.0, 0.0])
-    with pytest.raises(ConfigError, match="max, topk_mean"):
+    with pytest.raises(ConfigError, match="reduce must be one of 'max', 'topk_mean'"):
         image_scores_from_maps(maps, "mean")
 
 
@@ -220,8 +177,12 @@ def test_progress_cancel_and_validation(synthetic):
     normal, _, _ = synthetic
     with pytest.raises(NotFittedError):
         PatchLocalizer(device="cpu").anomaly_maps(normal[:1])
-    with pytest.raises(ConfigError, match="memory, gaussian"):
+    with pytest.raises(ConfigError, match="PatchLocalizer: method must be one of 'memory', 'gaussian'; got 'knn'"):
         PatchLocalizer("knn", device="cpu").fit(normal)
+    with pytest.raises(ConfigError, match="coreset_ratio must be a number in \\(0, 1\\]; got 0"):
+        PatchLocalizer(coreset_ratio=0, device="cpu").fit(normal)
+    with pytest.raises(ConfigError, match="image_size must be an int in \\[32, 1024\\]; got 224.0"):
+        PatchLocalizer(image_size=224.0, device="cpu").fit(normal)
     token = CancelToken()
     events = []
 
@@ -230,8 +191,20 @@ def test_progress_cancel_and_validation(synthetic):
         token.cancel()
 
     with pytest.raises(Cancelled):
-        PatchLocalizer(image_size=SYNTHETIC_SIZE, device="cpu", batch_size=4).fit(normal, on_progress, token)
+        PatchLocalizer(image_size=SYNTHETIC_SIZE, device="cpu", batch_size=4).fit(
+            normal, monitor=Monitor(on_progress, token))
     assert [(e.stage, e.done, e.total) for e in events] == [("patch_fit", 4, 14)]
+
+
+def test_a_localizer_is_a_scikit_learn_estimator(fitted):
+    """Parameters stored as given, fitted state in trailing-underscore attributes, clone unfitted."""
+    localizer = PatchLocalizer("gaussian", image_size=SYNTHETIC_SIZE, sigma=2.0, seed=3)
+    assert localizer.get_params()["sigma"] == 2.0 and localizer.get_params()["method"] == "gaussian"
+    assert not [name for name in vars(localizer) if name.endswith("_")]
+    copy = clone(fitted["memory"])
+    assert copy.get_params() == fitted["memory"].get_params()
+    assert not hasattr(copy, "memory_bank_") and hasattr(fitted["memory"], "memory_bank_")
+    assert repr(localizer).startswith("PatchLocalizer(")
 
 
 @pytest.mark.realdata

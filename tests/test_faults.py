@@ -22,10 +22,10 @@ import pandas as pd
 import pytest
 from safetensors.numpy import load_file
 
-from core.engine import EMBEDDINGS_CACHE
 from core.errors import RunError, StorageError
 from core.progress import HOLD_AT_VARIABLE
-from core.store import INTERRUPTED, RESUME_DIR, Registry, partial_dir
+from core.registry import INTERRUPTED, Registry
+from core.run_dir import EMBEDDINGS_CACHE, RESUME_DIR, partial_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "assets" / "demo" / "fashion-mnist-sneakers"
@@ -176,7 +176,7 @@ def test_killed_during_a_training_epoch(tmp_path):
 
 
 def test_a_partial_folder_is_reused_only_when_resuming(tmp_path):
-    from core.store import staged_directory
+    from core.run_dir import staged_directory
 
     out = tmp_path / "run"
     left = partial_dir(out)  # what a killed fit leaves: cached work, run files, a write cut short
@@ -303,7 +303,7 @@ def test_an_older_registry_is_migrated_and_its_orphaned_runs_reaped(tmp_path):
 START_AND_WAIT = """
 import sys, time
 from pathlib import Path
-from core.store import Registry
+from core.registry import Registry
 registry = Registry(Path(sys.argv[1]))
 print(registry.start_run(Path(sys.argv[2]), kind="table", data_source="x", fingerprint="f", n_samples=1, config={}),
       flush=True)

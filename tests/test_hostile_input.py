@@ -62,11 +62,11 @@ from core.data import archive as archive_module
 from core.data import tables as tables_module
 from core.data.archive import extract_zip
 from core.data.dataset import Dataset
-from core.data.images import read_rgb
+from core.data.decode import read_rgb
 from core.data.tables import load_table
 from core.errors import DataError, RunError
 from core.models.tabular import TableEncoder
-from core.store import Registry
+from core.registry import Registry
 from sample_data import write_digits_images, write_digits_table
 from test_cli import fails_cleanly
 from test_data_archive import make_zip, safe_entries
@@ -648,7 +648,8 @@ _PEAK_SCRIPT = """
 import json, resource, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from core.data.images import load_image_folder, read_rgb
+from core.data.decode import read_rgb
+from core.data.images import load_image_folder
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 data = load_image_folder(Path(sys.argv[2]))
 pixels = read_rgb(data.paths[0], 64)

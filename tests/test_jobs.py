@@ -119,7 +119,7 @@ def test_cancel_a_running_job(runner):
 
 def test_a_cancelled_fit_job_is_cancelled_in_the_registry_too(runner, tmp_path):
     from core import engine
-    from core.store import Registry
+    from core.registry import Registry
     from sample_data import write_digits_table
 
     dataset = engine.load_data(write_digits_table(tmp_path / "digits.csv", n_normal=60, n_anomalous=6),

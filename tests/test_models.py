@@ -12,7 +12,7 @@ from core.errors import Cancelled, DataError
 from core.models.efficientnet import load_backbone
 from core.models.image_encoder import ImageEncoder
 from core.models.tabular import TableEncoder
-from core.progress import CancelToken
+from core.progress import CancelToken, Monitor
 from sample_data import write_digits_images
 
 
@@ -45,12 +45,12 @@ def test_channels_last_matches_default_layout():
 
 def test_progress_and_cancel(images):
     events = []
-    ImageEncoder(FitConfig(image_size=64, batch_size=4, device="cpu")).embed(images, on_progress=events.append)
+    ImageEncoder(FitConfig(image_size=64, batch_size=4, device="cpu")).embed(images, monitor=Monitor(events.append))
     assert [e.done for e in events] == [4, 8, 12] and all(e.total == 12 for e in events)
     token = CancelToken()
     token.cancel()
     with pytest.raises(Cancelled):
-        ImageEncoder(FitConfig(image_size=64, device="cpu")).embed(images, cancel=token)
+        ImageEncoder(FitConfig(image_size=64, device="cpu")).embed(images, monitor=Monitor(cancel=token))
 
 
 def frame_dataset(frame):

@@ -14,16 +14,16 @@ from core import engine
 from core.cli import main
 from core.compute import CHUNK_ROWS, LocalCompute
 from core.config import FitConfig
+from core.data.builtin import DEMO_DIR
 from core.data.dataset import Dataset
-from core.data.sources import DEMO_DIR
 from core.detectors import make_detector
 from core.errors import Cancelled, ConfigError, DataError
 from core.models.image_encoder import ImageEncoder, embedding_memmap
 from core.models.ssl_encoder import SelfSupervisedEncoder
 from core.models.tabular import TableEncoder
-from core.progress import CancelToken
-from core.results import SavedRun
-from core.store import Registry
+from core.progress import CancelToken, Monitor
+from core.registry import Registry
+from core.results import RunResults
 from sample_data import write_digits_table
 from test_memory_scale import resident_kib
 
@@ -156,7 +156,7 @@ def test_embedding_errors_and_cancellation_reach_the_caller_as_refinery_errors(c
         cancel.cancel()
 
     with pytest.raises(Cancelled):
-        compute.embed(encoder, rows, on_progress=cancel_after_the_first_batch, cancel=cancel)
+        compute.embed(encoder, rows, monitor=Monitor(cancel_after_the_first_batch, cancel))
     assert [(e.stage, e.total) for e in events] == [("embed", len(table))]
 
     ssl = SelfSupervisedEncoder(FitConfig(objective="rotation").for_data("images"), "images")
@@ -171,7 +171,7 @@ def test_engine_fit_of_a_table_on_ray_is_the_local_fit_and_opens_in_the_app(comp
     local = engine.fit(dataset, config, tmp_path / "local", registry=registry)
     events = []
     distributed = engine.fit(dataset, config, tmp_path / "ray", registry=registry, compute=compute,
-                             on_progress=events.append)
+                             monitor=Monitor(events.append))
     assert len(local.rounds) >= 1 and [r.round for r in distributed.rounds] == [r.round for r in local.rounds]
     np.testing.assert_array_equal(distributed.kept, local.kept)
     for ours, theirs in zip(distributed.rounds, local.rounds):
@@ -184,7 +184,7 @@ def test_engine_fit_of_a_table_on_ray_is_the_local_fit_and_opens_in_the_app(comp
     assert ("embed", len(dataset), len(dataset)) in [(e.stage, e.done, e.total) for e in events]
 
     # The app's loaders read the run the Ray path saved, and it scores like the fit, on Ray or not.
-    saved = SavedRun(tmp_path / "ray")
+    saved = RunResults(tmp_path / "ray")
     assert len(saved.samples) == len(dataset) and len(saved.rounds) == len(local.rounds)
     run = engine.open_run(tmp_path / "ray")
     for where in (compute, None):

@@ -15,7 +15,7 @@ from contextlib import closing
 import pytest
 
 from core.errors import Cancelled, RunError
-from core.store import Registry
+from core.registry import Registry
 
 ALICE, BOB = "a" * 32, "b" * 32
 
@@ -163,6 +163,7 @@ def fit_stopped_by(home, stop: BaseException):
     """Fit a small table with ``home`` as the Refinery home, ``stop`` raised at the fit's first progress event
     (as Ctrl-C or an error would strike); the registry's one record of it."""
     from core import engine
+    from core.progress import Monitor
     from sample_data import write_digits_table
 
     def on_progress(event):
@@ -171,7 +172,7 @@ def fit_stopped_by(home, stop: BaseException):
     table = write_digits_table(home / "digits.csv", n_normal=60, n_anomalous=6)
     dataset = engine.load_data(table, label_column="label")
     with pytest.raises(type(stop)):
-        engine.fit(dataset, engine.suggested_config(dataset), home / "runs" / "r", on_progress=on_progress)
+        engine.fit(dataset, engine.suggested_config(dataset), home / "runs" / "r", monitor=Monitor(on_progress))
     [record] = Registry().runs()
     return record
 

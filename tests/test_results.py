@@ -12,18 +12,18 @@ import pytest
 
 from core import engine
 from core.config import FitConfig
-from core.data.sources import DEMO_DIR, prepare_builtin
+from core.data.builtin import DEMO_DIR, prepare_builtin
 from core.errors import DataError
+from core.registry import Registry
 from core.results import (
-    SavedRun,
-    bundle_run,
+    RunResults,
     compare_runs,
     confusion_at,
     judged_samples,
     score_curves,
     verdict_agreement,
 )
-from core.store import Registry
+from core.run_dir import bundle
 
 DIGITS_CONFIG = FitConfig(label_column="label")
 
@@ -51,7 +51,7 @@ def digits(home):
 def plain(home, digits, registry):
     """A table run and its saved view."""
     result = engine.fit(digits, DIGITS_CONFIG, home / "plain", registry=registry)
-    return result, SavedRun(result.run_dir)
+    return result, RunResults(result.run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def guided(home, digits, registry, plain):
     suspects = [i for i in np.argsort(-result.scores.anomaly_score) if result.kept[i]][:5]
     verdicts.update({digits.ids[i]: "anomaly" for i in suspects})
     again = engine.fit(digits, DIGITS_CONFIG, home / "guided", verdicts=verdicts, registry=registry)
-    return again, SavedRun(again.run_dir)
+    return again, RunResults(again.run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def demo(home):
 def image_run(home, demo, registry):
     """The demo images (300 Fashion-MNIST, 28 px) at the suggested 64 px, with a localization model."""
     result = engine.fit(demo, engine.suggested_config(demo), home / "images", registry=registry)
-    return result, SavedRun(result.run_dir)
+    return result, RunResults(result.run_dir)
 
 
 def assert_rounds_equal(saved, fitted):
@@ -90,7 +90,7 @@ def assert_rounds_equal(saved, fitted):
             (record.gamma, record.gamma_interval, record.capped, record.precision, record.recall, record.note)
 
 
-# ---------------------------------------------------------------------------- SavedRun
+# ---------------------------------------------------------------------------- RunResults
 
 
 def test_samples_and_facts_match_the_fit(plain, digits):
@@ -158,7 +158,7 @@ def test_image_path_refuses_ids_that_leave_the_data_folder(image_run, tmp_path, 
     frame = pd.read_csv(copy / "scores.csv", dtype={"id": str}, keep_default_na=False)
     frame.loc[0, "id"] = tampered_id
     frame.to_csv(copy / "scores.csv", index=False)
-    run = SavedRun(copy)
+    run = RunResults(copy)
     with pytest.raises(DataError, match="outside the run's data folder"):
         run.image_path(tampered_id)
     assert run.image_path(frame.loc[1, "id"]).is_file(), "the other samples still resolve"
@@ -173,7 +173,7 @@ def test_image_path_reports_a_moved_folder(tmp_path):
     dataset = engine.load_data(data, workspace=tmp_path)
     result = engine.fit(dataset, FitConfig(image_size=32, ensemble=3, localization="none"), tmp_path / "run",
                         registry=Registry(tmp_path / "registry.sqlite"))
-    run = SavedRun(result.run_dir)
+    run = RunResults(result.run_dir)
     assert run.image_path(dataset.ids[0]).is_file()
     data.rename(tmp_path / "moved")
     with pytest.raises(DataError, match="is gone: the run's data folder was moved or deleted"):
@@ -317,7 +317,7 @@ def test_bundle_holds_the_run_and_opens_and_scores_identically(image_run, demo, 
     (run_dir / ".cache").mkdir()
     (run_dir / ".cache" / "stale.json").write_text("{}")
 
-    with zipfile.ZipFile(io.BytesIO(bundle_run(run_dir))) as archive:
+    with zipfile.ZipFile(io.BytesIO(bundle(run_dir))) as archive:
         names = archive.namelist()
         assert all(name.startswith(f"{run_dir.name}/") for name in names)
         files = {Path(name).relative_to(run_dir.name).as_posix() for name in names}

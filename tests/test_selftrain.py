@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from core import engine
+from core.arrays import read_arrays
 from core.config import FitConfig
-from core.data.sources import DEMO_DIR, prepare_builtin
+from core.data.builtin import DEMO_DIR, prepare_builtin
 from core.errors import ConfigError, RunError
-from core.results import SavedRun
-from core.store import Registry, read_arrays
+from core.registry import Registry
+from core.results import RunResults
 
 TINY = dict(image_size=32, epochs=2, retrain_epochs=1, rounds=2, localization="none", batch_size=64)
 
@@ -52,7 +53,7 @@ def test_reopened_run_reproduces_the_training_scores(contrastive_run, demo):
     run = engine.open_run(contrastive_run.run_dir)  # refits the detector and checks the saved scores
     rescored = run.score(demo)
     np.testing.assert_allclose(rescored.anomaly_score, contrastive_run.scores.anomaly_score, rtol=1e-3, atol=1e-3)
-    saved = SavedRun(contrastive_run.run_dir)
+    saved = RunResults(contrastive_run.run_dir)
     assert [r.round for r in saved.rounds] == [1, 2]
 
 

@@ -9,8 +9,9 @@ from torch import nn
 
 from core.errors import Cancelled, ConfigError, DataError, RunError, TrainingError
 from core.models.backbones import make_backbone
-from core.progress import CancelToken
-from core.train import CHECKPOINT_FILE, TrainConfig, cosine_schedule, train
+from core.checkpoints import CHECKPOINT_FILE
+from core.progress import CancelToken, Monitor
+from core.train import TrainConfig, cosine_schedule, train
 
 SIZE = 32
 
@@ -118,14 +119,14 @@ def test_resume_equals_an_uninterrupted_run(images, tmp_path):
 
     encoder, objective = build()
     with pytest.raises(Cancelled):
-        train(encoder, objective, images, config, checkpoint_dir=tmp_path, on_progress=stop_after_two_epochs, cancel=token)
+        train(encoder, objective, images, config, checkpoint_dir=tmp_path, monitor=Monitor(stop_after_two_epochs, token))
     saved = json.loads((tmp_path / CHECKPOINT_FILE).read_text())
     assert saved["epoch"] == 2 and saved["folder"] == "epoch-0002"
     assert [p.name for p in tmp_path.glob("epoch-*")] == ["epoch-0002"]
 
     encoder, objective = build(seed=7)  # other initial weights: the checkpoint must replace them
     events = []
-    resumed = train(encoder, objective, images, config, checkpoint_dir=tmp_path, on_progress=events.append)
+    resumed = train(encoder, objective, images, config, checkpoint_dir=tmp_path, monitor=Monitor(events.append))
     assert resumed.resumed_from == 2 and resumed.epochs_run == 2
     assert events[0].done == 2 * steps_per_epoch + 1
     assert resumed.losses == straight.losses
@@ -188,14 +189,14 @@ def test_cancel_stops_before_the_next_step(images):
     encoder, objective = build()
     events = []
     with pytest.raises(Cancelled):
-        train(encoder, objective, images, fast(), on_progress=events.append, cancel=token)
+        train(encoder, objective, images, fast(), monitor=Monitor(events.append, token))
     assert events == [] and objective.batch_sizes == []
 
 
 def test_progress_reports_every_step_and_batches_drop_the_remainder():
     encoder, objective = build()
     events = []
-    train(encoder, objective, oriented_images(70), fast(epochs=2), on_progress=events.append)
+    train(encoder, objective, oriented_images(70), fast(epochs=2), monitor=Monitor(events.append))
     assert [e.done for e in events] == list(range(1, 9))  # 70 // 16 = 4 steps per epoch
     assert all(e.stage == "train" and e.total == 8 for e in events)
     assert events[0].message.startswith("epoch 1/2 loss ") and events[-1].message.startswith("epoch 2/2 loss ")

@@ -11,7 +11,7 @@ from contextlib import closing
 
 import pytest
 
-from core.store import Registry
+from core.registry import Registry
 
 ALICE, BOB = "a" * 32, "b" * 32
 DATA, OTHER_DATA = "f" * 32, "0" * 32

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 import stat
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from core.errors import Cancelled, DataError
-from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
+from core.data.folders import new_folder, removed_on_error
+from core.errors import DataError
+from core.progress import QUIET, Monitor
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +105,7 @@ def extract_zip(
     max_total_bytes: int = MAX_TOTAL_BYTES,
     max_files: int = MAX_FILES,
     max_ratio: float = MAX_RATIO,
-    on_progress: ProgressCallback = ignore_progress,
-    cancel: CancelToken | None = None,
+    monitor: Monitor = QUIET,
 ) -> Path:
     """Extract a zip archive into a new folder inside ``workspace_dir``.
 
@@ -124,10 +122,9 @@ def extract_zip(
         Cap on the number of files (default 50,000).
     max_ratio : float
         Cap on the uncompressed/compressed ratio of each entry of at least 1 MiB (default 100).
-    on_progress : callable
-        Receives a ``ProgressEvent("extract", files_done, files_total)`` after each file.
-    cancel : CancelToken, optional
-        Checked between files; a cancelled extraction is removed.
+    monitor : Monitor
+        Receives ``("extract", files_done, files_total)`` after each file and is checked between
+        files; a cancelled extraction is removed.
 
     Returns
     -------
@@ -141,28 +138,16 @@ def extract_zip(
     """
     zip_path = Path(zip_path)
     workspace_dir = Path(workspace_dir)
-    try:
-        workspace_dir.mkdir(parents=True, exist_ok=True)
-        dest = Path(tempfile.mkdtemp(prefix=f"{zip_path.stem[:40]}-", dir=workspace_dir)).resolve()
-    except OSError as exc:
-        raise DataError(f"cannot create an extraction folder in {workspace_dir} ({exc}); "
-                        "check the workspace is writable") from exc
-    try:
-        _extract_into(zip_path, dest, max_total_bytes, max_files, max_ratio, on_progress, cancel)
-    except DataError as exc:
-        shutil.rmtree(dest, ignore_errors=True)
-        raise DataError(f"{zip_path.name}: {exc}") from exc
-    except Cancelled:
-        shutil.rmtree(dest, ignore_errors=True)
-        raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError,
-            RuntimeError, NotImplementedError, ValueError) as exc:
-        shutil.rmtree(dest, ignore_errors=True)
-        raise DataError(f"{zip_path.name} is not a readable zip archive ({exc}); "
-                        "re-create it with a standard zip tool, without a password") from exc
-    except BaseException:
-        shutil.rmtree(dest, ignore_errors=True)
-        raise
+    dest = new_folder(workspace_dir, f"{zip_path.stem[:40]}-", "an extraction folder")
+    with removed_on_error(dest):
+        try:
+            _extract_into(zip_path, dest, max_total_bytes, max_files, max_ratio, monitor)
+        except DataError as exc:
+            raise DataError(f"{zip_path.name}: {exc}") from exc
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError,
+                RuntimeError, NotImplementedError, ValueError) as exc:
+            raise DataError(f"{zip_path.name} is not a readable zip archive ({exc}); "
+                            "re-create it with a standard zip tool, without a password") from exc
     logger.info("extracted %s into %s", zip_path, dest)
     return dest
 
@@ -173,8 +158,7 @@ def _extract_into(
     max_total_bytes: int,
     max_files: int,
     max_ratio: float,
-    on_progress: ProgressCallback,
-    cancel: CancelToken | None,
+    monitor: Monitor,
 ) -> None:
     with zipfile.ZipFile(zip_path) as archive:
         entries = _check_entries(archive.infolist(), max_total_bytes, max_files, max_ratio)
@@ -182,8 +166,7 @@ def _extract_into(
         written_total = 0
         done = 0
         for info, parts in entries:
-            if cancel is not None:
-                cancel.raise_if_cancelled()
+            monitor.check()
             target = dest.joinpath(*parts)
             if info.is_dir():
                 target.mkdir(parents=True, exist_ok=True)
@@ -207,4 +190,4 @@ def _extract_into(
                                         f"refused as a possible zip bomb: {_GENUINE}")
                     sink.write(chunk)
             done += 1
-            on_progress(ProgressEvent("extract", done, n_files, PurePosixPath(*parts).as_posix()))
+            monitor.report("extract", done, n_files, PurePosixPath(*parts).as_posix())

@@ -21,10 +21,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from core.data.dataset import IMAGES, Dataset
-from core.data.fingerprint import fingerprint_files
+from core.data.dataset import Dataset
+from core.data.images import image_dataset
 from core.errors import DataError
-from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
+from core.progress import QUIET, Monitor
 
 logger = logging.getLogger(__name__)
 
@@ -172,8 +172,7 @@ def materialize_images(
     out_dir: Path | str,
     *,
     labels: np.ndarray | None = None,
-    on_progress: ProgressCallback = ignore_progress,
-    cancel: CancelToken | None = None,
+    monitor: Monitor = QUIET,
 ) -> Dataset:
     """Write image arrays as PNG files and return them as an image :class:`Dataset`.
 
@@ -187,10 +186,8 @@ def materialize_images(
         Folder to write into (created if missing); existing files with the same ids are replaced.
     labels : (N,) int8 array, optional
         Anomaly labels (1 anomaly, 0 normal, -1 unknown) to attach, for metrics only.
-    on_progress : callable
-        Receives ``ProgressEvent("materialize", written, N)`` every 1,000 images.
-    cancel : CancelToken, optional
-        Checked every 1,000 images.
+    monitor : Monitor
+        Receives ``("materialize", written, N)`` and is checked every 1,000 images.
 
     Returns
     -------
@@ -217,28 +214,18 @@ def materialize_images(
         labels = np.asarray(labels, dtype=np.int8)
         if labels.shape != (n,):
             raise DataError(f"labels have shape {labels.shape}, expected ({n},)")
-        if not np.any(labels >= 0):
-            labels = None
     out_dir = Path(out_dir)
     paths = [out_dir / sample_id for sample_id in ids]
     try:
         for index, (array, path) in enumerate(zip(images, paths)):
             if index % 1000 == 0:
-                if cancel is not None:
-                    cancel.raise_if_cancelled()
-                on_progress(ProgressEvent("materialize", index, n, "writing images"))
+                monitor.check()
+                monitor.report("materialize", index, n, "writing images")
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array).save(
                 path, format="PNG")
     except OSError as exc:
         raise DataError(f"cannot write images into {out_dir} ({exc}); check it is writable") from exc
-    on_progress(ProgressEvent("materialize", n, n, "images written"))
+    monitor.report("materialize", n, n, "images written")
     logger.info("wrote %d PNG images into %s", n, out_dir)
-    return Dataset(
-        kind=IMAGES,
-        ids=ids,
-        source=out_dir,
-        fingerprint=fingerprint_files(out_dir, ids, paths),
-        labels=labels,
-        paths=paths,
-    )
+    return image_dataset(out_dir, ids, labels=labels)

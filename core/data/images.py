@@ -1,4 +1,4 @@
-"""Image folders: recursive scan, cheap validation, layout rules for labels and masks, RGB reading.
+"""Image folders: recursive scan, cheap validation, layout rules for labels and masks.
 
 Layout rules, applied by :func:`load_image_folder` in this order:
 
@@ -25,30 +25,24 @@ Layout rules, applied by :func:`load_image_folder` in this order:
 
 ids are POSIX paths relative to the root the caller gave.
 
-Decoding limits: :data:`MAX_IMAGE_PIXELS` (100 megapixels) bounds what is decoded. That is larger
-than any common industrial area-scan camera (a 10k x 10k image) while keeping one decoded image under
-about 600 MB even as 16-bit RGB; PIL's own ``Image.MAX_IMAGE_PIXELS`` is set to the same value at
-import, so its decompression-bomb error fires at twice that. :func:`read_rgb` box-averages an image
-over :data:`REDUCE_ABOVE_PIXELS` before converting it to RGB, so reading a 100-megapixel file takes
-at most two full-size copies (about 800 MB for RGBA, 600 MB for 16-bit gray). Anything that is not
-a regular file (a named pipe would block the reader for ever) is skipped.
+Each image is checked and read by :mod:`core.data.decode` (size limits, any PIL mode). Anything that
+is not a regular file (a named pipe would block the reader for ever) is skipped.
 """
 from __future__ import annotations
 
 import logging
 import os
-import stat
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from core.data.dataset import IMAGES, Dataset, SkippedFile
+from core.data.decode import open_image, probe_image
 from core.data.fingerprint import fingerprint_files
 from core.errors import DataError
-from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
+from core.progress import QUIET, Monitor
 
 logger = logging.getLogger(__name__)
 
@@ -61,24 +55,12 @@ MASK_STEM_SUFFIX = "_mask"
 NORMAL_FOLDER_NAMES = frozenset({"good", "normal", "ok"})
 """Top-level folder names (case-insensitive) that mark normal images in a plain folder."""
 
-MAX_IMAGE_PIXELS = 100_000_000
-"""Largest image (width x height) that is decoded; bigger files are skipped or refused."""
-
-REDUCE_ABOVE_PIXELS = 4096 * 4096
-"""Images larger than this are box-averaged before conversion to RGB when read for embedding
-(see :func:`read_rgb`); smaller ones are converted at full size."""
-
 SIBLING_MASK_EXTREME_SHARE = 0.9
 """Share of near-black/near-white pixels a sibling ``.png`` needs to be taken as a mask."""
 
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-
-_PROBE_SIZE = (64, 64)
 _CHUNK = 256  # files checked per chunk of work queued on the thread pool
 _JPEG_SUFFIXES = (".jpg", ".jpeg")
 _IGNORED_DIRS = frozenset({"__MACOSX"})
-_SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
-_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
 
 def is_image_file(path: Path | str) -> bool:
@@ -86,137 +68,10 @@ def is_image_file(path: Path | str) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB.
-
-    16-bit and 32-bit integer images are scaled from the full 16-bit range (value / 257);
-    float images are scaled by 255 when their maximum is at most 1, otherwise clipped to [0, 255];
-    transparent images are composited over black; everything else uses PIL's conversion.
-    """
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode in _SIXTEEN_BIT_MODES or mode == "F":
-        values = np.asarray(image).astype(np.float64)
-        values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
-        if mode == "F":
-            if values.size and values.max() <= 1.0:
-                values = values * 255.0
-        else:
-            values = values / 257.0
-        gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray).convert("RGB")
-    if mode == "La":
-        image = image.convert("LA")
-        mode = "LA"
-    if mode in _ALPHA_MODES or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _reduced(image: Image.Image, size: int) -> Image.Image:
-    """``image`` box-averaged by an integer factor when it has over :data:`REDUCE_ABOVE_PIXELS`,
-    keeping at least ``2 * size`` pixels on each side, so that :func:`_to_rgb` converts a small
-    image (at full size, a 100-megapixel 16-bit or transparent one took four or more full-size
-    copies: 2 to 2.5 GB). Bit and palette images are left as they are (their values cannot be
-    averaged); they convert to RGB in about 500 MB."""
-    width, height = image.size
-    factor = min(width, height) // (2 * size)
-    if width * height <= REDUCE_ABOVE_PIXELS or factor < 2 or image.mode in ("1", "P", "PA"):
-        return image
-    if image.mode.startswith("I;16"):
-        image = image.convert("I")  # PIL averages 32-bit integers, not 16-bit ones
-    return image.reduce(factor)
-
-
-def _open_checked(path: Path) -> Image.Image:
-    """Open ``path`` lazily, refusing non-regular files and images over :data:`MAX_IMAGE_PIXELS`."""
-    if not stat.S_ISREG(os.stat(path).st_mode):  # opening a named pipe would block for ever
-        raise ValueError("not a regular file (a named pipe, device or socket)")
-    image = Image.open(path)
-    width, height = image.size
-    if width * height > MAX_IMAGE_PIXELS:
-        image.close()
-        raise Image.DecompressionBombError(
-            f"{width}x{height} pixels is over the limit of {MAX_IMAGE_PIXELS} pixels")
-    if width == 0 or height == 0:
-        image.close()
-        raise ValueError("zero-sized image")
-    return image
-
-
-def read_rgb(path: Path | str, size: int) -> np.ndarray:
-    """Read an image as a square RGB array, for embedding.
-
-    Parameters
-    ----------
-    path : Path or str
-        Image file in any mode PIL reads (16-bit, CMYK, palette, alpha, grayscale...).
-    size : int
-        Side of the output; the image is resized to ``size x size`` (aspect ratio not kept) with
-        PIL's antialiased bilinear filter. JPEGs are decoded at a reduced scale first when they are
-        at least twice as large (``draft``). EXIF orientation is not applied, so the output is
-        aligned with masks and with the stored pixel grid.
-
-    Returns
-    -------
-    (size, size, 3) uint8 array
-
-    Raises
-    ------
-    DataError
-        If the file cannot be decoded or has more than :data:`MAX_IMAGE_PIXELS` pixels.
-    """
-    if int(size) != size or size < 1:
-        raise ValueError(f"size must be a positive integer, got {size!r}")
-    path = Path(path)
-    try:
-        with _open_checked(path) as image:
-            if image.format == "JPEG":
-                image.draft("RGB", (size, size))
-            image.load()
-            rgb = _to_rgb(_reduced(image, size))
-            if rgb.size != (size, size):
-                rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-            return np.array(rgb, dtype=np.uint8)
-    except Image.DecompressionBombError as exc:
-        raise DataError(f"{path} is too large to decode safely ({exc}); "
-                        "downscale it below 100 megapixels") from exc
-    except Exception as exc:  # noqa: BLE001 - a corrupt file may raise anything PIL does
-        raise DataError(f"cannot read image {path} ({type(exc).__name__}: {exc}); "
-                        "replace or remove the file") from exc
-
-
-def image_shape(path: Path | str) -> tuple[int, int]:
-    """``(height, width)`` of an image file, read from its header."""
-    with _open_checked(Path(path)) as image:
-        width, height = image.size
-    return height, width
-
-
-def _probe(path: Path) -> str | None:
-    """Decode ``path`` cheaply; return why it cannot be used, or None when it is fine."""
-    try:
-        with _open_checked(path) as image:
-            if image.format == "JPEG":
-                image.draft(None, _PROBE_SIZE)
-            image.load()
-            _to_rgb(image.crop((0, 0, 1, 1)))
-    except Image.DecompressionBombError as exc:
-        return f"too large to decode safely ({exc})"
-    except UnidentifiedImageError:
-        return "not an image file PIL can read"
-    except Exception as exc:  # noqa: BLE001 - a corrupt file may raise anything; it becomes a skip
-        return f"unreadable: {type(exc).__name__}: {exc}"
-    return None
-
-
 def _looks_like_mask(mask_path: Path, image_path: Path) -> bool:
     """Whether ``mask_path`` is a binary-ish single-channel map of ``image_path``'s size."""
     try:
-        with _open_checked(mask_path) as mask, _open_checked(image_path) as image:
+        with open_image(mask_path) as mask, open_image(image_path) as image:
             if mask.mode not in ("1", "L") or mask.size != image.size:
                 return False
             histogram = mask.convert("L").histogram()
@@ -358,8 +213,7 @@ def _workers() -> int:
 def load_image_folder(
     root: Path | str,
     *,
-    on_progress: ProgressCallback = ignore_progress,
-    cancel: CancelToken | None = None,
+    monitor: Monitor = QUIET,
 ) -> Dataset:
     """Load a folder of images (searched recursively) as an image :class:`Dataset`.
 
@@ -368,10 +222,9 @@ def load_image_folder(
     root : Path or str
         The folder; ids are relative to it. See the module docstring for the layout rules
         (MVTec AD, good/normal/ok folders, ``_mask`` files, sibling ``.png`` masks).
-    on_progress : callable
-        Receives ``ProgressEvent("load", images_checked, images_total)`` while images are validated.
-    cancel : CancelToken, optional
-        Checked between images.
+    monitor : Monitor
+        Receives ``("load", images_checked, images_total)`` while images are validated, and is
+        checked between chunks of images.
 
     Returns
     -------
@@ -421,7 +274,7 @@ def load_image_folder(
         raise DataError(f"no sample image in {root}: every image is a mask"
                         + (" or lies outside train/good and test/" if mvtec is not None else "")
                         + "; add the images themselves")
-    kept, skipped = _validate(root, samples, on_progress, cancel)
+    kept, skipped = _validate(root, samples, monitor)
     if skipped:
         logger.warning("skipped %d unreadable image(s) in %s", len(skipped), root)
     if not kept:
@@ -429,50 +282,73 @@ def load_image_folder(
         raise DataError(f"no readable image in {root} ({len(skipped)} files skipped: {reasons}); "
                         "replace or remove the damaged files")
 
-    labels = None
-    if label_of is not None:
-        labels = np.array([label_of[i] for i in kept], dtype=np.int8)
-        if not np.any(labels >= 0):
-            labels = None
-    paths = [root / i for i in kept]
+    labels = None if label_of is None else np.array([label_of[i] for i in kept], dtype=np.int8)
+    return image_dataset(root, kept, labels=labels, masks={i: root / masks[i] for i in kept if i in masks},
+                         skipped=skipped)
+
+
+def image_dataset(
+    root: Path,
+    ids: list[str],
+    *,
+    labels: np.ndarray | None = None,
+    masks: dict[str, Path] | None = None,
+    skipped: list[SkippedFile] | None = None,
+) -> Dataset:
+    """The image :class:`Dataset` of the files ``ids`` under ``root``, fingerprinted from their content.
+
+    Parameters
+    ----------
+    root : Path
+        The folder the ids are relative to; it becomes ``Dataset.source``.
+    ids : list of str
+        The images' POSIX paths relative to ``root``, in sample order.
+    labels : (N,) int8 array, optional
+        1 anomaly, 0 normal, -1 unknown; dropped when no label is known.
+    masks : dict id -> Path, optional
+        Ground-truth defect masks of the images that have one.
+    skipped : list of SkippedFile, optional
+        Files left out of ``ids``, with the reason.
+    """
+    if labels is not None and not np.any(labels >= 0):
+        labels = None
+    paths = [root / i for i in ids]
     return Dataset(
         kind=IMAGES,
-        ids=kept,
+        ids=ids,
         source=root,
-        fingerprint=fingerprint_files(root, kept, paths),
+        fingerprint=fingerprint_files(root, ids, paths),
         labels=labels,
         paths=paths,
-        masks={i: root / masks[i] for i in kept if i in masks},
-        skipped=skipped,
+        masks=masks or {},
+        skipped=skipped or [],
     )
 
 
 def _validate(
-    root: Path, samples: list[str], on_progress: ProgressCallback, cancel: CancelToken | None
+    root: Path, samples: list[str], monitor: Monitor
 ) -> tuple[list[str], list[SkippedFile]]:
     """Split ``samples`` into readable ids and skipped files, in order."""
     kept: list[str] = []
     skipped: list[SkippedFile] = []
     total = len(samples)
-    for start, reasons in _map_in_chunks(lambda s: _probe(root / s), samples, cancel):
+    for start, reasons in _map_in_chunks(lambda s: probe_image(root / s), samples, monitor):
         for sample_id, reason in zip(samples[start:start + _CHUNK], reasons):
             if reason is None:
                 kept.append(sample_id)
             else:
                 skipped.append(SkippedFile(sample_id, reason))
-        on_progress(ProgressEvent("load", min(start + _CHUNK, total), total, "checking images"))
+        monitor.report("load", min(start + _CHUNK, total), total, "checking images")
     return kept, skipped
 
 
-def _map_in_chunks(function, items: list, cancel: CancelToken | None = None):
+def _map_in_chunks(function, items: list, monitor: Monitor = QUIET):
     """Yield ``(start, results)`` for ``items[start:start + _CHUNK]``, chunk by chunk, in order.
 
     The files are checked on :func:`_workers` threads; only one chunk is queued at a time, so
-    memory does not grow with the number of files (a queued call costs about 1.6 kB) and
-    ``cancel`` is checked between chunks.
+    memory does not grow with the number of files, and ``monitor`` is checked between chunks.
     """
     with ThreadPoolExecutor(max_workers=_workers()) as pool:
         for start in range(0, len(items), _CHUNK):
-            if cancel is not None:
-                cancel.raise_if_cancelled()
+            monitor.check()
             yield start, list(pool.map(function, items[start:start + _CHUNK]))

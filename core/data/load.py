@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from core.data.archive import extract_zip
-from core.data.dataset import Dataset
-from core.data.images import IMAGE_SUFFIXES, load_image_folder
 from core.data.columns import AUTO, NO_LABEL
+from core.data.dataset import Dataset
+from core.data.folders import removed_on_error
+from core.data.images import IMAGE_SUFFIXES, load_image_folder
 from core.data.tables import TABLE_SUFFIXES, load_table
 from core.errors import DataError
-from core.progress import CancelToken, ProgressCallback, ignore_progress
+from core.progress import QUIET, Monitor
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +31,7 @@ def load_dataset(
     id_column: str = AUTO,
     ignore_columns: tuple[str, ...] | list[str] = (),
     label_required: bool = True,
-    on_progress: ProgressCallback = ignore_progress,
-    cancel: CancelToken | None = None,
+    monitor: Monitor = QUIET,
 ) -> Dataset:
     """Load a folder, zip archive or table as a :class:`Dataset`.
 
@@ -51,10 +50,8 @@ def load_dataset(
         Column roles of a table (see :func:`~core.data.tables.load_table`); ignored for images.
     label_required : bool
         When False, columns named above that a table lacks are not an error (scoring new data).
-    on_progress : callable
-        Receives progress events while extracting and checking images.
-    cancel : CancelToken, optional
-        Checked between files.
+    monitor : Monitor
+        Receives progress while extracting and checking images, and is checked between files.
 
     Returns
     -------
@@ -75,8 +72,8 @@ def load_dataset(
         if label_column not in (None, NO_LABEL) and label_required:
             logger.warning("label_column=%r ignored: image labels come from folder names", label_column)
         if path.is_dir():
-            return load_image_folder(path, on_progress=on_progress, cancel=cancel)
-        return _load_zip(path, workspace, on_progress, cancel)
+            return load_image_folder(path, monitor=monitor)
+        return _load_zip(path, workspace, monitor)
     if suffix in TABLE_SUFFIXES:
         return load_table(path, label_column=label_column, id_column=id_column, ignore_columns=ignore_columns,
                           label_required=label_required)
@@ -88,14 +85,11 @@ def load_dataset(
     raise DataError(f"{path.name}: unsupported format {suffix or '(no suffix)'}; pass {SUPPORTED_FORMATS}")
 
 
-def _load_zip(path: Path, workspace: Path | str, on_progress: ProgressCallback, cancel: CancelToken | None) -> Dataset:
+def _load_zip(path: Path, workspace: Path | str, monitor: Monitor) -> Dataset:
     """Extract ``path`` and load the images; an archive that gives no usable data is removed again."""
-    folder = extract_zip(path, workspace, on_progress=on_progress, cancel=cancel)
-    try:
-        return load_image_folder(folder, on_progress=on_progress, cancel=cancel)
-    except DataError as exc:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise DataError(f"{path.name}: {str(exc).replace(str(folder), 'the archive')}") from exc
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
+    folder = extract_zip(path, workspace, monitor=monitor)
+    with removed_on_error(folder):
+        try:
+            return load_image_folder(folder, monitor=monitor)
+        except DataError as exc:
+            raise DataError(f"{path.name}: {str(exc).replace(str(folder), 'the archive')}") from exc

@@ -4,16 +4,21 @@ A detector subclass implements two methods on validated float64 arrays:
 ``_fit(X)`` learns the model, ``_score_samples(X)`` returns ``(N,)`` float64 scores,
 higher = more normal. This base turns them into scikit-learn's outlier-detector API
 (``fit``, ``score_samples``, ``decision_function``, ``predict``, ``fit_predict``).
+
+Each detector declares what its parameters may be in ``_param_constraints`` (:mod:`core.params`), checked at
+the start of ``fit``. The name is not scikit-learn's ``_parameter_constraints``, which would switch on its
+private validation machinery.
 """
 from __future__ import annotations
 
-from numbers import Integral, Real
+from numbers import Integral
 
 import numpy as np
 from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from core.errors import ConfigError
+from core.params import Interval, check_params
 
 
 class DetectorParamError(ConfigError, ValueError):
@@ -22,19 +27,6 @@ class DetectorParamError(ConfigError, ValueError):
     It is a :class:`~core.errors.ConfigError` for Refinery and a ``ValueError`` for
     scikit-learn tools (search, cross-validation) that expect one.
     """
-
-
-def check_contamination(contamination) -> float:
-    """Return ``contamination`` as a float, or raise if it is not in (0, 0.5]."""
-    if (
-        isinstance(contamination, bool)
-        or not isinstance(contamination, Real)
-        or not 0.0 < contamination <= 0.5
-    ):
-        raise DetectorParamError(
-            f"contamination must be a number in (0, 0.5], got {contamination!r}"
-        )
-    return float(contamination)
 
 
 def contamination_offset(scores: np.ndarray, contamination: float) -> float:
@@ -63,8 +55,12 @@ class BaseDetector(OutlierMixin, BaseEstimator):
     """One-class detector with scikit-learn's outlier API; subclasses add the model.
 
     Subclasses define ``__init__`` (storing parameters only, one of them
-    ``contamination``), ``_fit(X)`` and ``_score_samples(X)``.
+    ``contamination``), ``_fit(X)`` and ``_score_samples(X)``, and extend
+    ``_param_constraints`` with their own parameters.
     """
+
+    _param_constraints: dict = {"contamination": [Interval(float, 0.0, 0.5, closed="right")]}
+    """What each parameter may be (:mod:`core.params`); ``fit`` checks them before anything else."""
 
     def fit(self, X, y=None):
         """Learn the model from training samples, then set ``offset_``.
@@ -80,11 +76,16 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         -------
         self : the fitted detector.
         """
-        contamination = check_contamination(self.contamination)
+        self._check_params()
         X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
         self._fit(X)
-        self.offset_ = contamination_offset(self._score_samples(X), contamination)
+        self.offset_ = contamination_offset(self._score_samples(X), float(self.contamination))
         return self
+
+    def _check_params(self) -> None:
+        """Raise :class:`DetectorParamError` naming the first parameter outside ``_param_constraints``."""
+        check_params(type(self).__name__, self.get_params(deep=False), self._param_constraints,
+                     error=DetectorParamError)
 
     def score_samples(self, X) -> np.ndarray:
         """Normality score of each sample: higher = more normal.

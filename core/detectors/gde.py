@@ -1,6 +1,6 @@
 """Gaussian density estimator (GDE), the one-class head of DROC and CutPaste.
 
-A GDE needs only sums over its training samples (:class:`GaussianMoments`): the count, the mean,
+A GDE needs only sums over its training samples (:class:`core.stats.GaussianMoments`): the count, the mean,
 the scatter matrix about the mean and the sum of fourth powers of the distances to it (for
 Ledoit-Wolf shrinkage). Sums over disjoint partitions of the data add up exactly, so a GDE can be
 fitted over data spread across chunks of a memory-mapped file or the nodes of a cluster while only
@@ -8,14 +8,21 @@ fitted over data spread across chunks of a memory-mapped file or the nodes of a 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from numbers import Real
 from typing import Callable
 
 import numpy as np
 from scipy.linalg import cho_factor, cho_solve
 
-from core.detectors._base import BaseDetector, DetectorParamError, check_contamination, contamination_offset
+from core.detectors._base import BaseDetector, DetectorParamError, contamination_offset
+from core.params import Interval, Options
+from core.stats import (
+    GaussianMoments,
+    ledoit_wolf_amount,
+    mahalanobis_terms,
+    oas_amount,
+    shrink_covariance,
+    squared_mahalanobis,
+)
 
 SHRINKAGE_METHODS = ("ledoit-wolf", "oas")
 
@@ -23,53 +30,6 @@ SHRINKAGE_METHODS = ("ledoit-wolf", "oas")
 # condition number by about D / _RIDGE, so the precision stays finite when N <= D or
 # when columns are constant, and leaves a well-conditioned covariance unchanged.
 _RIDGE = 1e-6
-
-
-@dataclass(frozen=True)
-class GaussianMoments:
-    """Sums over training samples about a fixed centre: everything a GDE fit reads from the data.
-
-    The sums over disjoint partitions of the samples add up exactly (``a + b``) when every part
-    was summed about the same centre. The fit needs that centre to be the mean of all the samples,
-    so fitting from partitions takes two passes: the partitions' ``(count, sum)`` give the mean
-    (:func:`sample_mean`), then each partition sums about it (:meth:`of`).
-
-    Attributes
-    ----------
-    count : int
-        N, the number of samples summed.
-    centre : (D,) float64
-        The point the sums are taken about.
-    scatter : (D, D) float64
-        ``sum_n (x_n - centre)(x_n - centre)^T``.
-    fourth : float
-        ``sum_n ||x_n - centre||^4``, which Ledoit-Wolf shrinkage needs.
-    """
-
-    count: int
-    centre: np.ndarray
-    scatter: np.ndarray
-    fourth: float
-
-    @classmethod
-    def of(cls, X: np.ndarray, centre: np.ndarray) -> "GaussianMoments":
-        """The sums over the rows of ``X (N, D)`` (any float dtype; summed in float64) about ``centre``."""
-        diff = np.asarray(X, dtype=np.float64) - centre
-        squared_norms = np.einsum("ij,ij->i", diff, diff)
-        return cls(len(diff), centre, diff.T @ diff, float(squared_norms @ squared_norms))
-
-    def __add__(self, other: "GaussianMoments") -> "GaussianMoments":
-        if not np.array_equal(self.centre, other.centre):
-            raise ValueError("moments summed about different centres do not add up")
-        return GaussianMoments(self.count + other.count, self.centre, self.scatter + other.scatter,
-                               self.fourth + other.fourth)
-
-
-def sample_mean(parts) -> np.ndarray:
-    """The mean of all samples from each part's ``(count, (D,) sum)``: the first pass of a fit from partitions."""
-    parts = list(parts)
-    count = sum(n for n, _ in parts)
-    return np.sum([np.asarray(total, dtype=np.float64) for _, total in parts], axis=0) / count
 
 
 class GaussianDensity(BaseDetector):
@@ -116,6 +76,9 @@ class GaussianDensity(BaseDetector):
     True
     """
 
+    _param_constraints = {**BaseDetector._param_constraints,
+                          "shrinkage": [Options(*SHRINKAGE_METHODS), Interval(float, 0.0, 1.0)]}
+
     def __init__(self, shrinkage="ledoit-wolf", contamination=0.1):
         self.shrinkage = shrinkage
         self.contamination = contamination
@@ -140,9 +103,9 @@ class GaussianDensity(BaseDetector):
         -------
         self : the fitted detector.
         """
-        contamination = check_contamination(self.contamination)
+        self._check_params()
         self._fit_moments(moments)
-        self.offset_ = contamination_offset(np.asarray(training_scores(self)), contamination)
+        self.offset_ = contamination_offset(np.asarray(training_scores(self)), float(self.contamination))
         return self
 
     def _fit_moments(self, moments: GaussianMoments) -> None:
@@ -166,30 +129,19 @@ class GaussianDensity(BaseDetector):
         The Ledoit-Wolf and OAS amounts are scikit-learn's (``sklearn.covariance.ledoit_wolf`` and
         ``oas``), computed from the sums instead of the samples.
         """
-        n, p = moments.count, len(moments.centre)
+        n = moments.count
         covariance = moments.scatter / n
-        mu = float(np.trace(covariance)) / p
         shrinkage = self.shrinkage
         if isinstance(shrinkage, str) and shrinkage == "ledoit-wolf":
-            amount = _ledoit_wolf_amount(covariance, moments.fourth, n, mu)
+            amount = ledoit_wolf_amount(covariance, moments.fourth, n)
         elif isinstance(shrinkage, str) and shrinkage == "oas":
-            amount = _oas_amount(covariance, n, mu) if p > 1 else 0.0
-        elif isinstance(shrinkage, Real) and not isinstance(shrinkage, bool) and 0 <= shrinkage <= 1:
+            amount = float(oas_amount(covariance, n))
+        else:  # a number in [0, 1], as _param_constraints allows
             amount = float(shrinkage)
-        else:
-            raise DetectorParamError(
-                f"shrinkage must be one of {SHRINKAGE_METHODS} or a number in [0, 1], got {shrinkage!r}"
-            )
-        shrunk = (1.0 - amount) * covariance
-        shrunk.flat[:: p + 1] += amount * mu
-        return shrunk, amount
+        return shrink_covariance(covariance, amount), amount
 
     def _score_samples(self, X: np.ndarray) -> np.ndarray:
-        return -self._contributions(X).sum(axis=1)
-
-    def _contributions(self, X: np.ndarray) -> np.ndarray:
-        diff = X - self.location_
-        return diff * (diff @ self.precision_)
+        return -squared_mahalanobis(X, self.location_, self.precision_)
 
     def feature_contributions(self, X) -> np.ndarray:
         """Each feature's share of the squared Mahalanobis distance.
@@ -207,21 +159,4 @@ class GaussianDensity(BaseDetector):
         -------
         contributions : (N, D) float64
         """
-        return self._contributions(self._validate_fitted(X))
-
-
-def _ledoit_wolf_amount(covariance: np.ndarray, fourth: float, n: int, mu: float) -> float:
-    """Ledoit-Wolf shrinkage from the empirical covariance and ``sum_n ||x_n - mean||^4``."""
-    p = len(covariance)
-    delta_ = float(np.sum((covariance * n) ** 2)) / n**2
-    beta = (fourth / n - delta_) / (p * n)
-    delta = (delta_ - 2.0 * mu * float(np.trace(covariance)) + p * mu**2) / p
-    beta = min(beta, delta)
-    return 0.0 if beta == 0 else float(beta / delta)
-
-
-def _oas_amount(covariance: np.ndarray, n: int, mu: float) -> float:
-    """Oracle Approximating Shrinkage from the empirical covariance."""
-    alpha = float(np.mean(covariance**2))
-    denominator = (n + 1) * (alpha - mu**2 / len(covariance))
-    return 1.0 if denominator == 0 else min((alpha + mu**2) / denominator, 1.0)
+        return mahalanobis_terms(self._validate_fitted(X), self.location_, self.precision_)

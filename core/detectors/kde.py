@@ -1,14 +1,13 @@
 """Gaussian kernel density estimator with a median-heuristic bandwidth."""
 from __future__ import annotations
 
-from numbers import Real
-
 import numpy as np
 from scipy.spatial.distance import pdist
 from scipy.special import logsumexp
 from sklearn.utils import check_random_state
 
-from core.detectors._base import BaseDetector, DetectorParamError
+from core.detectors._base import BaseDetector
+from core.params import Interval, Options
 
 # Training samples drawn (without replacement, seeded) for the median heuristic.
 MEDIAN_SUBSAMPLE = 1000
@@ -56,6 +55,9 @@ class KernelDensity(BaseDetector):
         D, the number of features seen in ``fit``.
     """
 
+    _param_constraints = {**BaseDetector._param_constraints,
+                          "bandwidth": [Options("median"), Interval(float, 0.0, None, closed="neither")]}
+
     def __init__(self, bandwidth="median", contamination=0.1, random_state=0):
         self.bandwidth = bandwidth
         self.contamination = contamination
@@ -66,12 +68,9 @@ class KernelDensity(BaseDetector):
         self.X_fit_ = X
 
     def _resolve_bandwidth(self, X: np.ndarray) -> float:
-        bandwidth = self.bandwidth
-        if isinstance(bandwidth, str) and bandwidth == "median":
+        if isinstance(self.bandwidth, str):  # "median", the only word _param_constraints allows
             return median_pairwise_distance(X, random_state=self.random_state)
-        if isinstance(bandwidth, Real) and not isinstance(bandwidth, bool) and bandwidth > 0:
-            return float(bandwidth)
-        raise DetectorParamError(f'bandwidth must be "median" or a number > 0, got {bandwidth!r}')
+        return float(self.bandwidth)
 
     def _score_samples(self, X: np.ndarray) -> np.ndarray:
         # Centring on the training mean keeps ||a||^2 + ||b||^2 - 2 a.b accurate when

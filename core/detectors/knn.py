@@ -1,12 +1,11 @@
 """Mean distance to the k nearest training samples."""
 from __future__ import annotations
 
-from numbers import Integral
-
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
 
-from core.detectors._base import BaseDetector, DetectorParamError
+from core.detectors._base import BaseDetector
+from core.params import Interval
 
 
 class KNNDistance(BaseDetector):
@@ -25,8 +24,8 @@ class KNNDistance(BaseDetector):
         need a whole neighbourhood to be close, so a small cluster of similar
         anomalies left in the training data cannot vouch for itself. Clipped to
         the number of training samples: ``n_neighbors_ = min(n_neighbors, N)``.
-        The default was chosen on the ADBench tables with refinement (mean AUROC,
-        one seed: k=5 0.795, k=10 0.805, k=20 0.829, k=50 0.820; docs/benchmarks.md).
+        The default was chosen on the ADBench tables with refinement (the figures:
+        docs/benchmarks.md, "How the defaults were chosen", Table detector).
     metric : str or callable, default="euclidean"
         Distance used, any metric :class:`sklearn.neighbors.NearestNeighbors`
         accepts ("euclidean", "manhattan", "cosine", ...).
@@ -45,20 +44,14 @@ class KNNDistance(BaseDetector):
         D, the number of features seen in ``fit``.
     """
 
+    _param_constraints = {**BaseDetector._param_constraints, "n_neighbors": [Interval(int, 1, None)]}
+
     def __init__(self, n_neighbors=20, metric="euclidean", contamination=0.1):
         self.n_neighbors = n_neighbors
         self.metric = metric
         self.contamination = contamination
 
     def _fit(self, X: np.ndarray) -> None:
-        if (
-            isinstance(self.n_neighbors, bool)
-            or not isinstance(self.n_neighbors, Integral)
-            or self.n_neighbors < 1
-        ):
-            raise DetectorParamError(
-                f"n_neighbors must be an integer >= 1, got {self.n_neighbors!r}"
-            )
         self.n_neighbors_ = int(min(self.n_neighbors, X.shape[0]))
         self.nn_ = NearestNeighbors(n_neighbors=self.n_neighbors_, metric=self.metric).fit(X)
 

@@ -1,13 +1,12 @@
 """Robust Gaussian on the leading principal components: a detector a cluster of anomalies cannot hide in."""
 from __future__ import annotations
 
-from numbers import Integral, Real
-
 import numpy as np
 from sklearn.covariance import MinCovDet
 from sklearn.decomposition import PCA
 
-from core.detectors._base import BaseDetector, DetectorParamError, sample_of_rows
+from core.detectors._base import BaseDetector, sample_of_rows
+from core.params import Interval
 
 
 class RobustGaussian(BaseDetector):
@@ -56,6 +55,13 @@ class RobustGaussian(BaseDetector):
         D, the number of features seen in ``fit``.
     """
 
+    _param_constraints = {
+        **BaseDetector._param_constraints,
+        "n_components": [Interval(int, 1, None)],
+        "support_fraction": [Interval(float, 0.5, 1.0, closed="right"), None],
+        "max_samples": [Interval(int, 10, None)],
+    }
+
     def __init__(self, n_components=5, support_fraction=None, max_samples=5000, contamination=0.1, random_state=None):
         self.n_components = n_components
         self.support_fraction = support_fraction
@@ -64,15 +70,6 @@ class RobustGaussian(BaseDetector):
         self.random_state = random_state
 
     def _fit(self, X: np.ndarray) -> None:
-        if isinstance(self.n_components, bool) or not isinstance(self.n_components, Integral) or self.n_components < 1:
-            raise DetectorParamError(f"n_components must be an integer >= 1, got {self.n_components!r}")
-        if self.support_fraction is not None and (
-            isinstance(self.support_fraction, bool) or not isinstance(self.support_fraction, Real)
-            or not 0.5 < self.support_fraction <= 1.0
-        ):
-            raise DetectorParamError(f"support_fraction must be in (0.5, 1] or None, got {self.support_fraction!r}")
-        if isinstance(self.max_samples, bool) or not isinstance(self.max_samples, Integral) or self.max_samples < 10:
-            raise DetectorParamError(f"max_samples must be an integer >= 10, got {self.max_samples!r}")
         X = X[sample_of_rows(np.arange(len(X)), self.max_samples, self.random_state)]
         components = max(1, min(self.n_components, X.shape[1], X.shape[0] // 3))
         self.pca_ = PCA(components, random_state=self.random_state).fit(X)

@@ -5,6 +5,7 @@ import numpy as np
 from sklearn.svm import OneClassSVM as _SklearnOneClassSVM
 
 from core.detectors._base import BaseDetector
+from core.params import Interval, Options
 
 
 class OneClassSVM(BaseDetector):
@@ -36,6 +37,12 @@ class OneClassSVM(BaseDetector):
     n_features_in_ : int
         D, the number of features seen in ``fit``.
     """
+
+    _param_constraints = {
+        **BaseDetector._param_constraints,
+        "nu": [Interval(float, 0.0, 1.0, closed="right")],
+        "gamma": [Options("scale", "auto"), Interval(float, 0.0, None, closed="neither")],
+    }
 
     def __init__(self, nu=0.1, gamma="scale", contamination=0.1):
         self.nu = nu

@@ -19,6 +19,9 @@
 - **scoring new data**: one fused ``map_batches`` pass: actors embed a batch and score it, and
   only the scores come back.
 
+The tasks and actors themselves are in :mod:`core.distributed.ray_tasks`; joining a cluster and
+Ray's settings in :mod:`core.distributed.ray_runtime`.
+
 Every node must read the data (image files) and the run folders at the same path as the driver
 (shared storage such as NFS), and have Refinery and its dependencies installed, in the same
 version; a local Ray instance (``address=None``) shares this machine's. See ``docs/ray.md``.
@@ -32,34 +35,35 @@ Examples
 from __future__ import annotations
 
 import logging
-import operator
-import socket
 import time
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass
-from functools import reduce
-from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable
 
 import numpy as np
-import pandas as pd
 
-from core.compute import CHUNK_ROWS, LocalCompute, check_finite, fitted_rows, row_chunks, score_rows
+from core.compute import CHUNK_ROWS, LocalCompute, check_finite, fitted_rows, row_chunks
 from core.data.dataset import IMAGES, Dataset
-from core.detectors.gde import GaussianDensity, GaussianMoments, sample_mean
-from core.errors import ConfigError, RefineryError
+from core.detectors.gde import GaussianDensity
+from core.distributed.ray_runtime import check_reachable, configure_ray_data, import_ray, refinery_errors
+from core.distributed.ray_tasks import (
+    ROW,
+    EmbedBatches,
+    ScoreBatches,
+    add_moments,
+    fit_on,
+    partition_moments,
+    partition_sums,
+    rows_frame,
+    score_partition,
+    take_rows,
+)
+from core.errors import ConfigError
 from core.mapped import MappedPages
 from core.models.image_encoder import ImageEncoder
 from core.models.tabular import TableEncoder
-from core.progress import ProgressEvent, ignore_progress
-
-INSTALL_HINT = "pip install 'refinery[distributed]'"
-CONNECT_TIMEOUT_S = 5.0
-"""How long to wait for a cluster's address to accept a connection before calling it unreachable."""
-ROW = "__refinery_row"
-"""Column of a Ray Dataset with each sample's 0-based position in the data set."""
-PATH = "__refinery_path"
-"""Column of a Ray Dataset of images with each image's file path."""
+from core.progress import QUIET, Monitor
+from core.stats import sample_mean
 
 
 class RayCompute:
@@ -90,22 +94,22 @@ class RayCompute:
     def __init__(self, address: str | None = None, workers: int | None = None) -> None:
         if workers is not None and workers < 1:
             raise ConfigError(f"workers must be at least 1, got {workers}")
-        self._ray = _import_ray()
+        self._ray = import_ray()
         self.address = address
         self.workers = workers
         self._stored: _StoredRows | None = None
-        _check_reachable(address)
+        check_reachable(address)
         self._owns_ray = not self._ray.is_initialized()
         if self._owns_ray:
             try:
                 self._ray.init(address=address or "local", include_dashboard=False, logging_level=logging.ERROR)
             except (ConnectionError, ValueError, RuntimeError) as error:
                 raise ConfigError(f"could not join the Ray cluster at {address}: {error}") from None
-        _configure_ray_data(self._ray)
+        configure_ray_data(self._ray)
         remote = self._ray.remote
         self._tasks = _Tasks(
-            sums=remote(_partition_sums), moments=remote(_partition_moments), add=remote(_add_moments),
-            take=remote(_take_rows), fit=remote(_fit_on), score=remote(_score_partition),
+            sums=remote(partition_sums), moments=remote(partition_moments), add=remote(add_moments),
+            take=remote(take_rows), fit=remote(fit_on), score=remote(score_partition),
         )
 
     def __enter__(self) -> "RayCompute":
@@ -123,7 +127,7 @@ class RayCompute:
 
     # ------------------------------------------------------------------ Compute
 
-    def embed(self, encoder, dataset, *, out=None, on_progress=ignore_progress, cancel=None) -> np.ndarray:
+    def embed(self, encoder, dataset, *, out=None, monitor=QUIET) -> np.ndarray:
         """``(N, D) float32`` embeddings by actors (see the module docstring), written into ``out`` when given.
 
         Raises
@@ -156,7 +160,7 @@ class RayCompute:
             if pages is not None:
                 pages.release(frontier)
 
-        self._stream(self._map(dataset, _EmbedBatches, encoder), dataset, write, on_progress, cancel)
+        self._stream(self._map(dataset, EmbedBatches, encoder), dataset, write, monitor)
         return out
 
     def fit_detectors(self, factory, features, subsets) -> list:
@@ -183,23 +187,23 @@ class RayCompute:
             scores[:, positions] = result
         return scores
 
-    def score_dataset(self, encoder, detector, dataset, *, on_progress=ignore_progress, cancel=None) -> np.ndarray:
+    def score_dataset(self, encoder, detector, dataset, *, monitor=QUIET) -> np.ndarray:
         """``(N,) float64`` ``score_samples`` of new data, embedded and scored by actors in one pass.
 
         A self-supervised encoder embeds in this process (:class:`~core.compute.LocalCompute`);
         a transductive detector scores the whole data set in one task after the actors embedded it.
         """
         if not _is_frozen(encoder) or len(dataset) == 0:
-            return LocalCompute().score_dataset(encoder, detector, dataset, on_progress=on_progress, cancel=cancel)
+            return LocalCompute().score_dataset(encoder, detector, dataset, monitor=monitor)
         if getattr(detector, "transductive", False):
-            embeddings = check_finite(self.embed(encoder, dataset, on_progress=on_progress, cancel=cancel))
+            embeddings = check_finite(self.embed(encoder, dataset, monitor=monitor))
             return self.score([detector], embeddings)[0]
         scores = np.empty(len(dataset), dtype=np.float64)
 
         def write(batch: dict) -> None:
             scores[batch[ROW]] = batch["score"]
 
-        self._stream(self._map(dataset, _ScoreBatches, encoder, detector), dataset, write, on_progress, cancel)
+        self._stream(self._map(dataset, ScoreBatches, encoder, detector), dataset, write, monitor)
         return scores
 
     # ------------------------------------------------------------------ embedding actors
@@ -207,7 +211,7 @@ class RayCompute:
     def _map(self, dataset: Dataset, actor: type, encoder, *actor_args):
         """``dataset`` as a Ray Dataset of one block per encoder batch, mapped by a pool of ``actor``."""
         batch_rows = encoder.config.batch_size if isinstance(encoder, ImageEncoder) else CHUNK_ROWS
-        frame = _rows_frame(dataset)
+        frame = rows_frame(dataset)
         blocks = [frame.iloc[start : start + batch_rows] for start in range(0, len(frame), batch_rows)]
         resources = self._actor_resources(encoder)
         actors = max(1, min(self.workers or self._cluster(resources), len(blocks)))
@@ -226,22 +230,20 @@ class RayCompute:
         name = "GPU" if "num_gpus" in resources else "CPU"
         return int(self._ray.cluster_resources().get(name, 0))
 
-    def _stream(self, mapped, dataset: Dataset, write: Callable[[dict], None], on_progress, cancel) -> None:
+    def _stream(self, mapped, dataset: Dataset, write: Callable[[dict], None], monitor: Monitor) -> None:
         """Pull the actors' output batches one at a time into ``write``, reporting progress between batches."""
         n, unit = len(dataset), "images" if dataset.kind == IMAGES else "rows"
         started, done = time.perf_counter(), 0
-        if cancel is not None:
-            cancel.raise_if_cancelled()
+        monitor.check()
         batches = iter(mapped.iter_batches(batch_size=None, batch_format="numpy"))
         # Closed on the way out, so that a cancel or an error stops the actors at once.
-        with _refinery_errors(self._ray), closing(batches):
+        with refinery_errors(self._ray), closing(batches):
             for batch in batches:
                 write(batch)
                 done += len(batch[ROW])
                 rate = done / max(time.perf_counter() - started, 1e-9)
-                on_progress(ProgressEvent("embed", done, n, f"{rate:.1f} {unit}/s"))
-                if cancel is not None:
-                    cancel.raise_if_cancelled()
+                monitor.report("embed", done, n, f"{rate:.1f} {unit}/s")
+                monitor.check()
 
     # ------------------------------------------------------------------ tasks over stored rows
 
@@ -287,7 +289,7 @@ class RayCompute:
         ]
 
     def _get(self, refs):
-        with _refinery_errors(self._ray):
+        with refinery_errors(self._ray):
             return self._ray.get(refs)
 
 
@@ -295,6 +297,8 @@ class RayCompute:
 
 
 @dataclass(frozen=True)
+
+
 class _Partition:
     """Consecutive stored blocks, holding rows ``first`` to ``stop - 1``."""
 
@@ -309,6 +313,8 @@ class _Partition:
 
 
 @dataclass
+
+
 class _StoredRows:
     """An ``(N, D)`` array in the object store as blocks of :data:`CHUNK_ROWS` rows.
 
@@ -328,8 +334,11 @@ class _StoredRows:
 
 
 @dataclass(frozen=True)
+
+
 class _Tasks:
-    """The module's task functions as Ray remote functions (registered once per :class:`RayCompute`)."""
+    """The functions of :mod:`core.distributed.ray_tasks` as Ray remote functions (registered once per
+    :class:`RayCompute`)."""
 
     sums: object
     moments: object
@@ -345,118 +354,6 @@ def _array_key(features: np.ndarray) -> tuple:
     return array.__array_interface__["data"][0], array.shape, array.strides, array.dtype.str
 
 
-# ---------------------------------------------------------------------- work done on the cluster
-
-
-class _BlockRows:
-    """Consecutive blocks of rows read as one ``(N, D)`` array, indexed by arrays of row numbers (as
-    :func:`~core.compute.row_chunks` and :func:`~core.compute.score_rows` index it when given rows)."""
-
-    def __init__(self, blocks: Sequence[np.ndarray]) -> None:
-        self.blocks = blocks
-        self.starts = np.cumsum([0, *(len(block) for block in blocks)])
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
-        rows = np.asarray(rows, dtype=np.int64)
-        which = np.searchsorted(self.starts, rows, side="right") - 1
-        taken = np.empty((len(rows), *self.blocks[0].shape[1:]), dtype=self.blocks[0].dtype)
-        for block in np.unique(which):
-            selected = which == block
-            taken[selected] = self.blocks[block][rows[selected] - self.starts[block]]
-        return taken
-
-
-def _partition_sums(subsets: list[np.ndarray], *blocks: np.ndarray) -> list[list[tuple[int, np.ndarray]]]:
-    """Per subset, ``(count, (D,) float64 sum)`` of each chunk of its rows in these blocks."""
-    features = _BlockRows(blocks)
-    return [[(len(chunk), chunk.sum(axis=0, dtype=np.float64)) for chunk in row_chunks(features, rows)]
-            for rows in subsets]
-
-
-def _partition_moments(means: list[np.ndarray], subsets: list[np.ndarray], *blocks: np.ndarray) -> list:
-    """Per subset, the :class:`GaussianMoments` of its rows in these blocks about its mean (count 0 without rows)."""
-    features = _BlockRows(blocks)
-    nothing = np.empty((0, blocks[0].shape[1]))
-    return [reduce(operator.add, (GaussianMoments.of(chunk, mean) for chunk in row_chunks(features, rows)),
-                   GaussianMoments.of(nothing, mean))
-            for mean, rows in zip(means, subsets)]
-
-
-def _add_moments(first: list, second: list) -> list:
-    """Two partitions' moments added subset by subset."""
-    return [a + b for a, b in zip(first, second)]
-
-
-def _take_rows(rows: np.ndarray, *blocks: np.ndarray) -> np.ndarray:
-    return _BlockRows(blocks)[rows]
-
-
-def _fit_on(factory, order: np.ndarray, *parts: np.ndarray):
-    """``factory()`` fitted on the rows gathered by partition, put back in the order of the subset."""
-    return factory().fit(np.concatenate(parts)[order])
-
-
-def _score_partition(detectors: list, rows: np.ndarray, *blocks: np.ndarray) -> np.ndarray:
-    return score_rows(detectors, _BlockRows(blocks), rows)
-
-
-class _EmbedBatches:
-    """A Ray Data actor: builds the encoder once, then embeds one batch of rows per call."""
-
-    def __init__(self, kind: str, encoder) -> None:
-        self.kind = kind
-        # An image encoder is rebuilt here so that its device (auto: CUDA when present) is this node's.
-        self.encoder = ImageEncoder(encoder.config) if isinstance(encoder, ImageEncoder) else encoder
-
-    def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
-        return {ROW: batch[ROW].to_numpy(), "embedding": self.encoder.embed(_batch_dataset(self.kind, batch))}
-
-
-class _ScoreBatches(_EmbedBatches):
-    """A Ray Data actor: embeds one batch of rows per call and scores it under ``detector``."""
-
-    def __init__(self, kind: str, encoder, detector) -> None:
-        super().__init__(kind, encoder)
-        self.detector = detector
-
-    def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
-        embedded = super().__call__(batch)
-        return {ROW: embedded[ROW], "score": self.detector.score_samples(check_finite(embedded["embedding"]))}
-
-
-def _rows_frame(dataset: Dataset) -> pd.DataFrame:
-    """The samples as a table with their positions: ``(row, path)`` for images, the table's rows otherwise."""
-    if dataset.kind == IMAGES:
-        return pd.DataFrame({ROW: np.arange(len(dataset)), PATH: [str(path) for path in dataset.paths or []]})
-    frame = dataset.table.copy()
-    frame.columns = [str(column) for column in frame.columns]  # as the table encoder reads them; Ray Data needs str
-    frame[ROW] = np.arange(len(frame))
-    return frame
-
-
-def _batch_dataset(kind: str, batch: pd.DataFrame) -> Dataset:
-    """The :class:`Dataset` of one batch of :func:`_rows_frame` rows: what an encoder embeds."""
-    ids = [str(row) for row in batch[ROW]]
-    if kind == IMAGES:
-        return Dataset(kind, ids, Path(), "", paths=[Path(path) for path in batch[PATH]])
-    return Dataset(kind, ids, Path(), "", table=batch.drop(columns=ROW).reset_index(drop=True))
-
-
-# ---------------------------------------------------------------------- Ray itself
-
-
-def _import_ray():
-    try:
-        import ray
-        import ray.data
-    except ImportError:
-        raise ConfigError(f"the Ray engine needs Ray: {INSTALL_HINT}") from None
-    return ray
-
-
 def _is_frozen(encoder) -> bool:
     return isinstance(encoder, (ImageEncoder, TableEncoder))
 
@@ -465,49 +362,3 @@ def _check_frozen(encoder) -> None:
     if not _is_frozen(encoder):
         raise ConfigError(f"the Ray engine embeds with frozen encoders only (objective 'none'); "
                           f"{type(encoder).__name__} embeds in this process")
-
-
-def _check_reachable(address: str | None) -> None:
-    """A clear ConfigError, within :data:`CONNECT_TIMEOUT_S`, for a cluster address nothing answers at.
-
-    ``None``, ``local`` and ``auto`` are left to Ray; ``[ray://]HOST:PORT`` must accept a connection.
-    """
-    if address in (None, "local", "auto"):
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"Ray address must be auto, HOST:PORT or ray://HOST:PORT; got {address!r}")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as error:
-        reason = error.strerror or type(error).__name__
-        raise ConfigError(f"cannot reach a Ray cluster at {address} ({reason}); start one with "
-                          "'ray start --head', or check the address") from None
-
-
-def _configure_ray_data(ray) -> None:
-    """Ray Data's progress bars and console messages off (progress is reported through ``on_progress``,
-    errors reach the caller as exceptions; Ray's session log keeps the messages), and an error in
-    an actor raised as itself, so that a Refinery error reaches the caller as one."""
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    context.raise_original_map_exception = True
-    for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.CRITICAL)
-
-
-@contextmanager
-def _refinery_errors(ray) -> Iterator[None]:
-    """A Refinery error raised on the cluster re-raised as itself, not wrapped in Ray's remote traceback."""
-    try:
-        yield
-    except ray.exceptions.RayError as error:
-        cause = error
-        while cause is not None and (isinstance(cause, ray.exceptions.RayError)
-                                     or not isinstance(cause, RefineryError)):
-            cause = getattr(cause, "cause", None) or cause.__cause__
-        if cause is None:
-            raise
-        raise cause from None

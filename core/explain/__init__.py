@@ -8,7 +8,8 @@ from core.explain.attribution import (
 )
 from core.explain.cutpaste_patch import CutPastePatchLocalizer
 from core.explain.gradcam import MahalanobisTarget, ScoreExplainer, find_target_layer
-from core.explain.patch import PatchLocalizer, image_scores_from_maps
+from core.explain.localizer import image_scores_from_maps
+from core.explain.patch import PatchLocalizer
 from core.explain.render import colorize, mask_contour, overlay, threshold_map
 from core.explain.smoothing import gaussian_blur, upsample_and_smooth
 

@@ -45,26 +45,24 @@ from __future__ import annotations
 import logging
 import math
 import time
-from numbers import Real
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from sklearn.exceptions import NotFittedError
 from torch import nn
 
-from core.config import DEVICES
-from core.data.images import image_shape, read_rgb
-from core.detectors.gde import SHRINKAGE_METHODS, GaussianDensity
-from core.errors import ConfigError, RunError
+from core.data.decode import image_shape, read_rgb
+from core.detectors.gde import GaussianDensity
+from core.errors import ConfigError
+from core.explain.crops import RandomPatchObjective, patch_grid, unfold_patches
 from core.explain.localizer import MapLocalizer
+from core.explain.smoothing import receptive_field_upsample
 from core.models.backbones import IMAGE_SIZE_LIMITS, load_state, make_backbone, save_state
-from core.models.device import resolve_device
 from core.models.objectives import make_objective
-from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
-from core.store import read_arrays, write_arrays, write_json
+from core.params import Interval, Options
+from core.progress import QUIET, Monitor
+from core.stats import mahalanobis
 from core.train import TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -77,91 +75,6 @@ _STATE_FILE = "cutpaste_patch.json"
 _ENCODER_FILE = "cutpaste_patch_encoder.safetensors"
 _GAUSSIAN_FILE = "cutpaste_patch_gaussian.safetensors"
 _MAX_IMAGE_SIZE = 1024
-
-
-# ----------------------------------------------------------------------------- patches and maps
-
-def patch_grid(size: int, patch_size: int, stride: int) -> tuple[int, int]:
-    """Patches a side and the (reflect-padded) side they tile, for a ``size x size`` image.
-
-    ``n = ceil((size - patch_size) / stride) + 1`` patches start at ``0, stride, ..., (n - 1) * stride``
-    and cover ``(n - 1) * stride + patch_size >= size`` pixels.
-    """
-    count = math.ceil((size - patch_size) / stride) + 1
-    return count, (count - 1) * stride + patch_size
-
-
-def unfold_patches(images: torch.Tensor, patch_size: int, stride: int) -> torch.Tensor:
-    """Every ``patch_size`` patch at ``stride`` of square images, row by row.
-
-    Parameters
-    ----------
-    images : (B, 3, S, S) float tensor
-    patch_size, stride : int
-        ``stride <= patch_size <= S``. When ``S - patch_size`` is not a multiple of ``stride``,
-        the bottom and right edges are reflected so that the last patches end at the border.
-
-    Returns
-    -------
-    (B, n * n, 3, patch_size, patch_size) tensor
-        ``n`` from :func:`patch_grid`; patch ``i * n + j`` starts at row ``i * stride``, column
-        ``j * stride``.
-    """
-    count, channels, size = images.shape[0], images.shape[1], images.shape[-1]
-    n, padded = patch_grid(size, patch_size, stride)
-    if padded > size:
-        images = F.pad(images, (0, padded - size, 0, padded - size), mode="reflect")
-    columns = F.unfold(images, patch_size, stride=stride)            # (B, C * P * P, n * n)
-    return columns.transpose(1, 2).reshape(count, n * n, channels, patch_size, patch_size)
-
-
-def receptive_field_upsample(
-    scores: torch.Tensor, patch_size: int, stride: int, sigma: float, size: int
-) -> torch.Tensor:
-    """Patch scores ``(B, h, w)`` -> pixel maps ``(B, size, size)`` (FCDD's receptive-field upsampling).
-
-    A pixel's value is the weighted mean of the scores of the patches that contain it, the weight
-    being ``exp(-(dy**2 + dx**2) / (2 sigma**2))`` for its offset ``(dy, dx)`` from the patch
-    centre (``sigma = 0``: equal weights). Patch ``(i, j)`` covers rows ``i * stride`` to
-    ``i * stride + patch_size - 1`` and the same columns; ``size`` must not exceed the covered side
-    ``(h - 1) * stride + patch_size``. Non-negative scores give non-negative maps.
-    """
-    offsets = torch.arange(patch_size, dtype=torch.float64) - (patch_size - 1) / 2
-    weights = torch.ones(patch_size, dtype=torch.float64) if sigma == 0 else torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = torch.outer(weights, weights).to(scores.device, scores.dtype)[None, None]
-    total = F.conv_transpose2d(scores.unsqueeze(1), kernel, stride=stride)
-    mass = F.conv_transpose2d(torch.ones_like(scores[:1]).unsqueeze(1), kernel, stride=stride)
-    return (total / mass)[:, 0, :size, :size]
-
-
-def mahalanobis_distance(embeddings: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
-    """Mahalanobis distance ``(N,) float64`` of ``(N, D)`` embeddings to one Gaussian (computed in float64)."""
-    diff = embeddings.double() - mean
-    return ((diff @ precision) * diff).sum(dim=1).clamp_min(0.0).sqrt()
-
-
-class RandomPatchObjective(nn.Module):
-    """An image objective applied to random patches: crops, then ``objective.loss`` on the crops.
-
-    ``loss(encoder, images (B, 3, S, S), generator)`` crops ``patches_per_image`` patches of
-    ``patch_size`` at random places of each image (drawn with ``generator``) and returns
-    ``objective.loss(encoder, patches (B * patches_per_image, 3, P, P), generator)``.
-    """
-
-    def __init__(self, objective: nn.Module, patch_size: int, patches_per_image: int) -> None:
-        super().__init__()
-        self.objective = objective
-        self.patch_size = patch_size
-        self.patches_per_image = patches_per_image
-
-    def loss(self, encoder: nn.Module, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        count, _, height, width = batch.shape
-        side, shape = self.patch_size, (count, self.patches_per_image)
-        tops = torch.randint(0, height - side + 1, shape, generator=generator).tolist()
-        lefts = torch.randint(0, width - side + 1, shape, generator=generator).tolist()
-        patches = torch.stack([batch[index, :, top:top + side, left:left + side]
-                               for index in range(count) for top, left in zip(tops[index], lefts[index])])
-        return self.objective.loss(encoder, patches.contiguous(memory_format=torch.channels_last), generator)
 
 
 # ----------------------------------------------------------------------------- the localizer
@@ -246,10 +159,25 @@ class CutPastePatchLocalizer(MapLocalizer):
     """
 
     method = "cutpaste"
+    _state_file, _arrays_file, _state_format = _STATE_FILE, _GAUSSIAN_FILE, STATE_FORMAT
 
-    param_names = ("image_size", "patch_size", "stride", "fit_stride", "backbone", "epochs",
-                   "patches_per_image", "batch_size", "learning_rate", "embed_batch_size", "max_fit_patches",
-                   "shrinkage", "sigma", "display_quantile", "display_holdout", "device", "seed")
+    _param_constraints = {
+        **MapLocalizer._param_constraints,
+        "image_size": [Interval(int, 1, _MAX_IMAGE_SIZE)],
+        "patch_size": [Interval(int, 1, None)],
+        "stride": [Interval(int, 1, None)],
+        "fit_stride": [Interval(int, 1, None)],
+        "backbone": [Options(*PATCH_BACKBONES)],
+        "epochs": [Interval(int, 1, None)],
+        "patches_per_image": [Interval(int, 1, None)],
+        "batch_size": [Interval(int, 2, None)],
+        "learning_rate": [Interval(float, 0.0, math.inf, closed="neither")],
+        "embed_batch_size": [Interval(int, 1, None)],
+        "max_fit_patches": [Interval(int, 2, None)],
+        "shrinkage": GaussianDensity._param_constraints["shrinkage"],
+        "sigma": [None, Interval(float, 0.0, None)],
+    }
+    """Allowed values of each parameter; :meth:`_check_params` adds those that relate two parameters."""
 
     def __init__(
         self,
@@ -292,41 +220,22 @@ class CutPastePatchLocalizer(MapLocalizer):
 
     # ------------------------------------------------------------------ parameters
 
-    def _validate(self) -> None:
-        if self.backbone not in PATCH_BACKBONES:
-            raise ConfigError(f"backbone must be one of {', '.join(PATCH_BACKBONES)}; got {self.backbone!r}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
-        shrinkage_ok = self.shrinkage in SHRINKAGE_METHODS or (
-            isinstance(self.shrinkage, Real) and not isinstance(self.shrinkage, bool) and 0 <= self.shrinkage <= 1)
-        if not shrinkage_ok:
-            raise ConfigError(f"shrinkage must be one of {', '.join(SHRINKAGE_METHODS)} or a number in [0, 1]; "
-                              f"got {self.shrinkage!r}")
+    def _check_params(self) -> None:
+        """The declared constraints, then the relations: a patch size the encoder takes, an image at
+        least one patch wide, strides no longer than a patch."""
+        super()._check_params()
         low, high = IMAGE_SIZE_LIMITS[self._backbone_name()]
         patch = self.patch_size
-        checks = [
-            ("patch_size", _is_int(patch) and low <= patch <= high,
-             f"in [{low}, {high}] pixels for backbone {self._backbone_name()!r}"),
-            ("image_size", _is_int(self.image_size) and patch <= self.image_size <= _MAX_IMAGE_SIZE,
+        relations = [
+            ("patch_size", low <= patch <= high, f"in [{low}, {high}] pixels for backbone {self._backbone_name()!r}"),
+            ("image_size", patch <= self.image_size,
              f"in [patch_size, {_MAX_IMAGE_SIZE}] = [{patch}, {_MAX_IMAGE_SIZE}] pixels"),
-            ("stride", _is_int(self.stride) and 1 <= self.stride <= patch, f"in [1, patch_size] = [1, {patch}]"),
-            ("fit_stride", _is_int(self.fit_stride) and 1 <= self.fit_stride <= patch,
-             f"in [1, patch_size] = [1, {patch}]"),
-            ("epochs", _is_int(self.epochs) and self.epochs >= 1, ">= 1"),
-            ("patches_per_image", _is_int(self.patches_per_image) and self.patches_per_image >= 1, ">= 1"),
-            ("batch_size", _is_int(self.batch_size) and self.batch_size >= 2, ">= 2"),
-            ("learning_rate", isinstance(self.learning_rate, Real) and 0 < self.learning_rate < math.inf, "> 0"),
-            ("embed_batch_size", _is_int(self.embed_batch_size) and self.embed_batch_size >= 1, ">= 1"),
-            ("max_fit_patches", _is_int(self.max_fit_patches) and self.max_fit_patches >= 2, ">= 2"),
-            ("sigma", self.sigma is None or (isinstance(self.sigma, Real) and self.sigma >= 0),
-             "None (patch_size / 4) or >= 0 pixels"),
-            ("display_quantile", 0.0 < self.display_quantile < 1.0, "in (0, 1)"),
-            ("display_holdout", 0.0 <= self.display_holdout <= 0.5, "in [0, 0.5]"),
-            ("seed", _is_int(self.seed) and self.seed >= 0, ">= 0"),
+            ("stride", self.stride <= patch, f"in [1, patch_size] = [1, {patch}]"),
+            ("fit_stride", self.fit_stride <= patch, f"in [1, patch_size] = [1, {patch}]"),
         ]
-        for name, ok, allowed in checks:
+        for name, ok, allowed in relations:
             if not ok:
-                raise ConfigError(f"{name} must be {allowed}; got {getattr(self, name)!r}")
+                raise ConfigError(f"{type(self).__name__}: {name} must be {allowed}; got {getattr(self, name)!r}")
 
     def _backbone_name(self) -> str:
         if self.backbone != "auto":
@@ -337,18 +246,9 @@ class CutPastePatchLocalizer(MapLocalizer):
     def _sigma(self) -> float:
         return self.patch_size / 4 if self.sigma is None else float(self.sigma)
 
-    @property
-    def _torch_device(self) -> torch.device:
-        return resolve_device(self.device)
-
     # ------------------------------------------------------------------ fit
 
-    def fit(
-        self,
-        paths: Sequence[Path | str],
-        on_progress: ProgressCallback = ignore_progress,
-        cancel: CancelToken | None = None,
-    ) -> "CutPastePatchLocalizer":
+    def fit(self, paths: Sequence[Path | str], monitor: Monitor = QUIET) -> "CutPastePatchLocalizer":
         """Train the patch encoder and fit the Gaussian on normal images (a run's kept training images).
 
         Parameters
@@ -356,12 +256,10 @@ class CutPastePatchLocalizer(MapLocalizer):
         paths : sequence of image paths
             At least 2 images. A seeded share (``display_holdout``) is held out of training and
             only sets ``display_scale_``.
-        on_progress : callable
-            Receives ``ProgressEvent`` s of the stages ``"patch_read"`` (images read),
-            ``"patch_train"`` (training steps), ``"patch_fit"`` (images embedded for the Gaussian)
-            and ``"display_scale"`` (held-out images mapped).
-        cancel : CancelToken, optional
-            Checked between batches and training steps.
+        monitor : Monitor
+            Reports the stages ``"patch_read"`` (images read), ``"patch_train"`` (training steps),
+            ``"patch_fit"`` (images embedded for the Gaussian) and ``"display_scale"`` (held-out
+            images mapped); checked for cancellation between batches and training steps.
 
         Returns
         -------
@@ -369,33 +267,31 @@ class CutPastePatchLocalizer(MapLocalizer):
         """
         rng, fitted, holdout = self._start_fit(paths)
         started = time.perf_counter()
-        images = self._read(fitted, on_progress, cancel)
+        images = self._read(fitted, monitor)
         self.backbone_ = self._backbone_name()
-        self.encoder_ = self._train_encoder(images, on_progress, cancel)
-        self._fit_gaussian(images, rng, on_progress, cancel)
+        self.encoder_ = self._train_encoder(images, monitor)
+        self._fit_gaussian(images, rng, monitor)
         self.n_train_images_ = len(fitted)
         self.grid_shape_ = (patch_grid(self.image_size, self.patch_size, self.stride)[0],) * 2
-        self.display_scale_ = self._display_scale(holdout or fitted, rng, on_progress, cancel)
+        self.display_scale_ = self._display_scale(holdout or fitted, rng, monitor)
         log.info("CutPaste patch model fitted on %d images (%d patches) in %.1f s; "
                  "display scale %.4g from %d %s images",
                  len(fitted), self.n_fit_patches_, time.perf_counter() - started, self.display_scale_,
                  len(holdout or fitted), "held-out" if holdout else "training")
         return self
 
-    def _read(self, paths: list[Path], on_progress: ProgressCallback, cancel: CancelToken | None) -> np.ndarray:
+    def _read(self, paths: list[Path], monitor: Monitor) -> np.ndarray:
         """The images as ``(N, S, S, 3) uint8`` at ``image_size``."""
         images = np.empty((len(paths), self.image_size, self.image_size, 3), dtype=np.uint8)
         for index, path in enumerate(paths):
-            if cancel is not None and index % 16 == 0:
-                cancel.raise_if_cancelled()
+            if index % 16 == 0:
+                monitor.check()
             images[index] = read_rgb(path, self.image_size)
             if index % 16 == 15 or index + 1 == len(paths):
-                on_progress(ProgressEvent("patch_read", index + 1, len(paths)))
+                monitor.report("patch_read", index + 1, len(paths))
         return images
 
-    def _train_encoder(
-        self, images: np.ndarray, on_progress: ProgressCallback, cancel: CancelToken | None
-    ) -> nn.Module:
+    def _train_encoder(self, images: np.ndarray, monitor: Monitor) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             encoder = make_backbone(self.backbone_, image_size=self.patch_size)
@@ -403,11 +299,7 @@ class CutPastePatchLocalizer(MapLocalizer):
                                              self.patch_size, self.patches_per_image)
         config = TrainConfig(epochs=self.epochs, batch_size=max(2, self.batch_size // self.patches_per_image),
                              learning_rate=float(self.learning_rate), seed=self.seed, device=self.device)
-
-        def relabel(event: ProgressEvent) -> None:
-            on_progress(ProgressEvent("patch_train", event.done, event.total, event.message))
-
-        result = train(encoder, objective, images, config, on_progress=relabel, cancel=cancel)
+        result = train(encoder, objective, images, config, monitor=monitor.renamed("patch_train"))
         self.train_losses_ = [float(loss) for loss in result.losses]
         log.info("patch encoder %s trained for %d epochs in %.1f s; last loss %.4f", self.backbone_,
                  self.epochs, result.seconds, self.train_losses_[-1])
@@ -418,8 +310,7 @@ class CutPastePatchLocalizer(MapLocalizer):
         loading, so both compute bit for bit the same)."""
         return encoder.to(self._torch_device).to(memory_format=torch.channels_last).eval()
 
-    def _fit_gaussian(self, images: np.ndarray, rng: np.random.Generator, on_progress: ProgressCallback,
-                      cancel: CancelToken | None) -> None:
+    def _fit_gaussian(self, images: np.ndarray, rng: np.random.Generator, monitor: Monitor) -> None:
         cells = patch_grid(self.image_size, self.patch_size, self.fit_stride)[0] ** 2
         per_image = min(cells, math.ceil(self.max_fit_patches / len(images)))
         per_batch = max(1, self.embed_batch_size // per_image)
@@ -431,9 +322,9 @@ class CutPastePatchLocalizer(MapLocalizer):
                 keep = np.stack([np.sort(rng.choice(cells, per_image, replace=False)) for _ in range(len(patches))])
                 rows = torch.arange(len(patches), device=patches.device)[:, None]
                 patches = patches[rows, torch.from_numpy(keep).to(patches.device)]
-            chunks.append(self._embed(patches.flatten(0, 1), cancel).cpu().double())
+            chunks.append(self._embed(patches.flatten(0, 1), monitor).cpu().double())
             done = min(start + per_batch, len(images))
-            on_progress(ProgressEvent("patch_fit", done, len(images), f"{done * per_image} patches"))
+            monitor.report("patch_fit", done, len(images), f"{done * per_image} patches")
         embeddings = torch.cat(chunks).numpy()
         gaussian = GaussianDensity(shrinkage=self.shrinkage).fit(embeddings)
         self.mean_ = torch.from_numpy(np.ascontiguousarray(gaussian.location_, dtype=np.float64))
@@ -445,52 +336,46 @@ class CutPastePatchLocalizer(MapLocalizer):
     # ------------------------------------------------------------------ maps
 
     def _map_batches(
-        self, paths: list[Path], stage: str, on_progress: ProgressCallback, cancel: CancelToken | None
+        self, paths: list[Path], stage: str, monitor: Monitor
     ) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor]]:
         """Yield ``(original (H, W) sizes, (B, image_size, image_size) float32 maps)`` per batch of images."""
         cells = self.grid_shape_[0] * self.grid_shape_[1]
         per_batch = max(1, self.embed_batch_size // cells)
         started = time.perf_counter()
         for start in range(0, len(paths), per_batch):
-            if cancel is not None:
-                cancel.raise_if_cancelled()
+            monitor.check()
             batch = paths[start:start + per_batch]
             pixels = self._to_tensor(np.stack([read_rgb(path, self.image_size) for path in batch]))
-            maps = self._working_maps(pixels, cancel)
+            maps = self._working_maps(pixels, monitor)
             yield [image_shape(path) for path in batch], maps
             done = start + len(batch)
             rate = done / max(time.perf_counter() - started, 1e-9)
-            on_progress(ProgressEvent(stage, done, len(paths), f"{rate:.1f} images/s"))
+            monitor.report(stage, done, len(paths), f"{rate:.1f} images/s")
 
     @torch.inference_mode()
-    def _working_maps(self, pixels: torch.Tensor, cancel: CancelToken | None) -> torch.Tensor:
+    def _working_maps(self, pixels: torch.Tensor, monitor: Monitor) -> torch.Tensor:
         """``(B, 3, S, S)`` images in [0, 1] -> ``(B, S, S) float32`` maps at ``image_size``."""
         patches = unfold_patches(pixels, self.patch_size, self.stride)
         device = patches.device
-        distances = mahalanobis_distance(self._embed(patches.flatten(0, 1), cancel),
-                                         self.mean_.to(device), self.precision_.to(device))
+        embeddings = self._embed(patches.flatten(0, 1), monitor).double()     # measured in float64
+        distances = mahalanobis(embeddings, self.mean_.to(device), self.precision_.to(device))
         scores = distances.float().reshape(len(pixels), *self.grid_shape_)
         return receptive_field_upsample(scores, self.patch_size, self.stride, self._sigma, self.image_size)
 
     @torch.inference_mode()
-    def _embed(self, patches: torch.Tensor, cancel: CancelToken | None) -> torch.Tensor:
+    def _embed(self, patches: torch.Tensor, monitor: Monitor) -> torch.Tensor:
         """``(M, 3, P, P)`` patches in [0, 1] -> ``(M, D) float32`` embeddings, ``embed_batch_size`` at a time."""
         out = []
         for start in range(0, len(patches), self.embed_batch_size):
-            if cancel is not None:
-                cancel.raise_if_cancelled()
+            monitor.check()
             chunk = patches[start:start + self.embed_batch_size].contiguous(memory_format=torch.channels_last)
             out.append(self.encoder_(chunk).float())
         return torch.cat(out)
 
     def _to_tensor(self, images: np.ndarray) -> torch.Tensor:
         """``(B, S, S, 3) uint8`` -> ``(B, 3, S, S) float32`` in [0, 1] on the device."""
-        return torch.from_numpy(images).to(self._torch_device).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "display_scale_"):
-            raise NotFittedError(
-                "this CutPastePatchLocalizer is not fitted yet; call fit(paths) with normal images first")
+        pixels = torch.from_numpy(images).to(self._torch_device)
+        return pixels.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
 
     # ------------------------------------------------------------------ persistence
 
@@ -499,49 +384,23 @@ class CutPastePatchLocalizer(MapLocalizer):
         ``cutpaste_patch_encoder.safetensors`` (encoder weights) and
         ``cutpaste_patch_gaussian.safetensors`` (Gaussian mean and precision) into ``directory``."""
         self._check_fitted()
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_state(self.encoder_, directory / _ENCODER_FILE)
-        write_arrays(directory / _GAUSSIAN_FILE, {"mean": self.mean_.cpu().numpy(),
-                                                  "precision": self.precision_.cpu().numpy()})
-        write_json(directory / _STATE_FILE, {
-            "format": STATE_FORMAT,
-            "method": self.method,
-            "params": self.get_params(),
-            "backbone": self.backbone_,
-            "grid_shape": list(self.grid_shape_),
-            "n_features": self.n_features_,
-            "n_train_images": self.n_train_images_,
-            "n_fit_patches": self.n_fit_patches_,
-            "shrinkage": self.shrinkage_,
-            "train_losses": self.train_losses_,
-            "display_scale": self.display_scale_,
-        })
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        save_state(self.encoder_, Path(directory) / _ENCODER_FILE)
+        self._save_state(directory, method=self.method, backbone=self.backbone_, n_fit_patches=self.n_fit_patches_,
+                         shrinkage=self.shrinkage_, train_losses=self.train_losses_)
 
     @classmethod
     def load(cls, directory: Path | str, device: str | None = None) -> "CutPastePatchLocalizer":
         """Read a localizer written by :meth:`save` (no pickle); ``device`` overrides the saved one."""
         directory = Path(directory)
-        state, localizer = cls._restore(directory, _STATE_FILE, STATE_FORMAT, device)
+        localizer, state = cls._load_state(directory, device)
         localizer.backbone_ = state["backbone"]
         encoder = make_backbone(localizer.backbone_, image_size=localizer.patch_size)
-        encoder = load_state(encoder, directory / _ENCODER_FILE)
-        localizer.encoder_ = localizer._ready(encoder)
-        arrays = read_arrays(directory / _GAUSSIAN_FILE)
-        missing = [name for name in ("mean", "precision") if name not in arrays]
-        if missing:
-            raise RunError(f"{directory / _GAUSSIAN_FILE} lacks {', '.join(missing)}; fit and save again")
-        localizer.mean_ = torch.from_numpy(arrays["mean"].copy())
-        localizer.precision_ = torch.from_numpy(arrays["precision"].copy())
-        localizer.grid_shape_ = tuple(state["grid_shape"])
-        localizer.n_features_ = int(state["n_features"])
-        localizer.n_train_images_ = int(state["n_train_images"])
+        localizer.encoder_ = localizer._ready(load_state(encoder, directory / _ENCODER_FILE))
         localizer.n_fit_patches_ = int(state["n_fit_patches"])
         localizer.shrinkage_ = float(state["shrinkage"])
         localizer.train_losses_ = [float(loss) for loss in state["train_losses"]]
-        localizer.display_scale_ = float(state["display_scale"])
         return localizer
 
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    def _array_names(self) -> tuple[str, ...]:
+        return ("mean", "precision")

@@ -12,11 +12,9 @@ Why:
 
 - the embedding global-average-pools that map, so Grad-CAM there is exactly CAM for the score: the
   map is ``relu(sum_k dS/dp_k A_k) / hw`` with ``p`` the pooled features (checked numerically);
-- it measured best: Magnetic Tile Defects, 224 px, GDE on 200 MT_Free images, 80 defect images
-  (16 per defect type), Grad-CAM per-image pixel AUROC 0.82 for stride 32 vs 0.71 for stride 16 and
-  0.50 for stride 8 (pooled over images: 0.76 / 0.61 / 0.56). Adding the stride-16 map (which also
-  carries the score's direct stride-16 part, about 30% of the positive CAM mass) gave 0.83, within
-  noise, so one layer is kept.
+- it localised best of the stride-8, -16 and -32 layers on Magnetic Tile Defects, and adding the
+  stride-16 map (which also carries the score's direct stride-16 part) gained nothing beyond noise,
+  so one layer is kept (docs/benchmarks.md, "Figures that left the docstrings").
 
 The cost: 7 x 7 cells at 224 px, so small defects are blurred, and the part of the score that the
 stride-16 features contribute directly is not seen. ``target_layer=`` picks another pooled layer.
@@ -24,8 +22,8 @@ stride-16 features contribute directly is not seen. ``target_layer=`` picks anot
 Grad-CAM++ is given the *log* of the squared distance, then its map is multiplied by the image's
 squared distance. Its closed-form weights were derived for an explained quantity ``exp(S)`` with
 ``S`` the differentiated score and are not scale invariant: fed the raw squared distance (~1e3 to
-1e4) they degrade to chance (per-image AUROC 0.48 at stride 32 in the measurement above); fed
-``S = log(distance)`` they give 0.79. Grad-CAM itself is unchanged by that choice (only a positive
+1e4) they degrade to chance, fed ``S = log(distance)`` they localise about as well as Grad-CAM
+(same docs/benchmarks.md section). Grad-CAM itself is unchanged by that choice (only a positive
 factor per image), so it explains the squared distance directly.
 
 Maps are unnormalised: ``relu(sum_k w_k A_k)`` in the score's own units, bilinearly upsampled to each
@@ -46,9 +44,11 @@ from PIL import Image
 from torch import nn
 
 from core.config import FEATURE_LAYERS
-from core.data.images import read_rgb
+from core.data.decode import read_rgb
 from core.errors import ConfigError
 from core.models.efficientnet import EfficientNetFeatures, normalize_images
+from core.params import Interval, Options, check_params
+from core.stats import squared_mahalanobis
 
 METHODS = ("gradcam", "gradcam++")
 
@@ -98,8 +98,7 @@ class MahalanobisTarget:
         if self.location.device != embedding.device:
             self.location = self.location.to(embedding.device)
             self.precision = self.precision.to(embedding.device)
-        diff = embedding.to(torch.float64) - self.location
-        squared = ((diff @ self.precision) * diff).sum(dim=-1)
+        squared = squared_mahalanobis(embedding.to(torch.float64), self.location, self.precision)
         return torch.log(squared.clamp_min(_TINY)) if self.log else squared
 
 
@@ -179,6 +178,8 @@ class ScoreExplainer:
     ...     maps = explainer.explain(paths, image_size=224)  # doctest: +SKIP
     """
 
+    _param_constraints = {"method": [Options(*METHODS)], "batch_size": [Interval(int, 1, None)]}
+
     def __init__(
         self,
         backbone_model: EfficientNetFeatures,
@@ -190,10 +191,7 @@ class ScoreExplainer:
         target_layer: str | None = None,
         batch_size: int = 8,
     ) -> None:
-        if method not in METHODS:
-            raise ConfigError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        check_params(type(self).__name__, {"method": method, "batch_size": batch_size}, self._param_constraints)
         self.model = PooledEmbedding(backbone_model, feature_layers)
         self.layer = find_target_layer(backbone_model, feature_layers, target_layer)
         self.target = MahalanobisTarget(location, precision)

@@ -1,45 +1,71 @@
-"""What every patch-level localizer shares: maps at each image's own size, the display scale, normalising.
+"""What every patch-level localizer shares: maps at each image's own size, the display scale, normalising,
+parameter checking, the saved files, and image-level scores from maps.
 
-A localizer subclasses :class:`MapLocalizer` and provides ``_map_batches(paths, stage, on_progress,
-cancel)``, which yields ``(original (H, W) sizes, (B, S, S) maps)`` per batch of images at its
-working size ``S``, plus ``_check_fitted()`` and the ``display_quantile`` parameter.
+A localizer subclasses :class:`MapLocalizer`, a scikit-learn ``BaseEstimator``: ``__init__`` only
+stores its parameters, fitted state ends in ``_``. It provides
+
+- ``_param_constraints``: the allowed values of its parameters (:mod:`core.params`), checked at fit
+  and at load;
+- ``_map_batches(paths, stage, monitor)``: yields ``(original (H, W) sizes, (B, S, S) maps)`` per
+  batch of images at its working size ``S``;
+- ``_array_names()`` and the ``_state_file`` / ``_arrays_file`` / ``_state_format`` it is saved in
+  (its ``save`` and ``load`` go through :meth:`MapLocalizer._save_state` and ``_load_state``).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+import torch
+from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError
 
+from core.arrays import read_arrays, write_arrays
+from core.config import DEVICES
 from core.errors import DataError, RunError
 from core.explain.smoothing import resize_map
-from core.progress import CancelToken, ProgressCallback, ignore_progress
-from core.store import read_json
+from core.files import read_json, write_json
+from core.models.device import resolve_device
+from core.params import Interval, Options, check_params
+from core.progress import QUIET, Monitor
 
 DISPLAY_SAMPLE = 16384
 """Map values drawn per held-out image when estimating the display scale."""
 
+REDUCTIONS = ("max", "topk_mean")
 
-class MapLocalizer:
-    """Mixin: public map API on top of a subclass's ``_map_batches``."""
 
-    param_names: tuple[str, ...]
-    """The constructor's parameters, in order (set by each localizer)."""
+class MapLocalizer(BaseEstimator):
+    """Base class: public map API on top of a subclass's ``_map_batches``."""
+
+    _param_constraints = {
+        "device": [Options(*DEVICES)],
+        "display_quantile": [Interval(float, 0.0, 1.0, closed="neither")],
+        "display_holdout": [Interval(float, 0.0, 0.5)],
+        "seed": [Interval(int, 0, None)],
+    }
+    """The allowed values of the parameters every localizer has; a subclass adds its own."""
+
+    _state_file: str
+    """JSON file :meth:`_save_state` writes the parameters and fitted values to."""
+    _arrays_file: str
+    """safetensors file it writes the fitted tensors (:meth:`_array_names`) to."""
+    _state_format: int
+    """Version of that layout; a file of another version is refused."""
+
+    device: str
     display_quantile: float
     display_holdout: float
     seed: int
     display_scale_: float
 
-    def get_params(self) -> dict:
-        """The constructor's parameters (JSON-serialisable)."""
-        return {name: getattr(self, name) for name in self.param_names}
-
     def iter_anomaly_maps(
         self,
         paths: Sequence[Path | str],
         output_size: int | tuple[int, int] | None = None,
-        on_progress: ProgressCallback = ignore_progress,
-        cancel: CancelToken | None = None,
+        monitor: Monitor = QUIET,
     ) -> Iterator[np.ndarray]:
         """Yield one anomaly map per image, in order, holding one batch at a time.
 
@@ -49,8 +75,8 @@ class MapLocalizer:
         output_size : None, int or (height, width)
             None (default): each map has its input image's own height and width (read from the
             file). An int ``S`` gives ``(S, S)`` maps; a pair gives that size.
-        on_progress, cancel
-            ``ProgressEvent("maps", images_done, images_total)`` per batch; cancel checked between batches.
+        monitor : Monitor
+            Reports ``"maps"`` (images done of all) per batch; checked for cancellation between batches.
 
         Yields
         ------
@@ -59,7 +85,7 @@ class MapLocalizer:
         self._check_fitted()
         if isinstance(output_size, int):
             output_size = (output_size, output_size)
-        for sizes, maps in self._map_batches([Path(p) for p in paths], "maps", on_progress, cancel):
+        for sizes, maps in self._map_batches([Path(p) for p in paths], "maps", monitor):
             for anomaly_map, size in zip(maps, sizes):
                 height, width = output_size or size
                 yield resize_map(anomaly_map, height, width)
@@ -68,16 +94,29 @@ class MapLocalizer:
         self,
         paths: Sequence[Path | str],
         output_size: int | tuple[int, int] | None = None,
-        on_progress: ProgressCallback = ignore_progress,
-        cancel: CancelToken | None = None,
+        monitor: Monitor = QUIET,
     ) -> list[np.ndarray]:
         """Anomaly maps of ``paths`` as a list of ``(H, W) float32`` arrays (see :meth:`iter_anomaly_maps`)."""
-        return list(self.iter_anomaly_maps(paths, output_size, on_progress, cancel))
+        return list(self.iter_anomaly_maps(paths, output_size, monitor))
 
     def normalize(self, anomaly_map: np.ndarray) -> np.ndarray:
         """``anomaly_map / display_scale_``: 1.0 is the ``display_quantile`` of held-out normal pixels."""
         self._check_fitted()
         return (np.asarray(anomaly_map, dtype=np.float32) / np.float32(self.display_scale_)).astype(np.float32)
+
+    @property
+    def _torch_device(self) -> torch.device:
+        return resolve_device(self.device)
+
+    def _check_params(self) -> None:
+        """Raise :class:`~core.errors.ConfigError` naming the first parameter outside ``_param_constraints``;
+        a subclass adds the checks that relate one parameter to another."""
+        check_params(type(self).__name__, self.get_params(), self._param_constraints)
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "display_scale_"):
+            raise NotFittedError(
+                f"this {type(self).__name__} is not fitted yet; call fit(paths) with normal images first")
 
     def _start_fit(self, paths: Sequence[Path | str]) -> tuple[np.random.Generator, list[Path], list[Path]]:
         """Begin ``fit``: check the parameters, forget an earlier fit, and split ``paths`` (at least 2
@@ -86,7 +125,7 @@ class MapLocalizer:
         Returns ``(rng, fitted, holdout)``: the seeded generator the rest of the fit draws from, and
         both lists in the order of ``paths``.
         """
-        self._validate()
+        self._check_params()
         for name in [name for name in vars(self) if name.endswith("_")]:
             delattr(self, name)
         paths = [Path(p) for p in paths]
@@ -106,10 +145,10 @@ class MapLocalizer:
             return 0
         return int(min(max(1, round(self.display_holdout * n)), 100, n - 2))
 
-    def _display_scale(self, paths, rng: np.random.Generator, on_progress, cancel) -> float:
+    def _display_scale(self, paths: list[Path], rng: np.random.Generator, monitor: Monitor) -> float:
         """The ``display_quantile`` of the map values of ``paths`` (held-out normal images)."""
         samples = []
-        for _, maps in self._map_batches(paths, "display_scale", on_progress, cancel):
+        for _, maps in self._map_batches(paths, "display_scale", monitor):
             for anomaly_map in maps.cpu().numpy():
                 values = anomaly_map.ravel()
                 if values.size > DISPLAY_SAMPLE:
@@ -118,21 +157,84 @@ class MapLocalizer:
         scale = float(np.quantile(np.concatenate(samples), self.display_quantile))
         return scale if scale > 0 and np.isfinite(scale) else 1.0
 
+    def _array_names(self) -> tuple[str, ...]:
+        """The fitted tensors :meth:`save` writes to the arrays file: attribute names without the ``_``."""
+        raise NotImplementedError
+
+    def _save_state(self, directory: Path | str, **state) -> Path:
+        """Write the tensors of :meth:`_array_names` into ``_arrays_file`` (safetensors) and the format, the
+        parameters, the fitted values every localizer has and ``state`` into ``_state_file`` (JSON), in
+        ``directory`` (created if needed); returns it."""
+        self._check_fitted()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_arrays(directory / self._arrays_file,
+                     {name: getattr(self, f"{name}_").cpu().numpy() for name in self._array_names()})
+        write_json(directory / self._state_file, {
+            "format": self._state_format,
+            "params": self.get_params(),
+            "grid_shape": list(self.grid_shape_),
+            "n_features": self.n_features_,
+            "n_train_images": self.n_train_images_,
+            "display_scale": self.display_scale_,
+            **state,
+        })
+        return directory
+
     @classmethod
-    def _restore(cls, directory: Path, state_file: str, state_format: int, device: str | None):
-        """Read ``state_file`` written by ``save``: returns (its state dict, an unfitted localizer built from
-        the saved parameters, ``device`` overriding the saved one). Errors are RunErrors that say what to do."""
-        if not (directory / state_file).is_file():
-            raise RunError(f"{directory} holds no {state_file}; save a fitted {cls.__name__} there first")
-        state = read_json(directory / state_file)
-        if state.get("format") != state_format:
-            raise RunError(f"{directory / state_file} has format {state.get('format')}; expected {state_format}")
+    def _load_state(cls, directory: Path, device: str | None) -> tuple["MapLocalizer", dict]:
+        """Read what :meth:`_save_state` wrote: a localizer built from the saved parameters (``device``
+        overriding the saved one) with the common fitted values and tensors set, and the state dict.
+        Errors are RunErrors that say what to do."""
+        state_path, arrays_path = directory / cls._state_file, directory / cls._arrays_file
+        if not state_path.is_file():
+            raise RunError(f"{directory} holds no {cls._state_file}; save a fitted {cls.__name__} there first")
+        state = read_json(state_path)
+        if state.get("format") != cls._state_format:
+            raise RunError(f"{state_path} has format {state.get('format')}; expected {cls._state_format}")
         params = dict(state["params"])
-        unknown = sorted(set(params) - set(cls.param_names))
+        unknown = sorted(set(params) - set(cls().get_params()))
         if unknown:
-            raise RunError(f"{directory / state_file} has unknown parameters: {', '.join(unknown)}")
+            raise RunError(f"{state_path} has unknown parameters: {', '.join(unknown)}")
         if device is not None:
             params["device"] = device
         localizer = cls(**params)
-        localizer._validate()
-        return state, localizer
+        localizer._check_params()
+        arrays = read_arrays(arrays_path)
+        missing = [name for name in localizer._array_names() if name not in arrays]
+        if missing:
+            raise RunError(f"{arrays_path} lacks {', '.join(missing)}; fit and save again")
+        for name in localizer._array_names():
+            setattr(localizer, f"{name}_", torch.from_numpy(arrays[name].copy()))
+        localizer.grid_shape_ = tuple(state["grid_shape"])
+        localizer.n_features_ = int(state["n_features"])
+        localizer.n_train_images_ = int(state["n_train_images"])
+        localizer.display_scale_ = float(state["display_scale"])
+        return localizer, state
+
+
+def image_scores_from_maps(
+    maps: Sequence[np.ndarray], reduce: str = "max", topk_fraction: float = 0.01
+) -> np.ndarray:
+    """Image-level ``anomaly_score (N,) float64`` from anomaly maps.
+
+    Parameters
+    ----------
+    maps : sequence of (H, W) arrays
+    reduce : {"max", "topk_mean"}
+        ``max``: the map's largest value. ``topk_mean``: the mean of its largest
+        ``ceil(topk_fraction * H * W)`` values (less sensitive to one hot pixel).
+    topk_fraction : float in (0, 1]
+        Share of pixels averaged by ``topk_mean``.
+    """
+    check_params("image_scores_from_maps", {"reduce": reduce, "topk_fraction": topk_fraction},
+                 {"reduce": [Options(*REDUCTIONS)], "topk_fraction": [Interval(float, 0.0, 1.0, closed="right")]})
+    scores = np.empty(len(maps), dtype=np.float64)
+    for index, anomaly_map in enumerate(maps):
+        values = np.asarray(anomaly_map, dtype=np.float64).ravel()
+        if reduce == "max":
+            scores[index] = values.max()
+        else:
+            k = max(1, math.ceil(topk_fraction * values.size))
+            scores[index] = np.partition(values, values.size - k)[values.size - k:].mean()
+    return scores

@@ -2,8 +2,9 @@
 
 The CutPaste / anomalib practice: dense patch scores ``(h, w)`` are upsampled bilinearly to the
 working resolution, smoothed there with a Gaussian (``sigma = 4`` pixels by default), then resized
-bilinearly to each input image's own height and width. Every step is linear with non-negative
-weights, so non-negative scores stay non-negative.
+bilinearly to each input image's own height and width. Scores of patches that overlap at a stride
+are spread back over their own pixels instead (:func:`receptive_field_upsample`). Every step is
+linear with non-negative weights, so non-negative scores stay non-negative.
 """
 from __future__ import annotations
 
@@ -49,6 +50,25 @@ def upsample_and_smooth(scores: torch.Tensor, size: int, sigma: float = DEFAULT_
     """``(B, h, w)`` patch scores -> ``(B, size, size)`` maps: bilinear upsampling, then Gaussian blur."""
     upsampled = F.interpolate(scores.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
     return gaussian_blur(upsampled.squeeze(1), sigma)
+
+
+def receptive_field_upsample(
+    scores: torch.Tensor, patch_size: int, stride: int, sigma: float, size: int
+) -> torch.Tensor:
+    """Patch scores ``(B, h, w)`` -> pixel maps ``(B, size, size)`` (FCDD's receptive-field upsampling).
+
+    A pixel's value is the weighted mean of the scores of the patches that contain it, the weight
+    being ``exp(-(dy**2 + dx**2) / (2 sigma**2))`` for its offset ``(dy, dx)`` from the patch
+    centre (``sigma = 0``: equal weights). Patch ``(i, j)`` covers rows ``i * stride`` to
+    ``i * stride + patch_size - 1`` and the same columns; ``size`` must not exceed the covered side
+    ``(h - 1) * stride + patch_size``. Non-negative scores give non-negative maps.
+    """
+    offsets = torch.arange(patch_size, dtype=torch.float64) - (patch_size - 1) / 2
+    weights = torch.ones(patch_size, dtype=torch.float64) if sigma == 0 else torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = torch.outer(weights, weights).to(scores.device, scores.dtype)[None, None]
+    total = F.conv_transpose2d(scores.unsqueeze(1), kernel, stride=stride)
+    mass = F.conv_transpose2d(torch.ones_like(scores[:1]).unsqueeze(1), kernel, stride=stride)
+    return (total / mass)[:, 0, :size, :size]
 
 
 def resize_map(anomaly_map: torch.Tensor, height: int, width: int) -> np.ndarray:

@@ -30,7 +30,7 @@ from torch import nn
 
 from core.config import FEATURE_LAYERS
 from core.errors import ConfigError, RunError
-from core.store import atomic_write_bytes
+from core.files import atomic_write_bytes
 
 FINETUNE_SUFFIX = "-finetune"
 EFFICIENTNET_FINETUNE = tuple(f"efficientnet-lite{i}{FINETUNE_SUFFIX}" for i in range(3))
@@ -46,6 +46,15 @@ IMAGE_SIZE_LIMITS: dict[str, tuple[int, int]] = {
 DEFAULT_FEATURE_LAYERS = ("stride16", "stride32")
 SMALL_STEM_MAX_SIZE = 64
 """ResNet-18 uses a 3x3 stride-1 stem without max-pool up to this side, the ImageNet stem above."""
+
+
+def image_batch(pixels: torch.Tensor) -> torch.Tensor:
+    """``(B, H, W, 3) uint8`` pixels -> ``(B, 3, H, W) float32`` in [0, 1], the input of an image encoder.
+
+    The result is in channels-last memory layout (a permuted NHWC tensor already is; the conversion
+    keeps it), the layout the conv nets train in.
+    """
+    return pixels.permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
 
 
 def _normalize(images: torch.Tensor) -> torch.Tensor:

@@ -8,23 +8,21 @@ import numpy as np
 
 from core.config import FitConfig
 from core.data.dataset import IMAGES, Dataset
-from core.progress import CancelToken, ProgressCallback
+from core.progress import QUIET, Monitor
 
 
 class Encoder(Protocol):
     """Turns a Dataset into ``(N, D) float32`` embeddings.
 
-    ``fit`` learns from the training data only (a no-op for frozen backbones); ``embed``
-    reports progress per batch and honours the cancel token.
+    ``fit`` learns from the training data only (a no-op for frozen backbones); long work reports
+    its progress to ``monitor`` and checks it between batches (:class:`~core.errors.Cancelled`).
     """
 
     kind: str
 
-    def fit(self, dataset: Dataset) -> "Encoder": ...
+    def fit(self, dataset: Dataset, monitor: Monitor = QUIET) -> "Encoder": ...
 
-    def embed(
-        self, dataset: Dataset, on_progress: ProgressCallback = ..., cancel: CancelToken | None = None
-    ) -> np.ndarray: ...
+    def embed(self, dataset: Dataset, monitor: Monitor = QUIET) -> np.ndarray: ...
 
 
 def make_encoder(config: FitConfig, dataset: Dataset, *, checkpoint_dir: Path | None = None) -> Encoder:

@@ -13,12 +13,12 @@ import torch
 
 from core.config import FitConfig
 from core.data.dataset import Dataset
-from core.data.images import read_rgb
+from core.data.decode import read_rgb
+from core.files import disk_errors
 from core.mapped import MappedPages
 from core.models.device import resolve_device
 from core.models.efficientnet import load_backbone, normalize_images
-from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
-from core.store import disk_errors
+from core.progress import QUIET, Monitor
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,9 @@ class ImageEncoder:
     When a core is free for it (on a GPU, or when torch uses fewer threads than there are cores),
     decoding of the next batch overlaps with the forward pass of the current one in a reader
     thread (PIL releases the GIL while decoding). When torch already occupies every core, the
-    reader would only compete with it: measured on 2 cores at 224 px, overlapped decoding ran at
-    0.83x of a bare forward pass, so batches are then decoded in turn (bench/speed.py). On the CPU
-    the network runs in ``channels_last`` layout, which is 2-4x faster there than the default.
+    reader would only compete with it and slow the forward pass down, so batches are then decoded
+    in turn (docs/benchmarks.md, "Targets of issue 2 at a glance", the speed row). On the CPU the
+    network runs in ``channels_last`` layout, the faster one there.
 
     Parameters
     ----------
@@ -69,7 +69,7 @@ class ImageEncoder:
     def model(self):
         return load_backbone(self.config.backbone, self.config.image_size, self.device.type)
 
-    def fit(self, dataset: Dataset) -> "ImageEncoder":
+    def fit(self, dataset: Dataset, monitor: Monitor = QUIET) -> "ImageEncoder":
         """Nothing to learn for a frozen backbone; present for the encoder interface."""
         return self
 
@@ -82,8 +82,7 @@ class ImageEncoder:
     def embed(
         self,
         dataset: Dataset,
-        on_progress: ProgressCallback = ignore_progress,
-        cancel: CancelToken | None = None,
+        monitor: Monitor = QUIET,
         out: np.ndarray | None = None,
     ) -> np.ndarray:
         """Return ``(N, D) float32`` embeddings, one row per image of ``dataset``.
@@ -95,10 +94,9 @@ class ImageEncoder:
         ----------
         dataset : Dataset
             Images (``paths``), embedded in order.
-        on_progress : callable
-            Receives ``ProgressEvent("embed", images_done, images_total)`` after every batch.
-        cancel : CancelToken, optional
-            Checked between batches.
+        monitor : Monitor
+            Gets ``report("embed", images_done, images_total)`` after every batch and is checked
+            between batches.
         out : (N, D) float32 array, optional
             Where to write the rows (``D`` is :attr:`embedding_dim`); default: a new array. A
             writable ``np.memmap`` on a file (e.g. from :func:`embedding_memmap`) keeps the
@@ -134,8 +132,7 @@ class ImageEncoder:
         with ThreadPoolExecutor(max_workers=1) as reader, torch.inference_mode():
             pending = reader.submit(read_batch, starts[0]) if starts and self._overlap else None
             for index, start in enumerate(starts):
-                if cancel is not None:
-                    cancel.raise_if_cancelled()
+                monitor.check()
                 if self._overlap:
                     pixels = pending.result()
                     if index + 1 < len(starts):
@@ -147,7 +144,7 @@ class ImageEncoder:
                 if pages is not None:
                     pages.release(done)
                 rate = done / max(time.perf_counter() - started, 1e-9)
-                on_progress(ProgressEvent("embed", done, n, f"{rate:.1f} images/s"))
+                monitor.report("embed", done, n, f"{rate:.1f} images/s")
         return out
 
     @property

@@ -19,14 +19,14 @@ import torch
 
 from core.config import FitConfig
 from core.data.dataset import IMAGES, Dataset
-from core.data.images import read_rgb
+from core.data.decode import read_rgb
 from core.distributed import ddp
-from core.models.backbones import FINETUNE_SUFFIX, load_state, make_backbone, save_state
+from core.files import atomic_write_text
+from core.models.backbones import FINETUNE_SUFFIX, image_batch, load_state, make_backbone, save_state
 from core.models.device import resolve_device
 from core.models.objectives import make_objective
 from core.models.tabular import TableEncoder
-from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
-from core.store import atomic_write_text
+from core.progress import QUIET, Monitor
 from core.train import TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,8 @@ NORMALISED_OBJECTIVES = ("contrastive", "contrastive-imix")
 """Objectives whose image embedding is compared by angle: the detectors see it L2-normalised (as in
 DROC). Table embeddings are not normalised: an outlying row maps to a large embedding along a
 normal row's direction, and normalising it away put outliers in the dense part of the data
-(kNN AUROC 0.015 instead of 0.987 on ADBench's WBC; bench/selftrain.py)."""
+(docs/benchmarks.md, "Targets of issue 5 (self-supervised representations, STOC self-training) at a
+glance")."""
 
 
 class SelfSupervisedEncoder:
@@ -67,21 +68,17 @@ class SelfSupervisedEncoder:
 
     # ------------------------------------------------------------------ training
 
-    def fit(
-        self, dataset: Dataset, on_progress: ProgressCallback = ignore_progress, cancel: CancelToken | None = None
-    ) -> "SelfSupervisedEncoder":
+    def fit(self, dataset: Dataset, monitor: Monitor = QUIET) -> "SelfSupervisedEncoder":
         """Train the backbone and the objective's heads on every sample of ``dataset`` (labels unused)."""
         if self.table is not None:
             self.table.fit(dataset)
-        self._train_inputs = self._inputs(dataset, on_progress, cancel)
+        self._train_inputs = self._inputs(dataset, monitor)
         self.model = self._new_model(self._train_inputs)
         self.objective = make_objective(self.config.objective, self.model.embedding_dim, self.kind).to(self.device)
-        self._train(self._train_inputs, self.config.epochs, "train", on_progress, cancel)
+        self._train(self._train_inputs, self.config.epochs, "train", monitor)
         return self
 
-    def retrain(
-        self, kept: np.ndarray, on_progress: ProgressCallback = ignore_progress, cancel: CancelToken | None = None
-    ) -> None:
+    def retrain(self, kept: np.ndarray, monitor: Monitor = QUIET) -> None:
         """Keep training on the kept training samples only (``kept``: (N,) bool over the fit's data).
 
         Under DDP (:mod:`core.distributed.ddp`) every process retrains on rank 0's ``kept``, so
@@ -92,58 +89,53 @@ class SelfSupervisedEncoder:
         kept = ddp.from_main(np.asarray(kept, bool))
         self.rounds_trained += 1
         stage = f"retrain round {self.rounds_trained}"
-        self._train(self._train_inputs[kept], self.config.retrain_epochs, stage, on_progress, cancel)
+        self._train(self._train_inputs[kept], self.config.retrain_epochs, stage, monitor)
 
-    def _train(self, inputs, epochs, stage, on_progress, cancel) -> None:
+    def _train(self, inputs: np.ndarray, epochs: int, stage: str, monitor: Monitor) -> None:
         config = TrainConfig(
             epochs=epochs, batch_size=min(self.config.batch_size * 2, max(len(inputs) // 2, 2)),
             seed=self.config.seed + self.rounds_trained, device=self.config.device,
             **({"learning_rate": self.config.learning_rate} if self.config.learning_rate else {}),
         ).validate()
-
-        def relabelled(event: ProgressEvent) -> None:
-            on_progress(ProgressEvent(stage, event.done, event.total, event.message))
-
         stage_dir = None
         if self.checkpoint_dir is not None:
             stage_dir = self.checkpoint_dir / (f"round-{self.rounds_trained}" if self.rounds_trained else "initial")
-        result = train(self.model, self.objective, inputs, config, checkpoint_dir=stage_dir, on_progress=relabelled,
-                       cancel=cancel)
+        result = train(self.model, self.objective, inputs, config, checkpoint_dir=stage_dir,
+                       monitor=monitor.renamed(stage))
         log.info("%s: %d epochs, loss %.4f -> %.4f in %.1f s", stage, result.epochs_run,
                  result.losses[0], result.losses[-1], result.seconds)
 
     def _new_model(self, inputs: np.ndarray) -> torch.nn.Module:
         torch.manual_seed(self.config.seed)
-        model = make_backbone(
-            self.backbone_name, image_size=self.config.image_size if self.kind == IMAGES else None,
-            n_features=inputs.shape[1] if self.kind != IMAGES else None, feature_layers=self.config.feature_layers,
-        )
-        return model.to(self.device)
+        return self._backbone(self.backbone_name, n_features=inputs.shape[1] if self.kind != IMAGES else None)
+
+    def _backbone(self, name: str, n_features: int | None) -> torch.nn.Module:
+        """Backbone ``name`` for this kind of data, on the device (``n_features``: the row width of a table)."""
+        image_size = self.config.image_size if self.kind == IMAGES else None
+        return make_backbone(
+            name, image_size=image_size, n_features=n_features, feature_layers=self.config.feature_layers,
+        ).to(self.device)
 
     # ------------------------------------------------------------------ embedding
 
-    def embed(
-        self, dataset: Dataset, on_progress: ProgressCallback = ignore_progress, cancel: CancelToken | None = None
-    ) -> np.ndarray:
+    def embed(self, dataset: Dataset, monitor: Monitor = QUIET) -> np.ndarray:
         """``(N, D) float32`` embeddings of ``dataset`` under the current weights."""
-        return self.embed_inputs(self._inputs(dataset, on_progress, cancel), on_progress, cancel)
+        return self.embed_inputs(self._inputs(dataset, monitor), monitor)
 
-    def embed_training_data(
-        self, on_progress: ProgressCallback = ignore_progress, cancel: CancelToken | None = None
-    ) -> np.ndarray:
+    def embed_training_data(self, monitor: Monitor = QUIET) -> np.ndarray:
         """Embeddings of the data :meth:`fit` saw, without decoding it again."""
-        return self.embed_inputs(self._train_inputs, on_progress, cancel)
+        return self.embed_inputs(self._train_inputs, monitor)
 
-    def embed_inputs(self, inputs: np.ndarray, on_progress, cancel) -> np.ndarray:
+    def embed_inputs(self, inputs: np.ndarray, monitor: Monitor = QUIET) -> np.ndarray:
+        """``(N, D) float32`` embeddings of decoded images ``(N, S, S, 3) uint8`` or scaled rows ``(N, F)``."""
         self.model.eval()
         rows = []
         batch = self.config.batch_size
         with torch.inference_mode():
             for start in range(0, len(inputs), batch):
-                if cancel is not None:
-                    cancel.raise_if_cancelled()
+                monitor.check()
                 rows.append(self.model(self._to_tensor(inputs[start : start + batch])).float().cpu().numpy())
-                on_progress(ProgressEvent("embed", min(start + batch, len(inputs)), len(inputs)))
+                monitor.report("embed", min(start + batch, len(inputs)), len(inputs))
         embeddings = np.concatenate(rows).astype(np.float32)
         if self.kind == IMAGES and self.config.objective in NORMALISED_OBJECTIVES:
             embeddings /= np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
@@ -151,21 +143,18 @@ class SelfSupervisedEncoder:
 
     def _to_tensor(self, chunk: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(np.ascontiguousarray(chunk)).to(self.device)
-        if self.kind == IMAGES:
-            return tensor.permute(0, 3, 1, 2).float().div_(255.0)
-        return tensor.float()
+        return image_batch(tensor) if self.kind == IMAGES else tensor.float()
 
-    def _inputs(self, dataset: Dataset, on_progress, cancel) -> np.ndarray:
+    def _inputs(self, dataset: Dataset, monitor: Monitor) -> np.ndarray:
         """Images as ``(N, S, S, 3) uint8``, tables as ``(N, F) float32`` robust-scaled rows."""
         if self.table is not None:
-            return self.table.embed(dataset, on_progress, cancel)
+            return self.table.embed(dataset, monitor)
         size = self.config.image_size
         images = np.empty((len(dataset), size, size, 3), dtype=np.uint8)
         for index, path in enumerate(dataset.paths or []):
             if index % 256 == 0:
-                if cancel is not None:
-                    cancel.raise_if_cancelled()
-                on_progress(ProgressEvent("decode", index, len(dataset), "reading images for training"))
+                monitor.check()
+                monitor.report("decode", index, len(dataset), "reading images for training")
             images[index] = read_rgb(path, size)
         return images
 
@@ -190,9 +179,6 @@ class SelfSupervisedEncoder:
         info = json.loads((directory / INFO_FILE).read_text())
         if encoder.table is not None:
             encoder.table = TableEncoder.load(directory)
-        encoder.model = make_backbone(
-            info["backbone"], image_size=config.image_size if kind == IMAGES else None,
-            n_features=info["n_features"], feature_layers=config.feature_layers,
-        ).to(encoder.device)
+        encoder.model = encoder._backbone(info["backbone"], info["n_features"])
         load_state(encoder.model, directory / WEIGHTS_FILE)
         return encoder

@@ -33,7 +33,7 @@ import pandas as pd
 from core.data.columns import MAX_CATEGORIES, as_numeric
 from core.data.dataset import Dataset
 from core.errors import DataError
-from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
+from core.progress import QUIET, Monitor
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,9 @@ class TableEncoder:
         onehot = [f"{column}={value}" for column, values in state.categories.items() for value in values]
         return state.numeric + onehot
 
-    def fit(self, dataset: Dataset) -> "TableEncoder":
-        """Learn column kinds, medians, scales and categories from ``dataset.table``."""
+    def fit(self, dataset: Dataset, monitor: Monitor = QUIET) -> "TableEncoder":
+        """Learn column kinds, medians, scales and categories from ``dataset.table`` (one quick pass:
+        ``monitor`` is there for the encoder interface)."""
         frame = _require_table(dataset)
         state = TableEncoderState()
         for column in frame.columns:
@@ -106,12 +107,7 @@ class TableEncoder:
         self.state_ = state
         return self
 
-    def embed(
-        self,
-        dataset: Dataset,
-        on_progress: ProgressCallback = ignore_progress,
-        cancel: CancelToken | None = None,
-    ) -> np.ndarray:
+    def embed(self, dataset: Dataset, monitor: Monitor = QUIET) -> np.ndarray:
         """Return ``(N, D) float32`` encoded rows; D = numeric columns + one-hot columns."""
         state = self._state()
         frame = _require_table(dataset)
@@ -129,11 +125,11 @@ class TableEncoder:
             onehot = (text[:, None] == np.asarray(values)[None, :]).astype(np.float32)
             parts.append(onehot * np.float32(state.category_weights.get(column, 1.0)))
         encoded = np.concatenate(parts, axis=1).astype(np.float32)
-        on_progress(ProgressEvent("embed", len(frame), len(frame), "table encoded"))
+        monitor.report("embed", len(frame), len(frame), "table encoded")
         return encoded
 
     def save(self, directory: Path) -> None:
-        from core.store import atomic_write_text
+        from core.files import atomic_write_text
 
         atomic_write_text(Path(directory) / self.state_file, json.dumps(asdict(self._state()), indent=1))
 

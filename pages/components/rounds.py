@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from core.data.columns import cell_text
-from pages.components import charts, services, state, widgets
+from pages.components import charts, navigation, services, widgets
 
 STRIP_IMAGES = 16
 CONFIRMED = "confirmed anomaly (expert)"
@@ -126,5 +126,4 @@ def _removed_strip(record, ids, labels, image_path, anomaly_score, values, key: 
     ]
     clicked = widgets.gallery([services.thumbnail(image_path(ids[i])) for i in shown], captions, key=key)
     if clicked is not None:
-        state.open_in_inspect(ids[shown[clicked]])
-        st.switch_page("pages/inspect.py")
+        navigation.inspect_sample(ids[shown[clicked]])

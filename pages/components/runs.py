@@ -16,16 +16,17 @@ from core import engine
 from core.data import Dataset
 from core.errors import RefineryError, RunError
 from core.explain.attribution import column_shares
-from core.project import run_layouts
-from core.results import SavedRun
-from core.store import RunRecord, read_json
+from core.files import read_json
+from core.layouts import run_layouts
+from core.registry import RunRecord
+from core.results import RunResults
 from pages.components import state
 from pages.components.services import registry, submit_job, workspace
 
 
 @st.cache_resource(max_entries=8)
-def saved_run(run_dir: str) -> SavedRun:
-    return SavedRun(run_dir)
+def saved_run(run_dir: str) -> RunResults:
+    return RunResults(run_dir)
 
 
 def runs_table(records: Sequence[RunRecord]) -> pd.DataFrame:
@@ -69,7 +70,7 @@ def _estimated_contamination(run_dir: str) -> float | None:
 
 
 @st.cache_resource(show_spinner="Opening the run's model...", max_entries=2)
-def fitted_run(run_dir: str) -> engine.FittedRun:
+def fitted_run(run_dir: str) -> engine.RunModel:
     return engine.open_run(run_dir)
 
 
@@ -104,7 +105,7 @@ def flagged_column_shares(run_dir: str) -> dict[str, float]:
 
 @st.cache_data(show_spinner="Computing the UMAP map (cached for this run)...", max_entries=8)
 def layouts(run_dir: str) -> np.ndarray:
-    """(S, N, 2) UMAP layouts of the run's samples (see core.project)."""
+    """(S, N, 2) UMAP layouts of the run's samples (see core.layouts)."""
     return run_layouts(run_dir).layouts
 
 

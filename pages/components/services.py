@@ -24,12 +24,14 @@ import numpy as np
 import streamlit as st
 
 from core.data import Dataset, load_dataset, read_rgb
+from core.data.builtin import prepare_builtin
 from core.data.columns import ColumnChoice
 from core.data.protocol import contaminate
-from core.data.sources import earlier_uploads, prepare_builtin, resolve_server_folder
+from core.data.server_paths import resolve_server_folder
+from core.data.uploads import earlier_uploads
 from core.errors import DataError, RefineryError
 from core.jobs import DONE, JobRunner, JobStatus, Work
-from core.store import Registry, RunRecord, refinery_home
+from core.registry import Registry, RunRecord, refinery_home
 from pages.components import state
 
 THUMBNAIL_PX = 96
@@ -220,7 +222,7 @@ def _device_probe() -> dict[str, str]:
     found: dict[str, str] = {}
 
     def probe() -> None:
-        for module in ("core.engine", "core.project"):  # warm-up for the run pages
+        for module in ("core.engine", "core.layouts"):  # warm-up for the run pages
             importlib.import_module(module)
         import torch
 

@@ -38,6 +38,7 @@ ACTIVE_RUN = "active_run"            # str: the active run's folder (the URL's `
 WATCHED_JOB = "watched_job"          # str: the watched job's id (the URL's ``job``, kept across page changes)
 SESSION_KEY = "session_key"          # str: the studio session's secret key (the URL's ``session``)
 COMPARE_WITH = "compare_with"        # str: the run folder a verdict re-run is compared with on the Results page
+IN_STUDIO = "in_studio"              # bool: the session runs app.py's navigation (not one page on its own)
 
 # Query parameters
 RUN_PARAM = "run"

@@ -7,10 +7,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 import streamlit as st
-from streamlit.errors import StreamlitPageNotFoundError
 
 from core.errors import RefineryError
-from pages.components import services
+from pages.components import navigation, services
 
 log = logging.getLogger("refinery.app")
 
@@ -32,18 +31,6 @@ def guarded(body: Callable[[], None]) -> None:
                  "reload the page to start over.")
 
 
-def page_link(page: str, label: str, icon: str, where=st) -> None:
-    """A link to another page of the studio, drawn in ``where`` (``st`` or a column).
-
-    Left out when the page runs on its own (``streamlit run pages/x.py``, ``AppTest`` of one page):
-    without ``app.py``'s navigation Streamlit knows no other page and would raise.
-    """
-    try:
-        where.page_link(page, label=label, icon=icon)
-    except StreamlitPageNotFoundError:
-        log.debug("no link to %s: the page runs without the studio's navigation", page)
-
-
 def require_run() -> str | None:
     """The active run's folder; without one, the page says why (no run yet, or the URL names another
     session's private run), links to where to get one, and gets None."""
@@ -52,10 +39,10 @@ def require_run() -> str | None:
         return run_dir
     if services.run_refused():
         st.warning(services.FOREIGN_RUN)
-        page_link("pages/results.py", "Your runs", ":material/analytics:")
+        navigation.link(navigation.RESULTS, "Your runs")
     else:
         st.info("No run yet: start one on the Refine page.")
-        page_link("pages/refine.py", "Refine", ":material/filter_alt:")
+        navigation.link(navigation.REFINE, "Refine")
     return None
 
 

@@ -4,12 +4,13 @@ import shutil
 import numpy as np
 import pytest
 
-from core import engine, project
+from core import engine, layouts
+from core.arrays import read_arrays, write_arrays
 from core.config import FitConfig
 from core.errors import Cancelled, ConfigError, DataError, RunError
-from core.progress import CancelToken
-from core.project import RunLayouts, round_layouts, run_layouts
-from core.store import Registry, read_arrays, write_arrays
+from core.layouts import RunLayouts, round_layouts, run_layouts
+from core.progress import CancelToken, Monitor
+from core.registry import Registry
 from sample_data import write_digits_table
 
 RUN_SEED = 3
@@ -96,12 +97,12 @@ def test_bad_embeddings_are_refused():
 def test_progress_is_reported_and_cancel_stops_before_the_fit():
     points, _ = two_blobs(n=40)
     events = []
-    round_layouts([points], on_progress=events.append)
+    round_layouts([points], monitor=Monitor(events.append))
     assert [(e.stage, e.done, e.total) for e in events] == [("project", 0, 1), ("project", 1, 1)]
     token = CancelToken()
     token.cancel()
     with pytest.raises(Cancelled):
-        round_layouts([points], cancel=token)
+        round_layouts([points], monitor=Monitor(cancel=token))
 
 
 def test_for_round_clamps_to_the_last_state():
@@ -134,19 +135,19 @@ def run_dir(saved_run, tmp_path):
 
 
 def test_run_layouts_are_cached_and_read_back(run_dir, monkeypatch):
-    layouts = run_layouts(run_dir)
+    computed = run_layouts(run_dir)
     train = read_arrays(run_dir / "embeddings.safetensors")["train"]
-    assert layouts.layouts.shape == (1, len(train), 2), "one embedding for every round: one layout"
+    assert computed.layouts.shape == (1, len(train), 2), "one embedding for every round: one layout"
     cache = read_arrays(run_dir / "layouts.safetensors")
-    np.testing.assert_array_equal(cache["layouts"], layouts.layouts)
+    np.testing.assert_array_equal(cache["layouts"], computed.layouts)
     assert int(cache["seed"][0]) == RUN_SEED, "the seed defaults to the run's config seed"
-    np.testing.assert_array_equal(layouts.layouts, round_layouts([train], seed=RUN_SEED))
+    np.testing.assert_array_equal(computed.layouts, round_layouts([train], seed=RUN_SEED))
 
     def fail(*args, **kwargs):
         raise AssertionError("the cached layouts should have been read")
 
-    monkeypatch.setattr(project, "round_layouts", fail)
-    np.testing.assert_array_equal(run_layouts(run_dir).layouts, layouts.layouts)
+    monkeypatch.setattr(layouts, "round_layouts", fail)
+    np.testing.assert_array_equal(run_layouts(run_dir).layouts, computed.layouts)
 
 
 def test_stale_cache_is_recomputed(run_dir):

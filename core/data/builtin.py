@@ -1,4 +1,4 @@
-"""Where data comes from besides a typed path: built-in data sets and browser uploads.
+"""Built-in data sets: small labelled sets to try Refinery on, prepared once per workspace and seed.
 
 Built-in data sets (:func:`builtin_sources`, :func:`prepare_builtin`) are small, labelled and
 contaminated with 10% anomalies, so a user can try Refinery without data of their own:
@@ -18,13 +18,6 @@ Each set is written once into ``<workspace>/builtin/<key>-<seed>``: first into a
 folder that is renamed when complete, so a folder with the final name is always complete and is
 reused as is.
 
-Uploads (:func:`save_uploads`) are untrusted: every name is reduced to a safe base name and every
-file is written with ``open(path, "xb")`` into a new folder under ``<workspace>/uploads``; nothing
-is written anywhere else. A studio session's uploads go into a folder of their own, named by the
-session's id (a hash of its secret key, never the key), and :func:`earlier_uploads` lists only
-that folder. :func:`resolve_server_folder` checks a path typed by the user; the studio passes the
-Refinery home as private, so that no session reads another's uploads or runs through it.
-
 Examples
 --------
 >>> source = next(s for s in builtin_sources() if s.key == "digits")                 # doctest: +SKIP
@@ -38,26 +31,20 @@ import logging
 import os
 import re
 import shutil
-import tempfile
-import time
-import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
 
 from core.data import idx
-from core.data.archive import MAX_FILES
 from core.data.dataset import IMAGES, TABLE
+from core.data.folders import new_folder, removed_on_error
 from core.data.idx import FASHION_MNIST_CLASSES, load_fashion_mnist, materialize_images
-from core.data.images import IMAGE_SUFFIXES
 from core.data.protocol import anomaly_count, srr_protocol
-from core.data.tables import TABLE_SUFFIXES
 from core.errors import ConfigError, DataError
-from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
+from core.progress import QUIET, Monitor
 
 logger = logging.getLogger(__name__)
 
@@ -83,23 +70,6 @@ DIGITS_NORMALS = 180
 
 DIGITS_FILE = "digits.csv"
 DIGITS_LABEL_COLUMN = "label"
-
-MAX_UPLOAD_MB = 512
-"""Default cap on the total size of one upload, in MiB; the studio's ``.streamlit/config.toml``
-sets ``server.maxUploadSize`` to the same number (a test checks it). Browsers hold an upload in
-the server's memory, so larger data belongs in a server folder."""
-MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024**2
-
-MAX_NAME_CHARS = 100
-"""Longest stored upload name, suffix included."""
-
-ZIP_SUFFIX = ".zip"
-UPLOAD_SUFFIXES = IMAGE_SUFFIXES | TABLE_SUFFIXES | {ZIP_SUFFIX}
-"""Suffixes (matched case-insensitively) that :func:`save_uploads` accepts."""
-
-_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
-_SESSION_ID = re.compile(r"[0-9a-f]{16,64}")
-_FALLBACK_STEM = "upload"
 
 
 @dataclass(frozen=True)
@@ -133,8 +103,8 @@ class BuiltinSource:
     label_column: str | None
 
 
-_Builder = Callable[[Path, int, ProgressCallback, CancelToken | None], None]
-"""Writes a built-in set into an empty folder: ``build(folder, seed, on_progress, cancel)``."""
+_Builder = Callable[[Path, int, Monitor], None]
+"""Writes a built-in set into an empty folder: ``build(folder, seed, monitor)``."""
 
 
 @dataclass(frozen=True)
@@ -188,16 +158,15 @@ def _fashion_mnist_missing() -> str:
             "run: apt-get install -y dataset-fashion-mnist")
 
 
-def _build_fashion_mnist(folder: Path, seed: int, on_progress: ProgressCallback, cancel: CancelToken | None) -> None:
-    on_progress(ProgressEvent("prepare", 0, 0, "reading Fashion-MNIST"))
+def _build_fashion_mnist(folder: Path, seed: int, monitor: Monitor) -> None:
+    monitor.report("prepare", 0, 0, "reading Fashion-MNIST")
     images, classes = load_fashion_mnist("train", root=idx.FASHION_MNIST_DIR)
-    if cancel is not None:
-        cancel.raise_if_cancelled()
+    monitor.check()
     positions, labels = _training_draw(classes, FASHION_MNIST_NORMAL_CLASS, FASHION_MNIST_NORMALS, seed)
     ids = [f"good/{i:05d}.png" if label == 0
            else f"other/{_class_slug(FASHION_MNIST_CLASSES[classes[i]])}-{i:05d}.png"
            for i, label in zip(positions, labels)]
-    materialize_images(images[positions], ids, folder, labels=labels, on_progress=on_progress, cancel=cancel)
+    materialize_images(images[positions], ids, folder, labels=labels, monitor=monitor)
 
 
 def _elpv_labels_file() -> Path:
@@ -243,17 +212,16 @@ def _read_elpv_labels(labels_file: Path) -> tuple[list[str], np.ndarray, list[st
     return paths, np.asarray(probabilities), types
 
 
-def _build_elpv(folder: Path, seed: int, on_progress: ProgressCallback, cancel: CancelToken | None) -> None:
+def _build_elpv(folder: Path, seed: int, monitor: Monitor) -> None:
     labels_file = _elpv_labels_file()
     paths, probabilities, types = _read_elpv_labels(labels_file)
     eligible = np.flatnonzero((probabilities == 0) | (probabilities >= ELPV_ANOMALY_PROBABILITY))
     classes = (probabilities[eligible] > 0).astype(np.int64)
     positions, labels = _training_draw(classes, 0, ELPV_NORMALS, seed)
     for done, (position, label) in enumerate(zip(eligible[positions], labels)):
-        if cancel is not None:
-            cancel.raise_if_cancelled()
+        monitor.check()
         if done % 100 == 0:
-            on_progress(ProgressEvent("prepare", done, len(positions), "copying ELPV images"))
+            monitor.report("prepare", done, len(positions), "copying ELPV images")
         relative = PurePosixPath(paths[position])
         target = folder / ("good" if label == 0 else "other") / f"{types[position]}-{relative.name}"
         target.parent.mkdir(exist_ok=True)
@@ -262,19 +230,18 @@ def _build_elpv(folder: Path, seed: int, on_progress: ProgressCallback, cancel: 
         except OSError as exc:
             raise DataError(f"cannot copy the ELPV image {relative} ({exc}); check the workspace is writable, "
                             "or reinstall elpv-dataset if the image is missing") from exc
-    on_progress(ProgressEvent("prepare", len(positions), len(positions), "ELPV images copied"))
+    monitor.report("prepare", len(positions), len(positions), "ELPV images copied")
 
 
-def _build_digits(folder: Path, seed: int, on_progress: ProgressCallback, cancel: CancelToken | None) -> None:
+def _build_digits(folder: Path, seed: int, monitor: Monitor) -> None:
     from sklearn.datasets import load_digits
 
     digits = load_digits(as_frame=True)
     positions, labels = _training_draw(digits.target.to_numpy(), DIGITS_NORMAL_CLASS, DIGITS_NORMALS, seed)
     table = digits.data.iloc[positions].assign(**{DIGITS_LABEL_COLUMN: labels})
-    if cancel is not None:
-        cancel.raise_if_cancelled()
+    monitor.check()
     table.to_csv(folder / DIGITS_FILE, index=False)
-    on_progress(ProgressEvent("prepare", 1, 1, "digits table written"))
+    monitor.report("prepare", 1, 1, "digits table written")
 
 
 def _contamination(n_normal: int, what: str, normals: str, anomalies: str) -> str:
@@ -345,8 +312,7 @@ def prepare_builtin(
     workspace: Path | str,
     *,
     seed: int = 0,
-    on_progress: ProgressCallback = ignore_progress,
-    cancel: CancelToken | None = None,
+    monitor: Monitor = QUIET,
 ) -> Path:
     """Write a built-in data set into the workspace once and return the path to load.
 
@@ -360,10 +326,9 @@ def prepare_builtin(
         The demo is read in place from :data:`DEMO_DIR` and ignores ``workspace`` and ``seed``.
     seed : int
         Seeds the draw of normals and anomalies (a non-negative integer); same seed, same set.
-    on_progress : callable
-        Receives ``ProgressEvent("prepare" | "materialize", done, total)`` while files are written.
-    cancel : CancelToken, optional
-        Checked between files; a cancelled preparation leaves nothing behind.
+    monitor : Monitor
+        Receives the stages ``"prepare"`` and ``"materialize"`` while files are written, and is
+        checked between files; a cancelled preparation leaves nothing behind.
 
     Returns
     -------
@@ -379,7 +344,7 @@ def prepare_builtin(
         If the set is not available on this machine (the message says how to install it) or
         cannot be written.
     Cancelled
-        If ``cancel`` was set.
+        If ``monitor`` was cancelled.
     """
     recipe = _RECIPE_BY_KEY.get(key)
     if recipe is None:
@@ -398,20 +363,13 @@ def prepare_builtin(
     if final.is_dir():
         logger.info("reusing the built-in data set %s", final)
         return entry
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=parent))
-    except OSError as exc:
-        raise DataError(f"cannot create a folder in {parent} ({exc}); check the workspace is writable") from exc
-    try:
-        recipe.build(scratch, int(seed), on_progress, cancel)
-    except OSError as exc:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise DataError(f"cannot write the built-in data set {key!r} into {parent} ({exc}); "
-                        "check the workspace is writable and has free space") from exc
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
+    scratch = new_folder(parent, f".{final.name}-", "a folder")
+    with removed_on_error(scratch):
+        try:
+            recipe.build(scratch, int(seed), monitor)
+        except OSError as exc:
+            raise DataError(f"cannot write the built-in data set {key!r} into {parent} ({exc}); "
+                            "check the workspace is writable and has free space") from exc
     try:
         os.rename(scratch, final)
     except OSError as exc:
@@ -422,240 +380,3 @@ def prepare_builtin(
     else:
         logger.info("prepared the built-in data set %r in %s", key, final)
     return entry
-
-
-def _safe_name(name: str) -> str:
-    """A base name with no path part, no leading dot, only ``[A-Za-z0-9._-]``, at most MAX_NAME_CHARS."""
-    base = re.split(r"[\\/]", name)[-1]
-    base = unicodedata.normalize("NFKD", base).encode("ascii", "ignore").decode("ascii")
-    base = _UNSAFE_CHARS.sub("_", base).lstrip(".")
-    path = PurePosixPath(base) if base else None
-    suffix = path.suffix if path is not None and len(path.suffix) <= 10 else ""
-    stem = base[: len(base) - len(suffix)] if suffix else base
-    stem = stem[: MAX_NAME_CHARS - len(suffix)] or _FALLBACK_STEM
-    return stem + suffix
-
-
-def _deduplicated(names: list[str]) -> list[str]:
-    """``names`` with ``-1``, ``-2``... added before the suffix of repeats (case-insensitively)."""
-    taken: set[str] = set()
-    unique = []
-    for name in names:
-        path = PurePosixPath(name)
-        candidate, number = name, 0
-        while candidate.lower() in taken:
-            number += 1
-            candidate = f"{path.stem[: MAX_NAME_CHARS - len(path.suffix) - 8]}-{number}{path.suffix}"
-        taken.add(candidate.lower())
-        unique.append(candidate)
-    return unique
-
-
-def _listing(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(repr(n[:80]) for n in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def _uploads_dir(workspace: Path | str, session: str | None) -> Path:
-    """``<workspace>/uploads``, or its sub-folder of the studio session ``session`` (ConfigError unless hex)."""
-    uploads = Path(workspace) / "uploads"
-    if session is None:
-        return uploads
-    if not isinstance(session, str) or not _SESSION_ID.fullmatch(session):
-        raise ConfigError(f"session must be a studio session id (16 to 64 lowercase hex digits), got {session!r}")
-    return uploads / session
-
-
-def _upload_entry(folder: Path, names: Sequence[str]) -> Path:
-    """What ``load_dataset`` reads of an upload folder holding ``names``: its one zip or table, else the folder."""
-    if len(names) == 1 and PurePosixPath(names[0]).suffix.lower() not in IMAGE_SUFFIXES:
-        return folder / names[0]
-    return folder
-
-
-def save_uploads(
-    files: Sequence[tuple[str, bytes]],
-    workspace: Path | str,
-    *,
-    session: str | None = None,
-    max_total_bytes: int = MAX_UPLOAD_BYTES,
-    max_files: int = MAX_FILES,
-) -> Path:
-    """Store files uploaded from a browser in a new folder of the workspace.
-
-    Parameters
-    ----------
-    files : sequence of (name, bytes)
-        What the browser sent: the name as given by the client (untrusted) and the content.
-        Accepted: several images, or exactly one ``.zip`` or table (see :data:`UPLOAD_SUFFIXES`).
-    workspace : Path or str
-        The files go into a new folder ``<workspace>/uploads/<time>-<random>/``; nothing is written
-        elsewhere. Each name is reduced to a safe base name: path parts and leading dots removed,
-        characters outside ``A-Z a-z 0-9 . _ -`` replaced by ``_`` (accents dropped), at most
-        :data:`MAX_NAME_CHARS` characters; repeated names get ``-1``, ``-2``... before the suffix.
-    session : str, optional
-        The id of the studio session uploading (16 to 64 lowercase hex digits, a hash of its key):
-        the new folder is made in ``<workspace>/uploads/<session>/`` instead, where
-        :func:`earlier_uploads` finds it.
-    max_total_bytes : int
-        Cap on the total size of the files (default :data:`MAX_UPLOAD_BYTES`).
-    max_files : int
-        Cap on the number of files (default 50,000, as for a zip).
-
-    Returns
-    -------
-    Path
-        What to pass to ``load_dataset``: the stored zip or table file, or the folder holding the
-        images.
-
-    Raises
-    ------
-    DataError
-        If nothing was uploaded, a suffix is not supported (the files are named), a zip or table
-        comes with other files, the upload is over a limit, or the files cannot be written. Nothing
-        is left behind on refusal.
-    ConfigError
-        If ``session`` is not a session id.
-
-    Examples
-    --------
-    >>> path = save_uploads([(f.name, f.getvalue()) for f in uploaded], workspace)  # doctest: +SKIP
-    """
-    if not files:
-        raise DataError("nothing was uploaded; choose several images, or one .zip or table file")
-    if len(files) > max_files:
-        raise DataError(f"{len(files)} files uploaded, over the limit of {max_files}; "
-                        "upload a .zip or put the folder on the server and type its path")
-    total = sum(memoryview(content).nbytes for _, content in files)
-    if total > max_total_bytes:
-        raise DataError(f"the upload is {total:,} bytes, over the limit of {max_total_bytes:,}; "
-                        "upload fewer or smaller files, or put the data on the server and type its path")
-    names = [_safe_name(name) for name, _ in files]
-    kinds = [PurePosixPath(name).suffix.lower() for name in names]
-    unsupported = [original for (original, _), suffix in zip(files, kinds) if suffix not in UPLOAD_SUFFIXES]
-    if unsupported:
-        raise DataError(f"unsupported file type: {_listing(unsupported)}; upload images "
-                        f"({', '.join(sorted(IMAGE_SUFFIXES))}), or one {ZIP_SUFFIX} or table "
-                        f"({', '.join(sorted(TABLE_SUFFIXES))})")
-    singles = [original for (original, _), suffix in zip(files, kinds) if suffix not in IMAGE_SUFFIXES]
-    if len(singles) > 1:
-        raise DataError(f"{len(singles)} zip or table files uploaded ({_listing(singles)}); upload one at a time")
-    if singles and len(files) > 1:
-        raise DataError(f"{_listing(singles)} was uploaded together with {len(files) - 1} other file(s); upload either "
-                        "one zip or table file alone, or only images")
-    names = _deduplicated(names)
-
-    uploads = _uploads_dir(workspace, session)
-    try:
-        uploads.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=uploads)).resolve()
-    except OSError as exc:
-        raise DataError(f"cannot create an upload folder in {uploads} ({exc}); "
-                        "check the workspace is writable") from exc
-    try:
-        for name, (_, content) in zip(names, files):
-            target = folder / name
-            if target.parent != folder:  # defence in depth: _safe_name leaves no separator
-                raise DataError(f"unsafe upload name {name!r}; rename the file")
-            with open(target, "xb") as sink:
-                sink.write(content)
-    except OSError as exc:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise DataError(f"cannot store the upload in {folder} ({exc}); check the workspace has free space") from exc
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
-    logger.info("stored %d uploaded file(s), %d bytes, in %s", len(files), total, folder)
-    return _upload_entry(folder, names)
-
-
-def earlier_uploads(workspace: Path | str, session: str) -> list[Path]:
-    """The uploads that :func:`save_uploads` stored for the studio session ``session``, newest first.
-
-    Parameters
-    ----------
-    workspace : Path or str
-        The workspace given to :func:`save_uploads`.
-    session : str
-        The session's id; only its own folder ``<workspace>/uploads/<session>/`` is read.
-
-    Returns
-    -------
-    list of Path
-        What each upload gives ``load_dataset``, as :func:`save_uploads` returned it: the stored zip
-        or table file, or the folder holding the images. Empty when the session uploaded nothing.
-
-    Raises
-    ------
-    ConfigError
-        If ``session`` is not a session id.
-    """
-    folder = _uploads_dir(workspace, session)
-    if not folder.is_dir():
-        return []
-    entries = []
-    uploads = sorted((path for path in folder.iterdir() if path.is_dir()), key=lambda path: path.stat().st_mtime_ns)
-    for upload in reversed(uploads):
-        with os.scandir(upload) as listing:
-            names = [entry.name for entry in islice(listing, 2)]  # one file or more is all that matters
-        if names:
-            entries.append(_upload_entry(upload, names))
-    return entries
-
-
-def resolve_server_folder(path: str | Path, *, private: Sequence[Path | str] = ()) -> Path:
-    """Check a folder or file path typed by the user and return it absolute.
-
-    Parameters
-    ----------
-    path : str or Path
-        A path on the machine running Refinery (not the user's computer). Surrounding spaces and
-        quotes are removed, ``~`` is expanded, and a relative path is taken from the server's
-        working directory; links are resolved.
-    private : sequence of Path or str
-        Folders the path may neither lie in nor contain: the studio passes the Refinery home, whose
-        uploads, extracted archives and runs belong to the sessions that made them.
-
-    Returns
-    -------
-    Path
-        The absolute path of an existing, readable folder or file.
-
-    Raises
-    ------
-    DataError
-        If the path is empty, does not exist, cannot be read, or is (or holds) a private folder;
-        the message says what to check.
-    """
-    text = str(path).strip()
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        text = text[1:-1].strip()
-    if not text:
-        raise DataError("no path given; type the path of a folder of images, a .zip or a table on the server")
-    if "\x00" in text:
-        raise DataError(f"{text!r} contains a NUL character; type a plain path")
-    try:
-        resolved = Path(text).expanduser().resolve()
-    except (RuntimeError, OSError) as exc:
-        raise DataError(f"cannot resolve {text!r} ({exc}); type an absolute path such as /data/images") from exc
-    if not resolved.exists():
-        raise DataError(f"{resolved} does not exist on the server; check the spelling (the path is read on "
-                        "the machine running Refinery, not on your computer), or upload the files instead")
-    for folder in (Path(folder).resolve() for folder in private):
-        if resolved.is_relative_to(folder) or folder.is_relative_to(resolved):
-            raise DataError(f"Refinery keeps every session's uploads and runs in {folder}, and {resolved} lies in it "
-                            "or holds it; type a path outside it, or upload the files instead")
-    try:
-        if resolved.is_dir():
-            with os.scandir(resolved) as entries:
-                next(entries, None)
-        elif resolved.is_file():
-            with open(resolved, "rb") as handle:
-                handle.read(1)
-        else:
-            raise DataError(f"{resolved} is neither a folder nor a regular file; "
-                            "type the path of a folder of images, a .zip or a table")
-    except OSError as exc:
-        raise DataError(f"{resolved} cannot be read ({exc.strerror or exc}); ask for read permission "
-                        "for the user running Refinery, or copy the data somewhere readable") from exc
-    return resolved

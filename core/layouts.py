@@ -6,7 +6,7 @@ refinement, state ``r`` the data after round ``r``. While every round works on o
 embeddings, :class:`umap.AlignedUMAP` ties each sample to itself in the neighbouring states so
 that a sample keeps roughly its place from round to round and the expert can follow it.
 
-Layouts are computed once per run and cached in ``run_dir/layouts.safetensors``.
+Layouts are computed once per run and cached in the run folder (:data:`core.run_dir.LAYOUTS`).
 
 Example
 -------
@@ -25,14 +25,13 @@ from typing import Sequence
 
 import numpy as np
 
-from core.config import FitConfig
+from core.arrays import read_arrays, write_arrays
 from core.errors import ConfigError, DataError, RunError
-from core.progress import CancelToken, ProgressCallback, ProgressEvent, ignore_progress
-from core.store import read_arrays, read_json, write_arrays
+from core.progress import QUIET, Monitor
+from core.run_dir import LAYOUTS, check_run_dir, read_config, read_embeddings, round_count
 
 log = logging.getLogger(__name__)
 
-CACHE_FILE = "layouts.safetensors"
 MIN_SAMPLES = 5
 # umap-learn warns on every fit with a seed that it runs single-threaded; that is the price of
 # reproducibility (convention 6), so the warning says nothing a user can act on.
@@ -70,8 +69,7 @@ def round_layouts(
     n_neighbors: int = 15,
     min_dist: float = 0.1,
     max_fit_points: int = 20_000,
-    on_progress: ProgressCallback = ignore_progress,
-    cancel: CancelToken | None = None,
+    monitor: Monitor = QUIET,
 ) -> np.ndarray:
     """2-D UMAP layouts of S embeddings of the same N samples, aligned with each other.
 
@@ -81,10 +79,8 @@ def round_layouts(
     density on image features): cosine distance ignores a vector's norm, so a sample that
     differs from its neighbours only in scale (an over-exposed image, a row with every value
     doubled) would sit among them on the map. Standardised, because otherwise a few
-    high-variance features decide the layout: on 900 sklearn digits, 5-NN accuracy of the ten
-    classes in the 2-D layout rose from 0.87 to 0.96 for robust-scaled table rows and from 0.91
-    to 0.94 for pooled EfficientNet-Lite0 features; cosine was no better (0.95 and 0.94 on
-    standardised features).
+    high-variance features decide the layout (the comparison on sklearn digits is in
+    docs/benchmarks.md, "Figures that left the docstrings").
 
     Parameters
     ----------
@@ -102,10 +98,9 @@ def round_layouts(
         Above this many samples UMAP is fitted on a seeded random subsample of this size and the
         other samples are placed with ``transform`` (in each state, around the aligned layout of
         the fitted samples), which keeps time and memory bounded.
-    on_progress : callable
-        Receives ``ProgressEvent("project", done, S, message)`` at the start and at the end.
-    cancel : CancelToken, optional
-        Checked before each expensive step.
+    monitor : Monitor
+        Hears ``("project", done, S)`` at the start and at the end; checked for a cancel before
+        each expensive step.
 
     Returns
     -------
@@ -129,7 +124,7 @@ def round_layouts(
         raise ConfigError(f"max_fit_points must be at least {MIN_SAMPLES}, got {max_fit_points}")
     states = _distinct_states(states)
     n, total = len(states[0]), len(states)
-    on_progress(ProgressEvent("project", 0, total, f"laying out {n} samples in {total} state(s)"))
+    monitor.report("project", 0, total, f"laying out {n} samples in {total} state(s)")
     states = [_standardise(state) for state in states]
     fitted = np.arange(n)
     if n > max_fit_points:
@@ -138,8 +133,7 @@ def round_layouts(
         n_components=2, n_neighbors=min(n_neighbors, len(fitted) - 1), min_dist=min_dist,
         random_state=seed, transform_seed=seed,
     )
-    if cancel is not None:
-        cancel.raise_if_cancelled()
+    monitor.check()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_SEEDED_N_JOBS_WARNING, category=UserWarning)
         mappers = _fit_mappers([state[fitted] for state in states], params)
@@ -148,12 +142,11 @@ def round_layouts(
         if len(fitted) < n:
             rest = np.setdiff1d(np.arange(n), fitted)
             for index, (mapper, state) in enumerate(zip(mappers, states)):
-                if cancel is not None:
-                    cancel.raise_if_cancelled()
+                monitor.check()
                 layouts[index, rest] = mapper.transform(state[rest])
     if not np.all(np.isfinite(layouts)):
         raise DataError("UMAP left some samples without a position (disconnected from every neighbour)")
-    on_progress(ProgressEvent("project", total, total, f"{total} layout(s) of {n} samples"))
+    monitor.report("project", total, total, f"{total} layout(s) of {n} samples")
     return layouts
 
 
@@ -161,8 +154,7 @@ def run_layouts(
     run_dir: Path | str,
     *,
     seed: int | None = None,
-    on_progress: ProgressCallback = ignore_progress,
-    cancel: CancelToken | None = None,
+    monitor: Monitor = QUIET,
 ) -> RunLayouts:
     """Layouts of a saved run's training samples, computed once and cached in the run folder.
 
@@ -172,34 +164,32 @@ def run_layouts(
     embeddings) otherwise and for the last state. Without per-round embeddings this is one
     layout of ``train`` for every round.
 
-    The result is cached in ``run_dir/layouts.safetensors`` (key ``layouts``, with the seed
+    The result is cached in the run folder (:data:`core.run_dir.LAYOUTS`, key ``layouts``, with the seed
     under ``seed``); a cache that is damaged, laid out with another seed or whose shape does
     not fit the run's embeddings is recomputed.
 
     Parameters
     ----------
     run_dir : path
-        A run folder written by :func:`core.engine.fit`.
+        A run folder written by :func:`core.pipeline.fit`.
     seed : int, optional
         UMAP seed; defaults to the run's config seed.
-    on_progress, cancel
+    monitor : Monitor
         As in :func:`round_layouts` (no events when the cache is read).
 
     Returns
     -------
     RunLayouts
     """
-    run_dir = Path(run_dir)
-    if not (run_dir / "run.json").is_file():
-        raise RunError(f"{run_dir} is not a Refinery run (no run.json); pass the --out folder of a fit")
+    run_dir = check_run_dir(run_dir)
     if seed is None:
-        seed = FitConfig.load(run_dir / "config.json").seed
+        seed = read_config(run_dir).seed
     states = _run_states(run_dir)
-    cache = run_dir / CACHE_FILE
+    cache = run_dir / LAYOUTS
     cached = _read_cache(cache, seed, (len(_distinct_states(states)), len(states[0]), 2))
     if cached is not None:
         return RunLayouts(cached)
-    layouts = round_layouts(states, seed=seed, on_progress=on_progress, cancel=cancel)
+    layouts = round_layouts(states, seed=seed, monitor=monitor)
     write_arrays(cache, {"layouts": layouts, "seed": np.array([seed], dtype=np.int64)})
     return RunLayouts(layouts)
 
@@ -277,8 +267,8 @@ def _cache_umap_compilation() -> None:
 
 def _run_states(run_dir: Path) -> list[np.ndarray]:
     """The run's embedding for each state 0..R (see :func:`run_layouts`)."""
-    arrays = read_arrays(run_dir / "embeddings.safetensors")
-    n_rounds = len(read_json(run_dir / "refinement.json")) if (run_dir / "refinement.json").is_file() else 0
+    arrays = read_embeddings(run_dir)
+    n_rounds = round_count(run_dir)
     train = arrays["train"]
     return [arrays.get(f"round_{r + 1}", train) for r in range(n_rounds)] + [train]
 

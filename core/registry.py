@@ -1,11 +1,4 @@
-"""Runs on disk: atomic artifact files in a run directory and a SQLite registry of runs.
-
-A run directory is built in a partial folder beside its destination (``.<name>.partial``) and
-renamed into place only when complete, so a crash or an error never leaves a half-written run
-behind. Every file is written to a temporary name, synced and renamed, so a file is either whole
-or absent. An error removes the partial folder; a killed process leaves it, and a resumed fit
-continues from what it holds (cached embeddings, training checkpoints in its ``resume/``
-folder, which is dropped when the run is complete).
+"""The SQLite registry of runs: their status, rounds and metrics, and the expert's verdicts.
 
 The registry (``registry.sqlite`` in the Refinery home, ``$REFINERY_HOME`` or ``~/.refinery``)
 lists runs, their rounds and metrics, and the expert's verdicts; it uses WAL mode and a busy
@@ -26,40 +19,29 @@ that names the cause.
 from __future__ import annotations
 
 import errno
-import hashlib
-import io
 import json
 import logging
 import os
-import shutil
 import socket
 import sqlite3
-import tempfile
 import time
 import uuid
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Iterator
 
-import numpy as np
-from safetensors.numpy import load_file
-
-from core.errors import Cancelled, RunError, StorageError
-from core.mapped import MappedPages
+from core.errors import RunError, StorageError
+from core.files import DISK_ERRORS, disk_errors
 
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_S = 30.0
-RESUME_DIR = "resume"
-"""Subfolder of a partial run folder for what only a resumed fit needs; not part of the finished run."""
-INTERRUPTED = "interrupted (process ended)"
-"""Registry message of a run whose process ended without finishing or failing it."""
 FAILED, CANCELLED = "failed", "cancelled"
 """The ``status`` of a run that ended without a result: by an error, or stopped by the user (besides
 ``running`` and ``done``)."""
-CANCELS = (Cancelled, KeyboardInterrupt)
-"""Exceptions that mean the user stopped the work (recorded as ``cancelled``, not ``failed``)."""
+INTERRUPTED = "interrupted (process ended)"
+"""Registry message of a run whose process ended without finishing or failing it."""
 
 _VERDICTS_TABLE = """
 CREATE TABLE IF NOT EXISTS verdicts (
@@ -115,266 +97,6 @@ def refinery_home() -> Path:
     """Folder for the registry and workspaces: ``$REFINERY_HOME`` or ``~/.refinery``."""
     return Path(os.environ.get("REFINERY_HOME") or Path.home() / ".refinery")
 
-
-# ----------------------------------------------------------------------------- atomic files
-
-
-DISK_ERRORS = {
-    errno.ENOSPC: "no space left on the device; free some space and try again",
-    errno.EDQUOT: "the disk quota is exceeded; free some space and try again",
-    errno.EROFS: "the file system is read-only; choose a writable folder",
-    errno.EACCES: "permission denied; choose a folder you can write to",
-    errno.EPERM: "permission denied; choose a folder you can write to",
-}
-
-
-@contextmanager
-def disk_errors(path: Path) -> Iterator[None]:
-    """Turn the OS refusing a write under ``path`` (``DISK_ERRORS``) into a StorageError naming the cause."""
-    try:
-        yield
-    except OSError as error:
-        cause = DISK_ERRORS.get(error.errno)
-        if cause is None:
-            raise
-        raise StorageError(f"cannot write {path}: {cause}") from error
-
-
-@contextmanager
-def atomic_writer(path: Path) -> Iterator[BinaryIO]:
-    """A binary file handle whose content becomes ``path`` (synced, atomic rename) when the block ends
-    without an error; nothing is left behind otherwise."""
-    path = Path(path)
-    with disk_errors(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                yield handle
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a synced temporary file and an atomic rename."""
-    with atomic_writer(path) as handle:
-        handle.write(data)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path: Path, payload: Any) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=1, sort_keys=True))
-
-
-def write_npy(path: Path, array: np.ndarray) -> None:
-    """Save one array as a ``.npy`` file (plain numpy format, no pickled objects), atomically."""
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def read_json(path: Path) -> Any:
-    """Parse a JSON file of a run; a missing or damaged one is a RunError that says what to do."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RunError(f"{path} is missing: the run is incomplete; fit the run again") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise RunError(f"{path} is damaged or was tampered with ({error}); fit the run again") from None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def artifact_manifest(directory: Path, exclude: tuple[str, ...] = ()) -> dict[str, str]:
-    """SHA-256 of every visible file under ``directory`` (relative POSIX path -> hex), minus ``exclude`` names."""
-    directory = Path(directory)
-    return {
-        path.relative_to(directory).as_posix(): file_sha256(path)
-        for path in sorted(directory.rglob("*"))
-        if path.is_file() and not any(part.startswith(".") or part in exclude for part in path.relative_to(directory).parts)
-    }
-
-
-def check_artifacts(directory: Path, manifest: dict[str, str]) -> None:
-    """Raise RunError when a file listed in ``manifest`` is missing or its content changed."""
-    for name, expected in manifest.items():
-        path = Path(directory) / name
-        if not path.is_file():
-            raise RunError(f"{path} is missing: the run is incomplete; fit the run again")
-        if file_sha256(path) != expected:
-            raise RunError(f"{path} changed after the fit: the run is damaged or was tampered with; fit the run again")
-
-
-_SAFETENSORS_DTYPES = {
-    np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-    np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16", np.dtype(np.int8): "I8",
-    np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL",
-}
-_WRITE_CHUNK_BYTES = 8 << 20
-
-
-def write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Save named arrays as safetensors (no pickle), atomically.
-
-    The file is written as the format defines it (an 8-byte header length, a JSON header with each
-    array's dtype, shape and byte range, then the arrays' little-endian bytes), one chunk of rows at a
-    time: a memory-mapped array is streamed from its file, never read into memory whole.
-    """
-    arrays = {name: np.asarray(array) for name, array in arrays.items()}
-    header, offset = {}, 0
-    for name, array in arrays.items():
-        dtype = _SAFETENSORS_DTYPES.get(array.dtype.newbyteorder("="))
-        if dtype is None:
-            raise TypeError(f"{name}: safetensors has no dtype {array.dtype}")
-        header[name] = {"dtype": dtype, "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as the reference writer does
-    with atomic_writer(path) as handle:
-        handle.write(len(encoded).to_bytes(8, "little"))
-        handle.write(encoded)
-        for array in arrays.values():
-            _write_rows(handle, array)
-
-
-def _write_rows(handle: BinaryIO, array: np.ndarray) -> None:
-    """``array``'s bytes in C order, little-endian, in chunks of rows; a memory-mapped source's pages are
-    handed back after each chunk."""
-    little = array.dtype.newbyteorder("<")
-    if array.ndim == 0 or array.size == 0:
-        handle.write(np.ascontiguousarray(array, dtype=little).tobytes())
-        return
-    rows_per_chunk = max(1, _WRITE_CHUNK_BYTES // max(array[0].nbytes, 1))
-    pages = MappedPages.of(array)
-    for start in range(0, len(array), rows_per_chunk):
-        stop = min(start + rows_per_chunk, len(array))
-        handle.write(np.ascontiguousarray(array[start:stop], dtype=little).data)
-        if pages is not None:
-            pages.release(stop)
-
-
-def read_arrays(path: Path) -> dict[str, np.ndarray]:
-    """Load arrays written by :func:`write_arrays`; a damaged file is a RunError."""
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise RunError(f"{path} is missing: the run is incomplete") from None
-    except Exception as error:  # safetensors raises its own error types for damaged headers
-        raise RunError(f"{path} is damaged or was tampered with ({error}); fit the run again") from None
-
-
-MAX_HEADER_BYTES = 100 << 20
-"""Largest safetensors header :func:`map_arrays` reads (the reference reader's limit)."""
-
-
-def map_arrays(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of a file written by :func:`write_arrays`, memory-mapped read-only instead of read.
-
-    Each array is a view of its bytes in the file, so opening a run costs no memory per sample until
-    rows are used. The header is checked against the file (dtypes, shapes, byte ranges inside it);
-    anything else is a RunError, as for :func:`read_arrays`.
-    """
-    path = Path(path)
-    names = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            length = int.from_bytes(handle.read(8), "little")
-            if not 0 < length <= min(MAX_HEADER_BYTES, size - 8):
-                raise ValueError(f"header length {length}")
-            header = json.loads(handle.read(length))
-        header.pop("__metadata__", None)
-        arrays = {}
-        for name, entry in header.items():
-            dtype, shape, (begin, end) = names[entry["dtype"]], tuple(int(n) for n in entry["shape"]), entry["data_offsets"]
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            if min(shape, default=0) < 0 or not 0 <= begin <= end <= size - 8 - length or end - begin != nbytes:
-                raise ValueError(f"{name}: byte range {begin}-{end} does not hold shape {list(shape)} of {dtype}")
-            arrays[name] = (np.zeros(shape, dtype) if nbytes == 0 else
-                            np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r", offset=8 + length + begin, shape=shape))
-        return arrays
-    except FileNotFoundError:
-        raise RunError(f"{path} is missing: the run is incomplete") from None
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
-        raise RunError(f"{path} is damaged or was tampered with ({error}); fit the run again") from None
-
-
-def partial_dir(destination: Path) -> Path:
-    """The folder a run is built in before it becomes ``destination``: ``.<name>.partial`` beside it."""
-    destination = Path(destination)
-    return destination.parent / f".{destination.name}.partial"
-
-
-def check_destination(destination: Path, *, resume: bool = False) -> None:
-    """Raise RunError unless a run can be built into ``destination``.
-
-    ``destination`` must not exist or be an empty folder, and its partial folder may exist only
-    when ``resume`` is set.
-    """
-    destination = Path(destination)
-    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
-        raise RunError(f"{destination} already exists and is not empty; choose another --out or remove it")
-    staging = partial_dir(destination)
-    if staging.exists() and not resume:
-        raise RunError(
-            f"{staging} holds an unfinished fit of {destination} (another fit is writing it, or one was "
-            "interrupted); continue it with --resume (same data and settings) or delete that folder"
-        )
-
-
-@contextmanager
-def staged_directory(destination: Path, *, resume: bool = False) -> Iterator[Path]:
-    """Yield the partial folder of ``destination``; it becomes ``destination`` if the block succeeds.
-
-    An exception in the block removes the folder; a killed process leaves it behind. With
-    ``resume``, an existing partial folder is reused: its ``RESUME_DIR`` (cached work) is kept and
-    everything else is cleared, since the run's files are all written again. ``RESUME_DIR`` is
-    dropped before the rename. See :func:`check_destination` for what ``destination`` may be.
-    """
-    destination = Path(destination)
-    check_destination(destination, resume=resume)
-    staging = partial_dir(destination)
-    with disk_errors(destination):
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            staging.mkdir()
-        except FileExistsError:
-            if not resume:  # another fit created it since the check
-                raise RunError(f"{staging} appeared while starting: another fit is writing {destination}") from None
-            for entry in staging.iterdir():
-                if not entry.is_dir():
-                    entry.unlink()
-                elif entry.name != RESUME_DIR:
-                    shutil.rmtree(entry)
-            for unfinished in staging.rglob(".*.tmp"):  # atomic writes the kill cut short
-                unfinished.unlink()
-    try:
-        yield staging
-        with disk_errors(destination):
-            shutil.rmtree(staging / RESUME_DIR, ignore_errors=True)
-            if destination.exists():
-                destination.rmdir()
-            os.replace(staging, destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-# ----------------------------------------------------------------------------- registry
 
 _RUN_COLUMNS = "run_id, path, created, status, kind, data_source, fingerprint, n_samples, config, metrics, message"
 _RECORD_COLUMNS = f"{_RUN_COLUMNS}, session, shared"

@@ -1,0 +1,402 @@
+"""The run directory: its file names, and the one place that writes, reads and checks them.
+
+A run directory (the ``--out`` folder of a fit) holds:
+
+========================== ================================================================
+``run.json``               what the run is: data source, kind, threshold, contamination,
+                           metrics, timings, column roles, and the SHA-256 of every other file
+``config.json``            the :class:`~core.config.FitConfig` it was fitted with
+``scores.csv``             the training samples' scores (:meth:`Scores.to_frame`) with
+                           ``kept`` and ``round_removed``
+``embeddings.safetensors`` ``train`` embeddings, ``kept``, ``train_anomaly_score``, ``pinned``
+                           and, with self-training, each round's ``round_<r>`` embeddings
+``refinement.json``        one record per refinement round (:func:`round_record`)
+``refinement.safetensors`` each round's ``kept_<r>``, ``votes_<r>``, ``anomaly_score_<r>``
+``layouts.safetensors``    the UMAP layouts, written on first use (:mod:`core.layouts`)
+encoder and localizer      written by their owners (:func:`core.models.encoder.save_encoder`,
+files                      the localizers' ``save``)
+========================== ================================================================
+
+A run directory is built whole or not at all: in a partial folder beside its destination
+(``.<name>.partial``, :func:`staged_directory`), renamed into place only when complete, so a crash or
+an error never leaves a half-written run behind. An error removes the partial folder; a killed
+process leaves it, and a resumed fit continues from its ``resume/`` folder: ``fit.json`` (how it was
+started), ``embeddings.npy`` and ``training/`` checkpoints. ``run.json`` lists the SHA-256 of every
+other file, checked when the run is opened (:func:`check_artifacts`).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+import zipfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+import pandas as pd
+
+from core.arrays import map_arrays, read_arrays, write_arrays
+from core.config import FitConfig
+from core.data.columns import ColumnChoice, ColumnProfile, chosen_roles
+from core.errors import RunError
+from core.files import atomic_write_text, disk_errors, file_sha256, read_json, write_json
+from core.metrics import DetectionMetrics, detection_metrics
+from core.refine import RefinementRound
+from core.registry import refinery_home
+
+if TYPE_CHECKING:
+    from core.data import Dataset
+    from core.models.encoder import Encoder
+    from core.pipeline import FitResult
+
+log = logging.getLogger(__name__)
+
+RUN_FORMAT = 1
+RESUME_DIR = "resume"
+"""Subfolder of a partial run folder for what only a resumed fit needs; not part of the finished run."""
+RUN_INFO = "run.json"
+CONFIG = "config.json"
+SCORES = "scores.csv"
+EMBEDDINGS = "embeddings.safetensors"
+ROUNDS = "refinement.json"
+ROUND_ARRAYS = "refinement.safetensors"
+LAYOUTS = "layouts.safetensors"
+ATTEMPT_FILE = "fit.json"
+"""In a partial run folder's ``resume/``: what the fit was started with (data, config, verdicts) and its run id."""
+EMBEDDINGS_CACHE = "embeddings.npy"
+"""In ``resume/``: the frozen encoder's embeddings, written as soon as they are extracted."""
+TRAINING_DIR = "training"
+"""In ``resume/``: the self-supervised training loop's checkpoints, one folder per training stage."""
+BUNDLE_SUFFIXES = (".json", ".safetensors", ".csv", ".pt")
+"""The files of a run that its download bundle holds (config, weights, scores, refinement record)."""
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Anomaly scores of a data set under a run (higher = more anomalous)."""
+
+    ids: list[str]
+    anomaly_score: np.ndarray
+    is_anomaly: np.ndarray
+    threshold: float
+    labels: np.ndarray | None = None
+
+    def to_frame(self) -> pd.DataFrame:
+        """The scores table (``scores.csv``, ``refinery score``): ``id, anomaly_score, is_anomaly[, label]``."""
+        frame = pd.DataFrame(
+            {"id": self.ids, "anomaly_score": self.anomaly_score, "is_anomaly": self.is_anomaly.astype(int)}
+        )
+        if self.labels is not None:
+            frame["label"] = self.labels.astype(int)
+        return frame
+
+    def metrics(self) -> DetectionMetrics | None:
+        return detection_metrics(self.labels, self.anomaly_score, self.is_anomaly)
+
+
+# ----------------------------------------------------------------------------- naming a new run
+
+
+def new_run_dir(name: str, root: Path | None = None) -> Path:
+    """A fresh run folder path under ``root`` (default: the Refinery home's ``runs``), named by time and ``name``.
+
+    A random tag ends the name: two fits of the same data queued in the same second (two sessions)
+    get different folders, although neither exists until its job runs.
+    """
+    root = Path(root) if root else refinery_home() / "runs"
+    stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:40].strip("-") or "run"
+    while True:
+        candidate = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{stem}-{secrets.token_hex(3)}"
+        if not candidate.exists() and not partial_dir(candidate).exists():
+            return candidate
+
+
+# ----------------------------------------------------------------------------- building a run whole, resuming it
+
+def artifact_manifest(directory: Path, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """SHA-256 of every visible file under ``directory`` (relative POSIX path -> hex), minus ``exclude`` names."""
+    directory = Path(directory)
+    return {
+        path.relative_to(directory).as_posix(): file_sha256(path)
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and not any(part.startswith(".") or part in exclude for part in path.relative_to(directory).parts)
+    }
+
+
+def check_artifacts(directory: Path, manifest: dict[str, str]) -> None:
+    """Raise RunError when a file listed in ``manifest`` is missing or its content changed."""
+    for name, expected in manifest.items():
+        path = Path(directory) / name
+        if not path.is_file():
+            raise RunError(f"{path} is missing: the run is incomplete; fit the run again")
+        if file_sha256(path) != expected:
+            raise RunError(f"{path} changed after the fit: the run is damaged or was tampered with; fit the run again")
+
+
+def partial_dir(destination: Path) -> Path:
+    """The folder a run is built in before it becomes ``destination``: ``.<name>.partial`` beside it."""
+    destination = Path(destination)
+    return destination.parent / f".{destination.name}.partial"
+
+
+def check_destination(destination: Path, *, resume: bool = False) -> None:
+    """Raise RunError unless a run can be built into ``destination``.
+
+    ``destination`` must not exist or be an empty folder, and its partial folder may exist only
+    when ``resume`` is set.
+    """
+    destination = Path(destination)
+    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+        raise RunError(f"{destination} already exists and is not empty; choose another --out or remove it")
+    staging = partial_dir(destination)
+    if staging.exists() and not resume:
+        raise RunError(
+            f"{staging} holds an unfinished fit of {destination} (another fit is writing it, or one was "
+            "interrupted); continue it with --resume (same data and settings) or delete that folder"
+        )
+
+
+@contextmanager
+def staged_directory(destination: Path, *, resume: bool = False) -> Iterator[Path]:
+    """Yield the partial folder of ``destination``; it becomes ``destination`` if the block succeeds.
+
+    An exception in the block removes the folder; a killed process leaves it behind. With
+    ``resume``, an existing partial folder is reused: its ``RESUME_DIR`` (cached work) is kept and
+    everything else is cleared, since the run's files are all written again. ``RESUME_DIR`` is
+    dropped before the rename. See :func:`check_destination` for what ``destination`` may be.
+    """
+    destination = Path(destination)
+    check_destination(destination, resume=resume)
+    staging = partial_dir(destination)
+    with disk_errors(destination):
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            staging.mkdir()
+        except FileExistsError:
+            if not resume:  # another fit created it since the check
+                raise RunError(f"{staging} appeared while starting: another fit is writing {destination}") from None
+            for entry in staging.iterdir():
+                if not entry.is_dir():
+                    entry.unlink()
+                elif entry.name != RESUME_DIR:
+                    shutil.rmtree(entry)
+            for unfinished in staging.rglob(".*.tmp"):  # atomic writes the kill cut short
+                unfinished.unlink()
+    try:
+        yield staging
+        with disk_errors(destination):
+            shutil.rmtree(staging / RESUME_DIR, ignore_errors=True)
+            if destination.exists():
+                destination.rmdir()
+            os.replace(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+
+
+def write_attempt(staging: Path, attempt: dict, run_id: str) -> None:
+    """Record in the partial folder how this fit was started, so that a resume can check it."""
+    write_json(staging / RESUME_DIR / ATTEMPT_FILE, {**attempt, "run_id": run_id})
+
+
+def interrupted_run(out_dir: Path, attempt: dict) -> str | None:
+    """The run id of the interrupted fit into ``out_dir``, after checking it was started like this one.
+
+    None when there is none to continue (no partial folder, or it was killed before it said).
+    """
+    saved_path = partial_dir(out_dir) / RESUME_DIR / ATTEMPT_FILE
+    if not saved_path.is_file():
+        return None
+    saved = read_json(saved_path)
+    run_id = saved.pop("run_id")
+    attempt = json.loads(json.dumps(attempt))  # tuples as lists, as saved
+    if saved != attempt:
+        changed = [name for name in ("fingerprint", "verdicts") if saved.get(name) != attempt[name]]
+        changed += [key for key in attempt["config"] if saved.get("config", {}).get(key) != attempt["config"][key]]
+        names = ", ".join("data" if name == "fingerprint" else name for name in changed)
+        raise RunError(f"the unfinished fit in {partial_dir(out_dir)} was started with other {names}; "
+                       "resume it with the same data and settings, or delete that folder to start over")
+    log.info("resuming run %s from %s", run_id, partial_dir(out_dir))
+    return run_id
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_run(
+    directory: Path, result: "FitResult", dataset: "Dataset", encoder: "Encoder", embeddings: np.ndarray,
+    pinned: np.ndarray, round_embeddings: list[np.ndarray],
+) -> None:
+    """Write a finished fit's files into ``directory`` (``run.json`` last, with the manifest of the others).
+
+    ``round_embeddings`` (self-training only) are the representation each round worked on, saved as
+    ``round_<r>`` beside the final ``train`` embeddings.
+    """
+    from core.models.encoder import save_encoder  # the encoders import torch: only a fit needs them here
+
+    result.config.save(directory / CONFIG)
+    save_encoder(encoder, directory)
+    write_arrays(directory / EMBEDDINGS, {
+        "train": np.asarray(embeddings, dtype=np.float32),  # no copy: a memory-mapped file is streamed
+        "kept": result.kept.astype(np.uint8),
+        "train_anomaly_score": result.scores.anomaly_score,
+        "pinned": pinned,
+        **{f"round_{number}": np.asarray(rows, dtype=np.float32) for number, rows in enumerate(round_embeddings, start=1)},
+    })
+    write_json(directory / ROUNDS, [round_record(r, dataset.ids) for r in result.rounds])
+    if result.rounds:
+        write_arrays(directory / ROUND_ARRAYS, {
+            **{f"kept_{r.round}": r.kept.astype(np.uint8) for r in result.rounds},
+            **{f"votes_{r.round}": r.votes for r in result.rounds},
+            **{f"anomaly_score_{r.round}": r.anomaly_score for r in result.rounds},
+        })
+    frame = result.scores.to_frame()
+    frame["kept"] = result.kept.astype(int)
+    frame["round_removed"] = _round_removed(result.rounds, len(dataset))
+    atomic_write_text(directory / SCORES, frame.to_csv(index=False))
+    write_json(directory / RUN_INFO, {
+        "format": RUN_FORMAT,
+        "run_id": result.run_id,
+        "kind": dataset.kind,
+        "data_source": str(dataset.source),
+        "fingerprint": dataset.fingerprint,
+        "n_samples": len(dataset),
+        "embedding_dim": int(embeddings.shape[1]),
+        "contamination": result.contamination,
+        "contamination_interval": result.contamination_interval,
+        "contamination_source": "estimated" if result.config.gamma == "auto" else "given (gamma)",
+        "threshold": result.scores.threshold,
+        "false_alarm_rate": result.config.false_alarm_rate,
+        "threshold_meaning": threshold_meaning(result.config.false_alarm_rate),
+        "metrics": result.metrics.as_dict() if result.metrics else None,
+        "timings": result.timings,
+        "skipped": [asdict(item) for item in dataset.skipped],
+        "columns": [asdict(profile) for profile in dataset.columns],
+        # Written last: the SHA-256 of every other artifact, checked when the run is opened.
+        "artifacts": artifact_manifest(directory, exclude=(RUN_INFO, RESUME_DIR)),
+    })
+
+
+def round_record(record: RefinementRound, ids: list[str]) -> dict:
+    """A round as its ``refinement.json`` entry (sample positions as ids; arrays go to ``refinement.safetensors``)."""
+    return {
+        "round": record.round, "n_removed": len(record.removed), "removed_ids": [ids[i] for i in record.removed],
+        "n_returned": len(record.returned), "returned_ids": [ids[i] for i in record.returned],
+        "thresholds": record.thresholds.tolist(), "gamma": record.gamma, "gamma_interval": record.gamma_interval,
+        "seconds": record.seconds, "capped": record.capped,
+        "precision": record.precision, "recall": record.recall, "note": record.note,
+    }
+
+
+def round_from_record(record: dict, arrays: dict[str, np.ndarray], position: dict[str, int]) -> RefinementRound:
+    """The round that :func:`round_record` wrote, with its arrays and ``position`` (id -> sample index)."""
+    number = record["round"]
+    return RefinementRound(
+        round=number,
+        kept=arrays[f"kept_{number}"].astype(bool),
+        removed=np.array([position[i] for i in record["removed_ids"]], dtype=np.int64),
+        returned=np.array([position[i] for i in record.get("returned_ids", [])], dtype=np.int64),
+        thresholds=np.asarray(record["thresholds"], dtype=np.float64),
+        votes=arrays[f"votes_{number}"],
+        anomaly_score=arrays[f"anomaly_score_{number}"],
+        gamma=record["gamma"], gamma_interval=pair(record.get("gamma_interval")),
+        seconds=record["seconds"], capped=record["capped"],
+        precision=record["precision"], recall=record["recall"], note=record["note"],
+    )
+
+
+def threshold_meaning(false_alarm_rate: float) -> str:
+    """What a run's threshold means, in words (``run.json``, the CLI, the studio)."""
+    return (f"flags about {false_alarm_rate:.0%} of normal data (its false-alarm rate): set on out-of-sample scores "
+            f"of the training samples, of which the estimated contamination is taken to be anomalous")
+
+
+def _round_removed(rounds: list[RefinementRound], n: int) -> np.ndarray:
+    """Round in which each training sample was last removed (0 = kept at the end, or came back)."""
+    removed_in = np.zeros(n, dtype=np.int64)
+    for record in rounds:
+        removed_in[record.removed] = record.round
+        removed_in[record.returned] = 0
+    return removed_in
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def check_run_dir(run_dir: Path | str) -> Path:
+    """``run_dir`` as a Path, once it holds a finished run; RunError naming what to pass otherwise."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN_INFO).is_file():
+        raise RunError(f"{run_dir} is not a Refinery run (no {RUN_INFO}); pass the --out folder of a finished fit")
+    return run_dir
+
+
+def read_info(run_dir: Path) -> dict:
+    """``run.json`` of a run directory (checked to be one)."""
+    return read_json(check_run_dir(run_dir) / RUN_INFO)
+
+
+def read_config(run_dir: Path) -> FitConfig:
+    return FitConfig.load(Path(run_dir) / CONFIG)
+
+
+def read_samples(run_dir: Path) -> pd.DataFrame:
+    """``scores.csv``: ``id, anomaly_score, is_anomaly[, label], kept, round_removed`` (ids as text)."""
+    return pd.read_csv(Path(run_dir) / SCORES, dtype={"id": str}, keep_default_na=False)
+
+
+def read_embeddings(run_dir: Path) -> dict[str, np.ndarray]:
+    """``embeddings.safetensors``, memory-mapped: read from the file as used, not into memory at once."""
+    return map_arrays(Path(run_dir) / EMBEDDINGS)
+
+
+def read_rounds(run_dir: Path, ids: list[str]) -> list[RefinementRound]:
+    """The saved refinement rounds, as the fit produced them; ``ids`` are the samples in run order."""
+    run_dir = Path(run_dir)
+    records = read_json(run_dir / ROUNDS)
+    if not records:
+        return []
+    arrays = read_arrays(run_dir / ROUND_ARRAYS)
+    position = {sample_id: index for index, sample_id in enumerate(ids)}
+    return [round_from_record(record, arrays, position) for record in records]
+
+
+def round_count(run_dir: Path) -> int:
+    """How many refinement rounds the run saved (0 without refinement)."""
+    path = Path(run_dir) / ROUNDS
+    return len(read_json(path)) if path.is_file() else 0
+
+
+def saved_column_choice(info: dict, config: FitConfig) -> ColumnChoice:
+    """A run's table column roles: those its fit settled on (``run.json``), or the config's choices
+    for a run saved before roles were recorded."""
+    if info.get("columns"):
+        return chosen_roles([ColumnProfile(**profile) for profile in info["columns"]])
+    return config.column_choice()
+
+
+def bundle(run_dir: Path | str) -> bytes:
+    """A zip of the run's files with :data:`BUNDLE_SUFFIXES` (hidden ones left out), for download."""
+    run_dir = Path(run_dir)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(run_dir.rglob("*")):
+            relative = path.relative_to(run_dir)
+            hidden = any(part.startswith(".") for part in relative.parts)  # also files in hidden folders
+            if path.is_file() and not hidden and path.suffix in BUNDLE_SUFFIXES:
+                archive.write(path, f"{run_dir.name}/{relative.as_posix()}")
+    return buffer.getvalue()
+
+
+def pair(values: list | None) -> tuple[float, float] | None:
+    """A JSON ``[low, high]`` as a tuple (None stays None: a given gamma, or a run older than intervals)."""
+    return None if values is None else (float(values[0]), float(values[1]))
