@@ -43,6 +43,7 @@ import numpy as np
 
 from bench.common import Report, base_parser, machine_footer, machine_header, progress, setup_logging, timed
 from bench.studio import CHROMIUM, FINISHED, VIEWPORT, browser_page, launch_chromium, served
+from core.config import FIT_PARAMS
 
 STARTUP_TARGET_S = 2.0
 REFRESH_TARGET_S = 2.0
@@ -51,7 +52,7 @@ SAMPLE_EVERY_S = 0.2
 LIVE_DATA = "Fashion-MNIST sneakers (1,000 images)"
 QUICK_LIVE_DATA = "Demo: Fashion-MNIST sneakers (300 images)"
 DEMO_DATA, DEMO_SAMPLES = QUICK_LIVE_DATA, 300
-IMAGE_SIZES = (32, 64, 96, 128, 160, 192, 224, 256, 320)  # the Refine form's choices
+IMAGE_SIZES = FIT_PARAMS["image_size"].form_values  # the Refine form's choices
 MAX_JOB_S = 240
 WAIT_MS = 120_000
 

@@ -42,9 +42,10 @@ from bench.common import (
     setup_logging,
     timed,
 )
-from core.config import FitConfig, parse_gamma
+from core.config import FIT_PARAMS, FitConfig
 from core.data import TABLE, load_table
 from core.models.tabular import TableEncoder
+from core.params import parse
 
 DATA_DIR = SHARED_DATA / "adbench_classical"
 BUILT_IN = ("default", "unrefined", "iforest", "ecod", "ocsvm", "oracle")
@@ -100,17 +101,13 @@ def parse_method(spec: str) -> Method:
 
 
 def _parse_value(key: str, text: str, default: object) -> object:
-    if key == "gamma":
-        return parse_gamma(text)
+    """A ``FIELD=VALUE`` value typed in ``--methods``: booleans as 1/true/yes, lists joined by ``+``,
+    everything else read by the field's declared constraints (:func:`core.params.parse`)."""
     if isinstance(default, bool):
         return text.lower() in ("1", "true", "yes")
-    if isinstance(default, int):
-        return int(text)
-    if isinstance(default, float):
-        return float(text)
     if isinstance(default, tuple):
         return tuple(text.split("+"))
-    return text
+    return parse(key, text, FIT_PARAMS[key].constraints)
 
 
 def split_indices(labels: np.ndarray, max_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

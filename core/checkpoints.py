@@ -17,20 +17,15 @@ import io
 import json
 import logging
 import shutil
-from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from core.distributed import ddp
 from core.errors import RunError
-from core.models.backbones import load_state, save_state
 from core.files import atomic_write_bytes, read_json, write_json
-
-if TYPE_CHECKING:
-    from core.train import TrainConfig
+from core.models.backbones import load_state, save_state
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +34,15 @@ CHECKPOINT_FORMAT = 1
 
 
 def training_identity(
-    config: TrainConfig, device: torch.device, samples: torch.Tensor, encoder: nn.Module, objective: nn.Module,
+    config: dict, device: torch.device, samples: torch.Tensor, encoder: nn.Module, objective: nn.Module,
 ) -> dict:
     """What a checkpoint must match to be resumed: config, device, data, architectures, and the
     number of processes of a DDP run (absent for one process, so its checkpoints stay as they were).
 
-    ``samples``: the contiguous training tensor. ``checkpoint_every`` is left out: it does not change
-    the result.
+    ``config``: the training loop's settings as a dict (``asdict(TrainConfig)``); ``samples``: the
+    contiguous training tensor. ``checkpoint_every`` is left out: it does not change the result.
     """
-    settings = {key: value for key, value in asdict(config).items() if key != "checkpoint_every"}
+    settings = {key: value for key, value in config.items() if key != "checkpoint_every"}
     data_hash = hashlib.blake2b(samples.numpy(), digest_size=16)
     architectures = []
     for module in (encoder, objective):

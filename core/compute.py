@@ -3,7 +3,7 @@
 The engine asks a :class:`Compute` for four steps and never does them itself.
 :class:`LocalCompute` runs them in this process and streams: embeddings (often a memory-mapped
 file) are read in chunks of :data:`CHUNK_ROWS` rows, a Gaussian density estimator is fitted from
-sums over those chunks (:class:`~core.detectors.gde.GaussianMoments`), and new data is embedded
+sums over those chunks (:class:`~core.stats.GaussianMoments`), and new data is embedded
 and scored chunk by chunk, so memory does not grow with the number of samples.
 :class:`core.distributed.ray_compute.RayCompute` runs the same steps on a Ray cluster. Both give
 the same results to float rounding.

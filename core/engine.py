@@ -7,10 +7,10 @@ are used only for metrics; the fit itself never reads them.
 The work lives in its own modules; this one gathers what a caller needs:
 
 - :func:`load_data`, :func:`suggested_config`, :func:`run_dataset` (here);
-- :func:`fit`, :func:`fit_work`, :class:`FitResult` (:mod:`core.pipeline`);
+- :func:`fit` and :func:`fit_work` (:mod:`core.pipeline`), which return a :class:`FitResult`;
 - :func:`refine_and_fit` on embeddings (:mod:`core.decision`);
 - :func:`open_run` and :class:`RunModel` to score new data (:mod:`core.run_model`);
-- :func:`new_run_dir`, :func:`threshold_meaning` (:mod:`core.run_dir`);
+- :class:`FitResult`, :func:`new_run_dir`, :func:`threshold_meaning` (:mod:`core.run_dir`);
 - :func:`pinned_from_verdicts` (:mod:`core.refine`).
 """
 from __future__ import annotations
@@ -25,11 +25,11 @@ from core.data import IMAGES, Dataset, load_dataset
 from core.data.decode import image_shape
 from core.decision import refine_and_fit
 from core.errors import RunError
-from core.pipeline import FitResult, fit, fit_work
+from core.pipeline import fit, fit_work
 from core.progress import QUIET, Monitor
 from core.refine import pinned_from_verdicts
 from core.registry import refinery_home
-from core.run_dir import new_run_dir, read_config, read_info, read_samples, saved_column_choice, threshold_meaning
+from core.run_dir import FitResult, new_run_dir, read_config, read_info, read_samples, saved_column_choice, threshold_meaning
 from core.run_model import RunModel, open_run
 
 __all__ = [

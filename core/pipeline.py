@@ -26,7 +26,6 @@ from core.explain.patch import PatchLocalizer
 from core.files import disk_errors, write_npy
 from core.jobs import JobContext
 from core.layouts import run_layouts
-from core.metrics import DetectionMetrics
 from core.models.encoder import Encoder, make_encoder
 from core.models.image_encoder import embedding_memmap
 from core.progress import QUIET, Monitor
@@ -36,6 +35,7 @@ from core.run_dir import (
     EMBEDDINGS_CACHE,
     RESUME_DIR,
     TRAINING_DIR,
+    FitResult,
     Scores,
     check_destination,
     interrupted_run,
@@ -45,26 +45,6 @@ from core.run_dir import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FitResult:
-    """What :func:`fit` produced; everything here is also saved in ``run_dir``."""
-
-    run_dir: Path
-    run_id: str
-    config: FitConfig
-    rounds: list[RefinementRound]
-    kept: np.ndarray
-    contamination: float
-    contamination_interval: tuple[float, float] | None
-    scores: Scores
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def metrics(self) -> DetectionMetrics | None:
-        """Training-set metrics (labels used for evaluation only), or None without labels."""
-        return self.scores.metrics()
 
 
 def fit(

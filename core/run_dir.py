@@ -35,7 +35,7 @@ import shutil
 import time
 import zipfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -54,7 +54,6 @@ from core.registry import refinery_home
 if TYPE_CHECKING:
     from core.data import Dataset
     from core.models.encoder import Encoder
-    from core.pipeline import FitResult
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +98,26 @@ class Scores:
 
     def metrics(self) -> DetectionMetrics | None:
         return detection_metrics(self.labels, self.anomaly_score, self.is_anomaly)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What a fit produced (:func:`core.pipeline.fit`); :func:`write_run` saves all of it in ``run_dir``."""
+
+    run_dir: Path
+    run_id: str
+    config: FitConfig
+    rounds: list[RefinementRound]
+    kept: np.ndarray
+    contamination: float
+    contamination_interval: tuple[float, float] | None
+    scores: Scores
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> DetectionMetrics | None:
+        """Training-set metrics (labels used for evaluation only), or None without labels."""
+        return self.scores.metrics()
 
 
 # ----------------------------------------------------------------------------- naming a new run
@@ -233,7 +252,7 @@ def interrupted_run(out_dir: Path, attempt: dict) -> str | None:
 
 
 def write_run(
-    directory: Path, result: "FitResult", dataset: "Dataset", encoder: "Encoder", embeddings: np.ndarray,
+    directory: Path, result: FitResult, dataset: Dataset, encoder: Encoder, embeddings: np.ndarray,
     pinned: np.ndarray, round_embeddings: list[np.ndarray],
 ) -> None:
     """Write a finished fit's files into ``directory`` (``run.json`` last, with the manifest of the others).

@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -232,7 +232,7 @@ def train(
     losses: list[float] = []
     resumed_from = None
     if checkpoint_dir is not None:
-        identity = training_identity(config, device, samples, encoder, objective)
+        identity = training_identity(asdict(config), device, samples, encoder, objective)
         checkpoints = CheckpointFolder(checkpoint_dir, identity, encoder, objective, optimizer, scaler)
         resumed = checkpoints.resume(device)
         if resumed is not None:

@@ -77,7 +77,7 @@ def body() -> None:
     run_dir = widgets.require_run()
     if run_dir is None:
         return
-    run = runs.saved_run(run_dir)
+    run = runs.run_results(run_dir)
     layouts = runs.layouts(run_dir)
     verdicts = services.registry().verdicts(run.fingerprint, visible_to=state.session_id())
     table = runs.run_values(run_dir, run.kind)

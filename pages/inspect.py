@@ -1,5 +1,4 @@
 """Inspect page: one sample at a time with its maps, neighbours and the expert's verdict."""
-from pathlib import Path
 
 import numpy as np
 import streamlit as st
@@ -77,24 +76,12 @@ def facts(run, index: int) -> None:
     cells[4].metric("Label", {1: "anomaly", 0: "normal"}.get(row.get("label", -1), "unknown"))
 
 
-@st.cache_data(max_entries=128, show_spinner="Localizing...")
-def localization_map(run_dir: str, path: str) -> np.ndarray:
-    """``(H, W) float32`` localization map of the image at ``path``."""
-    return runs.fitted_run(run_dir).anomaly_map(Path(path))
-
-
-@st.cache_data(max_entries=128, show_spinner="Computing Grad-CAM...")
-def gradcam_map(run_dir: str, path: str) -> np.ndarray:
-    """``(H, W) float32`` Grad-CAM of the anomaly score of the image at ``path``."""
-    return runs.fitted_run(run_dir).gradcam_map(Path(path))
-
-
 @st.cache_data(max_entries=8, show_spinner="Measuring the run's colour scale for maps...")
 def localization_scale(run_dir: str) -> render.ColourScale:
     """The run's colour scale for localization maps: the localizer's stored floor, the top from its worst images."""
-    run = runs.saved_run(run_dir)
+    run = runs.run_results(run_dir)
     _, top = render.scale_images(run.samples["anomaly_score"].to_numpy(), run.samples["kept"].to_numpy())
-    fitted = runs.fitted_run(run_dir)
+    fitted = runs.run_model(run_dir)
     maps = fitted.localizer.iter_anomaly_maps([run.image_path(run.samples["id"].iat[i]) for i in top])
     return render.run_scale(fitted.localizer.display_scale_, maps, MAP_UNITS)
 
@@ -102,12 +89,12 @@ def localization_scale(run_dir: str) -> render.ColourScale:
 @st.cache_data(max_entries=8, show_spinner="Measuring the run's colour scale for Grad-CAM...")
 def gradcam_scale(run_dir: str) -> render.ColourScale:
     """The run's colour scale for Grad-CAM: floor from kept images, top from the worst images."""
-    run = runs.saved_run(run_dir)
+    run = runs.run_results(run_dir)
     normal, top = render.scale_images(run.samples["anomaly_score"].to_numpy(), run.samples["kept"].to_numpy(),
                                       seed=run.config.seed)
     ids = run.samples["id"]
-    floor = render.normal_floor(gradcam_map(run_dir, str(run.image_path(ids.iat[i]))) for i in normal)
-    return render.run_scale(floor, (gradcam_map(run_dir, str(run.image_path(ids.iat[i]))) for i in top),
+    floor = render.normal_floor(runs.gradcam_map(run_dir, str(run.image_path(ids.iat[i]))) for i in normal)
+    return render.run_scale(floor, (runs.gradcam_map(run_dir, str(run.image_path(ids.iat[i]))) for i in top),
                             GRADCAM_UNITS)
 
 
@@ -143,12 +130,12 @@ def image_views(run_dir: str, run, sample_id: str) -> None:
     columns = st.columns(3)
     columns[0].image(services.image(path), caption="image", width="stretch")
     if run.config.localization != "none":
-        columns[1].image(shown_map(path, localization_map(run_dir, path), localization_scale(run_dir), per_image,
+        columns[1].image(shown_map(path, runs.anomaly_map(run_dir, path), localization_scale(run_dir), per_image,
                                    mask_path),
                          width="stretch", caption=f"localization map ({scale_choice or SCALES[0]} scale){outline}")
     with columns[2]:
         if st.toggle("Grad-CAM of the anomaly score", key="show_gradcam"):
-            st.image(shown_map(path, gradcam_map(run_dir, path), gradcam_scale(run_dir), per_image, mask_path),
+            st.image(shown_map(path, runs.gradcam_map(run_dir, path), gradcam_scale(run_dir), per_image, mask_path),
                      caption=f"Grad-CAM ({scale_choice or SCALES[0]} scale){outline}", width="stretch")
 
 
@@ -166,7 +153,7 @@ def neighbours(run, index: int) -> None:
 def table_views(run_dir: str, sample_id: str) -> None:
     """The row's features, largest share of its anomaly score first: the leading ones as a chart, then
     every feature of the row beside the kept rows' typical range."""
-    fitted = runs.fitted_run(run_dir)
+    fitted = runs.run_model(run_dir)
     [explanation] = fitted.explain_rows(runs.run_dataset(run_dir), [sample_id], k=len(fitted.encoder.feature_names))
     features = explanation.features
     leading = features[:CHART_FEATURES]
@@ -204,7 +191,7 @@ def body() -> None:
     run_dir = widgets.require_run()
     if run_dir is None:
         return
-    run = runs.saved_run(run_dir)
+    run = runs.run_results(run_dir)
     st.text_input("Go to id", key=GO_TO_ID, on_change=go_to_typed_id,
                   placeholder=f"e.g. {run.samples['id'].iat[0]}; Enter opens it")
     requested = st.session_state.pop(state.INSPECT_ID, None)

@@ -102,7 +102,7 @@ def finished_view(status) -> None:
 
 
 def saved_rounds(run_dir: str) -> None:
-    run = runs.saved_run(run_dir)
+    run = runs.run_results(run_dir)
     st.subheader(f"Run {run.name}")
     st.caption(f"{len(run.samples)} samples, {int(run.samples['kept'].sum())} kept; {run.contamination_text}. "
                f"The threshold {run.threshold_meaning}. Run id {run.run_id}.")

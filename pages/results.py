@@ -111,7 +111,7 @@ def comparison_section(run, records) -> None:
     wanted = st.session_state.get(state.COMPARE_WITH)
     default = paths.index(wanted) if wanted in paths else 0
     other = st.selectbox("Other run", paths, index=default, format_func=lambda p: Path(p).name, key="compare_run")
-    comparison = compare_runs(runs.saved_run(other), run)
+    comparison = compare_runs(runs.run_results(other), run)
     st.dataframe(comparison.metrics)
     st.caption(f"{len(comparison.changed)} samples changed their call.")
     if len(comparison.changed):
@@ -161,7 +161,7 @@ def body() -> None:
     run_dir = widgets.require_run()
     records = services.visible_runs()
     if run_dir is not None:
-        run = runs.saved_run(run_dir)
+        run = runs.run_results(run_dir)
         verdicts = services.registry().verdicts(run.fingerprint, visible_to=state.session_id())
         st.caption(f"Run {run.name} (id {run.run_id}): {len(run.samples)} {'images' if run.kind == 'images' else 'rows'}, "
                    f"detector {run.config.detector}, "

@@ -10,7 +10,7 @@
 - **detector fits**: the embeddings go into the object store once, in blocks of
   :data:`~core.compute.CHUNK_ROWS` rows, split into partitions of consecutive blocks. A Gaussian
   density estimator (GDE) needs only sums over its training rows: Ray tasks return each
-  partition's ``(count, sum)`` per subset, then its :class:`~core.detectors.gde.GaussianMoments`
+  partition's ``(count, sum)`` per subset, then its :class:`~core.stats.GaussianMoments`
   about the subset's mean, added up in a tree of tasks, so only ``D x D`` matrices reach the
   driver. Other detectors keep their training rows anyway: one task per subset gathers the
   subset's rows from the partitions and fits it.

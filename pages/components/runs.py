@@ -16,16 +16,16 @@ from core import engine
 from core.data import Dataset
 from core.errors import RefineryError, RunError
 from core.explain.attribution import column_shares
-from core.files import read_json
 from core.layouts import run_layouts
 from core.registry import RunRecord
 from core.results import RunResults
+from core.run_dir import read_info
 from pages.components import state
 from pages.components.services import registry, submit_job, workspace
 
 
 @st.cache_resource(max_entries=8)
-def saved_run(run_dir: str) -> RunResults:
+def run_results(run_dir: str) -> RunResults:
     return RunResults(run_dir)
 
 
@@ -64,13 +64,13 @@ def runs_table(records: Sequence[RunRecord]) -> pd.DataFrame:
 def _estimated_contamination(run_dir: str) -> float | None:
     """The contamination a finished run's ``run.json`` records; None when it cannot be read."""
     try:
-        return float(read_json(Path(run_dir) / "run.json")["contamination"])
+        return float(read_info(Path(run_dir))["contamination"])
     except (RunError, KeyError, TypeError, ValueError):
         return None
 
 
 @st.cache_resource(show_spinner="Opening the run's model...", max_entries=2)
-def fitted_run(run_dir: str) -> engine.RunModel:
+def run_model(run_dir: str) -> engine.RunModel:
     return engine.open_run(run_dir)
 
 
@@ -95,12 +95,24 @@ def run_values(run_dir: str, kind: str) -> pd.DataFrame | None:
 def flagged_column_shares(run_dir: str) -> dict[str, float]:
     """Each column's mean share of the scores of a table run's flagged rows, largest first (empty when
     nothing is flagged); computed once per run, not on every redraw of the Results page."""
-    run = saved_run(run_dir)
+    run = run_results(run_dir)
     flagged = [i for i, flag in zip(run.samples["id"], run.samples["is_anomaly"]) if flag]
     if not flagged:
         return {}
-    fitted = fitted_run(run_dir)
+    fitted = run_model(run_dir)
     return column_shares(fitted.explain_rows(run_dataset(run_dir), flagged, k=len(fitted.encoder.feature_names)))
+
+
+@st.cache_data(max_entries=128, show_spinner="Localizing...")
+def anomaly_map(run_dir: str, path: str) -> np.ndarray:
+    """``(H, W) float32`` localization map of the image at ``path`` under the run's localizer."""
+    return run_model(run_dir).anomaly_map(Path(path))
+
+
+@st.cache_data(max_entries=128, show_spinner="Computing Grad-CAM...")
+def gradcam_map(run_dir: str, path: str) -> np.ndarray:
+    """``(H, W) float32`` Grad-CAM of the anomaly score of the image at ``path``."""
+    return run_model(run_dir).gradcam_map(Path(path))
 
 
 @st.cache_data(show_spinner="Computing the UMAP map (cached for this run)...", max_entries=8)
