@@ -39,7 +39,7 @@ from bench.common import (
     setup_logging,
     timed,
 )
-from core.config import FEATURE_LAYERS, FitConfig
+from core.config import FEATURE_LAYERS, IMAGE_SIZE, FitConfig
 from core.data import IMAGES, anomaly_count, load_image_folder, softpatch_protocol
 
 BOTTLE = SHARED_DATA / "mvtec_ad_bottle_256" / "bottle"
@@ -90,7 +90,7 @@ def evaluate(embeddings: np.ndarray, dataset, seeds: list[int], ratio: float, ba
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser(__doc__.splitlines()[0], default_seeds=(0, 1, 2))
     parser.add_argument("--data", type=Path, default=BOTTLE, help="MVTec-layout category folder")
-    parser.add_argument("--image-size", type=int, default=FitConfig().image_size,
+    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE,
                         help="image side in pixels (default: the FitConfig default)")
     parser.add_argument("--ratio", type=float, default=0.1, help="anomaly share of the contaminated training set")
     args = parser.parse_args(argv)

@@ -45,7 +45,7 @@ from bench.common import (
     setup_logging,
     timed,
 )
-from core.config import FitConfig
+from core.config import IMAGE_SIZE, FitConfig
 
 BOTTLE = SHARED_DATA / "mvtec_ad_bottle_256" / "bottle"
 TABLES = SHARED_DATA / "adbench_classical"
@@ -119,7 +119,7 @@ def throughput_case(name: str, count: int, repeats: int, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     if name == "bottle":
-        dataset, config = bottle_dataset(), FitConfig()
+        dataset, config = bottle_dataset(), FitConfig(image_size=IMAGE_SIZE)
     else:
         dataset, config = fashion_test_dataset()[0], FitConfig(image_size=64)
     subset = dataset.subset(np.arange(min(count, len(dataset))))
@@ -146,7 +146,7 @@ def fit_images(which: str, quick: bool) -> dict:
     from core.models.image_encoder import ImageEncoder
 
     if which == "bottle":
-        config = FitConfig()
+        config = FitConfig(image_size=IMAGE_SIZE)
         train = softpatch_protocol(bottle_dataset(), 0.1, seed=0).train
     else:
         config = FitConfig(image_size=64)

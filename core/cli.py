@@ -25,11 +25,14 @@ from core.config import FIT_PARAMS, FitConfig
 from core.data.builtin import DEMO_DIR
 from core.distributed import ddp
 from core.errors import Cancelled, ConfigError, RefineryError
-from core.files import atomic_write_text, write_npy
+from core.export import export_kept, export_table
+from core.files import atomic_write_text
 from core.params import Param, describe, interval_of, options_of, parse
 from core.progress import HOLD_AT_VARIABLE, Monitor, ProgressEvent, holding_at
 from core.refine import describe_contamination
 from core.registry import Registry, refinery_home
+from core.report import DEFAULT_TOP, write_report
+from core.run_dir import write_maps
 
 FIT_METAVARS = {"learning_rate": "LR", "ensemble": "K", "gamma": "G|auto", "rounds": "R", "min_keep_fraction": "F",
                 "false_alarm_rate": "A", "image_size": "PX", "feature_layers": "L1,L2", "label_column": "NAME",
@@ -90,6 +93,32 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--out", type=Path, metavar="EXPLAIN.csv|MAPS_DIR",
                          help="tables: also write one line per row and feature; images (required): folder for "
                          "the maps, named like 'score --maps'")
+
+    export = commands.add_parser("export", help="export the refined data set: the kept samples, or every "
+                                 "sample's outcome as a table",
+                                 description="--kept: write the samples kept after the last refinement round "
+                                 "(image files copied at their paths relative to the data folder, so class "
+                                 "folders survive; for a table, its kept rows with all its columns) and "
+                                 "refined.csv into a new folder or a .zip. --table: write only refined.csv: every "
+                                 "training sample's id, anomaly_score, is_anomaly, label (when known), kept, "
+                                 "round_removed, votes and the expert's verdict and note.")
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="folder written by 'refinery fit --out'")
+    what = export.add_mutually_exclusive_group(required=True)
+    what.add_argument("--kept", action="store_true", help="the kept samples and refined.csv")
+    what.add_argument("--table", action="store_true", help="only refined.csv, one line per training sample")
+    export.add_argument("--out", type=Path, required=True, metavar="PATH",
+                        help="--kept: a new or empty folder, or a new file ending in .zip; --table: the CSV to write")
+
+    report = commands.add_parser("report", help="write a run report: one self-contained HTML file that opens offline",
+                                 description="Write one HTML file for a colleague without the studio: the data, the "
+                                 "settings, the refinement rounds, the score histogram with the threshold and its "
+                                 "meaning, the --top most anomalous samples with their images and anomaly maps (tables: "
+                                 "their top features), the expert's verdicts and, where labels exist, the metrics. "
+                                 "Images are embedded; the file loads nothing from anywhere.")
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="folder written by 'refinery fit --out'")
+    report.add_argument("--out", type=Path, required=True, metavar="REPORT.html", help="the HTML file to write")
+    report.add_argument("--top", type=int, default=DEFAULT_TOP, metavar="N",
+                        help="most anomalous samples shown (default: %(default)s)")
 
     commands.add_parser("runs", help="list the runs in the registry, newest first")
 
@@ -163,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
             _score(args)
         elif args.command == "explain":
             _explain(args)
+        elif args.command == "export":
+            _export(args)
+        elif args.command == "report":
+            _report(args)
         elif args.command == "demo":
             _demo(args)
         else:
@@ -187,6 +220,7 @@ def _fit(args: argparse.Namespace) -> None:
             return
         dataset = engine.load_data(args.data, **config.column_choice().load_kwargs())
         _report_skipped(dataset)
+        _report_choices(config, engine.suggested_config(dataset, config))
         with _ProgressBar() as monitor, _compute(args) as compute:
             result = engine.fit(dataset, config, args.out, resume=args.resume, monitor=monitor, compute=compute)
     for record in result.rounds:
@@ -229,7 +263,7 @@ def _score(args: argparse.Namespace) -> None:
         atomic_write_text(args.out, scores.to_frame().to_csv(index=False))
         print(f"scored {len(dataset)} samples; {int(scores.is_anomaly.sum())} flagged; written to {args.out}")
         if maps is not None:
-            _write_maps(maps, args.maps)
+            write_maps(maps, args.maps)
     if args.maps:
         print(f"anomaly maps written to {args.maps}")
     metrics = scores.metrics()
@@ -287,14 +321,24 @@ def _explain_images(run, dataset, args: argparse.Namespace) -> None:
     if args.out is None:
         raise ConfigError("explaining images writes maps: pass --out MAPS_DIR")
     with _ProgressBar() as monitor:
-        _write_maps(run.iter_gradcam_maps(dataset, method=args.method, monitor=monitor), args.out)
+        write_maps(run.iter_gradcam_maps(dataset, method=args.method, monitor=monitor), args.out)
     print(f"{args.method} maps of {len(dataset)} images written to {args.out}")
 
 
-def _write_maps(maps, folder: Path) -> None:
-    """One float32 ``.npy`` per ``(id, map)``, at ``folder/<id with its suffix replaced by .npy>`` (DESIGN.md)."""
-    for sample_id, anomaly_map in maps:
-        write_npy(folder / Path(sample_id).with_suffix(".npy"), anomaly_map.astype(np.float32))
+def _export(args: argparse.Namespace) -> None:
+    if args.table:
+        table = export_table(args.run_dir, args.out)
+        print(f"{len(table)} samples ({int(table['kept'].sum())} kept) written to {args.out}")
+        return
+    with _ProgressBar() as monitor:
+        exported = export_kept(args.run_dir, args.out, monitor=monitor)
+    print(exported.summary)
+
+
+def _report(args: argparse.Namespace) -> None:
+    with _ProgressBar() as monitor:
+        out = write_report(args.run_dir, args.out, top=args.top, monitor=monitor)
+    print(f"run report written to {out} ({out.stat().st_size / 1e6:.2f} MB); it opens offline in any browser")
 
 
 def _runs() -> None:
@@ -328,6 +372,14 @@ def _demo(args: argparse.Namespace) -> None:
     if result.metrics:
         print(f"AUROC {result.metrics.auroc:.4f}  AP {result.metrics.ap:.4f} (labels used for evaluation only)")
     print(f"run saved to {out}; score new images with: refinery score {out} FOLDER --out scores.csv")
+
+
+def _report_choices(requested: FitConfig, resolved: FitConfig) -> None:
+    """Print what each ``auto`` setting became for this data (the same choices as the studio's)."""
+    chosen = [f"{name.replace('_', ' ')} {getattr(resolved, name)}" for name in FIT_PARAMS
+              if getattr(requested, name) == "auto" and getattr(resolved, name) != "auto"]
+    if chosen:
+        print(f"settings chosen for this data (auto): {', '.join(chosen)}")
 
 
 def _report_skipped(dataset) -> None:

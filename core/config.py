@@ -31,6 +31,11 @@ bench/explore_refinement.py (docs/benchmarks.md)."""
 THRESHOLD_SOURCES = ("held_out", "in_sample")
 LOCALIZATIONS = ("memory", "gaussian", "cutpaste", "none")
 DEVICES = ("auto", "cpu", "cuda")
+IMAGE_SIZE = 224
+"""The side images are resized to when ``image_size`` is ``auto`` and they are not small."""
+SMALL_IMAGE_SIDE = 64
+"""Images whose longest side is at most this many pixels are fitted at this size when ``image_size`` is
+``auto``: upsampling them to :data:`IMAGE_SIZE` costs about 12x the compute and adds nothing they hold."""
 
 
 def _auto_words(choice: dict[str, str]) -> str:
@@ -51,8 +56,11 @@ class FitConfig:
         "efficientnet-lite0", [Options(*BACKBONES)],
         "Image representation: an ImageNet-pretrained EfficientNet-Lite. Ignored for tables, which use the "
         "tabular encoder.", label="Backbone (ImageNet-pretrained)")
-    image_size: int = param(
-        224, [Interval(int, 32, 1024)], "Images are resized to a square of this many pixels before the backbone.",
+    image_size: int | str = param(
+        "auto", [Interval(int, 32, 1024), Options("auto")],
+        "Images are resized to a square of this many pixels before the backbone. 'auto': "
+        f"{SMALL_IMAGE_SIDE} px when the images are at most {SMALL_IMAGE_SIDE} px on their longest side "
+        f"(in a sample of 16), else {IMAGE_SIZE} px.",
         label="Image size (px)", form_values=(32, 64, 96, 128, 160, 192, 224, 256, 320))
     feature_layers: tuple[str, ...] = param(
         ("stride16", "stride32"), [TupleOf(Options(*FEATURE_LAYERS), min_len=1)],
@@ -154,12 +162,17 @@ class FitConfig:
             raise ConfigError("held-out thresholds need an ensemble of K >= 2; raise ensemble or use in_sample")
         return self
 
-    def for_data(self, kind: str) -> "FitConfig":
-        """This config with ``detector``, ``refine_detector`` and ``encoder`` ``auto`` resolved for ``kind`` (``images`` or ``table``).
+    def for_data(self, kind: str, largest_side: int | None = None) -> "FitConfig":
+        """This config with every ``auto`` resolved for ``kind`` (``images`` or ``table``): ``detector``,
+        ``refine_detector``, ``encoder`` and, for images, ``image_size`` from ``largest_side``, the longest
+        side of the data's images in pixels (None: not known, taken as large).
 
         Raises ConfigError when the objective or encoder does not apply to that kind of data.
         """
         config = self if self.detector != "auto" else replace(self, detector=AUTO_DETECTOR[kind])
+        if config.image_size == "auto" and kind == "images":
+            small = largest_side is not None and largest_side <= SMALL_IMAGE_SIDE
+            config = replace(config, image_size=SMALL_IMAGE_SIDE if small else IMAGE_SIZE)
         if config.refine_detector == "auto":
             config = replace(config, refine_detector=AUTO_REFINE_DETECTOR[kind])
         if config.objective == "none":

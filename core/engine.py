@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from core.config import FitConfig
-from core.data import IMAGES, Dataset, load_dataset
-from core.data.decode import image_shape
+from core.data import Dataset, load_dataset
+from core.data.images import largest_image_side
 from core.decision import refine_and_fit
 from core.errors import RunError
 from core.pipeline import fit, fit_work
@@ -61,20 +61,10 @@ def load_data(
     )
 
 
-SMALL_IMAGE_SIDE = 64
-
-
 def suggested_config(dataset: Dataset, base: FitConfig | None = None) -> FitConfig:
-    """A config for ``dataset``: ``base`` (default: the defaults) with ``detector`` resolved and, for
-    small images (longest side at most ``SMALL_IMAGE_SIDE`` px in a sample of 16), ``image_size``
-    64: upsampling tiny images to 224 px costs 10x the compute and adds nothing they do not hold.
-    """
-    config = (base or FitConfig()).for_data(dataset.kind)
-    if dataset.kind == IMAGES and dataset.paths:
-        step = max(1, len(dataset.paths) // 16)
-        if max(max(image_shape(path)) for path in dataset.paths[::step]) <= SMALL_IMAGE_SIDE:
-            config = config.with_changes(image_size=SMALL_IMAGE_SIDE)
-    return config
+    """``base`` (default: the defaults) with every ``auto`` resolved for ``dataset``, as a fit would resolve
+    it (:meth:`FitConfig.for_data`): what the Refine form offers first and ``refinery fit`` reports."""
+    return (base or FitConfig()).for_data(dataset.kind, largest_image_side(dataset))
 
 
 def run_dataset(run_dir: Path | str, *, workspace: Path | None = None) -> Dataset:

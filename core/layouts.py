@@ -194,6 +194,56 @@ def run_layouts(
     return RunLayouts(layouts)
 
 
+PLACE_NEIGHBOURS = 10
+"""Training samples whose map positions place a new sample (:func:`place_on_layout`)."""
+
+
+def place_on_layout(run_dir: Path | str, embeddings: np.ndarray, *, k: int = PLACE_NEIGHBOURS,
+                    monitor: Monitor = QUIET) -> np.ndarray:
+    """``(M, 2) float32`` places on a run's map (its last layout) for new samples embedded by the run's encoder.
+
+    Each new sample goes to the distance-weighted mean position of its ``k`` nearest training samples,
+    measured as the map was laid out (features standardised with the training samples' mean and
+    spread, Euclidean); weights are ``1 / distance**2``, so an exact copy of a training sample lands on
+    it. Why not ``umap.UMAP.transform``: it needs the fitted mapper (its neighbour graph and search
+    index), which the run does not keep, and refitting one costs as much as the layout itself while
+    moving the training points the user already knows. ``transform`` itself starts each new point at
+    the membership-weighted mean of its nearest training points' positions and then nudges it for a
+    few epochs; this keeps that start, which is deterministic, instant and leaves the map unchanged.
+    The limit, shared with ``transform``: a sample unlike every training sample is still drawn among
+    its nearest ones; its anomaly score, not its place, says how unusual it is.
+
+    Parameters
+    ----------
+    run_dir : path
+        A finished run; its layout is computed (and cached) first if needed (:func:`run_layouts`).
+    embeddings : (M, D) float array
+        New samples in the run's final representation (``RunModel.encoder``), D as the run's ``train``.
+    k : int
+        Neighbours averaged (clamped to the number of training samples).
+    monitor : Monitor
+        Passed to :func:`run_layouts`; checked for a cancel.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    layout = run_layouts(run_dir, monitor=monitor).layouts[-1]
+    train = np.asarray(read_embeddings(Path(run_dir))["train"], dtype=np.float32)
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    if embeddings.ndim != 2 or embeddings.shape[1] != train.shape[1]:
+        raise DataError(f"new embeddings of shape {embeddings.shape} do not match the run's "
+                        f"{train.shape[1]}-dimensional representation")
+    if len(embeddings) == 0:
+        return np.empty((0, 2), dtype=np.float32)
+    mean, scale = train.mean(axis=0), train.std(axis=0)
+    scale[scale == 0] = 1.0
+    monitor.check()
+    search = NearestNeighbors(n_neighbors=min(k, len(train))).fit((train - mean) / scale)
+    distance, nearest = search.kneighbors((embeddings - mean) / scale)
+    weights = 1.0 / np.maximum(distance, 1e-12) ** 2
+    weights /= weights.sum(axis=1, keepdims=True)
+    return np.einsum("mk,mkd->md", weights, layout[nearest]).astype(np.float32)
+
+
 def _check_embeddings(embeddings: Sequence[np.ndarray]) -> list[np.ndarray]:
     """The states as ``(N, D) float32`` arrays, or a DataError saying what is wrong with them."""
     if len(embeddings) == 0:

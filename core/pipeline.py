@@ -19,6 +19,7 @@ import numpy as np
 from core.compute import Compute, LocalCompute, check_finite
 from core.config import FitConfig
 from core.data import IMAGES, Dataset
+from core.data.images import largest_image_side
 from core.decision import refine_and_fit
 from core.errors import CANCELS, Cancelled, DataError, RefineryError
 from core.explain.cutpaste_patch import CutPastePatchLocalizer
@@ -80,7 +81,7 @@ def fit(
     this process; :class:`core.distributed.ray_compute.RayCompute` for a Ray cluster). It changes
     where the work runs, not the run: it is not part of the config.
     """
-    config = config.validate().for_data(dataset.kind)
+    config = config.validate().for_data(dataset.kind, largest_image_side(dataset))
     _check_trainable(dataset, config)
     pinned = pinned_from_verdicts(dataset.ids, verdicts)
     registry = registry or Registry()

@@ -53,6 +53,7 @@ STAGE_NAMES = {
     "maps": "drawing anomaly maps",
     "gradcam": "drawing Grad-CAM maps",
     "project": "laying out the map of the samples",
+    "export": "copying the kept samples",
 }
 """Each stage of :class:`ProgressEvent` in plain words, for the studio and the logs."""
 

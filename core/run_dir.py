@@ -46,7 +46,7 @@ from core.arrays import map_arrays, read_arrays, write_arrays
 from core.config import FitConfig
 from core.data.columns import ColumnChoice, ColumnProfile, chosen_roles
 from core.errors import RunError
-from core.files import atomic_write_text, disk_errors, file_sha256, read_json, write_json
+from core.files import atomic_write_text, disk_errors, file_sha256, read_json, write_json, write_npy
 from core.metrics import DetectionMetrics, detection_metrics
 from core.refine import RefinementRound
 from core.registry import refinery_home
@@ -73,6 +73,9 @@ EMBEDDINGS_CACHE = "embeddings.npy"
 """In ``resume/``: the frozen encoder's embeddings, written as soon as they are extracted."""
 TRAINING_DIR = "training"
 """In ``resume/``: the self-supervised training loop's checkpoints, one folder per training stage."""
+BATCHES = "batches"
+"""Batches of new data scored with the run, one folder each (their files: :mod:`core.batches`)."""
+BATCH_INFO, BATCH_ARRAYS, BATCH_MAPS = "batch.json", "placement.safetensors", "maps"
 BUNDLE_SUFFIXES = (".json", ".safetensors", ".csv", ".pt")
 """The files of a run that its download bundle holds (config, weights, scores, refinement record)."""
 
@@ -401,6 +404,31 @@ def saved_column_choice(info: dict, config: FitConfig) -> ColumnChoice:
     if info.get("columns"):
         return chosen_roles([ColumnProfile(**profile) for profile in info["columns"]])
     return config.column_choice()
+
+
+def write_maps(maps, folder: Path) -> None:
+    """One float32 ``.npy`` per ``(id, map)``, at ``folder/<id with its suffix replaced by .npy>`` (DESIGN.md)."""
+    for sample_id, anomaly_map in maps:
+        write_npy(Path(folder) / Path(sample_id).with_suffix(".npy"), anomaly_map.astype(np.float32))
+
+
+def write_batch(directory: Path, info: dict, scores: Scores, arrays: dict[str, np.ndarray]) -> None:
+    """A scored batch's files into ``directory`` (see :data:`BATCHES`); ``batch.json`` last, as a batch is read by it."""
+    atomic_write_text(directory / SCORES, scores.to_frame().to_csv(index=False))
+    write_arrays(directory / BATCH_ARRAYS, arrays)
+    write_json(directory / BATCH_INFO, info)
+
+
+def read_batch(directory: Path) -> tuple[dict, pd.DataFrame, dict[str, np.ndarray]]:
+    """``batch.json``, ``scores.csv`` (ids as text) and the placement arrays of a batch folder."""
+    frame = pd.read_csv(directory / SCORES, dtype={"id": str}, keep_default_na=False)
+    return read_json(directory / BATCH_INFO), frame, read_arrays(directory / BATCH_ARRAYS)
+
+
+def read_batch_map(directory: Path, sample_id: str) -> np.ndarray | None:
+    """The saved ``(H, W) float32`` map of a batch's sample, or None when the batch saved none."""
+    path = directory / BATCH_MAPS / Path(sample_id).with_suffix(".npy")
+    return np.load(path, allow_pickle=False) if path.is_file() else None
 
 
 def bundle(run_dir: Path | str) -> bytes:

@@ -7,57 +7,20 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core.data.builtin import builtin_sources, prepare_builtin
+from core.data.parts import has_mvtec_layout
 from core.data.columns import ID, LABEL, ROLES, ColumnChoice, chosen_roles, role_of
-from core.data.images import IMAGE_SUFFIXES
-from core.data.server_paths import resolve_server_folder
-from core.data.tables import TABLE_SUFFIXES
-from core.data.uploads import MAX_UPLOAD_MB, earlier_uploads, save_uploads
 from core.errors import RefineryError
-from core.registry import refinery_home
-from pages.components import navigation, services, state, widgets
+from pages.components import navigation, services, sources, state, widgets
 
 PREVIEW_IMAGES = 24
-UPLOAD_TYPES = sorted({suffix.lstrip(".") for suffix in (*IMAGE_SUFFIXES, *TABLE_SUFFIXES, ".zip")})
-UPLOAD_HELP = (f"At most {MAX_UPLOAD_MB} MiB for all the files together. "
-               "Larger data: put it on the server and type its path in the next tab.")
 ROLES_HELP = ("id: names the row in every output, never a feature. feature: what the fit measures. "
               "label: 0/1 (1 = anomaly), used for metrics only. ignore: left out.")
 
 
 def choose_source() -> None:
-    builtin, upload, server = st.tabs(["Built-in data sets", "Upload", "Folder or file on the server"])
-    with builtin:
-        sources = builtin_sources()
-        chosen = st.radio(
-            "Data set", sources, key="builtin_choice", format_func=lambda source: source.title,
-            captions=[source.description if source.available else f"Not installed: {source.unavailable_reason}"
-                      for source in sources],
-        )
-        if st.button("Use this data set", key="use_builtin", type="primary", disabled=not chosen.available):
-            with st.spinner(f"Preparing {chosen.title}..."):
-                path = prepare_builtin(chosen.key, services.workspace())
-            services.use_data(path, ColumnChoice(label_column=chosen.label_column), services.builtin_source(chosen.key))
-    with upload:
-        files = st.file_uploader(
-            "Images (several files or one .zip) or one table", type=UPLOAD_TYPES, accept_multiple_files=True,
-            key="upload_files", help=UPLOAD_HELP,
-        )
-        if st.button("Use the uploaded files", key="use_upload", disabled=not files):
-            path = save_uploads([(file.name, file.getvalue()) for file in files], services.workspace(),
-                                session=state.session_id())
-            services.use_data(path, ColumnChoice(), services.upload_source(path))
-        earlier = earlier_uploads(services.workspace(), state.session_id())
-        if earlier:
-            chosen = st.selectbox("Or an earlier upload of this session", earlier, format_func=lambda path: path.name,
-                                  key="earlier_upload")
-            if st.button("Use this upload", key="use_earlier_upload"):
-                services.use_data(chosen, ColumnChoice(), services.upload_source(chosen))
-    with server:
-        typed = st.text_input("Path of a folder of images, a .zip or a table on this server", key="server_path")
-        if st.button("Use this path", key="use_server", disabled=not typed):
-            services.use_data(resolve_server_folder(typed, private=[refinery_home()]), ColumnChoice(),
-                              services.server_source(typed))
+    chosen = sources.pick_source()
+    if chosen is not None:
+        services.use_data(*chosen)
     st.caption("A table's columns get their roles (id, feature, label, ignore) below, once it is loaded.")
 
 
@@ -143,11 +106,26 @@ def protocol_form(path: str, columns: ColumnChoice, protocol) -> None:
                 st.rerun()
 
 
+def mvtec_form(path: str, columns: ColumnChoice) -> None:
+    """For an MVTec-layout folder: fit on its train/ part only, and score its test/ part later as a batch."""
+    dataset = services.dataset(path, columns)
+    if not has_mvtec_layout(dataset):
+        return
+    st.toggle("Fit on train/ only", key="train_part_toggle", value=state.train_part_only(),
+              on_change=lambda: state.set_train_part_only(st.session_state["train_part_toggle"]),
+              help="This folder has the MVTec layout (train/good and test/<defect>). Fit on the train/ images "
+                   "only; then score the test/ images with the run on the Score page, as new data.")
+    if state.train_part_only():
+        st.caption(f"The fit takes the {len(services.train_part(path, columns))} images under train/; "
+                   "the Score page offers test/ as a batch once the run exists.")
+
+
 def body() -> None:
     st.title("Data")
     widgets.guarded(choose_source)  # a refused choice (one that does not load) shows its message; the active data stays below
     path, columns, protocol = services.active_data()
     show_dataset(path, columns)
+    mvtec_form(path, columns)
     protocol_form(path, columns, protocol)
     navigation.link(navigation.REFINE, "Next: refine this data", ":material/arrow_forward:")
 

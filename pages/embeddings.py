@@ -1,6 +1,7 @@
 """Embeddings page: the UMAP map of a run's samples, coloured and sliced by round; select to browse."""
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 
 from core.data.columns import cell_text
@@ -9,6 +10,8 @@ from pages.components import charts, navigation, runs, services, state, widgets
 GALLERY_LIMIT = 48
 LABEL_NAMES = {0: "normal", 1: "anomaly", -1: "unknown"}
 COLOURINGS = ("anomaly_score", "kept / removed", "round removed", "label", "verdict")
+BATCH_COLOURINGS = ("anomaly_score", "label", "verdict")  # a batch was scored, not refined
+TRAINING_COLOUR = "#d4d4d8"
 COLUMN_COLOURING = "column: "   # a table's feature column, e.g. "column: site"
 HOVER_COLUMNS = 6               # a table row's first feature values shown on hover
 # Samples removed in round 1, 2, ...: reds and oranges, so that removed reads red beside the blue kept
@@ -72,31 +75,46 @@ def selected_gallery(run, selected: list[int], table: pd.DataFrame | None) -> No
         navigation.inspect_sample(ids[order[clicked]])
 
 
+def with_training_backdrop(figure, layout: np.ndarray) -> None:
+    """The run's training samples in grey under a batch's points (no customdata: they cannot be selected)."""
+    figure.add_trace(go.Scattergl(x=layout[:, 0], y=layout[:, 1], mode="markers", name="training data",
+                                  hoverinfo="skip", marker=dict(size=5, color=TRAINING_COLOUR)))
+    figure.data = (figure.data[-1], *figure.data[:-1])  # drawn first, so underneath
+
+
 def body() -> None:
     st.title("Embeddings")
     run_dir = widgets.require_run()
     if run_dir is None:
         return
-    run = runs.run_results(run_dir)
+    run = runs.viewed(run_dir)  # the training data, or a batch of new data scored with the run
+    batch = run is not runs.run_results(run_dir)
     layouts = runs.layouts(run_dir)
     verdicts = services.registry().verdicts(run.fingerprint, visible_to=state.session_id())
-    table = runs.run_values(run_dir, run.kind)
-    choices = [name for name in COLOURINGS if (name != "label" or run.labels is not None) and (name != "verdict" or verdicts)]
+    table = runs.viewed_values(run_dir, run)
+    choices = [name for name in (BATCH_COLOURINGS if batch else COLOURINGS)
+               if (name != "label" or run.labels is not None) and (name != "verdict" or verdicts)]
     choices += [] if table is None else [COLUMN_COLOURING + str(column) for column in table.columns]
     left, right = st.columns([1, 2])
-    colour_name = left.selectbox("Colour by", choices, key="colour_by")
-    round_number = len(run.rounds)
-    if run.rounds:
+    colour_name = left.selectbox("Colour by", choices, key="batch_colour_by" if batch else "colour_by")
+    round_number = 0 if batch else len(run.rounds)
+    if batch:
+        right.caption("The batch's samples are placed on the run's map (after its last round), where its "
+                      "training samples most like them lie; the training samples are grey.")
+    elif run.rounds:
         round_number = right.slider("After refinement round", 0, len(run.rounds), len(run.rounds), key="map_round",
                                     help="Round 0 is the data before refinement.")
     values, categorical = colouring(run, colour_name, round_number, verdicts, table)
     hover = hover_texts(run, table)
-    layout = layouts[min(round_number, len(layouts) - 1)]
+    layout = run.placement if batch else layouts[min(round_number, len(layouts) - 1)]
     figure = charts.scatter_map(layout, values, colour_name=colour_name, categorical=categorical, hover=hover)
+    if batch:
+        with_training_backdrop(figure, layouts[-1])
     if colour_name in ("kept / removed", "round removed"):
         outcome_colours(figure)
     event = st.plotly_chart(figure, on_select="rerun", selection_mode=("points", "box", "lasso"), key="map")
-    picked = sorted({int(np.ravel(point["customdata"])[0]) for point in event.selection.points}) if event else []
+    points = [point for point in event.selection.points if point.get("customdata") is not None] if event else []
+    picked = sorted({int(np.ravel(point["customdata"])[0]) for point in points})  # the grey backdrop is not selectable
     if picked:
         state.set_selection(picked)
     st.caption("Drag a box or lasso round points (or click one) to list them below; Inspect opens one.")

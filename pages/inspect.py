@@ -6,9 +6,12 @@ import streamlit as st
 from core.errors import DataError
 from core.data.columns import cell_text
 from core.explain import render
+from core.review import call_precision, review_order, review_progress
 from pages.components import charts, runs, services, state, widgets
 
-QUEUES = ("most anomalous first", "selection from the map", "removed during refinement")
+REVIEW_QUEUE = "review next (most informative first)"
+QUEUES = ("most anomalous first", "selection from the map", "removed during refinement", REVIEW_QUEUE)
+BATCH_QUEUES = QUEUES[:2]  # the lists that apply to a batch of new data
 SCALES = ("per run", "per image")
 SCALE_HELP = ("Colour starts at the normal floor: the 99th percentile of the map values of normal (kept) "
               "images; below it the image shows through. Per run: red means the same value on every image "
@@ -30,7 +33,23 @@ def queue_order(run, queue: str) -> np.ndarray:
         return np.array([i for i in by_score if i in chosen], dtype=np.int64)
     if queue == "removed during refinement":
         return by_score[run.samples["kept"].to_numpy()[by_score] == 0]
+    if queue == REVIEW_QUEUE:  # a sample leaves it once judged, so the next unjudged one comes up in its place
+        return review_order(run.samples, run.rounds, run.threshold, verdicts(run).keys())
     return by_score
+
+
+def verdicts(run) -> dict[str, tuple[str, str]]:
+    """The verdicts this session sees on the run's data: id -> (verdict, note)."""
+    return services.registry().verdicts(run.fingerprint, visible_to=state.session_id())
+
+
+def review_status(run) -> None:
+    """How far the review has got and, once verdicts exist, how often the model's anomaly calls were right."""
+    judged = verdicts(run)
+    st.caption(review_progress(run.samples, run.rounds, run.threshold, judged.keys()).text)
+    precision = call_precision(run.samples, judged)
+    if precision is not None:
+        st.caption(precision.text)
 
 
 def pager(order: np.ndarray) -> int:
@@ -72,7 +91,10 @@ def facts(run, index: int) -> None:
     cells[0].metric("anomaly_score", charts.score_text(row['anomaly_score']), help="Higher = more anomalous")
     cells[1].metric("Rank", f"{row['rank']} of {len(run.samples)}")
     cells[2].metric("Model says", "anomaly" if row["is_anomaly"] else "normal", help=f"Threshold {charts.score_text(run.threshold)}")
-    cells[3].metric("Removed in round", row["round_removed"] or "- (kept)")
+    if "round_removed" in row:
+        cells[3].metric("Removed in round", row["round_removed"] or "- (kept)")
+    else:  # a batch of new data: scored with the run, not refined
+        cells[3].metric("Batch", run.name[:19] + "…" if len(run.name) > 20 else run.name, help=run.name)
     cells[4].metric("Label", {1: "anomaly", 0: "normal"}.get(row.get("label", -1), "unknown"))
 
 
@@ -121,8 +143,7 @@ def _enlarged(array: np.ndarray, blocks: int) -> np.ndarray:
 
 def image_views(run_dir: str, run, sample_id: str) -> None:
     path = str(run.image_path(sample_id))
-    mask = runs.run_dataset(run_dir).masks.get(sample_id)
-    mask_path = str(mask) if mask else None
+    mask_path = runs.viewed_mask(run_dir, run, sample_id)
     scale_choice = st.segmented_control("Colour scale", SCALES, default=SCALES[0], key="heatmap_scale",
                                         help=SCALE_HELP)
     per_image = scale_choice == "per image"
@@ -130,8 +151,8 @@ def image_views(run_dir: str, run, sample_id: str) -> None:
     columns = st.columns(3)
     columns[0].image(services.image(path), caption="image", width="stretch")
     if run.config.localization != "none":
-        columns[1].image(shown_map(path, runs.anomaly_map(run_dir, path), localization_scale(run_dir), per_image,
-                                   mask_path),
+        amap = runs.viewed_map(run_dir, run, sample_id, path)  # a batch's saved map, or computed
+        columns[1].image(shown_map(path, amap, localization_scale(run_dir), per_image, mask_path),
                          width="stretch", caption=f"localization map ({scale_choice or SCALES[0]} scale){outline}")
     with columns[2]:
         if st.toggle("Grad-CAM of the anomaly score", key="show_gradcam"):
@@ -139,22 +160,24 @@ def image_views(run_dir: str, run, sample_id: str) -> None:
                      caption=f"Grad-CAM ({scale_choice or SCALES[0]} scale){outline}", width="stretch")
 
 
-def neighbours(run, index: int) -> None:
+def neighbours(run, index: int, training) -> None:
+    """The kept training samples nearest to sample ``index`` of ``run`` (the training data or a batch)."""
     near = run.nearest_kept(index)
-    st.markdown("**Nearest kept samples** (embedding distance)")
+    st.markdown("**Nearest kept training samples** (embedding distance)")
     if run.kind == "images":
-        widgets.gallery([services.thumbnail(str(run.image_path(i))) for i in near["id"]],
+        widgets.gallery([services.thumbnail(str(training.image_path(i))) for i in near["id"]],
                         [f"{i} · {d:.3g}" for i, d in zip(near["id"], near["distance"])], columns=6)
     else:
         shown = charts.with_score_text(near.drop(columns="index"))
         st.dataframe(shown.assign(distance=near["distance"].map("{:.3g}".format)), hide_index=True)
 
 
-def table_views(run_dir: str, sample_id: str) -> None:
+def table_views(run_dir: str, run, sample_id: str) -> None:
     """The row's features, largest share of its anomaly score first: the leading ones as a chart, then
     every feature of the row beside the kept rows' typical range."""
     fitted = runs.run_model(run_dir)
-    [explanation] = fitted.explain_rows(runs.run_dataset(run_dir), [sample_id], k=len(fitted.encoder.feature_names))
+    [explanation] = fitted.explain_rows(runs.viewed_dataset(run_dir, run), [sample_id],
+                                        k=len(fitted.encoder.feature_names))
     features = explanation.features
     leading = features[:CHART_FEATURES]
     st.plotly_chart(charts.feature_bars([f.feature for f in leading], [f.share for f in leading]))
@@ -191,14 +214,20 @@ def body() -> None:
     run_dir = widgets.require_run()
     if run_dir is None:
         return
-    run = runs.run_results(run_dir)
+    training = runs.run_results(run_dir)
+    run = runs.viewed(run_dir)  # the training data, or a batch of new data scored with the run
     st.text_input("Go to id", key=GO_TO_ID, on_change=go_to_typed_id,
                   placeholder=f"e.g. {run.samples['id'].iat[0]}; Enter opens it")
     requested = st.session_state.pop(state.INSPECT_ID, None)
     if requested is not None:  # typed, or opened from another page
         open_requested(run, requested)
-    queue = st.radio("Browse", QUEUES, horizontal=True, key=state.INSPECT_QUEUE)
+    queues = QUEUES if run is training else BATCH_QUEUES  # a batch was scored, not refined
+    if st.session_state.get(state.INSPECT_QUEUE) not in queues:
+        st.session_state[state.INSPECT_QUEUE] = queues[0]
+    queue = st.radio("Browse", queues, horizontal=True, key=state.INSPECT_QUEUE)
     order = queue_order(run, queue)
+    if queue == REVIEW_QUEUE:
+        review_status(run)
     if len(order) == 0:
         st.info("This list is empty: select points on the Embeddings page, or browse another list.")
         return
@@ -209,9 +238,9 @@ def body() -> None:
     if run.kind == "images":
         image_views(run_dir, run, sample_id)
     else:
-        table_views(run_dir, sample_id)
+        table_views(run_dir, run, sample_id)
     verdict_form(run, sample_id)
-    neighbours(run, index)
+    neighbours(run, index, training)
 
 
 widgets.guarded(body)

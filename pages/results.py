@@ -4,6 +4,9 @@ from pathlib import Path
 import streamlit as st
 
 from core.explain.attribution import DRIVES_SHARE
+from core.export import archive_name, export_kept, refined_table, size_text
+from core.progress import Monitor
+from core.report import DEFAULT_TOP, report_html
 from core.run_dir import bundle
 from core.results import compare_runs, confusion_at, judged_samples, score_curves, verdict_agreement
 from pages.components import charts, navigation, runs, services, state, widgets
@@ -142,6 +145,49 @@ def downloads(run, verdicts: dict) -> None:
     right.download_button("Model bundle (zip)", lambda: bundle(run.run_dir), file_name=f"{run.run_dir.name}.zip",
                           mime="application/zip", key="download_bundle", on_click="ignore")
     st.caption("Score new data with the bundle: unzip it, then `refinery score RUN_DIR DATA --out scores.csv`.")
+    st.download_button("Run report (HTML)", lambda: run_report(run, verdicts), file_name=f"{run.name}-report.html",
+                       mime="text/html", key="download_report", on_click="ignore", icon=":material/description:",
+                       help="One file for a colleague without the studio: data, settings, rounds, the score histogram, "
+                       f"the {DEFAULT_TOP} most anomalous samples with their maps, verdicts and metrics. It opens "
+                       "offline. Built when clicked (a few seconds). Command line: `refinery report RUN_DIR --out "
+                       "report.html`.")
+    refined_data_set(run, verdicts)
+
+
+def refined_data_set(run, verdicts: dict) -> None:
+    """The refined data set: every sample's outcome (CSV, direct), and the kept samples as a zip that a
+    button builds in this session's workspace folder (with progress) before it can be downloaded."""
+    table = refined_table(run, verdicts)
+    what = "images" if run.kind == "images" else "rows"
+    n_kept = int(table["kept"].sum())
+    st.markdown(f"**Refined data set**: {n_kept} of {len(table)} {what} kept after refinement")
+    left, right = st.columns(2)
+    left.download_button("Every sample's outcome (CSV)", table.to_csv(index=False), file_name=f"{run.name}-refined.csv",
+                         mime="text/csv", key="download_refined", on_click="ignore")
+    target = services.workspace() / "exports" / state.session_id() / archive_name(run, verdicts)
+    if target.is_file():
+        right.download_button(f"Kept {what} (zip, {size_text(target.stat().st_size)})", lambda: target.read_bytes(),
+                              file_name=f"{run.name}-kept.zip", mime="application/zip", key="download_kept",
+                              on_click="ignore")
+    elif right.button(f"Build a zip of the {n_kept} kept {what}", key="build_kept"):
+        bar = right.progress(0.0, text="copying the kept samples")
+        export_kept(run.run_dir, target, verdicts=verdicts, monitor=Monitor(
+            lambda event: bar.progress(event.done / max(event.total, 1), text=f"{event.done} of {event.total} files")))
+        st.rerun()
+    st.caption("The CSV: id, anomaly_score, is_anomaly, label (when known), kept (1/0 after the last round), "
+               "round_removed (0 = kept), votes (detectors that called it anomalous in that round) and your verdict. "
+               "The zip holds it as refined.csv, with "
+               + ("the kept image files at their paths in the data folder, so class folders survive."
+                  if run.kind == "images" else "the kept rows of the table, every column included.")
+               + " Command line: `refinery export RUN_DIR --kept --out PATH` (a folder or a .zip).")
+
+
+def run_report(run, verdicts: dict) -> bytes:
+    """The run report, built when its download is clicked (in the download's request: the button shows
+    a spinner meanwhile, and no ``st.*`` call would show there); the run's cached model draws the maps."""
+    run_dir = str(run.run_dir)
+    return report_html(run_dir, verdicts=verdicts, model=runs.run_model(run_dir),
+                       workspace=services.workspace()).encode("utf-8")
 
 
 def past_runs(records, current: str | None) -> None:

@@ -110,3 +110,12 @@ def wait_for_job(at: AppTest, runner, timeout_s: float = 120.0) -> AppTest:
         at.run()
         assert not at.exception, at.exception
     return at.run()
+
+
+def new_images(folder: Path, good: int = 8, other: int = 4) -> Path:
+    """A folder of new data for the Score page: the demo's first ``good`` sneakers and ``other`` anomalies."""
+    for part, count in (("good", good), ("other", other)):
+        (folder / part).mkdir(parents=True, exist_ok=True)
+        for path in sorted((DEMO_DIR / part).glob("*.png"))[:count]:
+            (folder / part / path.name).write_bytes(path.read_bytes())
+    return folder

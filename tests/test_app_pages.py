@@ -46,9 +46,9 @@ from core.data.protocol import contaminate
 from core.data.uploads import MAX_UPLOAD_BYTES, save_uploads
 from core.progress import ProgressEvent
 from core.registry import Registry
-from core.results import RunResults
+from core.results import RunResults, score_axis
 from pages.components.navigation import DATA, EMBEDDINGS, INSPECT, REFINE, RESULTS
-from pages.components.charts import KEPT_COLOUR, REMOVED_COLOUR, score_axis, score_text
+from pages.components.charts import KEPT_COLOUR, REMOVED_COLOUR, score_text
 from pages.components.services import FOREIGN_JOB, FOREIGN_RUN
 from pages.components.state import session_id_of
 from sample_data import fraud_table
@@ -1159,3 +1159,152 @@ def test_a_table_fit_names_its_rows_by_the_tables_ids_on_every_page(home, runner
     assert "amount" in by_column and "duration" in by_column and "site" not in by_column
     assert "download_scores" in {button.key for button in at.get("download_button")}
     assert set(run.export_frame({})["id"]) == ids  # what the button downloads
+
+
+# ----------------------------------------------------------------------------- The review queue (issue 17.3)
+
+
+def test_inspect_review_queue_shows_its_progress_and_brings_up_the_next_unjudged_sample(own_runs):
+    from core.review import call_precision, review_order, review_progress
+    from pages.inspect import REVIEW_QUEUE
+
+    run = RunResults(own_runs.images)
+    expected = run.samples["id"].to_numpy()[review_order(run.samples, run.rounds, run.threshold, [])]
+    queued = review_progress(run.samples, run.rounds, run.threshold, []).queued
+    assert queued > 0, "the demo run has samples near its threshold, split or back after removal"
+    at = studio(INSPECT, run=own_runs.images)
+    at.radio(key="inspect_queue").set_value(REVIEW_QUEUE).run()
+    assert_clean(at)
+    assert at.subheader[0].value == expected[0]
+    assert f"judged 0 of {queued} in the queue" in at.caption.values
+    assert not any(text.startswith("the model's anomaly calls") for text in at.caption.values), "no verdict yet"
+
+    at.button(key="verdict-normal").click().run()
+    assert_clean(at)
+    assert at.subheader[0].value == expected[1], "the next unjudged sample comes up"
+    assert f"judged 1 of {queued} in the queue" in at.caption.values
+
+    most_anomalous = run.samples.sort_values("rank")["id"].iat[0]  # called an anomaly; judged on another page
+    Registry().set_verdict(run.fingerprint, most_anomalous, "anomaly", run_id=run.run_id)
+    at.run()
+    assert_clean(at)
+    precision = call_precision(run.samples, Registry().verdicts(run.fingerprint))
+    assert precision is not None and precision.text in at.caption.values
+    assert precision.text.startswith("the model's anomaly calls were right for ")
+
+
+# ----------------------------------------------------------------------------------------- Score (issue 17)
+
+
+def score_server_folder(at, folder: Path, runner, name: str = ""):
+    """Score ``folder`` from the Score page's server-path tab and wait for the job."""
+    if name:
+        at.text_input(key="batch_name").set_value(name)
+    at.text_input(key="score_server_path").set_value(str(folder)).run()
+    at.button(key="score_use_server").click().run()
+    assert_clean(at)
+    return wait_for_job(at, runner)
+
+
+def test_the_score_page_scores_a_batch_that_opens_on_inspect_and_embeddings(own_runs, runner, tmp_path):
+    from app_fixtures import new_images
+    from core.batches import BatchResults, batch_names
+    from pages.components.navigation import SCORE
+
+    at = studio(SCORE, run=own_runs.images)
+    assert_clean(at)
+    assert "None yet: score new data above." in at.caption.values
+    at = score_server_folder(at, new_images(tmp_path / "new"), runner, name="monday")
+    assert_clean(at)
+    [name] = batch_names(own_runs.images)
+    batch = BatchResults(own_runs.images, name)
+    assert "monday" in name and len(batch.samples) == 12 and at.query_params["batch"] == name
+    assert any(f"Saved as batch {name}" in message.value for message in at.success)
+    assert frames(at)[0]["batch"].tolist() == [name]
+    verdict = [element.value for element in (*at.success, *at.warning) if "flagged" in element.value and "batch" in element.value]
+    assert verdict and "only a large change would show" in verdict[-1]  # 12 samples: the drift check says so
+
+    at.switch_page(script(INSPECT)).run()
+    assert_clean(at)
+    assert at.selectbox[0].label == "Looking at" and at.selectbox[0].value == name
+    assert any(f"Batch {name}" in info.value for info in at.info)
+    top = batch.samples.sort_values("rank")["id"].iat[0]
+    assert at.subheader[0].value == top and metrics(at)["Rank"] == f"1 of {len(batch.samples)}"
+    assert at.radio(key="inspect_queue").options == ["most anomalous first", "selection from the map"]
+    assert any(caption.startswith("localization map") for caption in captions(at))
+    at.button(key="verdict-anomaly").click().run()
+    assert Registry().verdicts(batch.fingerprint) == {top: ("anomaly", "")}
+    assert Registry().verdicts(RunResults(own_runs.images).fingerprint) == {}  # kept for the batch only
+
+    at.switch_page(script(EMBEDDINGS)).run()
+    assert_clean(at)
+    figure = plotted(charts(at)[0])
+    names = [trace.get("name") for trace in figure["data"]]
+    assert names[0] == "training data" and len(figure["data"][0]["x"]) == 300
+    assert sum(len(trace["x"]) for trace in figure["data"][1:]) == 12
+
+    at.selectbox(key=f"view-{own_runs.images}-{name}").set_value("training data").run()
+    assert_clean(at)
+    assert "batch" not in at.query_params and sum(len(t["x"]) for t in plotted(charts(at)[0])["data"]) == 300
+
+
+def test_a_batch_is_listed_again_after_a_restart(own_runs, runner, tmp_path):
+    from app_fixtures import new_images
+    from pages.components.navigation import SCORE
+
+    at = score_server_folder(studio(SCORE, run=own_runs.images), new_images(tmp_path / "new", 5, 0), runner)
+    name = at.query_params["batch"]
+    clear_streamlit_caches()  # a new server process: nothing cached, no job remembered
+    again = studio(SCORE, run=own_runs.images)
+    assert_clean(again)
+    assert frames(again)[0]["batch"].tolist() == [name]
+    inspect = studio(INSPECT, run=own_runs.images, url={"batch": name})
+    assert_clean(inspect)
+    assert inspect.selectbox[0].value == name
+
+
+def test_the_score_page_says_clearly_why_data_cannot_be_scored(own_runs, runner, tmp_path):
+    from pages.components.navigation import SCORE
+
+    (tmp_path / "empty").mkdir()
+    at = score_server_folder(studio(SCORE, run=own_runs.images), tmp_path / "empty", runner)
+    assert any("The scoring failed" in error.value and "is empty" in error.value for error in at.error)
+    assert not at.exception
+    table = tmp_path / "rows.csv"
+    pd.DataFrame({"a": [1.0, 2.0], "b": [3.0, 4.0]}).to_csv(table, index=False)
+    at = score_server_folder(at, table, runner)
+    assert any("fitted on images but the data is table" in error.value for error in at.error)
+
+
+def test_a_url_naming_a_batch_the_run_lacks_shows_the_training_data(shared):
+    at = studio(INSPECT, run=shared.images, url={"batch": "no-such-batch"})
+    assert not at.exception
+    assert metrics(at)["Rank"] == "1 of 300"
+    assert "batch" not in at.query_params
+
+
+def test_the_score_page_runs_on_its_own(home):
+    from pages.components.navigation import SCORE
+
+    at = standalone(SCORE)
+    assert not at.exception
+    assert any("No run yet" in info.value for info in at.info)
+
+
+def test_an_mvtec_folder_can_be_fitted_on_its_train_part_only(home, tmp_path):
+    pictures = sorted((DEMO_DIR / "good").glob("*.png"))
+    root = tmp_path / "bottle"
+    for index, path in enumerate(pictures[:14]):
+        folder = root / ("train/good" if index < 10 else "test/good" if index < 12 else "test/crack")
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / path.name)
+    at = studio()
+    at.text_input(key="server_path").set_value(str(root)).run()
+    at.button(key="use_server").click().run()
+    assert_clean(at)
+    assert metrics(at)["Samples"] == "14"
+    at.toggle(key="train_part_toggle").set_value(True).run()
+    assert_clean(at)
+    at.switch_page(script(REFINE)).run()
+    assert_clean(at)
+    assert at.caption[0].value.startswith("Training data: 10 images")

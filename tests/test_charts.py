@@ -8,6 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
+from core.results import score_axis
 from pages.components import charts
 
 AXIS_PX = 50
@@ -22,7 +23,7 @@ def heavy_tailed(seed: int = 0) -> np.ndarray:
 
 def axis_range_in_scores(figure, scores) -> tuple[float, float]:
     """The x axis's range in anomaly_score units, through the axis drawn for ``scores`` (which its title names)."""
-    axis = charts.score_axis(scores)
+    axis = score_axis(scores)
     assert f"{axis.scale} scale" in figure.layout.xaxis.title.text
     return tuple(float(v) for v in axis.inverse(np.array(figure.layout.xaxis.range)))
 
@@ -50,8 +51,8 @@ def test_heavy_tailed_scores_get_a_log_axis_that_says_so():
     assert "log scale" in title
     counts = np.histogram(np.log10(scores), bins=charts.BINS)[0]
     assert counts.max() < len(scores) / 4  # the bulk spreads over many bars instead of one
-    assert charts.score_axis(np.random.default_rng(0).normal(size=100_000)).scale == "linear"
-    assert charts.score_axis(np.random.default_rng(0).exponential(size=10_000)).scale == "linear"
+    assert score_axis(np.random.default_rng(0).normal(size=100_000)).scale == "linear"
+    assert score_axis(np.random.default_rng(0).exponential(size=10_000)).scale == "linear"
     both_signs = np.concatenate([np.random.default_rng(3).normal(size=300), [500.0]])
     assert "symmetric log scale" in charts.score_histogram(both_signs, threshold=0.0, threshold_name="t").layout.xaxis.title.text
 

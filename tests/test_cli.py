@@ -151,7 +151,7 @@ def fit_options() -> dict:
 def test_fit_options_are_derived_from_the_config_fields():
     """One option per FitConfig field, whose choices, default and help are the field's: they cannot drift."""
     from core.config import FIT_PARAMS
-    from core.params import options_of
+    from core.params import interval_of, options_of
 
     options = fit_options()
     for name, spec in FIT_PARAMS.items():
@@ -160,8 +160,8 @@ def test_fit_options_are_derived_from_the_config_fields():
         choices = options_of(spec.constraints)
         if action.choices is not None:
             assert tuple(action.choices) == choices, name
-        else:  # a number or a keyword (gamma), free text, a list or a switch: no argparse choices
-            assert not choices or name == "gamma", name
+        else:  # a number or a keyword (gamma, image size), free text, a list or a switch: no argparse choices
+            assert not choices or interval_of(spec.constraints) is not None, name
         assert spec.help.replace("%", "%%") in action.help, name
     from core.cli import _config_from_args, build_parser
 
@@ -329,3 +329,43 @@ def test_explain_lists_the_planted_deviating_feature(tmp_path, capsys):
     assert why.iloc[0]["feature"] == "f4" and why.iloc[0]["value"] == pytest.approx(25.0)
     assert why.iloc[0]["description"].startswith("25: ") and why.iloc[0]["robust_z"] > 10
     fails_cleanly(capsys, ["explain", str(tmp_path / "r"), str(tmp_path / "t.csv"), "--ids", "9999"], "9999")
+
+
+def test_export_the_refined_table_and_the_kept_rows(tmp_path, capsys):
+    table = write_digits_table(tmp_path / "digits.csv")
+    run = tmp_path / "run"
+    assert main(["fit", str(table), "--out", str(run), "--label-column", "label"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), "--table", "--out", str(tmp_path / "refined.csv")]) == 0
+    refined = pd.read_csv(tmp_path / "refined.csv")
+    assert list(refined.columns) == ["id", "anomaly_score", "is_anomaly", "label", "kept", "round_removed", "votes",
+                                     "verdict", "verdict_note"]
+    scores = pd.read_csv(run / "scores.csv")
+    assert refined["kept"].tolist() == scores["kept"].tolist() and 0 < refined["kept"].sum() < len(refined)
+    assert f"{len(refined)} samples ({refined['kept'].sum()} kept)" in capsys.readouterr().out
+    for out in (tmp_path / "kept", tmp_path / "kept.zip"):
+        assert main(["export", str(run), "--kept", "--out", str(out)]) == 0
+        assert f"{refined['kept'].sum()} of {len(refined)} rows kept" in capsys.readouterr().out
+    rows = pd.read_csv(tmp_path / "kept" / "digits-kept.csv")
+    pd.testing.assert_frame_equal(rows, pd.read_csv(table)[refined["kept"] == 1].reset_index(drop=True))
+    with zipfile.ZipFile(tmp_path / "kept.zip") as archive:
+        assert sorted(archive.namelist()) == ["digits-kept.csv", "refined.csv"]
+    fails_cleanly(capsys, ["export", str(run), "--kept", "--out", str(tmp_path / "kept")], "not empty")
+    fails_cleanly(capsys, ["export", str(tmp_path / "nowhere"), "--table", "--out", str(tmp_path / "r.csv")],
+                  "not a Refinery run")
+    with pytest.raises(SystemExit) as exit_info:  # one of --kept / --table is required
+        main(["export", str(run), "--out", str(tmp_path / "x.zip")])
+    assert exit_info.value.code == 2
+
+
+def test_report_writes_one_html_file_and_refuses_bad_input(tmp_path, capsys):
+    table = write_digits_table(tmp_path / "t.csv")
+    assert main(["fit", str(table), "--out", str(tmp_path / "r"), "--label-column", "label"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "r"), "--out", str(tmp_path / "report.html"), "--top", "3"]) == 0
+    assert "run report written to" in capsys.readouterr().out
+    text = (tmp_path / "report.html").read_text()
+    assert text.startswith("<!DOCTYPE html>") and text.count('<ul class="features">') == 3 and "AUROC" in text
+    fails_cleanly(capsys, ["report", str(tmp_path / "r"), "--out", str(tmp_path / "x.html"), "--top", "-2"], "top")
+    fails_cleanly(capsys, ["report", str(tmp_path), "--out", str(tmp_path / "x.html")], "not a Refinery run")
+    assert not (tmp_path / "x.html").exists()

@@ -23,6 +23,7 @@ so nothing touches ``~/.refinery``.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,68 @@ def test_a_tables_own_ids_key_its_downloaded_scores(server, page, tmp_path):
     table.to_csv(path, index=False)
     rows = studio_walk.roles_walk(page, server, path, "record", len(table), Budget(ROLES_S), None)
     assert sorted(row["id"] for row in rows) == sorted(table["record"])
+
+
+REPORT_FIT_S = 240  # the demo's fit and its report on a busy 2-core machine (about 15 s alone)
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + REPORT_FIT_S + MARGIN_S)
+def test_the_run_report_opens_offline_and_shows_every_image(page, tmp_path, monkeypatch):
+    """The demo run's HTML report, opened from ``file://`` with the network cut (offline, and any request
+    that is not file: or data: aborted): every image decodes, every section is there, nothing was asked for."""
+    from core import engine
+    from core.data.builtin import DEMO_DIR
+    from core.report import write_report
+
+    monkeypatch.setenv("REFINERY_HOME", str(tmp_path / "home"))
+    demo = engine.load_data(DEMO_DIR, workspace=tmp_path)
+    run_dir = engine.fit(demo, engine.suggested_config(demo), tmp_path / "run").run_dir
+    report = write_report(run_dir, tmp_path / "report.html", top=8)
+    asked = []
+
+    def only_local(route):
+        if route.request.url.startswith(("file:", "data:")):
+            route.continue_()
+        else:
+            asked.append(route.request.url)
+            route.abort()
+
+    page.context.set_offline(True)
+    page.route("**/*", only_local)
+    page.goto(report.as_uri(), wait_until="load")
+    widths = page.eval_on_selector_all("img", "images => images.map(image => image.complete ? image.naturalWidth : 0)")
+    assert len(widths) == 2 * 8 + 1 and all(width > 0 for width in widths), widths
+    assert page.locator("section").count() == 7 and page.locator("svg").count() == 3  # histogram, ROC, PR
+    assert asked == []
+
+
+SCORE_S = studio_walk.DATA_PAGE_S + studio_walk.FIT_MS / 1000 + 6 * PAGE_MS / 1000
+"""Budget of the scoring walk: the demo fit, then the Score page's job (seconds) and a few page changes."""
+
+
+@pytest.mark.timeout(_timeout(SCORE_S))
+def test_a_new_batch_is_scored_on_the_score_page_and_opens_on_inspect(server, page, tmp_path):
+    """Fit the demo, score six new images from a server folder on the Score page (issue 17), and open the
+    batch on Inspect: its most anomalous image with its saved localization map."""
+    from app_fixtures import new_images
+
+    folder = new_images(tmp_path / "new-batch", good=4, other=2)
+    budget = Budget(SCORE_S)
+    run = studio_walk.refine(page, server, budget, None)
+    studio_walk.goto_page(page, "Score", budget)
+    main = studio_walk.main_area(page)
+    main.get_by_role("tab", name="Folder or file on the server").click(timeout=budget.ms())
+    main.get_by_label("Path of a folder of images, a .zip or a table on this server").fill(str(folder))
+    main.get_by_role("button", name="Score this path").click(timeout=budget.ms())
+    saved = main.get_by_text(re.compile(r"Saved as batch [\w-]+"))
+    playwright_api.expect(saved).to_be_visible(timeout=budget.ms())
+    name = re.search(r"Saved as batch ([\w-]+)", saved.inner_text()).group(1)
+    assert "new-batch" in name and studio_walk.query_param(page, "batch") == name
+    playwright_api.expect(main.get_by_text("only a large change would show")).to_be_visible(timeout=budget.ms())
+    studio_walk.assert_clean(page, budget)
+    studio_walk.goto_page(page, "Inspect", budget)
+    playwright_api.expect(main.get_by_text(f"Batch {name}")).to_be_visible(timeout=budget.ms())
+    playwright_api.expect(main.get_by_text("of 6", exact=False).first).to_be_visible(timeout=budget.ms())
+    playwright_api.expect(main.get_by_text(re.compile("^localization map"))).to_be_visible(timeout=budget.ms())
+    assert studio_walk.query_param(page, "run") == run
+    studio_walk.assert_clean(page, budget)

@@ -314,8 +314,9 @@ def test_suggested_config_for_small_and_large_images_and_tables(tmp_path, digits
     suggested = engine.suggested_config(demo)
     assert suggested.image_size == 64 and suggested.detector == "gde"
     assert suggested == FitConfig(detector="gde", refine_detector="mcd", image_size=64), "nothing else changes"
-    base = FitConfig(detector="kde", refine_detector="gde", ensemble=4, image_size=128)
+    base = FitConfig(detector="kde", refine_detector="gde", ensemble=4)
     assert engine.suggested_config(demo, base) == base.with_changes(image_size=64)
+    assert engine.suggested_config(demo, base.with_changes(image_size=128)).image_size == 128, "a size given is kept"
 
     for index in range(5):
         pixels = np.random.default_rng(index).integers(0, 255, size=(100, 100, 3), dtype=np.uint8)

@@ -39,7 +39,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from core.data.dataset import IMAGES, Dataset, SkippedFile
-from core.data.decode import open_image, probe_image
+from core.data.decode import image_shape, open_image, probe_image
 from core.data.fingerprint import fingerprint_files
 from core.errors import DataError
 from core.progress import QUIET, Monitor
@@ -66,6 +66,15 @@ _IGNORED_DIRS = frozenset({"__MACOSX"})
 def is_image_file(path: Path | str) -> bool:
     """Whether ``path`` has an image suffix (see :data:`IMAGE_SUFFIXES`)."""
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def largest_image_side(dataset: Dataset, samples: int = 16) -> int | None:
+    """The longest side, in pixels, of ``samples`` images spread evenly over ``dataset`` (read from their
+    headers); None for a table or an empty data set. What ``image_size="auto"`` is resolved from."""
+    if dataset.kind != IMAGES or not dataset.paths:
+        return None
+    step = max(1, len(dataset.paths) // samples)
+    return max(max(image_shape(path)) for path in dataset.paths[::step])
 
 
 def _looks_like_mask(mask_path: Path, image_path: Path) -> bool:

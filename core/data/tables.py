@@ -165,6 +165,11 @@ def _as_feature_matrix(values: np.ndarray, path: Path) -> np.ndarray:
     return values
 
 
+def read_frame(path: Path) -> pd.DataFrame:
+    """A ``.csv`` or ``.parquet`` table as a DataFrame, every column as its file holds it."""
+    return _read_csv(path) if path.suffix.lower() == ".csv" else _read_parquet(path)
+
+
 def _read_npz(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray | None]:
     with _parsing(path, "NumPy .npz archive"):
         if not zipfile.is_zipfile(path):
@@ -383,7 +388,7 @@ def load_table(
     ids: list[str] | None = None
     columns: list[ColumnProfile] = []
     if suffix in (".csv", ".parquet"):
-        frame = _read_csv(path) if suffix == ".csv" else _read_parquet(path)
+        frame = read_frame(path)
         if not label_required:  # scoring: the run's roles, as far as this file has the columns
             present = {str(column) for column in frame.columns}
             label_column = label_column if label_column in present else NO_LABEL

@@ -1,12 +1,13 @@
 """Plotly figures of the studio. Inputs are arrays from the engine; no decisions are made here."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+
+from core.results import ScoreAxis, score_axis
 
 WEBGL_FROM_POINTS = 2_000
 KEPT_COLOUR, REMOVED_COLOUR = "#2563eb", "#dc2626"
@@ -35,46 +36,8 @@ def round_timeline(rounds: Sequence, n_samples: int) -> go.Figure:
 
 
 BINS = 40
-HEAVY_TAIL_IQRS = 10.0
-"""A score this many interquartile ranges from the median makes the score axis logarithmic (a Gaussian's
-farthest of 100,000 samples lies about 3.3 away)."""
 LABEL_ROW = 0.09
 """Height of one threshold label's row, as a share of the plot area (each label has a row of its own)."""
-
-
-@dataclass(frozen=True)
-class ScoreAxis:
-    """How a score axis is drawn: ``scale`` names it (it goes into the axis title), ``forward`` maps a
-    score to its position on the axis, ``inverse`` maps back (for ticks and hover text)."""
-
-    scale: str  # "linear", "log" or "symmetric log"
-    forward: Callable[[np.ndarray], np.ndarray]
-    inverse: Callable[[np.ndarray], np.ndarray]
-
-
-def score_axis(scores: np.ndarray) -> ScoreAxis:
-    """A linear axis, or a log one when the scores are heavy-tailed.
-
-    Scores are heavy-tailed when the farthest one lies more than ``HEAVY_TAIL_IQRS`` interquartile
-    ranges from the median: a linear axis would then crowd nearly every sample into a few bars. Positive scores get a log axis; scores of
-    both signs a symmetric log (``asinh(score / s)``, linear within ``s``, the median absolute score,
-    logarithmic beyond).
-    """
-    finite = np.asarray(scores, dtype=np.float64)
-    finite = finite[np.isfinite(finite)]
-    if len(finite) < 2:
-        return ScoreAxis("linear", _identity, _identity)
-    low, q25, median, q75, high = np.quantile(finite, [0.0, 0.25, 0.5, 0.75, 1.0])
-    if max(high - median, median - low) <= HEAVY_TAIL_IQRS * (q75 - q25):
-        return ScoreAxis("linear", _identity, _identity)
-    if low > 0:
-        return ScoreAxis("log", np.log10, lambda x: np.power(10.0, x))
-    scale = float(np.median(np.abs(finite))) or 1.0
-    return ScoreAxis("symmetric log", lambda x: np.arcsinh(np.asarray(x) / scale), lambda x: np.sinh(x) * scale)
-
-
-def _identity(values):
-    return np.asarray(values, dtype=np.float64)
 
 
 def score_histogram(

@@ -47,7 +47,8 @@ REFINE = StudioPage("refine.py", "Refine", ":material/filter_alt:")
 EMBEDDINGS = StudioPage("embeddings.py", "Embeddings", ":material/scatter_plot:")
 INSPECT = StudioPage("inspect.py", "Inspect", ":material/search:")
 RESULTS = StudioPage("results.py", "Results", ":material/analytics:")
-PAGES = (DATA, REFINE, EMBEDDINGS, INSPECT, RESULTS)
+SCORE = StudioPage("score.py", "Score", ":material/playlist_add_check:")
+PAGES = (DATA, REFINE, EMBEDDINGS, INSPECT, RESULTS, SCORE)
 """Every page, in the order the navigation menu lists them."""
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core import engine
+from core import batches, engine
 from core.data import Dataset
 from core.errors import RefineryError, RunError
 from core.explain.attribution import column_shares
@@ -128,3 +128,95 @@ def start_fit(dataset_: Dataset, config, verdicts: dict[str, str] | None = None,
                            session=state.session_id())
     title = f"fit {out_dir.name}" + (" with verdicts" if verdicts else "")
     return submit_job(title, work)
+
+
+# ----------------------------------------------------------------------------- batches of new data (Score page)
+
+
+@st.cache_resource(max_entries=16)
+def batch_results(run_dir: str, name: str) -> batches.BatchResults:
+    """A saved batch of the run (unchanging once written, so cached by its name)."""
+    return batches.BatchResults(run_dir, name)
+
+
+@st.cache_resource(show_spinner="Loading the batch's data...", max_entries=2)
+def batch_dataset(run_dir: str, name: str) -> Dataset:
+    """A batch's data, loaded again as it was scored (its table's rows, for the Inspect page)."""
+    batch = batch_results(run_dir, name)
+    return batches.load_batch_data(batch.source, run_model(run_dir).column_choice(), part=batch.info.get("part"),
+                                   workspace=workspace())
+
+
+@st.cache_data(show_spinner="Scoring the kept training samples out of sample (once per run)...", max_entries=8)
+def reference_scores(run_dir: str) -> np.ndarray:
+    """The run's out-of-sample scores of its kept training samples, the drift check's reference."""
+    return batches.reference_scores(run_dir)
+
+
+def drift(run_dir: str, name: str) -> batches.DriftCheck:
+    return batches.batch_drift(batch_results(run_dir, name), reference_scores(run_dir))
+
+
+TRAINING = "training data"
+
+
+def viewed(run_dir: str) -> RunResults | batches.BatchResults:
+    """What Inspect and Embeddings show of the run: its training data, or the batch the URL names
+    (``?batch=...``), chosen in a box at the top of the page that says which it is."""
+    names = batches.batch_names(run_dir)
+    current = state.viewed_batch()
+    if current is not None and current not in names:
+        st.warning(f"This run has no batch {current!r}; showing its training data.")
+        state.set_viewed_batch(None)
+        current = None
+    if names:
+        options = [TRAINING, *names]
+        chosen = st.selectbox(
+            "Looking at", options, index=options.index(current or TRAINING), key=f"view-{run_dir}-{current}",
+            help="The run's training data, or a batch of new data scored with the run on the Score page.",
+            format_func=lambda name: name if name == TRAINING else f"batch {name}")
+        if (None if chosen == TRAINING else chosen) != current:
+            state.set_viewed_batch(None if chosen == TRAINING else chosen)
+            st.rerun()
+    if current is None:
+        return run_results(run_dir)
+    batch = batch_results(run_dir, current)
+    st.info(f"**Batch {batch.name}**: {len(batch.samples)} new {'images' if batch.kind == 'images' else 'rows'} "
+            f"from {batch.source_text}, scored with run {Path(run_dir).name}. Verdicts here are kept for this batch.",
+            icon=":material/playlist_add_check:")
+    return batch
+
+
+def viewed_values(run_dir: str, view) -> pd.DataFrame | None:
+    """The feature columns of what is viewed (see :func:`run_values`): the training table or the batch's."""
+    if not isinstance(view, batches.BatchResults):
+        return run_values(run_dir, view.kind)
+    return None if view.kind == "images" else batch_dataset(run_dir, view.name).table
+
+
+def viewed_dataset(run_dir: str, view) -> Dataset:
+    """The data of what is viewed: the run's training data or the batch's."""
+    return batch_dataset(run_dir, view.name) if isinstance(view, batches.BatchResults) else run_dataset(run_dir)
+
+
+def viewed_mask(run_dir: str, view, sample_id: str) -> str | None:
+    """The ground-truth mask file of a viewed sample, or None."""
+    if isinstance(view, batches.BatchResults):
+        mask = view.mask_path(sample_id)
+    else:
+        mask = run_dataset(run_dir).masks.get(sample_id)
+    return str(mask) if mask else None
+
+
+def viewed_map(run_dir: str, view, sample_id: str, path: str) -> np.ndarray:
+    """A viewed image's localization map: the one a batch saved when scored, else computed (cached)."""
+    saved = view.saved_map(sample_id) if isinstance(view, batches.BatchResults) else None
+    return saved if saved is not None else anomaly_map(run_dir, path)
+
+
+def start_score(run_dir: str, data: Path, *, part: str | None = None, name: str = "") -> str:
+    """Queue the scoring of ``data`` (its MVTec ``part``) with the run as this session's job; the job id."""
+    label = name or Path(data).name + (f" ({part}/)" if part else "")
+    return submit_job(f"score {label} with {Path(run_dir).name}",
+                      batches.score_work(run_dir, data, part=part, name=name, workspace=workspace()))
+

@@ -26,6 +26,7 @@ import streamlit as st
 from core.data import Dataset, load_dataset, read_rgb
 from core.data.builtin import prepare_builtin
 from core.data.columns import ColumnChoice
+from core.data.parts import TRAIN_PART, has_mvtec_layout, mvtec_part
 from core.data.protocol import contaminate
 from core.data.server_paths import resolve_server_folder
 from core.data.uploads import earlier_uploads
@@ -195,10 +196,19 @@ def protocol_dataset(path: str, columns: ColumnChoice, ratio: float, seed: int):
 
 
 def training_dataset(path: str, columns: ColumnChoice, protocol: tuple[float, int] | None) -> Dataset:
-    """What a fit on the active data trains on: the data, or its protocol's training split."""
-    if protocol is None:
-        return dataset(path, columns)
-    return protocol_dataset(path, columns, *protocol).train
+    """What a fit on the active data trains on: the data, its protocol's training split, or the train/
+    part of an MVTec-layout folder when the Data page chose it (:func:`state.train_part_only`)."""
+    if protocol is not None:
+        return protocol_dataset(path, columns, *protocol).train
+    if state.train_part_only() and has_mvtec_layout(dataset(path, columns)):
+        return train_part(path, columns)
+    return dataset(path, columns)
+
+
+@st.cache_resource(max_entries=4)
+def train_part(path: str, columns: ColumnChoice) -> Dataset:
+    """The train/ part of the MVTec-layout data at ``path`` (see :mod:`core.data.parts`)."""
+    return mvtec_part(dataset(path, columns), TRAIN_PART)
 
 
 @st.cache_data(max_entries=4096, show_spinner=False)

@@ -1,7 +1,8 @@
 """Every session-state key and query parameter the pages use, in one place.
 
-The studio session's key, the active data with its column roles, the active run and the watched job
-are mirrored into the URL (``?session=...&data=...&label=...&id=...&ignore=...&run=...&job=...``) so
+The studio session's key, the active data with its column roles, the active run, the batch of it that is
+viewed and the watched job are mirrored into the URL
+(``?session=...&data=...&label=...&id=...&ignore=...&run=...&batch=...&job=...``) so
 that a browser refresh, or the URL opened in a second tab, comes back to the same studio session,
 data, run and job. Streamlit clears the URL's parameters on every page change (navigation menu,
 ``st.page_link``, ``st.switch_page``), so the session keeps them too and puts them back into the URL.
@@ -39,6 +40,10 @@ WATCHED_JOB = "watched_job"          # str: the watched job's id (the URL's ``jo
 SESSION_KEY = "session_key"          # str: the studio session's secret key (the URL's ``session``)
 COMPARE_WITH = "compare_with"        # str: the run folder a verdict re-run is compared with on the Results page
 IN_STUDIO = "in_studio"              # bool: the session runs app.py's navigation (not one page on its own)
+VIEWED_BATCH = "viewed_batch"        # str: the batch of the active run that Inspect and Embeddings show (the URL's ``batch``)
+TRAIN_PART = "train_part"            # bool: fit an MVTec-layout folder's train/ part only (its test/ part is scored later)
+SCORE_JOB = "score_job"              # str: the scoring job this session started last (the Score page says how it ended)
+SHOWN_BATCH = "shown_batch"          # str: the finished scoring job whose batch was made the viewed one (once)
 
 # Query parameters
 RUN_PARAM = "run"
@@ -48,6 +53,7 @@ DATA_PARAM = "data"                  # the active data's source (services.data_s
 LABEL_PARAM = "label"                # a table's label column: absent finds one, "none" = no label
 ID_PARAM = "id"                      # its id column: absent finds one ("auto"), "none" = row numbers
 IGNORE_PARAM = "ignore"              # its ignored columns, one parameter each (?ignore=a&ignore=b)
+BATCH_PARAM = "batch"                # the viewed batch of the run: absent = the run's training data
 
 KEY_BYTES = 32
 """Random bytes in a new session key (``secrets.token_urlsafe``: 43 URL-safe characters)."""
@@ -73,6 +79,7 @@ def choose_data(path: Path | str, columns: ColumnChoice = ColumnChoice(), source
     ``ignore``), so that a reload restores it; None leaves it out of the URL."""
     if data_choice()[:2] != (str(path), columns):
         st.session_state[PROTOCOL] = None
+        st.session_state[TRAIN_PART] = False
         st.session_state[SELECTION] = []
     st.session_state[DATA_PATH] = str(path)
     st.session_state[COLUMN_CHOICE] = columns
@@ -169,7 +176,31 @@ def set_run_dir(path: Path | str | None) -> None:
     if path is not None and run_dir() != str(path):
         st.session_state[SELECTION] = []
         st.session_state[INSPECT_POSITION] = 0
+        _set_mirrored(BATCH_PARAM, VIEWED_BATCH, None)  # a batch belongs to its run
     _set_mirrored(RUN_PARAM, ACTIVE_RUN, None if path is None else str(path))
+
+
+def viewed_batch() -> str | None:
+    """The batch of the active run that Inspect and Embeddings show (URL, else this session); None: the
+    run's training data."""
+    return _mirrored(BATCH_PARAM, VIEWED_BATCH)
+
+
+def set_viewed_batch(name: str | None) -> None:
+    """Show the active run's batch ``name`` (None: its training data) on Inspect and Embeddings."""
+    if name != viewed_batch():
+        st.session_state[SELECTION] = []
+        st.session_state[INSPECT_POSITION] = 0
+    _set_mirrored(BATCH_PARAM, VIEWED_BATCH, name)
+
+
+def train_part_only() -> bool:
+    """Whether a fit takes only the train/ part of the active (MVTec-layout) data."""
+    return bool(st.session_state.get(TRAIN_PART, False))
+
+
+def set_train_part_only(value: bool) -> None:
+    st.session_state[TRAIN_PART] = bool(value)
 
 
 def job_id() -> str | None:
