@@ -31,7 +31,7 @@ def method_form(dataset, columns: ColumnChoice, job_running: bool):
         backbone, image_size, localization = suggested.backbone, suggested.image_size, suggested.localization
         if images:
             backbone = left.selectbox(**fit_fields.choice("backbone", suggested.backbone))
-            image_size = middle.select_slider(**fit_fields.steps("image_size", suggested.image_size))
+            image_size = int(middle.select_slider(**fit_fields.steps("image_size", suggested.image_size)))
             localization = right.selectbox(**fit_fields.choice("localization", suggested.localization))
         encoder, epochs, retrain_epochs = suggested.encoder, suggested.epochs, suggested.retrain_epochs
         if objective != "none":
@@ -46,7 +46,7 @@ def method_form(dataset, columns: ColumnChoice, job_running: bool):
     return suggested.with_changes(
         detector=detector, refine_detector=refine_detector, refine=refine, ensemble=int(ensemble), gamma=parse_gamma(gamma), rounds=int(rounds),
         threshold_source=threshold_source, seed=int(seed), device=device, backbone=backbone,
-        image_size=int(image_size), localization=localization, objective=objective,
+        image_size=image_size, localization=localization, objective=objective,
         encoder=encoder, epochs=int(epochs), retrain_epochs=int(retrain_epochs),
         label_column=columns.label_column, id_column=columns.id_column, ignore_columns=columns.ignore_columns,
     )

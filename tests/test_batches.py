@@ -19,7 +19,7 @@ import pytest
 
 from core import engine
 from core.batches import (
-    BatchResults, batch_drift, batch_names, batches_table, drift_check, load_batch_data, reference_scores, score_batch,
+    BatchResults, batch_drift, batch_names, drift_check, load_batch_data, reference_scores, score_batch,
     score_work, test_part_of,
 )
 from core.cli import main as refinery
