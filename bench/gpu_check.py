@@ -13,7 +13,12 @@ Run on a machine with a CUDA GPU: ``python bench/gpu_check.py [--out bench/resul
 4. self-supervised training on CUDA with bf16 AMP, for every image objective with its ``auto``
    encoder at ``TRAIN_IMAGE_SIZE`` px: training images/s, peak GPU memory, and the mean loss of
    the first and the last epoch (it must fall);
-5. the CUDA-marked tests (``pytest -m gpu``) are run separately by the caller.
+5. the backbones beyond EfficientNet-Lite (``NEW_BACKBONES``; DINOv2 only where its hub code is in
+   the torch hub cache) on CUDA, each from a weight file of random weights
+   (:func:`bench.backbones.random_weight_file`): a whole fit at 224 px and its anomaly maps and
+   Grad-CAM maps per second (DINOv2 has no Grad-CAM), so the path runs end to end (the AUROC of
+   random features says nothing about the backbone);
+6. the CUDA-marked tests (``pytest -m gpu``) are run separately by the caller.
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ TRAIN_IMAGE_SIZE = 64
 TRAIN_IMAGES = 4_096
 TRAIN_EPOCHS = 8
 TRAIN_BATCH = 128
+NEW_BACKBONES = ("resnet18", "wide_resnet50_2", "dinov2_vits14")
 
 
 def repeated(dataset: Dataset, n: int) -> Dataset:
@@ -53,10 +59,12 @@ def repeated(dataset: Dataset, n: int) -> Dataset:
                    fingerprint="repeated", paths=paths)
 
 
-def fit_on(device: str, dataset: Dataset, work: Path):
-    config = FitConfig(image_size=IMAGE_SIZE, device=device)
+def fit_on(device: str, dataset: Dataset, work: Path, **changes):
+    """A whole fit at ``IMAGE_SIZE`` on ``device`` (``changes``: other FitConfig fields) and its wall time."""
+    config = FitConfig(image_size=IMAGE_SIZE, device=device, **changes)
     started = time.perf_counter()
-    result = engine.fit(dataset, config, work / f"run-{device}", registry=Registry(work / "registry.sqlite"))
+    result = engine.fit(dataset, config, work / f"run-{device}-{config.backbone}",
+                        registry=Registry(work / "registry.sqlite"))
     return result, time.perf_counter() - started
 
 
@@ -76,19 +84,37 @@ def embed_rate(device: str, dataset: Dataset, batch_size: int) -> float:
     return THROUGHPUT_IMAGES / (time.perf_counter() - started)
 
 
-def map_rates(run_dir: Path, dataset: Dataset) -> tuple[float, float]:
-    """Images per second of anomaly maps and of Grad-CAM maps, each after a warm-up call."""
+def map_rates(run_dir: Path, dataset: Dataset, gradcam: bool = True) -> tuple[float, float | None]:
+    """Images per second of anomaly maps and of Grad-CAM maps (None when not ``gradcam``), each after a warm-up call."""
     run = engine.open_run(run_dir)
     sample, warm_up = dataset.subset(np.arange(MAP_IMAGES)), dataset.subset(np.arange(4))
     rates = []
-    for maps in (run.iter_anomaly_maps, run.iter_gradcam_maps):
+    for maps in (run.iter_anomaly_maps, run.iter_gradcam_maps)[: 2 if gradcam else 1]:
         for _ in maps(warm_up):
             pass
         started = time.perf_counter()
         for _ in maps(sample):
             pass
         rates.append(MAP_IMAGES / (time.perf_counter() - started))
-    return rates[0], rates[1]
+    return rates[0], rates[1] if gradcam else None
+
+
+def backbone_rows(dataset: Dataset, work: Path, device: str = "cuda") -> list[list[object]]:
+    """One row per backbone of ``NEW_BACKBONES``: a whole fit from a random weight file, then its maps."""
+    from bench.backbones import available, random_weight_file
+    from core.config import DINOV2_BACKBONES
+
+    rows = []
+    for name in NEW_BACKBONES:
+        if not available(name):
+            rows.append([name, "no hub code in the torch hub cache", None, None, None])
+            continue
+        weights = random_weight_file(name, work)
+        result, seconds = fit_on(device, dataset, work, backbone=name, weights=str(weights))
+        maps, cams = map_rates(result.run_dir, dataset, gradcam=name not in DINOV2_BACKBONES)
+        rows.append([name, f"{seconds:.1f}", result.metrics.auroc, f"{maps:.1f}",
+                     None if cams is None else f"{cams:.1f}"])
+    return rows
 
 
 def training_rows(dataset: Dataset) -> list[list[object]]:
@@ -168,6 +194,10 @@ def main() -> None:
                  training_rows(dataset),
                  title=f"4. Self-supervised training on CUDA, bf16 AMP, {TRAIN_IMAGE_SIZE} px, {TRAIN_IMAGES} images x "
                        f"{TRAIN_EPOCHS} epochs, batch {TRAIN_BATCH}")
+    with tempfile.TemporaryDirectory() as scratch:
+        report.table(["backbone (random weights)", "fit s on CUDA", "AUROC", "anomaly maps / s", "Grad-CAM maps / s"],
+                     backbone_rows(dataset, Path(scratch)),
+                     title=f"5. Backbones beyond EfficientNet-Lite on CUDA: fit and maps at {IMAGE_SIZE} px, demo")
     machine_footer(report, time.perf_counter() - started)
 
 

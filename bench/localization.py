@@ -30,6 +30,15 @@ the same way when that module is present, else the rows say n/a.
 Speed: maps for 100 test images as a multiple of plain scoring (``ImageEncoder.embed`` +
 ``detector.score_samples``) on the same images in the same process; peak RSS of the process.
 
+Issue 18 (``--explore``): each variant of ``ISSUE18_VARIANTS`` (``--variants``: PatchLocalizer options
+for the feature layers, the neighbourhood, the smoothing sigma, the resolution, the method and the
+patch-level denoising) is fitted clean and contaminated (10% planted, STOC-refined) on one
+magnetic-tile split (``--seeds``' first) and on bottle (``--bottle-train`` train/good images; its test
+minus the planted ones; image AUROC only, bottle has no masks); both protocols are scored on the same
+test images. The dev set is the ``--quick`` magnetic-tile split of seed 0; seed 1 and bottle confirm.
+``--diagnose``: the pooled embedding + GDE image AUROC by training set (clean, refined, refined minus
+the defects refinement kept, unrefined), which says where contamination's cost comes from.
+
 Run: ``python bench/localization.py --threads 1 --out bench/results/localization.txt`` (seeds 0 and 1,
 about 15-20 minutes on 2 shared cores) or ``--quick`` (about 2 minutes). ``--threads 1``: on a shared,
 oversubscribed CPU two spinning torch threads are far slower than one.
@@ -70,7 +79,7 @@ from core.config import FitConfig
 from core.data import IMAGES, anomaly_count, load_image_folder
 from core.engine import refine_and_fit
 from core.explain import PatchLocalizer, image_scores_from_maps
-from core.models.efficientnet import load_backbone
+from core.models.pretrained import load_backbone
 from core.models.image_encoder import ImageEncoder
 from core.pixel_metrics import PixelMetricAccumulator
 
@@ -81,6 +90,24 @@ PATCH_VARIANTS = {       # report name -> PatchLocalizer options; the last one i
     "patch memory": {"method": "memory"},
     "patch gaussian": {"method": "gaussian"},
     "patch memory, support_images=1": {"method": "memory", "support_images": 1},
+}
+ISSUE18_VARIANTS = {     # --explore: report name -> PatchLocalizer options tried for issue 18 (sharper maps, denoising)
+    "default": {},
+    "sigma 2": {"sigma": 2.0},
+    "sigma 8": {"sigma": 8.0},
+    "neighbourhood 1": {"neighbourhood": 1},
+    "neighbourhood 5": {"neighbourhood": 5},
+    "layers stride8+16+32": {"layers": ("stride8", "stride16", "stride32")},
+    "layers stride16+32": {"layers": ("stride16", "stride32")},
+    "layers stride16": {"layers": ("stride16",)},
+    "image_size 320": {"image_size": 320},
+    "gaussian": {"method": "gaussian"},
+    "denoise 0.05": {"denoise": 0.05},
+    "denoise 0.1": {"denoise": 0.1},
+    "denoise 0.2": {"denoise": 0.2},
+    "layers stride8+16+32, neighbourhood 1": {"layers": ("stride8", "stride16", "stride32"), "neighbourhood": 1},
+    "layers stride8+16+32, sigma 8": {"layers": ("stride8", "stride16", "stride32"), "sigma": 8.0},
+    "layers stride8+16+32, denoise 0.1": {"layers": ("stride8", "stride16", "stride32"), "denoise": 0.1},
 }
 DEFECT_CLASSES = ("MT_Blowhole", "MT_Break", "MT_Crack", "MT_Fray", "MT_Uneven")
 CAM_METHODS = ("gradcam", "gradcam++")
@@ -270,8 +297,7 @@ def bottle_image_auroc(args, cache: ImageEmbeddingCache, config: FitConfig) -> d
     dataset = load_image_folder(BOTTLE)
     top = np.array([sample_id.split("/")[0] for sample_id in dataset.ids])
     train, test = np.flatnonzero(top == "train"), np.flatnonzero(top == "test")
-    if args.quick:
-        train = train[:60]
+    train = train[:args.bottle_train]
     labels = dataset.labels[test]
     gde = refine_and_fit(cache.embed(dataset, train, config), config)
     result = {"GDE on pooled embedding": auroc(labels, -gde.detector.score_samples(cache.embed(dataset, test, config)))}
@@ -307,6 +333,97 @@ def speed(dataset, split: Split, config: FitConfig, fitted: dict, cams: bool) ->
     return rows
 
 
+
+# ----------------------------------------------------------------------------- issue 18: variants
+
+def explore(args, dataset, labels, cache: ImageEmbeddingCache, config: FitConfig, report: Report) -> None:
+    """Issue 18: each of ``--variants`` fitted clean and contaminated (STOC-refined kept images) on one
+    magnetic-tile split (seed ``--seeds[0]``) and on bottle; a table of map metrics per set, both
+    protocols scored on the same test images (the planted ones left out)."""
+    seed = args.seeds[0]
+    config = config.with_changes(seed=seed)
+    split = make_split(labels, seed, args.train_free, args.test_free, args.test_defects, args.ratio)
+    sets = {}
+    if "mt" in args.sets:
+        sets["MT"] = (dataset, labels, split.train_free, split.planted, split.test)
+    if "bottle" in args.sets:
+        bottle = load_image_folder(BOTTLE)
+        top = np.array([sample_id.split("/")[0] for sample_id in bottle.ids])
+        train, test = np.flatnonzero(top == "train"), np.flatnonzero(top == "test")
+        rng = np.random.default_rng(seed)
+        train = np.sort(rng.permutation(train)[:args.bottle_train])
+        planted = np.sort(rng.permutation(test[bottle.labels[test] == 1])[:anomaly_count(len(train), args.ratio)])
+        sets["bottle"] = (bottle, bottle.labels.astype(np.int8), train, planted, test)
+    fits = {}                   # (set, protocol) -> (train paths, test indices)
+    for set_name, (data, truth, train, planted, test) in sets.items():
+        test = test[~np.isin(test, planted)]
+        report.line(f"- {set_name}: train {len(train)} normal images, test {len(test)} "
+                    f"({int(np.sum(truth[test] == 1))} defective); contaminated: +{len(planted)} planted "
+                    f"({args.ratio:.0%}) defective images, refined with core.engine.refine_and_fit")
+        if "clean" in args.protocols:
+            fits[(set_name, "clean")] = ([data.paths[i] for i in train], test)
+        if "contaminated" in args.protocols:
+            contaminated = np.sort(np.concatenate([train, planted]))
+            refined = refine_and_fit(cache.embed(data, contaminated, config), config, labels=truth[contaminated])
+            precision, recall = removal_stats(refined.kept, truth[contaminated])
+            report.line(f"  refinement kept {int(refined.kept.sum())} of {len(contaminated)}; removal recall "
+                        f"{recall}, precision {precision}")
+            fits[(set_name, "contaminated")] = ([data.paths[i] for i in contaminated[refined.kept]], test)
+    report.line()
+    rows = []
+    for name in args.variants:
+        row = [name]
+        for (set_name, protocol), (train_paths, test) in fits.items():
+            data, truth = sets[set_name][:2]
+            progress(f"{name}: {set_name} {protocol} ({len(train_paths)} images)")
+            options = {"image_size": args.image_size, **ISSUE18_VARIANTS[name]}
+            model = PatchLocalizer(**options, batch_size=args.batch_size, seed=seed).fit(train_paths)
+            maps = model.iter_anomaly_maps([data.paths[i] for i in test])
+            if set_name == "MT":
+                scores = score_maps(maps, data, test, np.ones(len(test), dtype=bool))
+                row += [scores.pixel_all.auroc, scores.pixel_all.aupro, auroc(truth[test], scores.image_topk)]
+            else:
+                topk = image_scores_from_maps(list(maps), "topk_mean", TOPK_FRACTION)
+                row.append(auroc(truth[test], topk))
+            progress(f"  {', '.join(f'{value:.3f}' for value in row[1:])}")
+        rows.append(row)
+    header = ["variant"]
+    for set_name, protocol in fits:
+        header += ([f"{set_name} {protocol} pixel AUROC", "AUPRO", "image AUROC"] if set_name == "MT"
+                   else [f"{set_name} {protocol} image AUROC"])
+    report.table(header, rows, title=f"Issue 18 variants (seed {seed}; image AUROC from the map's top-1% mean; "
+                                     f"bottle has no masks)")
+
+def diagnose_image_score(args, dataset, labels, cache: ImageEmbeddingCache, config: FitConfig, report: Report) -> None:
+    """Issue 18, point 4: why contamination costs the pooled embedding + GDE image score on the tiles.
+
+    Per seed, GDE image AUROC on the paired test set fitted on: the clean training set; the
+    contaminated one after STOC refinement (what ``refinery fit`` does); the refined kept images minus
+    the planted defects refinement missed (labels used: an oracle); the contaminated set unrefined.
+    """
+    rows = []
+    for seed in args.seeds:
+        seeded = config.with_changes(seed=seed)
+        split = make_split(labels, seed, args.train_free, args.test_free, args.test_defects, args.ratio)
+        test = split.test[split.paired]
+        test_embeddings = cache.embed(dataset, test, seeded)
+
+        def gde_auroc(indices: np.ndarray, refine: bool) -> tuple[float, np.ndarray]:
+            fit = refine_and_fit(cache.embed(dataset, indices, seeded), seeded.with_changes(refine=refine))
+            return auroc(labels[test], -fit.detector.score_samples(test_embeddings)), fit.kept
+
+        contaminated = np.sort(np.concatenate([split.train_free, split.planted]))
+        refined, kept = gde_auroc(contaminated, True)
+        kept_indices = contaminated[kept]
+        missed = int(np.sum(labels[kept_indices] == 1))
+        rows.append([seed, gde_auroc(split.train_free, True)[0], refined, f"{missed} of {len(split.planted)}",
+                     gde_auroc(kept_indices[labels[kept_indices] == 0], False)[0],
+                     gde_auroc(contaminated, False)[0]])
+    report.table(["seed", "clean", "contaminated, refined", "planted defects kept", "refined kept minus those (oracle)",
+                  "contaminated, unrefined"], rows,
+                 title="Pooled embedding + GDE image AUROC (paired test) by training set")
+
+
 # ----------------------------------------------------------------------------- report
 
 def main(argv: list[str] | None = None) -> None:
@@ -319,14 +436,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-unrefined", action="store_true", help="skip the contaminated fit without refinement")
     parser.add_argument("--no-cam", action="store_true", help="skip Grad-CAM even when core/explain/gradcam.py exists")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--test-defects", type=int, default=None, help="defective test images (default: all)")
+    parser.add_argument("--explore", action="store_true", help="issue 18: the variants table instead of the report")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="issue 18: the pooled image score by training set instead of the report")
+    parser.add_argument("--variants", nargs="+", default=list(ISSUE18_VARIANTS), choices=list(ISSUE18_VARIANTS),
+                        metavar="NAME", help="--explore: variants to fit (default: all)")
+    parser.add_argument("--sets", nargs="+", default=["mt", "bottle"], choices=["mt", "bottle"])
+    parser.add_argument("--protocols", nargs="+", default=["clean", "contaminated"], choices=["clean", "contaminated"])
+    parser.add_argument("--bottle-train", type=int, default=209, help="bottle train/good images fitted")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     warnings.filterwarnings("ignore", category=RuntimeWarning)
     if args.threads:
         torch.set_num_threads(args.threads)
-    n_defects = None
     if args.quick:
-        args.train_free, args.test_free, n_defects = 60, 20, 40
+        args.train_free, args.test_free, args.test_defects, args.bottle_train = 60, 20, 40, 60
     seeds = args.seeds[:1] if args.quick else args.seeds
     cams = gradcam_available() and not args.no_cam
     config = FitConfig(device="cpu").for_data(IMAGES)
@@ -334,9 +459,16 @@ def main(argv: list[str] | None = None) -> None:
     report = Report(args.out)
     machine_header(report, "Localization: patch maps vs Grad-CAM on Magnetic Tile Defects")
     cache = ImageEmbeddingCache()
+    if args.explore or args.diagnose:
+        with timed() as total:
+            report.line(f"- patch maps: PatchLocalizer(image_size={args.image_size}, defaults otherwise: "
+                        f"{_defaults()}); torch threads {torch.get_num_threads()}")
+            (explore if args.explore else diagnose_image_score)(args, *load_mtd(), cache, config, report)
+        machine_footer(report, total.seconds)
+        return
     with timed() as total:
         dataset, labels = load_mtd()
-        splits = {seed: make_split(labels, seed, args.train_free, args.test_free, n_defects, args.ratio)
+        splits = {seed: make_split(labels, seed, args.train_free, args.test_free, args.test_defects, args.ratio)
                   for seed in seeds}
         first = splits[seeds[0]]
         report.line(f"- data: {MTD} ({int(np.sum(labels == 0))} MT_Free, {int(np.sum(labels == 1))} defective, "

@@ -47,7 +47,7 @@ from core.progress import QUIET, Monitor
 from core.refine import cross_fitted_anomaly_scores
 from core.run_dir import (
     BATCH_INFO, BATCHES, check_run_dir, new_run_dir, read_batch, read_batch_map, read_config, read_embeddings,
-    read_info, read_samples, staged_directory, write_batch, write_maps,
+    read_image_score, read_info, read_samples, staged_directory, write_batch, write_maps,
 )
 from core.run_model import RunModel
 
@@ -136,6 +136,7 @@ def score_batch(run: RunModel, dataset: Dataset, *, name: str = "", part: str | 
             "name": directory.name, "created": time.time(), "kind": dataset.kind, "run_id": run.info["run_id"],
             "data_source": str(dataset.source), "part": part, "fingerprint": dataset.fingerprint,
             "n_samples": len(dataset), "n_flagged": int(scores.is_anomaly.sum()), "threshold": scores.threshold,
+            "image_score": run.image_score.used,
             "maps": anomaly_maps is not None,
             "masks": {i: Path(path).relative_to(dataset.source).as_posix() for i, path in dataset.masks.items()},
             "skipped": [{"name": item.name, "reason": item.reason} for item in dataset.skipped],
@@ -316,16 +317,20 @@ class DriftCheck:
 
 
 def reference_scores(run_dir: Path | str) -> np.ndarray:
-    """``(K,) float64`` out-of-sample anomaly scores of the run's kept training samples.
+    """``(K,) float64`` out-of-sample anomaly scores of the run's kept training samples, on the run's image score.
 
-    Each kept sample is scored by the run's detector kind fitted on the kept samples of the other
-    folds (as the threshold was set, :func:`core.refine.cross_fitted_anomaly_scores`): the saved
-    training scores are in-sample, too normal to compare new data with.
+    Pooled: each kept sample is scored by the run's detector kind fitted on the kept samples of the
+    other folds (as the threshold was set, :func:`core.refine.cross_fitted_anomaly_scores`): the saved
+    training scores are in-sample, too normal to compare new data with. Map: the saved training scores,
+    which are out-of-fold already (:func:`core.image_score.out_of_fold_map_scores`).
     """
     run_dir = Path(run_dir)
     config = read_config(run_dir)
+    samples = read_samples(run_dir)
+    kept = np.flatnonzero(samples["kept"].to_numpy().astype(bool))
+    if read_image_score(read_info(run_dir)).used == "map":
+        return samples["anomaly_score"].to_numpy(dtype=np.float64)[kept]
     train = read_embeddings(run_dir)["train"]
-    kept = np.flatnonzero(read_samples(run_dir)["kept"].to_numpy().astype(bool))
     factory = lambda: make_detector(config.detector, random_state=config.seed)  # noqa: E731
     return cross_fitted_anomaly_scores(train, kept, np.ones(len(kept), dtype=bool), factory,
                                        folds=max(config.ensemble, 2), seed=config.seed)

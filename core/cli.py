@@ -36,7 +36,7 @@ from core.run_dir import write_maps
 
 FIT_METAVARS = {"learning_rate": "LR", "ensemble": "K", "gamma": "G|auto", "rounds": "R", "min_keep_fraction": "F",
                 "false_alarm_rate": "A", "image_size": "PX", "feature_layers": "L1,L2", "label_column": "NAME",
-                "id_column": "NAME", "ignore_columns": "NAME,NAME"}
+                "id_column": "NAME", "ignore_columns": "NAME,NAME", "weights": "PATH"}
 """How ``fit --help`` names an option's value where the field's name in capitals would not do."""
 
 
@@ -229,6 +229,8 @@ def _fit(args: argparse.Namespace) -> None:
     print(f"fitted {len(dataset)} {dataset.kind} samples; kept {int(result.kept.sum())} after "
           f"{len(result.rounds)} refinement round(s); "
           f"{describe_contamination(result.contamination, result.contamination_interval)}")
+    if dataset.kind == "images":
+        print(f"image score: {result.image_score.describe()}")
     print(f"{flagged} flagged at threshold {result.scores.threshold:.4g}, which "
           f"{engine.threshold_meaning(config.false_alarm_rate)}")
     if result.metrics:

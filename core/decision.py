@@ -112,7 +112,14 @@ def _threshold(embeddings, kept, pinned, contamination, config, factory, compute
     judged = np.flatnonzero(pinned != 1)
     scores = cross_fitted_anomaly_scores(embeddings, judged, kept[judged], factory, folds=max(config.ensemble, 2),
                                          seed=config.seed, compute=compute)
-    flagged_share = contamination + config.false_alarm_rate * (1.0 - contamination)
+    return threshold_at(scores, contamination, config.false_alarm_rate)
+
+
+def threshold_at(scores: np.ndarray, contamination: float, false_alarm_rate: float) -> float:
+    """The threshold above which ``contamination`` of ``scores`` (out-of-sample anomaly scores of the judged
+    training samples) and ``false_alarm_rate`` of the rest lie: the rule of every run's threshold, whichever
+    score it is on (:func:`_threshold`, :func:`core.image_score.score_training_images`)."""
+    flagged_share = contamination + false_alarm_rate * (1.0 - contamination)
     return float(np.quantile(scores, float(np.clip(1.0 - flagged_share, 0.0, 1.0))))
 
 

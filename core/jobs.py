@@ -53,12 +53,13 @@ class JobStatus:
     message : str
         The latest progress message, or the error message of a failed job.
     eta_s : float or None
-        Estimated seconds left in the current stage, from its pace since its first event, smoothed.
+        Estimated seconds left in the current stage, from its pace since its first event, smoothed;
+        within a stage it never rises (see :meth:`JobContext.on_progress`).
     overall : float or None
         Share of the whole job done, 0..1, when the job declared its plan (:meth:`JobContext.plan`).
     overall_eta_s : float or None
-        Estimated seconds left in the whole job (all its stages), smoothed; None without a plan or
-        before :data:`MIN_OVERALL_FRACTION` of it is done.
+        Estimated seconds left in the whole job (all its stages), smoothed and never rising; None
+        without a plan or before :data:`MIN_OVERALL_FRACTION` of it is done.
     submitted, started, finished : float or None
         ``time.time()`` stamps.
     outputs : mapping
@@ -134,7 +135,8 @@ class JobContext:
         self._stage = ""
         self._started = self._stage_started = self._last_event = clock()
         self._first: tuple[float, int] | None = None  # (time, done) of the stage's first event
-        self._eta: tuple[float, float] | None = None  # (time, estimate) of the stage's last ETA
+        self._eta: tuple[float, float] | None = None  # (time, estimate) of the stage's last smoothed ETA
+        self._shown: tuple[float, float] | None = None  # (time, estimate) of the stage's last ETA shown
         self._overall_eta: tuple[float, float] | None = None
         self._plan: dict[str, float] = {}
         self._plan_position = -1
@@ -162,11 +164,15 @@ class JobContext:
         measured from the first, so a slow start (setting up, compiling) does not inflate the
         estimate; from then on each estimate is blended with the previous one counted down
         (:data:`ETA_SMOOTHING`), so that it does not jump with every batch.
+
+        Neither ETA ever rises (:func:`_never_higher`): the stage's, from one event of the stage to the
+        next, and the whole job's, over the job. A slower pace than expected holds the ETA counting
+        down with the clock (at worst to 0) instead of pushing it back up.
         """
         now = self._clock()
         if event.stage != self._stage:
             self._stage, self._stage_started = event.stage, self._last_event
-            self._first, self._eta = None, None
+            self._first, self._eta, self._shown = None, None, None
         self._last_event = now
         eta = None
         if 0 < event.done < event.total:
@@ -176,13 +182,15 @@ class JobContext:
                 eta = self._eta[1]
             else:  # one event so far: its pace includes the stage's start, so it is not smoothed into later ones
                 eta = (now - self._stage_started) / event.done * (event.total - event.done)
+            self._shown = _never_higher(self._shown, eta, now)
+            eta = self._shown[1]
         if self._first is None:
             self._first = (now, event.done)
         overall = self._overall(event)
         overall_eta = None
         if overall is not None and overall >= MIN_OVERALL_FRACTION:
             raw = (now - self._started) * (1.0 - overall) / overall
-            self._overall_eta = _smoothed(self._overall_eta, raw, now)
+            self._overall_eta = _never_higher(self._overall_eta, _smoothed(self._overall_eta, raw, now)[1], now)
             overall_eta = self._overall_eta[1]
         self._runner._update(
             self._job_id, stage=event.stage, done=event.done, total=event.total, message=event.message, eta_s=eta,
@@ -213,6 +221,14 @@ def _smoothed(previous: tuple[float, float] | None, estimate: float, now: float)
     if previous is not None:
         counted_down = max(previous[1] - (now - previous[0]), 0.0)
         estimate = counted_down + ETA_SMOOTHING * (estimate - counted_down)
+    return now, estimate
+
+
+def _never_higher(previous: tuple[float, float] | None, estimate: float, now: float) -> tuple[float, float]:
+    """(now, ``estimate``, or the ``previous`` (time, estimate) counted down to ``now`` where that is lower):
+    the next value of an ETA that never rises."""
+    if previous is not None:
+        estimate = min(estimate, max(previous[1] - (now - previous[0]), 0.0))
     return now, estimate
 
 

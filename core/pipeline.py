@@ -25,6 +25,7 @@ from core.errors import CANCELS, Cancelled, DataError, RefineryError
 from core.explain.cutpaste_patch import CutPastePatchLocalizer
 from core.explain.patch import PatchLocalizer
 from core.files import disk_errors, write_npy
+from core.image_score import score_training_images
 from core.jobs import JobContext
 from core.layouts import run_layouts
 from core.models.encoder import Encoder, make_encoder
@@ -141,21 +142,28 @@ class FitInProgress:
             monitor=self.monitor, compute=self.compute,
         )
         self.timings["refine_and_detector_s"] = time.perf_counter() - started
-        scores = Scores(dataset.ids, model.train_score, model.train_score > model.threshold, model.threshold,
-                        dataset.labels)
-        self.monitor.report("score", len(dataset), len(dataset), f"threshold {model.threshold:.4g}")
+        localizer = None
         if dataset.kind == IMAGES and config.localization != "none":
             started = time.perf_counter()
-            self._fit_localizer(model.kept).save(self.staging)
+            localizer = self._fit_localizer(model.kept)
+            localizer.save(self.staging)
             self.timings["localization_s"] = time.perf_counter() - started
 
+        started = time.perf_counter()
+        if config.image_score != "pooled":
+            self.monitor.report("image_score", 0, 1, "choosing the image score")
+        trained = score_training_images(localizer, dataset.paths, model, config, pinned, self.monitor)
+        self.timings["image_score_s"] = time.perf_counter() - started
+        scores = Scores(dataset.ids, trained.anomaly_score, trained.anomaly_score > trained.threshold,
+                        trained.threshold, dataset.labels)
+        self.monitor.report("score", len(dataset), len(dataset), f"threshold {trained.threshold:.4g}")
         result = FitResult(
             run_dir=self.out_dir, run_id=self.run_id, config=config, rounds=model.rounds, kept=model.kept,
-            contamination=model.contamination, contamination_interval=model.contamination_interval, scores=scores,
-            timings=self.timings,
+            contamination=trained.contamination, contamination_interval=trained.contamination_interval,
+            scores=scores, image_score=trained.choice, timings=self.timings,
         )
         write_run(self.staging, result, dataset, encoder, model.embeddings, pinned,
-                  model.round_embeddings if retrain is not None else [])
+                  model.round_embeddings if retrain is not None else [], detector_score=model.train_score)
         return result
 
     def _encode(self, encoder: Encoder) -> np.ndarray:
@@ -214,17 +222,18 @@ class FitInProgress:
             self.on_round(record)
 
     def _fit_localizer(self, kept: np.ndarray):
-        """The patch model for anomaly maps, fitted on the kept training images only."""
-        config = self.config
+        """The patch model for anomaly maps (:func:`make_localizer`), fitted on the kept training images only."""
         kept_paths = [path for path, keep in zip(self.dataset.paths, kept) if keep]
-        if config.localization == "cutpaste":
-            localizer = CutPastePatchLocalizer(device=config.device, seed=config.seed)
-        else:
-            localizer = PatchLocalizer(
-                config.localization, image_size=config.image_size, backbone=config.backbone, device=config.device,
-                seed=config.seed,
-            )
-        return localizer.fit(kept_paths, monitor=self.monitor)
+        return make_localizer(self.config).fit(kept_paths, monitor=self.monitor)
+
+
+def make_localizer(config: FitConfig):
+    """The unfitted localizer of ``config.localization`` (not ``none``) with the run's settings; its
+    parameters also make the out-of-fold models of the map score (:func:`core.image_score.out_of_fold_map_scores`)."""
+    if config.localization == "cutpaste":
+        return CutPastePatchLocalizer(device=config.device, seed=config.seed)
+    return PatchLocalizer(config.localization, image_size=config.image_size, backbone=config.backbone,
+                          weights=config.weights, device=config.device, seed=config.seed)
 
 
 def _check_trainable(dataset: Dataset, config: FitConfig) -> None:
@@ -239,7 +248,9 @@ def _check_trainable(dataset: Dataset, config: FitConfig) -> None:
 
 def fit_plan(dataset: Dataset, config: FitConfig) -> list[tuple[str, float]]:
     """The stages of a fit job in order, with a rough relative cost each (in embedding passes over
-    the data), so that the studio can show one ETA for the whole job (:meth:`JobContext.plan`)."""
+    the data), so that the studio can show one ETA for the whole job (:meth:`JobContext.plan`), which never
+    rises: a stage weighed too light holds it at 0. The localizer's weights are measured by
+    ``bench/localizer_speed.py`` (docs/benchmarks.md, "Issue 18: localizer fit speed")."""
     images = dataset.kind == IMAGES
     trains = config.objective != "none"
     retrain = (2.0 * config.retrain_epochs + 1.0) if trains and config.refine else 0.0
@@ -249,8 +260,10 @@ def fit_plan(dataset: Dataset, config: FitConfig) -> list[tuple[str, float]]:
     if images and config.localization != "none":
         if config.localization == "cutpaste":
             plan += [("patch_read", 0.2), ("patch_train", 3.0)]
-        plan += [("patch_fit", 0.5)] + ([("coreset", 0.1)] if config.localization == "memory" else [])
-        plan += [("display_scale", 0.3)]
+        plan += [("patch_fit", 0.6)] + ([("coreset", 0.1)] if config.localization == "memory" else [])
+        plan += [("display_scale", 0.1)]
+        if config.image_score != "pooled":  # 'auto' may settle on pooled: then this stage is short
+            plan += [("image_score", 2.0)]
     return plan + [("project", 1.0)]
 
 

@@ -51,6 +51,7 @@ STAGE_NAMES = {
     "coreset": "learning what normal patches look like (keeping representative patches)",
     "display_scale": "calibrating the anomaly map colours",
     "maps": "drawing anomaly maps",
+    "image_score": "scoring the training images from their maps",
     "gradcam": "drawing Grad-CAM maps",
     "project": "laying out the map of the samples",
     "export": "copying the kept samples",

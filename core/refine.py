@@ -260,14 +260,21 @@ def cross_fitted_anomaly_scores(
     """
     compute = compute or LocalCompute()
     rows, trainable = np.asarray(rows), np.asarray(trainable, dtype=bool)
-    fold = np.empty(len(rows), dtype=np.int64)
-    fold[np.random.default_rng(seed).permutation(len(rows))] = np.arange(len(rows)) % folds
+    fold = assign_folds(len(rows), folds, seed)
     trained_on = [rows[trainable & (fold != k)] for k in range(folds)]
     detectors = compute.fit_detectors(detector_factory, embeddings, trained_on)
     scores = np.empty(len(rows), dtype=np.float64)
     for k, detector in enumerate(detectors):
         scores[fold == k] = -compute.score([detector], embeddings, rows[fold == k])[0]
     return scores
+
+
+def assign_folds(n: int, folds: int, seed: int) -> np.ndarray:
+    """``(n,) int64`` fold of each of ``n`` samples: a seeded shuffle dealt round-robin into ``folds`` folds
+    whose sizes differ by at most one (the folds of every cross-fitted score)."""
+    fold = np.empty(n, dtype=np.int64)
+    fold[np.random.default_rng(seed).permutation(n)] = np.arange(n) % folds
+    return fold
 
 
 @dataclass(frozen=True)

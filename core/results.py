@@ -18,7 +18,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from core.errors import DataError
 from core.metrics import DetectionMetrics, detection_metrics
 from core.refine import describe_contamination
-from core.run_dir import pair, read_config, read_embeddings, read_info, read_rounds, read_samples
+from core.run_dir import pair, read_config, read_embeddings, read_image_score, read_info, read_rounds, read_samples
 
 
 class RunResults:
@@ -86,6 +86,11 @@ class RunResults:
     def contamination_text(self) -> str:
         """The contamination in words, with its interval when it was estimated."""
         return describe_contamination(self.contamination, pair(self.info.get("contamination_interval")))
+
+    @property
+    def image_score_text(self) -> str:
+        """Which score ``anomaly_score`` is, and why: ``image score: map (auto: ...)`` (images only, else empty)."""
+        return f"image score: {read_image_score(self.info).describe()}" if self.kind == "images" else ""
 
     @property
     def threshold_meaning(self) -> str:

@@ -6,9 +6,10 @@ A run directory (the ``--out`` folder of a fit) holds:
 ``run.json``               what the run is: data source, kind, threshold, contamination,
                            metrics, timings, column roles, and the SHA-256 of every other file
 ``config.json``            the :class:`~core.config.FitConfig` it was fitted with
-``scores.csv``             the training samples' scores (:meth:`Scores.to_frame`) with
-                           ``kept`` and ``round_removed``
-``embeddings.safetensors`` ``train`` embeddings, ``kept``, ``train_anomaly_score``, ``pinned``
+``scores.csv``             the training samples' scores (:meth:`Scores.to_frame`; the run's image
+                           score, ``run.json``'s ``image_score``) with ``kept`` and ``round_removed``
+``embeddings.safetensors`` ``train`` embeddings, ``kept``, ``train_anomaly_score`` (the final
+                           detector's scores of them, which reopening the run checks), ``pinned``
                            and, with self-training, each round's ``round_<r>`` embeddings
 ``refinement.json``        one record per refinement round (:func:`round_record`)
 ``refinement.safetensors`` each round's ``kept_<r>``, ``votes_<r>``, ``anomaly_score_<r>``
@@ -47,6 +48,7 @@ from core.config import FitConfig
 from core.data.columns import ColumnChoice, ColumnProfile, chosen_roles
 from core.errors import RunError
 from core.files import atomic_write_text, disk_errors, file_sha256, read_json, write_json, write_npy
+from core.image_score import ImageScoreChoice
 from core.metrics import DetectionMetrics, detection_metrics
 from core.refine import RefinementRound
 from core.registry import refinery_home
@@ -115,6 +117,8 @@ class FitResult:
     contamination: float
     contamination_interval: tuple[float, float] | None
     scores: Scores
+    image_score: ImageScoreChoice = ImageScoreChoice("pooled", "pooled", "asked for")
+    """Which score ``scores`` holds (pooled embedding or localization map) and why."""
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -256,12 +260,13 @@ def interrupted_run(out_dir: Path, attempt: dict) -> str | None:
 
 def write_run(
     directory: Path, result: FitResult, dataset: Dataset, encoder: Encoder, embeddings: np.ndarray,
-    pinned: np.ndarray, round_embeddings: list[np.ndarray],
+    pinned: np.ndarray, round_embeddings: list[np.ndarray], *, detector_score: np.ndarray,
 ) -> None:
     """Write a finished fit's files into ``directory`` (``run.json`` last, with the manifest of the others).
 
     ``round_embeddings`` (self-training only) are the representation each round worked on, saved as
-    ``round_<r>`` beside the final ``train`` embeddings.
+    ``round_<r>`` beside the final ``train`` embeddings. ``detector_score`` are the final detector's
+    anomaly scores of the training samples (``result.scores`` may hold map scores instead).
     """
     from core.models.encoder import save_encoder  # the encoders import torch: only a fit needs them here
 
@@ -270,7 +275,7 @@ def write_run(
     write_arrays(directory / EMBEDDINGS, {
         "train": np.asarray(embeddings, dtype=np.float32),  # no copy: a memory-mapped file is streamed
         "kept": result.kept.astype(np.uint8),
-        "train_anomaly_score": result.scores.anomaly_score,
+        "train_anomaly_score": np.asarray(detector_score, dtype=np.float64),
         "pinned": pinned,
         **{f"round_{number}": np.asarray(rows, dtype=np.float32) for number, rows in enumerate(round_embeddings, start=1)},
     })
@@ -297,6 +302,7 @@ def write_run(
         "contamination_interval": result.contamination_interval,
         "contamination_source": "estimated" if result.config.gamma == "auto" else "given (gamma)",
         "threshold": result.scores.threshold,
+        "image_score": result.image_score.as_dict(),
         "false_alarm_rate": result.config.false_alarm_rate,
         "threshold_meaning": threshold_meaning(result.config.false_alarm_rate),
         "metrics": result.metrics.as_dict() if result.metrics else None,
@@ -396,6 +402,11 @@ def round_count(run_dir: Path) -> int:
     """How many refinement rounds the run saved (0 without refinement)."""
     path = Path(run_dir) / ROUNDS
     return len(read_json(path)) if path.is_file() else 0
+
+
+def read_image_score(info: dict) -> ImageScoreChoice:
+    """Which image score a run's ``info`` (``run.json``) says it used (pooled for runs saved before the choice)."""
+    return ImageScoreChoice.from_dict(info.get("image_score"))
 
 
 def saved_column_choice(info: dict, config: FitConfig) -> ColumnChoice:

@@ -21,9 +21,12 @@ from core.explain.attribution import RowExplanation, explain_table_rows
 from core.explain.cutpaste_patch import CutPastePatchLocalizer
 from core.explain.gradcam import ScoreExplainer
 from core.explain.patch import PatchLocalizer
+from core.image_score import map_scores
 from core.models.encoder import load_encoder
 from core.progress import QUIET, Monitor
-from core.run_dir import Scores, check_artifacts, read_config, read_embeddings, read_info, saved_column_choice
+from core.run_dir import (
+    Scores, check_artifacts, read_config, read_embeddings, read_image_score, read_info, saved_column_choice,
+)
 
 SCORE_TOLERANCE = 1e-4
 """How far the re-fitted detector's training scores may be from the saved ones before the run is refused."""
@@ -50,6 +53,7 @@ class RunModel:
             raise RunError(f"{self.run_dir} does not reproduce its saved scores: the run is damaged or was tampered with")
         self.encoder = load_encoder(self.config, self.info["kind"], self.run_dir)
         self.threshold = float(self.info["threshold"])
+        self.image_score = read_image_score(self.info)
         self.localizer = None
         if self.info["kind"] == IMAGES and self.config.localization != "none":
             localizer_class = CutPastePatchLocalizer if self.config.localization == "cutpaste" else PatchLocalizer
@@ -65,14 +69,20 @@ class RunModel:
         return np.asarray(self._train[self._kept])
 
     def score(self, dataset: Dataset, monitor: Monitor = QUIET, compute: Compute | None = None) -> Scores:
-        """Score every sample of ``dataset`` with this run's encoder, detector and threshold.
+        """Score every sample of ``dataset`` with this run's image score and threshold.
 
-        ``compute`` runs the embedding and scoring (default: this process, chunk by chunk)."""
+        The run's encoder and detector score every sample (``compute`` runs the embedding and scoring;
+        default: this process, chunk by chunk); a run whose image score is ``map``
+        (:attr:`image_score`) then scores each image from its localization map, as its training
+        images were (:func:`core.image_score.map_scores`)."""
         if dataset.kind != self.info["kind"]:
             raise DataError(f"this run was fitted on {self.info['kind']} but the data is {dataset.kind}")
         compute = compute or LocalCompute()
         normality = compute.score_dataset(self.encoder, self.detector, dataset, monitor=monitor)
         anomaly_score = -np.asarray(normality, dtype=np.float64)
+        if self.image_score.used == "map":
+            self._check_localizer()
+            anomaly_score = map_scores(self.localizer, dataset.paths, monitor=monitor)
         monitor.report("score", len(dataset), len(dataset), "scored")
         return Scores(dataset.ids, anomaly_score, anomaly_score > self.threshold, self.threshold, dataset.labels)
 

@@ -24,6 +24,10 @@ from core.progress import QUIET, Monitor
 _QUERY_CHUNK = 4096
 _MEMORY_CHUNK = 8192
 _CANDIDATES = 16
+_COVER_BATCH = 64
+"""Candidates :func:`greedy_coreset` picks among in one round (one pass over the points)."""
+_COVER_ELEMENTS = 1 << 22
+"""Most point-to-centre distances :func:`greedy_coreset` holds at once."""
 
 
 # ----------------------------------------------------------------------------- Gaussian moments
@@ -286,36 +290,83 @@ def _exact_owner_distance(queries: torch.Tensor, memory: torch.Tensor, owners: t
 def greedy_coreset(
     points: torch.Tensor, size: int, *, projection_dim: int = 64, seed: int = 0, monitor: Monitor = QUIET
 ) -> torch.Tensor:
-    """Indices ``(size,) int64`` of a greedy k-center coreset of ``points (N, D)``.
+    """Indices ``(size,) int64`` of a greedy k-center coreset of ``points (N, D)``, in selection order.
 
     Starts at a seeded random point, then repeatedly adds the point farthest from everything
     selected so far (PatchCore's coreset), so every point lies within the final covering radius of
     a selected one. Distances are measured after a seeded Gaussian random projection to
-    ``projection_dim`` dimensions (Johnson-Lindenstrauss), which makes each step
-    ``O(N * projection_dim)``. ``size >= N`` selects every point, in order.
+    ``projection_dim`` dimensions (Johnson-Lindenstrauss). ``size >= N`` selects every point, in order.
 
-    ``monitor`` gets ``"coreset"`` reports and is checked for cancellation every 512 steps.
+    The points are selected in rounds, so that they are read once per round rather than once per
+    selected point: a round (:func:`_farthest_round`) picks among the :data:`_COVER_BATCH` points
+    farthest from the selection for as long as its next pick is provably the one that
+    one-point-at-a-time greedy would make; then one matrix product lowers every point's distance to
+    the selection by the round's picks (:func:`_lower_distances`). The result is that of
+    one-point-at-a-time greedy, up to ties and floating-point rounding.
+
+    Computed in the dtype of ``points`` (at least float32), on their device. ``monitor`` gets a
+    ``"coreset"`` report (points selected of ``size``) after every round and is checked for
+    cancellation before the next; a round's cost is about proportional to the points it selects.
     """
     n = points.shape[0]
     if size >= n:
         return torch.arange(n)
     generator = torch.Generator().manual_seed(seed)
-    x = points.float()
+    x = points.to(torch.promote_types(points.dtype, torch.float32))
     if x.shape[1] > projection_dim:
-        projection = torch.randn(x.shape[1], projection_dim, generator=generator).to(x.device)
+        projection = torch.randn(x.shape[1], projection_dim, generator=generator).to(x)
         x = x @ (projection / math.sqrt(projection_dim))
     squared = (x * x).sum(dim=1)
-    min_distance = torch.full((n,), float("inf"), device=x.device)
+    min_distance = torch.full((n,), float("inf"), dtype=x.dtype, device=x.device)
     selected = torch.empty(size, dtype=torch.int64)
-    index = int(torch.randint(n, (1,), generator=generator))
-    for step in range(size):
-        selected[step] = index
-        distance = squared + squared[index] - 2.0 * (x @ x[index])
-        min_distance = torch.minimum(min_distance, distance)
-        min_distance[index] = -1.0
-        index = int(torch.argmax(min_distance))
-        if step % 512 == 511:
-            monitor.check()
-            monitor.report("coreset", step + 1, size, f"{n} candidate patches")
-    monitor.report("coreset", size, size, f"{n} candidate patches")
-    return selected
+    picked = torch.randint(n, (1,), generator=generator).to(x.device)
+    done = 0
+    while True:
+        selected[done:done + len(picked)] = picked.cpu()
+        done += len(picked)
+        monitor.report("coreset", done, size, f"{n} candidate patches")
+        if done == size:
+            return selected
+        monitor.check()
+        _lower_distances(min_distance, x, squared, picked)
+        picked = _farthest_round(x, squared, min_distance, size - done)
+
+
+def _lower_distances(min_distance: torch.Tensor, x: torch.Tensor, squared: torch.Tensor, picked: torch.Tensor) -> None:
+    """Lower ``min_distance (N,)``, each point's squared distance to the selection, in place to its
+    distance to the newly ``picked`` rows of ``x (N, d)`` (``squared``: their squared norms), and mark
+    those rows selected (``-inf``). Rows are taken in blocks of at most :data:`_COVER_ELEMENTS` distances."""
+    centres, centre_squared = x[picked], squared[picked]
+    rows = max(1, _COVER_ELEMENTS // len(picked))
+    for start in range(0, x.shape[0], rows):
+        block = slice(start, start + rows)
+        distances = torch.addmm(centre_squared, x[block], centres.T, alpha=-2.0).amin(dim=1) + squared[block]
+        min_distance[block] = torch.minimum(min_distance[block], distances)
+    min_distance[picked] = float("-inf")
+
+
+def _farthest_round(x: torch.Tensor, squared: torch.Tensor, min_distance: torch.Tensor, most: int) -> torch.Tensor:
+    """The next picks ``(k,) int64`` (1 <= k <= ``most``) of greedy k-center selection, in order.
+
+    The candidates are the :data:`_COVER_BATCH` unselected points farthest from the selection. The
+    first is greedy's next pick. Each later pick is the candidate farthest from the selection and
+    this round's picks, taken only while it is strictly farther than the next-farthest point outside
+    the candidates was before the round: such a point can only have come closer since, so the
+    candidate is greedy's pick too.
+    """
+    k = min(_COVER_BATCH + 1, len(min_distance))
+    values, candidates = min_distance.topk(k)
+    outside = float(values[-1]) if k > _COVER_BATCH else -math.inf
+    values, candidates = values[:_COVER_BATCH], candidates[:_COVER_BATCH]
+    rows = x[candidates]
+    pairwise = squared[candidates][:, None] + squared[candidates][None, :] - 2.0 * (rows @ rows.T)
+    pairwise, remaining = pairwise.cpu().numpy(), values.cpu().numpy().copy()
+    picks: list[int] = []
+    while len(picks) < most:
+        best = int(np.argmax(remaining))
+        if remaining[best] == -np.inf or (picks and not remaining[best] > outside):
+            break
+        picks.append(best)
+        np.minimum(remaining, pairwise[best], out=remaining)
+        remaining[best] = -np.inf
+    return candidates[torch.tensor(picks, device=candidates.device)]

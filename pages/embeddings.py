@@ -80,6 +80,8 @@ def with_training_backdrop(figure, layout: np.ndarray) -> None:
     figure.add_trace(go.Scattergl(x=layout[:, 0], y=layout[:, 1], mode="markers", name="training data",
                                   hoverinfo="skip", marker=dict(size=5, color=TRAINING_COLOUR)))
     figure.data = (figure.data[-1], *figure.data[:-1])  # drawn first, so underneath
+    for trace in figure.data[1:]:
+        trace.name = trace.name or "this batch"  # a score-coloured batch is one trace, unnamed ("trace 1")
 
 
 def body() -> None:

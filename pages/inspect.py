@@ -1,5 +1,7 @@
 """Inspect page: one sample at a time with its maps, neighbours and the expert's verdict."""
 
+import re
+
 import numpy as np
 import streamlit as st
 
@@ -12,6 +14,9 @@ from pages.components import charts, runs, services, state, widgets
 REVIEW_QUEUE = "review next (most informative first)"
 QUEUES = ("most anomalous first", "selection from the map", "removed during refinement", REVIEW_QUEUE)
 BATCH_QUEUES = QUEUES[:2]  # the lists that apply to a batch of new data
+QUEUE_NAMES = dict(zip(QUEUES, ("ranked", "selection", "removed", "review")))  # how the URL names a list (?list=)
+LIST_PARAM, SAMPLE_PARAM = "list", "sample"  # the URL keeps the list and the sample shown, for a reload
+URL_READ = "inspect_url_read"  # session key: the URL's list and sample were taken (once, on a reload)
 SCALES = ("per run", "per image")
 SCALE_HELP = ("Colour starts at the normal floor: the 99th percentile of the map values of normal (kept) "
               "images; below it the image shows through. Per run: red means the same value on every image "
@@ -93,8 +98,9 @@ def facts(run, index: int) -> None:
     cells[2].metric("Model says", "anomaly" if row["is_anomaly"] else "normal", help=f"Threshold {charts.score_text(run.threshold)}")
     if "round_removed" in row:
         cells[3].metric("Removed in round", row["round_removed"] or "- (kept)")
-    else:  # a batch of new data: scored with the run, not refined
-        cells[3].metric("Batch", run.name[:19] + "…" if len(run.name) > 20 else run.name, help=run.name)
+    else:  # a batch of new data: scored with the run, not refined; its name without the time it was scored
+        short = re.sub(r"^\d{8}-\d{6}-", "", run.name)
+        cells[3].metric("Batch", short[:19] + "…" if len(short) > 20 else short, help=run.name)
     cells[4].metric("Label", {1: "anomaly", 0: "normal"}.get(row.get("label", -1), "unknown"))
 
 
@@ -209,6 +215,19 @@ def record_verdict(fingerprint: str, run_id: str, sample_id: str, verdict: str, 
     st.toast(f"{sample_id}: {verdict}")
 
 
+def url_request(queues) -> str | None:
+    """On a reload (a new browser session), the list and the sample the URL names (``?list=...&sample=...``):
+    the list is chosen here, the sample's id returned to be found in it. None otherwise."""
+    if st.session_state.get(URL_READ):
+        return None
+    st.session_state[URL_READ] = True
+    by_name = {name: queue for queue, name in QUEUE_NAMES.items() if queue in queues}
+    queue = by_name.get(st.query_params.get(LIST_PARAM))
+    if queue is not None:
+        st.session_state[state.INSPECT_QUEUE] = queue
+    return st.query_params.get(SAMPLE_PARAM)
+
+
 def body() -> None:
     st.title("Inspect")
     run_dir = widgets.require_run()
@@ -222,10 +241,19 @@ def body() -> None:
     if requested is not None:  # typed, or opened from another page
         open_requested(run, requested)
     queues = QUEUES if run is training else BATCH_QUEUES  # a batch was scored, not refined
+    if requested is not None:
+        st.session_state[URL_READ] = True  # a sample opened from another page wins over the URL's
+    from_url = url_request(queues)
     if st.session_state.get(state.INSPECT_QUEUE) not in queues:
         st.session_state[state.INSPECT_QUEUE] = queues[0]
-    queue = st.radio("Browse", queues, horizontal=True, key=state.INSPECT_QUEUE)
+    # Buttons, not radio buttons: the keys N / A / U and Left / Right do nothing while a radio button has
+    # the focus (Streamlit ignores shortcuts typed into an input), i.e. right after a list was chosen.
+    queue = st.segmented_control("Browse", queues, key=state.INSPECT_QUEUE, required=True)
     order = queue_order(run, queue)
+    if from_url is not None:
+        found = np.flatnonzero(run.samples["id"].to_numpy()[order] == from_url)
+        if len(found):
+            st.session_state[state.INSPECT_POSITION] = int(found[0])
     if queue == REVIEW_QUEUE:
         review_status(run)
     if len(order) == 0:
@@ -233,6 +261,8 @@ def body() -> None:
         return
     index = pager(order)
     sample_id = run.samples["id"].iat[index]
+    st.query_params[LIST_PARAM] = QUEUE_NAMES[queue]
+    st.query_params[SAMPLE_PARAM] = str(sample_id)
     st.subheader(sample_id)
     facts(run, index)
     if run.kind == "images":

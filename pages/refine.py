@@ -29,10 +29,13 @@ def method_form(dataset, columns: ColumnChoice, job_running: bool):
         seed = right.number_input(**fit_fields.number("seed", suggested.seed))
         device = right.selectbox(**fit_fields.choice("device", suggested.device))
         backbone, image_size, localization = suggested.backbone, suggested.image_size, suggested.localization
+        weights, image_score = suggested.weights or "", suggested.image_score
         if images:
             backbone = left.selectbox(**fit_fields.choice("backbone", suggested.backbone))
+            weights = left.text_input(**fit_fields.text("weights", weights))
             image_size = int(middle.select_slider(**fit_fields.steps("image_size", suggested.image_size)))
             localization = right.selectbox(**fit_fields.choice("localization", suggested.localization))
+            image_score = middle.selectbox(**fit_fields.choice("image_score", suggested.image_score))
         encoder, epochs, retrain_epochs = suggested.encoder, suggested.epochs, suggested.retrain_epochs
         if objective != "none":
             st.markdown(f"**Representation: {objective}**")
@@ -46,7 +49,7 @@ def method_form(dataset, columns: ColumnChoice, job_running: bool):
     return suggested.with_changes(
         detector=detector, refine_detector=refine_detector, refine=refine, ensemble=int(ensemble), gamma=parse_gamma(gamma), rounds=int(rounds),
         threshold_source=threshold_source, seed=int(seed), device=device, backbone=backbone,
-        image_size=image_size, localization=localization, objective=objective,
+        weights=weights.strip() or None, image_size=image_size, localization=localization, image_score=image_score, objective=objective,
         encoder=encoder, epochs=int(epochs), retrain_epochs=int(retrain_epochs),
         label_column=columns.label_column, id_column=columns.id_column, ignore_columns=columns.ignore_columns,
     )

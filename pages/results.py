@@ -38,7 +38,7 @@ def threshold_section(run) -> None:
     st.caption(f"{int(above.sum())} of {len(scores)} samples ({above.mean():.1%}) score above the threshold "
                f"{charts.score_text(threshold)}. "
                f"The run's own threshold ({charts.score_text(run.threshold)}) {run.threshold_meaning}. "
-               f"Training data: {run.contamination_text}.")
+               f"Training data: {run.contamination_text}. {run.image_score_text}")
     st.plotly_chart(charts.score_histogram(
         scores, threshold=threshold, threshold_name="threshold", marked=above, marked_name="above the threshold",
         unmarked_name="at or below it",

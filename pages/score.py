@@ -60,10 +60,17 @@ def live_view(job_id: str) -> None:
         st.info(f"**{status.title}** is queued behind another job; it starts when that one finishes.")
         return
     whole = status.overall if status.overall is not None else status.fraction
-    st.progress(whole, text=f"**{status.title}**: {status.stage_text}")
+    left = (f"about {_duration(status.overall_eta_s)} left in all" if status.overall_eta_s is not None
+            else "estimating the time left")
+    st.progress(whole, text=f"**{status.stage_text}**: {left}")
+    st.caption(f"{status.title}: running for {_duration(status.elapsed_s)}")
     if st.button("Cancel", key="cancel_score", icon=":material/stop:"):
         services.job_runner().cancel(job_id)
         st.toast("Cancelling at the next batch...")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def finished(status, run_dir: str) -> None:
@@ -99,6 +106,27 @@ def drift_view(run_dir: str, name: str) -> None:
         marked_name="flagged", unmarked_name="not flagged",
         other_lines={"kept training samples: median": float(np.median(runs.reference_scores(run_dir)))},
         title=f"anomaly_score of batch {name}"), key="batch-histogram")
+    labelled(batch)
+
+
+def labelled(batch) -> None:
+    """How the run's calls on the batch compare with its labels (MVTec test/ folders, good/ folders), when it has both kinds."""
+    metrics = batch.metrics
+    if metrics is None:
+        return
+    labels, called = batch.labels, batch.samples["is_anomaly"].to_numpy().astype(bool)
+    caught = int(np.sum(called & (labels == 1)))
+    false_alarms = int(np.sum(called & (labels == 0)))
+    st.markdown(f"**Against the batch's labels** ({metrics.n_normal} labelled normal, {metrics.n_anomalous} "
+                "labelled anomalous; labels are used here only)")
+    cells = st.columns(4)
+    cells[0].metric("Anomalies caught", f"{caught} of {metrics.n_anomalous}",
+                    help="Labelled anomalous samples that the run's threshold flags (recall).")
+    cells[1].metric("False alarms", f"{false_alarms} of {metrics.n_normal}",
+                    help="Labelled normal samples that the run's threshold flags.")
+    cells[2].metric("AUROC", f"{metrics.auroc:.3f}",
+                    help="How well the scores rank anomalous above normal samples, whatever the threshold (1 = perfectly, 0.5 = chance).")
+    cells[3].metric("F1 at the run's threshold", f"{metrics.f1:.3f}", help=f"Average precision {metrics.ap:.3f}.")
 
 
 def saved_batches(run_dir: str) -> None:

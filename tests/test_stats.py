@@ -199,12 +199,26 @@ def test_greedy_coreset_covers_every_point_within_the_gap_between_selected_point
     assert float(radius) <= float(between.min()) + 1e-5
 
 
+def test_greedy_coreset_in_rounds_selects_what_one_point_at_a_time_greedy_selects():
+    """Many picks per round (one pass over the points each), yet greedy's choices in greedy's order."""
+    points = torch.randn(3000, 12, generator=torch.Generator().manual_seed(4)).double()
+    events = []
+    selected = greedy_coreset(points, 400, seed=1, monitor=Monitor(events.append))
+    chosen, distance = [int(selected[0])], torch.full((3000,), float("inf"), dtype=torch.float64)
+    for _ in range(399):
+        distance = torch.minimum(distance, ((points - points[chosen[-1]]) ** 2).sum(dim=1))
+        chosen.append(int(torch.argmax(distance)))
+    assert selected.tolist() == chosen
+    assert len(events) < 400 / 4, "each round (one report) should select several points"
+
+
 def test_greedy_coreset_reports_progress_and_stops_when_cancelled():
     points = torch.randn(2000, 4, generator=torch.Generator().manual_seed(2))
     events = []
     greedy_coreset(points, 1100, monitor=Monitor(events.append))
-    assert [(e.stage, e.done, e.total) for e in events] == [("coreset", 512, 1100), ("coreset", 1024, 1100),
-                                                           ("coreset", 1100, 1100)]
+    done = [e.done for e in events]
+    assert {(e.stage, e.total) for e in events} == {("coreset", 1100)}
+    assert done == sorted(set(done)) and done[0] == 1 and done[-1] == 1100
     token = CancelToken()
     token.cancel()
     with pytest.raises(Cancelled):

@@ -4,6 +4,8 @@ Built-in data sets (:func:`builtin_sources`, :func:`prepare_builtin`) are small,
 contaminated with 10% anomalies, so a user can try Refinery without data of their own:
 
 - ``demo``: the bundled 300-image Fashion-MNIST folder (:data:`DEMO_DIR`), read in place.
+- ``granite``: 216 defect-free + 24 defective granite tiles rendered from the seed
+  (:mod:`core.data.textures`), each defective tile with its pixel mask: the set to try localization on.
 - ``fashion-mnist``: 900 sneakers + 100 images of the nine other classes, drawn with the seed from
   Debian's Fashion-MNIST training split (``apt-get install dataset-fashion-mnist``).
 - ``elpv``: 540 defect-free solar cells (defect probability 0) + 60 defective ones (probability at
@@ -13,7 +15,8 @@ contaminated with 10% anomalies, so a user can try Refinery without data of thei
 
 The training sets are drawn with :func:`~core.data.protocol.srr_protocol` (its training part), so a
 seed gives the same set everywhere. Image sets are written as ``good/`` (normal) and ``other/``
-(anomalies) sub-folders, which :func:`~core.data.images.load_image_folder` reads as labels.
+(anomalies) sub-folders, which :func:`~core.data.images.load_image_folder` reads as labels (and a
+``<name>_mask.png`` beside an image as its mask).
 Each set is written once into ``<workspace>/builtin/<key>-<seed>``: first into a hidden temporary
 folder that is renamed when complete, so a folder with the final name is always complete and is
 reused as is.
@@ -43,6 +46,7 @@ from core.data.dataset import IMAGES, TABLE
 from core.data.folders import new_folder, removed_on_error
 from core.data.idx import FASHION_MNIST_CLASSES, load_fashion_mnist, materialize_images
 from core.data.protocol import anomaly_count, srr_protocol
+from core.data.textures import DEFECT_KINDS, TILE_SIZE, write_texture_set
 from core.errors import ConfigError, DataError
 from core.progress import QUIET, Monitor
 
@@ -57,6 +61,9 @@ ANOMALY_RATIO = 0.1
 FASHION_MNIST_NORMAL_CLASS = FASHION_MNIST_CLASSES.index("Sneaker")
 FASHION_MNIST_NORMALS = 900
 """Normal images (sneakers) in the ``fashion-mnist`` set; anomalies are added to make 10%."""
+
+GRANITE_NORMALS = 216
+"""Defect-free tiles in the ``granite`` set; defective tiles are added to make 10%."""
 
 ELPV_NORMALS = 540
 """Defect-free cells in the ``elpv`` set; anomalies are added to make 10%."""
@@ -79,8 +86,8 @@ class BuiltinSource:
     Attributes
     ----------
     key : str
-        Identifier passed to :func:`prepare_builtin`: ``"demo"``, ``"fashion-mnist"``, ``"elpv"``
-        or ``"digits"``.
+        Identifier passed to :func:`prepare_builtin`: ``"demo"``, ``"granite"``, ``"fashion-mnist"``,
+        ``"elpv"`` or ``"digits"``.
     title : str
         Short label for the UI.
     description : str
@@ -144,6 +151,11 @@ def _demo_missing() -> str:
     if DEMO_DIR.is_dir():
         return ""
     return f"the bundled demo folder {DEMO_DIR} is missing; run Refinery from a complete source checkout"
+
+
+def _build_granite(folder: Path, seed: int, monitor: Monitor) -> None:
+    write_texture_set(folder, GRANITE_NORMALS, anomaly_count(GRANITE_NORMALS, ANOMALY_RATIO), seed=seed,
+                      monitor=monitor)
 
 
 def _fashion_mnist_files() -> tuple[Path, Path]:
@@ -259,6 +271,15 @@ _RECIPES = (
                     "normal, 30 images of other classes (10%) are anomalies. MIT licence.",
         kind=IMAGES, label_column=None, missing=_demo_missing, build=None),
     _Recipe(
+        key="granite",
+        title="Granite tiles with defects and masks (240 images)",
+        description=_contamination(GRANITE_NORMALS, f"granite tiles ({TILE_SIZE} x {TILE_SIZE} colour) rendered "
+                                   "by Refinery (core.data.textures)", "defect-free tiles",
+                                   f"tiles with one {', '.join(DEFECT_KINDS[:-1])} or {DEFECT_KINDS[-1]}")
+                    + "; every defect has its pixel mask, so the anomaly maps can be checked. No outside data, "
+                    "no licence terms.",
+        kind=IMAGES, label_column=None, missing=lambda: "", build=_build_granite),
+    _Recipe(
         key="fashion-mnist",
         title="Fashion-MNIST sneakers (1,000 images)",
         description=_contamination(FASHION_MNIST_NORMALS, "Fashion-MNIST training images (28 x 28 grayscale)",
@@ -295,7 +316,7 @@ def builtin_sources() -> list[BuiltinSource]:
     Returns
     -------
     list of BuiltinSource
-        ``demo``, ``fashion-mnist``, ``elpv``, ``digits``, in that order; availability is checked on
+        ``demo``, ``granite``, ``fashion-mnist``, ``elpv``, ``digits``, in that order; availability is checked on
         every call (cheap: file checks and one import).
     """
     sources = []

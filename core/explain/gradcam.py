@@ -8,7 +8,9 @@ model is a thin wrapper whose forward returns that pooled embedding (:class:`Poo
 Target layer (EfficientNet-Lite0/1/2, all through :func:`find_target_layer`): the output of the
 block that ends the *deepest* stage in the run's ``feature_layers``: the last stride-32 block for the
 default ``("stride16", "stride32")``, ``_bn1`` after the head convolution when ``head`` is pooled.
-Why:
+The other backbones name their own (``FeatureBackbone.cam_layer``): a torchvision ResNet's stage
+(``layer3`` for stride16, ``layer4`` for stride32); DINOv2 has patch tokens, not a convolutional map,
+and is refused with a ConfigError. Why (measured on EfficientNet-Lite0):
 
 - the embedding global-average-pools that map, so Grad-CAM there is exactly CAM for the score: the
   map is ``relu(sum_k dS/dp_k A_k) / hw`` with ``p`` the pooled features (checked numerically);
@@ -46,7 +48,7 @@ from torch import nn
 from core.config import FEATURE_LAYERS
 from core.data.decode import read_rgb
 from core.errors import ConfigError
-from core.models.efficientnet import EfficientNetFeatures, normalize_images
+from core.models.feature_backbone import FeatureBackbone
 from core.params import Interval, Options, check_params
 from core.stats import squared_mahalanobis
 
@@ -105,7 +107,7 @@ class MahalanobisTarget:
 class PooledEmbedding(nn.Module):
     """``(B, 3, H, W)`` normalised images -> ``(B, D)`` pooled embedding, as the image encoder makes it."""
 
-    def __init__(self, backbone: EfficientNetFeatures, feature_layers: Sequence[str]) -> None:
+    def __init__(self, backbone: FeatureBackbone, feature_layers: Sequence[str]) -> None:
         super().__init__()
         self.backbone = backbone
         self.feature_layers = tuple(feature_layers)
@@ -119,14 +121,14 @@ def find_target_layer(backbone: nn.Module, feature_layers: Sequence[str], layer:
 
     Parameters
     ----------
-    backbone : EfficientNetFeatures
+    backbone : FeatureBackbone
     feature_layers : sequence of str
         The run's pooled layers; the deepest one is chosen unless ``layer`` is given.
     layer : str, optional
         One of ``feature_layers`` to use instead (the forward pass stops at the deepest pooled
         layer, so a deeper one would never run).
     """
-    if not isinstance(backbone, EfficientNetFeatures):
+    if not isinstance(backbone, FeatureBackbone):
         raise ConfigError(f"Grad-CAM has no target layer for a {type(backbone).__name__} backbone")
     if not feature_layers:
         raise ConfigError(f"feature_layers is empty; choose from {', '.join(FEATURE_LAYERS)}")
@@ -135,12 +137,7 @@ def find_target_layer(backbone: nn.Module, feature_layers: Sequence[str], layer:
             raise ConfigError(f"feature layer must be one of {', '.join(FEATURE_LAYERS)}; got {name!r}")
     if layer is not None and layer not in feature_layers:
         raise ConfigError(f"target_layer must be one of the pooled layers {', '.join(feature_layers)}; got {layer!r}")
-    name = layer or max(feature_layers, key=FEATURE_LAYERS.index)
-    if name == "head":
-        # The head is applied functionally (conv -> bn -> swish, with a swish module shared with the
-        # stem), so its last module called once per forward is the batch norm.
-        return backbone.net._bn1
-    return backbone.net._blocks[backbone.stage_ends[name]]
+    return backbone.cam_layer(layer or max(feature_layers, key=FEATURE_LAYERS.index))
 
 
 class ScoreExplainer:
@@ -155,8 +152,8 @@ class ScoreExplainer:
 
     Parameters
     ----------
-    backbone_model : EfficientNetFeatures
-        The run's backbone, e.g. :func:`core.models.efficientnet.load_backbone`'s shared instance.
+    backbone_model : FeatureBackbone
+        The run's backbone, e.g. :func:`core.models.pretrained.load_backbone`'s shared instance.
     feature_layers : sequence of str
         The run's ``FitConfig.feature_layers`` (what the embedding pools).
     location, precision : arrays
@@ -182,7 +179,7 @@ class ScoreExplainer:
 
     def __init__(
         self,
-        backbone_model: EfficientNetFeatures,
+        backbone_model: FeatureBackbone,
         feature_layers: Sequence[str],
         location,
         precision,
@@ -266,7 +263,7 @@ class ScoreExplainer:
             for start in range(0, len(items), self.batch_size):
                 chunk = items[start : start + self.batch_size]
                 pixels, sizes = zip(*(_load(item, image_size) for item in chunk))
-                batch = normalize_images(torch.from_numpy(np.stack(pixels))).to(self.device)
+                batch = self.model.backbone.normalize(torch.from_numpy(np.stack(pixels))).to(self.device)
                 if self._channels_last:
                     batch = batch.contiguous(memory_format=torch.channels_last)
                 cams = self._cam(batch, targets=[self._cam_target] * len(chunk))

@@ -192,7 +192,8 @@ class MapLocalizer(BaseEstimator):
         state = read_json(state_path)
         if state.get("format") != cls._state_format:
             raise RunError(f"{state_path} has format {state.get('format')}; expected {cls._state_format}")
-        params = dict(state["params"])
+        params = {name: tuple(value) if isinstance(value, list) else value  # JSON keeps tuples as lists
+                  for name, value in state["params"].items()}
         unknown = sorted(set(params) - set(cls().get_params()))
         if unknown:
             raise RunError(f"{state_path} has unknown parameters: {', '.join(unknown)}")

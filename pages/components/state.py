@@ -2,7 +2,7 @@
 
 The studio session's key, the active data with its column roles, the active run, the batch of it that is
 viewed and the watched job are mirrored into the URL
-(``?session=...&data=...&label=...&id=...&ignore=...&run=...&batch=...&job=...``) so
+(``?session=...&data=...&label=...&id=...&ignore=...&part=...&run=...&batch=...&job=...``) so
 that a browser refresh, or the URL opened in a second tab, comes back to the same studio session,
 data, run and job. Streamlit clears the URL's parameters on every page change (navigation menu,
 ``st.page_link``, ``st.switch_page``), so the session keeps them too and puts them back into the URL.
@@ -54,6 +54,8 @@ LABEL_PARAM = "label"                # a table's label column: absent finds one,
 ID_PARAM = "id"                      # its id column: absent finds one ("auto"), "none" = row numbers
 IGNORE_PARAM = "ignore"              # its ignored columns, one parameter each (?ignore=a&ignore=b)
 BATCH_PARAM = "batch"                # the viewed batch of the run: absent = the run's training data
+PART_PARAM = "part"                  # "train": fit only the train/ part of the active MVTec-layout data
+TRAIN_PART_VALUE = "train"
 
 KEY_BYTES = 32
 """Random bytes in a new session key (``secrets.token_urlsafe``: 43 URL-safe characters)."""
@@ -79,7 +81,9 @@ def choose_data(path: Path | str, columns: ColumnChoice = ColumnChoice(), source
     ``ignore``), so that a reload restores it; None leaves it out of the URL."""
     if data_choice()[:2] != (str(path), columns):
         st.session_state[PROTOCOL] = None
-        st.session_state[TRAIN_PART] = False
+        # a reload restores the URL's data with its train/-only choice; other data starts without it
+        st.session_state[TRAIN_PART] = (source is not None and source == st.query_params.get(DATA_PARAM)
+                                        and st.query_params.get(PART_PARAM) == TRAIN_PART_VALUE)
         st.session_state[SELECTION] = []
     st.session_state[DATA_PATH] = str(path)
     st.session_state[COLUMN_CHOICE] = columns
@@ -105,7 +109,7 @@ def requested_data() -> tuple[str, ColumnChoice] | None:
 
 def forget_requested_data() -> None:
     """Drop a data choice from the URL that could not be restored; this session's own goes back in."""
-    for param in (DATA_PARAM, LABEL_PARAM, ID_PARAM, IGNORE_PARAM):
+    for param in (DATA_PARAM, LABEL_PARAM, ID_PARAM, IGNORE_PARAM, PART_PARAM):
         st.query_params.pop(param, None)
     _put_data_in_url()
 
@@ -117,7 +121,8 @@ def _put_data_in_url() -> None:
     columns = data_choice()[1]
     st.query_params[DATA_PARAM] = source
     shown = {LABEL_PARAM: columns.label_column, ID_PARAM: None if columns.id_column == AUTO else columns.id_column,
-             IGNORE_PARAM: list(columns.ignore_columns) or None}
+             IGNORE_PARAM: list(columns.ignore_columns) or None,
+             PART_PARAM: TRAIN_PART_VALUE if train_part_only() else None}
     for param, value in shown.items():
         if value is None:
             st.query_params.pop(param, None)
@@ -200,7 +205,9 @@ def train_part_only() -> bool:
 
 
 def set_train_part_only(value: bool) -> None:
+    """Fit only the train/ part of the active data (or all of it); kept in the URL (``?part=train``) with the data."""
     st.session_state[TRAIN_PART] = bool(value)
+    _put_data_in_url()
 
 
 def job_id() -> str | None:
