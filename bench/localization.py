@@ -19,7 +19,8 @@ Patch maps: ``PatchLocalizer`` with its defaults (``memory`` and ``gaussian``) a
 224, the FitConfig default, so one cached backbone serves maps and scores (``--image-size 128`` was
 measured on a pilot split, 150 MT_Free to fit: pixel AUROC 0.814 vs 0.791, but AUPRO 0.699 vs
 0.785: small defects need the finer grid), plus ``memory`` with ``support_images=1`` (plain nearest
-neighbour) as the ablation of the contamination guard.
+neighbour) as the ablation of the contamination guard and ``memory`` on the stride-8 and stride-16
+layers only (the default before issue 18); ``--maps`` picks some of them.
 
 Metrics: pixel AUROC and AUPRO (FPR <= 0.3) streamed with ``core.pixel_metrics``; image AUROC from
 the maps (max, top-1% mean) vs from the pooled embedding + GDE (``refine_and_fit``, the score
@@ -86,13 +87,15 @@ from core.pixel_metrics import PixelMetricAccumulator
 MTD = SHARED_DATA / "magnetic_tile_defects"
 BOTTLE = SHARED_DATA / "mvtec_ad_bottle_256" / "bottle"
 PATCH_METHODS = ("memory", "gaussian")
-PATCH_VARIANTS = {       # report name -> PatchLocalizer options; the last one is the contamination-guard ablation
+PATCH_VARIANTS = {       # report name -> PatchLocalizer options (--maps picks some)
     "patch memory": {"method": "memory"},
     "patch gaussian": {"method": "gaussian"},
-    "patch memory, support_images=1": {"method": "memory", "support_images": 1},
+    "patch memory, support_images=1": {"method": "memory", "support_images": 1},      # the contamination guard's ablation
+    "patch memory, layers stride8+16": {"method": "memory", "layers": ("stride8", "stride16")},   # before issue 18
 }
 ISSUE18_VARIANTS = {     # --explore: report name -> PatchLocalizer options tried for issue 18 (sharper maps, denoising)
     "default": {},
+    "layers stride8+16": {"layers": ("stride8", "stride16")},           # the default before issue 18
     "sigma 2": {"sigma": 2.0},
     "sigma 8": {"sigma": 8.0},
     "neighbourhood 1": {"neighbourhood": 1},
@@ -108,6 +111,8 @@ ISSUE18_VARIANTS = {     # --explore: report name -> PatchLocalizer options trie
     "layers stride8+16+32, neighbourhood 1": {"layers": ("stride8", "stride16", "stride32"), "neighbourhood": 1},
     "layers stride8+16+32, sigma 8": {"layers": ("stride8", "stride16", "stride32"), "sigma": 8.0},
     "layers stride8+16+32, denoise 0.1": {"layers": ("stride8", "stride16", "stride32"), "denoise": 0.1},
+    "layers stride8+16+32, neighbourhood 5": {"layers": ("stride8", "stride16", "stride32"), "neighbourhood": 5},
+    "layers stride8+16+32, image_size 320": {"layers": ("stride8", "stride16", "stride32"), "image_size": 320},
 }
 DEFECT_CLASSES = ("MT_Blowhole", "MT_Break", "MT_Crack", "MT_Fray", "MT_Uneven")
 CAM_METHODS = ("gradcam", "gradcam++")
@@ -249,7 +254,8 @@ def run_seed(dataset, labels, split: Split, seed: int, args, cache: ImageEmbeddi
     fits = {"clean": [paths[i] for i in split.train_free], "contaminated refined": kept_paths}
     if not args.no_unrefined:
         fits["contaminated unrefined"] = all_paths
-    for name, options in PATCH_VARIANTS.items():
+    for name in args.maps:
+        options = PATCH_VARIANTS[name]
         for protocol, train_paths in fits.items():
             progress(f"seed {seed}: {name}, {protocol} ({len(train_paths)} images)")
             with memory_peak() as memory:
@@ -274,7 +280,7 @@ def run_seed(dataset, labels, split: Split, seed: int, args, cache: ImageEmbeddi
             out["maps"][(method, protocol)] = scores
             if protocol == "clean":
                 out["image"][f"{method} map max"] = scores.image_max
-    first_maps = out["maps"][("patch memory", "clean")]
+    first_maps = out["maps"][(args.maps[0], "clean")]
     total = first_maps.pixel_all.n_anomalous_pixels
     out["anomalous_pixels"] = {c: m.n_anomalous_pixels / total for c, m in first_maps.pixel_by_class.items()}
     out["image_auroc"] = {name: auroc(test_labels, s) for name, s in out["image"].items()}
@@ -436,6 +442,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-unrefined", action="store_true", help="skip the contaminated fit without refinement")
     parser.add_argument("--no-cam", action="store_true", help="skip Grad-CAM even when core/explain/gradcam.py exists")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--maps", nargs="+", default=list(PATCH_VARIANTS), choices=list(PATCH_VARIANTS),
+                        metavar="NAME", help="patch maps of the report (default: all)")
     parser.add_argument("--test-defects", type=int, default=None, help="defective test images (default: all)")
     parser.add_argument("--explore", action="store_true", help="issue 18: the variants table instead of the report")
     parser.add_argument("--diagnose", action="store_true",
@@ -500,8 +508,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _defaults() -> str:
     defaults = PatchLocalizer().get_params()
-    keys = ("backbone", "coreset_size", "coreset_ratio", "max_pool_patches", "projection_dim", "support_images", "sigma",
-            "display_quantile", "display_holdout")
+    keys = ("backbone", "layers", "neighbourhood", "coreset_size", "coreset_ratio", "max_pool_patches", "projection_dim",
+            "support_images", "denoise", "sigma", "display_quantile", "display_holdout")
     return ", ".join(f"{key}={defaults[key]}" for key in keys)
 
 
@@ -510,7 +518,7 @@ def write_report(report: Report, results: dict, seeds: list[int], bottle: dict, 
     protocols = ["clean", "clean (paired)", "contaminated refined"]
     if not args.no_unrefined:
         protocols.append("contaminated unrefined")
-    makers = [*PATCH_VARIANTS, *CAM_METHODS]
+    makers = [*args.maps, *CAM_METHODS]
     rows = []
     for maker in makers:
         for protocol in protocols:
@@ -576,21 +584,21 @@ def write_report(report: Report, results: dict, seeds: list[int], bottle: dict, 
             if all(e is not None for e in entries):
                 means[(maker, protocol)] = mean([getattr(e, field).auroc for e in entries])
     report.line(f"**Checks** (pixel AUROC, mean over seeds {seeds}):")
-    for name in PATCH_VARIANTS:
+    for name in args.maps:
         clean, paired = means[(name, "clean")], means[(name, "clean (paired)")]
         contaminated = means[(name, "contaminated refined")]
         report.line(f"- {name}: clean {clean:.4f} >= {PIXEL_AUROC_TARGET}: "
                     f"{'MET' if clean >= PIXEL_AUROC_TARGET else 'NOT met'}; contaminated refined "
                     f"{contaminated:.4f} vs clean (paired) {paired:.4f}, gap {paired - contaminated:+.4f} "
                     f"(<= {CONTAMINATION_GAP}): {'MET' if paired - contaminated <= CONTAMINATION_GAP else 'NOT met'}")
-    for name in PATCH_VARIANTS:
+    for name in args.maps:
         entries = [results[s]["maps"][(name, "clean")] for s in seeds]
         value = mean([e.pixel_without_uneven.auroc for e in entries])
         report.line(f"- {name}, clean, test set without MT_Uneven: pixel AUROC {value:.4f} "
                     f"(AUPRO {mean([e.pixel_without_uneven.aupro for e in entries]):.4f})")
     for cam in CAM_METHODS:
         if (cam, "clean") in means:
-            best = max(means[(name, "clean")] for name in PATCH_VARIANTS)
+            best = max(means[(name, "clean")] for name in args.maps)
             report.line(f"- best patch map {best:.4f} vs {cam} {means[(cam, 'clean')]:.4f} "
                         f"(clean): margin {best - means[(cam, 'clean')]:+.4f}")
         else:

@@ -4,7 +4,7 @@ A batch is new data (a folder, zip or table, or the ``test/`` part of an MVTec f
 part the run was fitted on) loaded with the run's column roles and scored by
 :class:`core.run_model.RunModel` exactly as ``refinery score`` does: the same ``score`` call, the same
 ``iter_anomaly_maps``, the same CSV and map files. It is saved whole (built in a partial folder, then
-renamed, :func:`core.run_dir.staged_directory`) under ``<run>/batches/<name>/``
+renamed, :func:`core.staging.staged_directory`) under ``<run>/batches/<name>/``
 (:data:`core.run_dir.BATCHES`), so it outlives the studio's process:
 
 ========================= ===================================================================
@@ -47,8 +47,9 @@ from core.progress import QUIET, Monitor
 from core.refine import cross_fitted_anomaly_scores
 from core.run_dir import (
     BATCH_INFO, BATCHES, check_run_dir, new_run_dir, read_batch, read_batch_map, read_config, read_embeddings,
-    read_image_score, read_info, read_samples, staged_directory, write_batch, write_maps,
+    read_image_score, read_info, read_samples, write_batch, write_maps,
 )
+from core.staging import staged_directory
 from core.run_model import RunModel
 
 log = logging.getLogger(__name__)
@@ -295,7 +296,10 @@ class DriftCheck:
     ks_statistic, p_scores : float
         One-sided two-sample Kolmogorov-Smirnov test: are the batch's scores higher than the
         out-of-sample scores of the kept training samples?
+    scores_higher : bool
+        That test's answer at half of :data:`SIGNIFICANCE`.
     drifted : bool
+        More flagged than the false-alarm rate explains, or scores higher.
     verdict : str
         The outcome in plain words.
     """
@@ -308,6 +312,7 @@ class DriftCheck:
     ks_statistic: float
     p_scores: float
     n_reference: int
+    scores_higher: bool
     drifted: bool
     verdict: str
 
@@ -370,7 +375,8 @@ def drift_check(anomaly_score: np.ndarray, reference: np.ndarray, threshold: flo
     if n < SMALL_BATCH:
         verdict += f" With only {n} samples, only a large change would show."
     return DriftCheck(n, flagged, (float(low), float(high)), float(false_alarm_rate), float(binomial.pvalue),
-                      float(ks.statistic), float(ks.pvalue), len(reference), bool(more_flagged or higher), verdict)
+                      float(ks.statistic), float(ks.pvalue), len(reference), bool(higher), bool(more_flagged or higher),
+                      verdict)
 
 
 def batch_drift(batch: BatchResults, reference: np.ndarray) -> DriftCheck:

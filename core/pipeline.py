@@ -33,17 +33,9 @@ from core.models.image_encoder import embedding_memmap
 from core.progress import QUIET, Monitor
 from core.refine import MIN_SAMPLES_PER_DETECTOR, RefinementRound, pinned_from_verdicts
 from core.registry import Registry
-from core.run_dir import (
-    EMBEDDINGS_CACHE,
-    RESUME_DIR,
-    TRAINING_DIR,
-    FitResult,
-    Scores,
-    check_destination,
-    interrupted_run,
-    staged_directory,
-    write_attempt,
-    write_run,
+from core.run_dir import FitResult, Scores, write_run
+from core.staging import (
+    EMBEDDINGS_CACHE, RESUME_DIR, TRAINING_DIR, check_destination, interrupted_run, staged_directory, write_attempt,
 )
 
 log = logging.getLogger(__name__)
@@ -70,7 +62,7 @@ def fit(
     the studio session that starts the fit (None from the command line): the registry keeps the
     run private to it until it is shared (see :class:`core.registry.Registry`).
 
-    The run is built in a partial folder beside ``out_dir`` (:func:`core.run_dir.staged_directory`):
+    The run is built in a partial folder beside ``out_dir`` (:func:`core.staging.staged_directory`):
     an error removes it, a killed process leaves it. ``resume=True`` continues such a fit (same
     data, config and verdicts, else RunError) under the same run id: it reuses the frozen
     encoder's cached embeddings and the training loop's checkpoints, recomputes the refinement

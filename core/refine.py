@@ -230,10 +230,11 @@ def contamination_interval(anomaly_scores: np.ndarray, rng: np.random.Generator,
 
 
 def describe_contamination(contamination: float, interval: tuple[float, float] | None) -> str:
-    """``estimated contamination 0.081 (90% interval 0.065-0.097)``, or ``contamination 0.100 (given)``."""
+    """``estimated contamination 8.1% (90% interval 6.5%-9.7%)``, or ``contamination 10.0% (given)``: in
+    percent, as the refinement rounds show their shares."""
     if interval is None:
-        return f"contamination {contamination:.3f} (given)"
-    return f"estimated contamination {contamination:.3f} (90% interval {interval[0]:.3f}-{interval[1]:.3f})"
+        return f"contamination {contamination:.1%} (given)"
+    return f"estimated contamination {contamination:.1%} (90% interval {interval[0]:.1%}-{interval[1]:.1%})"
 
 
 def cross_fitted_anomaly_scores(

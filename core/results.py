@@ -181,6 +181,17 @@ class ScoreAxis:
     inverse: Callable[[np.ndarray], np.ndarray]
 
 
+def score_text(value: float) -> str:
+    """A score or threshold as every page shows it: whole numbers with separators from 1,000 up (1,172),
+    four significant digits below (86.26), so one sample reads the same everywhere."""
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
+def tick_text(value: float) -> str:
+    """An axis tick of a score axis: whole numbers with separators (1,000), three significant digits otherwise."""
+    return f"{value:,.0f}" if value == round(value) and abs(value) < 1e7 else f"{value:.3g}"
+
+
 def score_axis(scores: np.ndarray) -> ScoreAxis:
     """A linear axis, or a log one when the scores are heavy-tailed.
 

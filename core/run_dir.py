@@ -19,7 +19,7 @@ files                      the localizers' ``save``)
 ========================== ================================================================
 
 A run directory is built whole or not at all: in a partial folder beside its destination
-(``.<name>.partial``, :func:`staged_directory`), renamed into place only when complete, so a crash or
+(``.<name>.partial``, :func:`core.staging.staged_directory`), renamed into place only when complete, so a crash or
 an error never leaves a half-written run behind. An error removes the partial folder; a killed
 process leaves it, and a resumed fit continues from its ``resume/`` folder: ``fit.json`` (how it was
 started), ``embeddings.npy`` and ``training/`` checkpoints. ``run.json`` lists the SHA-256 of every
@@ -28,17 +28,13 @@ other file, checked when the run is opened (:func:`check_artifacts`).
 from __future__ import annotations
 
 import io
-import json
 import logging
-import os
 import secrets
-import shutil
 import time
 import zipfile
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -47,11 +43,12 @@ from core.arrays import map_arrays, read_arrays, write_arrays
 from core.config import FitConfig
 from core.data.columns import ColumnChoice, ColumnProfile, chosen_roles
 from core.errors import RunError
-from core.files import atomic_write_text, disk_errors, file_sha256, read_json, write_json, write_npy
+from core.files import atomic_write_text, file_sha256, read_json, write_json, write_npy
 from core.image_score import ImageScoreChoice
 from core.metrics import DetectionMetrics, detection_metrics
 from core.refine import RefinementRound
 from core.registry import refinery_home
+from core.staging import RESUME_DIR, partial_dir
 
 if TYPE_CHECKING:
     from core.data import Dataset
@@ -60,8 +57,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RUN_FORMAT = 1
-RESUME_DIR = "resume"
-"""Subfolder of a partial run folder for what only a resumed fit needs; not part of the finished run."""
 RUN_INFO = "run.json"
 CONFIG = "config.json"
 SCORES = "scores.csv"
@@ -69,12 +64,6 @@ EMBEDDINGS = "embeddings.safetensors"
 ROUNDS = "refinement.json"
 ROUND_ARRAYS = "refinement.safetensors"
 LAYOUTS = "layouts.safetensors"
-ATTEMPT_FILE = "fit.json"
-"""In a partial run folder's ``resume/``: what the fit was started with (data, config, verdicts) and its run id."""
-EMBEDDINGS_CACHE = "embeddings.npy"
-"""In ``resume/``: the frozen encoder's embeddings, written as soon as they are extracted."""
-TRAINING_DIR = "training"
-"""In ``resume/``: the self-supervised training loop's checkpoints, one folder per training stage."""
 BATCHES = "batches"
 """Batches of new data scored with the run, one folder each (their files: :mod:`core.batches`)."""
 BATCH_INFO, BATCH_ARRAYS, BATCH_MAPS = "batch.json", "placement.safetensors", "maps"
@@ -144,7 +133,7 @@ def new_run_dir(name: str, root: Path | None = None) -> Path:
             return candidate
 
 
-# ----------------------------------------------------------------------------- building a run whole, resuming it
+# ----------------------------------------------------------------------------- checking a run's files
 
 def artifact_manifest(directory: Path, exclude: tuple[str, ...] = ()) -> dict[str, str]:
     """SHA-256 of every visible file under ``directory`` (relative POSIX path -> hex), minus ``exclude`` names."""
@@ -166,94 +155,6 @@ def check_artifacts(directory: Path, manifest: dict[str, str]) -> None:
             raise RunError(f"{path} changed after the fit: the run is damaged or was tampered with; fit the run again")
 
 
-def partial_dir(destination: Path) -> Path:
-    """The folder a run is built in before it becomes ``destination``: ``.<name>.partial`` beside it."""
-    destination = Path(destination)
-    return destination.parent / f".{destination.name}.partial"
-
-
-def check_destination(destination: Path, *, resume: bool = False) -> None:
-    """Raise RunError unless a run can be built into ``destination``.
-
-    ``destination`` must not exist or be an empty folder, and its partial folder may exist only
-    when ``resume`` is set.
-    """
-    destination = Path(destination)
-    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
-        raise RunError(f"{destination} already exists and is not empty; choose another --out or remove it")
-    staging = partial_dir(destination)
-    if staging.exists() and not resume:
-        raise RunError(
-            f"{staging} holds an unfinished fit of {destination} (another fit is writing it, or one was "
-            "interrupted); continue it with --resume (same data and settings) or delete that folder"
-        )
-
-
-@contextmanager
-def staged_directory(destination: Path, *, resume: bool = False) -> Iterator[Path]:
-    """Yield the partial folder of ``destination``; it becomes ``destination`` if the block succeeds.
-
-    An exception in the block removes the folder; a killed process leaves it behind. With
-    ``resume``, an existing partial folder is reused: its ``RESUME_DIR`` (cached work) is kept and
-    everything else is cleared, since the run's files are all written again. ``RESUME_DIR`` is
-    dropped before the rename. See :func:`check_destination` for what ``destination`` may be.
-    """
-    destination = Path(destination)
-    check_destination(destination, resume=resume)
-    staging = partial_dir(destination)
-    with disk_errors(destination):
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            staging.mkdir()
-        except FileExistsError:
-            if not resume:  # another fit created it since the check
-                raise RunError(f"{staging} appeared while starting: another fit is writing {destination}") from None
-            for entry in staging.iterdir():
-                if not entry.is_dir():
-                    entry.unlink()
-                elif entry.name != RESUME_DIR:
-                    shutil.rmtree(entry)
-            for unfinished in staging.rglob(".*.tmp"):  # atomic writes the kill cut short
-                unfinished.unlink()
-    try:
-        yield staging
-        with disk_errors(destination):
-            shutil.rmtree(staging / RESUME_DIR, ignore_errors=True)
-            if destination.exists():
-                destination.rmdir()
-            os.replace(staging, destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-
-
-def write_attempt(staging: Path, attempt: dict, run_id: str) -> None:
-    """Record in the partial folder how this fit was started, so that a resume can check it."""
-    write_json(staging / RESUME_DIR / ATTEMPT_FILE, {**attempt, "run_id": run_id})
-
-
-def interrupted_run(out_dir: Path, attempt: dict) -> str | None:
-    """The run id of the interrupted fit into ``out_dir``, after checking it was started like this one.
-
-    None when there is none to continue (no partial folder, or it was killed before it said).
-    """
-    saved_path = partial_dir(out_dir) / RESUME_DIR / ATTEMPT_FILE
-    if not saved_path.is_file():
-        return None
-    saved = read_json(saved_path)
-    run_id = saved.pop("run_id")
-    attempt = json.loads(json.dumps(attempt))  # tuples as lists, as saved
-    if saved != attempt:
-        changed = [name for name in ("fingerprint", "verdicts") if saved.get(name) != attempt[name]]
-        changed += [key for key in attempt["config"] if saved.get("config", {}).get(key) != attempt["config"][key]]
-        names = ", ".join("data" if name == "fingerprint" else name for name in changed)
-        raise RunError(f"the unfinished fit in {partial_dir(out_dir)} was started with other {names}; "
-                       "resume it with the same data and settings, or delete that folder to start over")
-    log.info("resuming run %s from %s", run_id, partial_dir(out_dir))
-    return run_id
-
 
 # ----------------------------------------------------------------------------- writing
 
@@ -269,6 +170,7 @@ def write_run(
     anomaly scores of the training samples (``result.scores`` may hold map scores instead).
     """
     from core.models.encoder import save_encoder  # the encoders import torch: only a fit needs them here
+    from core.models.pretrained import weights_digest
 
     result.config.save(directory / CONFIG)
     save_encoder(encoder, directory)
@@ -294,6 +196,7 @@ def write_run(
         "format": RUN_FORMAT,
         "run_id": result.run_id,
         "kind": dataset.kind,
+        "weights_sha256": weights_digest(result.config.backbone, result.config.weights) if dataset.kind == "images" else None,
         "data_source": str(dataset.source),
         "fingerprint": dataset.fingerprint,
         "n_samples": len(dataset),

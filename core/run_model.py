@@ -22,6 +22,7 @@ from core.explain.cutpaste_patch import CutPastePatchLocalizer
 from core.explain.gradcam import ScoreExplainer
 from core.explain.patch import PatchLocalizer
 from core.image_score import map_scores
+from core.models.pretrained import weights_digest, weights_path
 from core.models.encoder import load_encoder
 from core.progress import QUIET, Monitor
 from core.run_dir import (
@@ -51,6 +52,7 @@ class RunModel:
         check = -score_rows([self.detector], self._train)[0]
         if not np.allclose(check, arrays["train_anomaly_score"], rtol=SCORE_TOLERANCE, atol=SCORE_TOLERANCE):
             raise RunError(f"{self.run_dir} does not reproduce its saved scores: the run is damaged or was tampered with")
+        self._check_weights()
         self.encoder = load_encoder(self.config, self.info["kind"], self.run_dir)
         self.threshold = float(self.info["threshold"])
         self.image_score = read_image_score(self.info)
@@ -58,6 +60,13 @@ class RunModel:
         if self.info["kind"] == IMAGES and self.config.localization != "none":
             localizer_class = CutPastePatchLocalizer if self.config.localization == "cutpaste" else PatchLocalizer
             self.localizer = localizer_class.load(self.run_dir, device=self.config.device)
+
+    def _check_weights(self) -> None:
+        """Refuse a backbone weight file other than the one the run was fitted with (runs record its SHA-256)."""
+        expected = self.info.get("weights_sha256")
+        if expected and weights_digest(self.config.backbone, self.config.weights) != expected:
+            raise RunError(f"the {self.config.backbone} weight file {weights_path(self.config.backbone, self.config.weights)} "
+                           "is not the file this run was fitted with (its SHA-256 differs): put that file back, or fit again")
 
     def column_choice(self) -> ColumnChoice:
         """The table column roles to load new data with (see :func:`core.run_dir.saved_column_choice`)."""

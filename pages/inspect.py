@@ -57,8 +57,9 @@ def review_status(run) -> None:
         st.caption(precision.text)
 
 
-def pager(order: np.ndarray) -> int:
-    """Previous/next buttons (keys Left/Right); returns the sample index shown."""
+def pager(order: np.ndarray, what: str = "") -> int:
+    """Previous/next buttons (keys Left/Right); returns the sample index shown. ``what`` names the
+    samples counted ("unjudged")."""
     position = min(st.session_state.get(state.INSPECT_POSITION, 0), len(order) - 1)
     previous, box, following = st.columns([1, 2, 1])
     if previous.button("Previous", key="previous", shortcut="Left", icon=":material/chevron_left:", disabled=position == 0):
@@ -67,7 +68,7 @@ def pager(order: np.ndarray) -> int:
                         disabled=position >= len(order) - 1):
         position += 1
     st.session_state[state.INSPECT_POSITION] = position
-    box.caption(f"{position + 1} of {len(order)}  ·  keys: Left / Right to page, N / A / U for a verdict")
+    box.caption(f"{position + 1} of {len(order)} {what}  ·  keys: Left / Right to page, N / A / U for a verdict")
     return int(order[position])
 
 
@@ -98,8 +99,8 @@ def facts(run, index: int) -> None:
     cells[2].metric("Model says", "anomaly" if row["is_anomaly"] else "normal", help=f"Threshold {charts.score_text(run.threshold)}")
     if "round_removed" in row:
         cells[3].metric("Removed in round", row["round_removed"] or "- (kept)")
-    else:  # a batch of new data: scored with the run, not refined; its name without the time it was scored
-        short = re.sub(r"^\d{8}-\d{6}-", "", run.name)
+    else:  # a batch of new data: scored with the run, not refined; named without its time of scoring and tag
+        short = re.sub(r"^\d{8}-\d{6}-|-[0-9a-f]{6}$", "", run.name)
         cells[3].metric("Batch", short[:19] + "…" if len(short) > 20 else short, help=run.name)
     cells[4].metric("Label", {1: "anomaly", 0: "normal"}.get(row.get("label", -1), "unknown"))
 
@@ -259,7 +260,7 @@ def body() -> None:
     if len(order) == 0:
         st.info("This list is empty: select points on the Embeddings page, or browse another list.")
         return
-    index = pager(order)
+    index = pager(order, "unjudged" if queue == REVIEW_QUEUE else "")
     sample_id = run.samples["id"].iat[index]
     st.query_params[LIST_PARAM] = QUEUE_NAMES[queue]
     st.query_params[SAMPLE_PARAM] = str(sample_id)

@@ -17,7 +17,7 @@ def method_form(dataset, columns: ColumnChoice, job_running: bool):
     images = dataset.kind == "images"
     objective = st.selectbox(  # outside the form, so that the fields it needs show or hide at once
         **fit_fields.choice("objective", suggested.objective, OBJECTIVES if images else TABLE_OBJECTIVES))
-    with st.form("fit_form"):
+    with st.form("fit_form", enter_to_submit=False):  # Enter in a field must not start a long fit
         left, middle, right = st.columns(3)
         detector = left.selectbox(**fit_fields.choice("detector", suggested.detector))
         refine_detector = left.selectbox(**fit_fields.choice("refine_detector", suggested.refine_detector))

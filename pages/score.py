@@ -96,7 +96,7 @@ def drift_view(run_dir: str, name: str) -> None:
                     f"95% interval {check.interval[0]:.1%} to {check.interval[1]:.1%}")
     cells[1].metric("Expected of normal data", f"{check.false_alarm_rate:.1%}",
                     help="The run's stated false-alarm rate: the share of normal data its threshold flags.")
-    cells[2].metric("Scores higher than training?", f"p = {check.p_scores:.2g}",
+    cells[2].metric("Scores higher than training?", f"{'yes' if check.scores_higher else 'no'} (p = {check.p_scores:.2g})",
                     help=f"One-sided two-sample Kolmogorov-Smirnov test against the out-of-sample scores of the "
                          f"{check.n_reference} kept training samples (small p: higher).")
     batch = runs.batch_results(run_dir, name)

@@ -11,7 +11,7 @@ from core.config import FitConfig, parse_gamma
 from core.errors import ConfigError, RunError
 from core.files import atomic_write_text
 from core.registry import Registry
-from core.run_dir import staged_directory
+from core.staging import staged_directory
 from test_memory_scale import resident_kib
 
 

@@ -57,7 +57,7 @@ def test_saved_run_scores_like_the_fit(tmp_path, registry):
     again = run.score(dataset)
     np.testing.assert_allclose(again.anomaly_score, result.scores.anomaly_score, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(again.is_anomaly, result.scores.is_anomaly)
-    assert FitConfig.load(tmp_path / "run" / "config.json") == FitConfig(detector="knn", refine_detector="knn"), "auto resolved for tables"
+    assert FitConfig.load(tmp_path / "run" / "config.json") == FitConfig(detector="knn", refine_detector="knn", image_score="pooled"), "auto resolved for tables"
     history = json.loads((tmp_path / "run" / "refinement.json").read_text())
     assert [r["round"] for r in history] == [r.round for r in result.rounds]
     [record] = registry.runs()
@@ -324,7 +324,7 @@ def test_suggested_config_for_small_and_large_images_and_tables(tmp_path, digits
         Image.fromarray(pixels).save(tmp_path / "large" / "good" / f"{index}.png")
     large = engine.load_data(tmp_path / "large", workspace=tmp_path)
     assert engine.suggested_config(large) == FitConfig(detector="gde", refine_detector="mcd", image_size=224)
-    assert engine.suggested_config(digits) == FitConfig(detector="knn", refine_detector="knn")
+    assert engine.suggested_config(digits) == FitConfig(detector="knn", refine_detector="knn", image_score="pooled")
 
 
 def test_new_run_dir_gives_fresh_paths(tmp_path, monkeypatch):

@@ -134,7 +134,7 @@ def test_memory_is_bounded_by_the_pool_and_the_coreset(synthetic):
     # 16 images, 2 held out (display scale): 14 fitted, ceil(300 / 14) = 22 of 144 patches each
     pool = localizer.n_train_images_ * math.ceil(300 / localizer.n_train_images_)
     assert localizer.n_train_images_ == 14 and pool == 308
-    assert localizer.memory_bank_.shape == (50, 152)
+    assert localizer.memory_bank_.shape == (50, 472)       # layers="auto": stride 8, 16 and 32 for memory
     small = PatchLocalizer("memory", image_size=SYNTHETIC_SIZE, device="cpu", coreset_ratio=0.01,
                            max_pool_patches=300).fit(normal)
     assert small.memory_bank_.shape[0] == math.ceil(0.01 * pool)
@@ -183,9 +183,11 @@ def test_denoised_candidates_drop_the_patches_no_other_image_shares():
     assert denoised_candidates(pool, owners, 0.0, 1, np.random.default_rng(0)).tolist() == list(range(210))
 
 
-def test_layers_and_neighbourhood_set_the_patch_features(synthetic, tmp_path):
+def test_layers_and_neighbourhood_set_the_patch_features(fitted, synthetic, tmp_path):
     """Three layers concatenate 40 + 112 + 320 channels on the stride-8 grid; the choice survives
-    save and load (JSON keeps the tuple as a list)."""
+    save and load (JSON keeps the tuple as a list). ``auto`` is all three for memory, stride 8 and 16
+    for gaussian."""
+    assert fitted["memory"].n_features_ == 472 and fitted["gaussian"].n_features_ == 152
     normal, defective, _ = synthetic
     localizer = PatchLocalizer(image_size=SYNTHETIC_SIZE, device="cpu", layers=("stride8", "stride16", "stride32"),
                                neighbourhood=5).fit(normal)
@@ -228,7 +230,7 @@ def test_progress_cancel_and_validation(synthetic):
         PatchLocalizer(image_size=224.0, device="cpu").fit(normal)
     with pytest.raises(ConfigError, match="neighbourhood must be one of 1, 3, 5, 7; got 4"):
         PatchLocalizer(neighbourhood=4, device="cpu").fit(normal)
-    with pytest.raises(ConfigError, match="layers must be a non-empty tuple"):
+    with pytest.raises(ConfigError, match="layers must be 'auto' or a non-empty tuple"):
         PatchLocalizer(layers=("head",), device="cpu").fit(normal)
     with pytest.raises(ConfigError, match="denoise must be a number in \\[0, 0.5\\); got 0.5"):
         PatchLocalizer(denoise=0.5, device="cpu").fit(normal)

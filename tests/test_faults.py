@@ -25,7 +25,7 @@ from safetensors.numpy import load_file
 from core.errors import RunError, StorageError
 from core.progress import HOLD_AT_VARIABLE
 from core.registry import INTERRUPTED, Registry
-from core.run_dir import EMBEDDINGS_CACHE, RESUME_DIR, partial_dir
+from core.staging import EMBEDDINGS_CACHE, RESUME_DIR, partial_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "assets" / "demo" / "fashion-mnist-sneakers"
@@ -176,7 +176,7 @@ def test_killed_during_a_training_epoch(tmp_path):
 
 
 def test_a_partial_folder_is_reused_only_when_resuming(tmp_path):
-    from core.run_dir import staged_directory
+    from core.staging import staged_directory
 
     out = tmp_path / "run"
     left = partial_dir(out)  # what a killed fit leaves: cached work, run files, a write cut short

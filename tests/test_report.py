@@ -14,7 +14,7 @@ from core.data.builtin import DEMO_DIR
 from core.errors import ConfigError
 from core.registry import Registry
 from core.report import report_html, write_report
-from core.results import RunResults
+from core.results import RunResults, score_text
 from sample_data import fraud_table
 
 MAX_DEMO_BYTES = 5_000_000  # issue 17: the demo run's report under 5 MB
@@ -119,7 +119,7 @@ def test_image_report_sections_follow_the_run(image_report):
     for record in run.rounds:  # every round's outcome and note
         assert f"<td>{record.round}</td><td>{len(record.removed)}</td><td>{len(record.returned)}</td>" in text
         assert record.note in text
-    assert "<svg" in text and f"threshold {run.threshold:.4g}" in text and run.threshold_meaning in text
+    assert "<svg" in text and f"threshold {score_text(run.threshold)}" in text and run.threshold_meaning in text
     kept = int(run.samples["kept"].sum())
     assert f"<td><strong>kept after refinement</strong></td><td>{kept}</td>" in text
     assert f"<td>{run.config.image_size}</td>" in text, "settings table"

@@ -1,9 +1,13 @@
 """Patch-level defect localization maps (PaDiM / PatchCore style, as in CutPaste's localization).
 
-Features. The pretrained backbone's stride-8 and stride-16 feature maps, each averaged over its 3x3
-neighbourhood (stride 1, borders averaged over the cells that exist), the stride-16 map upsampled
-bilinearly to the stride-8 grid, concatenated: ``(B, 152, S/8, S/8)`` on EfficientNet-Lite0 at
-``image_size = S``. Each grid cell is one *patch*.
+Features. The pretrained backbone's feature maps named by ``layers`` (``auto``: stride 8, 16 and 32
+for ``memory``, stride 8 and 16 for ``gaussian``), each averaged over its 3x3 neighbourhood (stride 1,
+borders averaged over the cells that exist), the coarser ones upsampled bilinearly to the stride-8
+grid, concatenated: ``(B, D, S/8, S/8)`` at ``image_size = S``, ``D = 40 + 112 + 320 = 472`` or
+``40 + 112 = 152`` on EfficientNet-Lite0. Each grid cell is one *patch*. The stride-32 map adds a
+wider context, which helps find large, faint defects; the per-cell covariances of ``gaussian``
+grow with ``D ** 2``, so it keeps 152. What each choice gains is measured in
+docs/benchmarks.md, "Issue 18: sharper maps and contamination on textures".
 
 Patch models, fitted on normal images only (the caller passes the run's **kept** training images,
 so refinement has already removed what it could of the contamination):
@@ -137,7 +141,7 @@ class PatchLocalizer(MapLocalizer):
         Images per forward pass.
     coreset_size : int
         ``memory`` only: most patches kept in the memory (bounds memory and scoring time:
-        scoring costs ``cells * coreset_size * 152`` multiply-adds per image).
+        scoring costs ``cells * coreset_size * D`` multiply-adds per image).
     coreset_ratio : float in (0, 1]
         ``memory`` only: share of the candidate patches kept in the coreset (capped by
         ``coreset_size``).
@@ -154,10 +158,11 @@ class PatchLocalizer(MapLocalizer):
         single training images; see the module docstring).
     sigma : float
         Gaussian smoothing of the upsampled map, in pixels at ``image_size`` (0: none).
-    layers : tuple of str
+    layers : "auto" or tuple of str
         Backbone feature maps a patch is described by (of ``stride8``, ``stride16``, ``stride32``),
         concatenated on the grid of the finest; finer layers see smaller details, coarser ones
-        larger context.
+        larger context. ``auto``: all three for ``memory``, ``("stride8", "stride16")`` for
+        ``gaussian`` (whose covariances grow with the square of the feature dimension).
     neighbourhood : {1, 3, 5, 7}
         Side of the window, in cells of each layer's grid, a patch's features are averaged over
         (PatchCore's local aggregation): larger is smoother and more tolerant of small shifts.
@@ -179,7 +184,7 @@ class PatchLocalizer(MapLocalizer):
     grid_shape_ : (int, int)
         Patch grid ``(h, w)``.
     n_features_ : int
-        Feature dimension D of a patch (152 on Lite0).
+        Feature dimension D of a patch (on Lite0: 472 for ``memory``, 152 for ``gaussian`` by default).
     n_train_images_ : int
         Images the patch model was fitted on (the held-out ones excluded).
     memory_bank_ : (M, D) float32 tensor
@@ -209,7 +214,7 @@ class PatchLocalizer(MapLocalizer):
         "projection_dim": [Interval(int, 1, None)],
         "support_images": [Interval(int, 1, None)],
         "sigma": [Interval(float, 0.0, None)],
-        "layers": [TupleOf(Options(*FEATURE_MAPS), min_len=1)],
+        "layers": [Options("auto"), TupleOf(Options(*FEATURE_MAPS), min_len=1)],
         "neighbourhood": [Options(1, 3, 5, 7)],
         "denoise": [Interval(float, 0.0, 0.5, closed="left")],
     }
@@ -229,7 +234,7 @@ class PatchLocalizer(MapLocalizer):
         projection_dim: int = 64,
         support_images: int = 2,
         sigma: float = DEFAULT_SIGMA,
-        layers: tuple[str, ...] = PATCH_LAYERS,
+        layers: str | tuple[str, ...] = "auto",
         neighbourhood: int = 3,
         denoise: float = 0.0,
         display_quantile: float = 0.99,
@@ -254,6 +259,13 @@ class PatchLocalizer(MapLocalizer):
         self.display_quantile = display_quantile
         self.display_holdout = display_holdout
         self.seed = seed
+
+    @property
+    def _layers(self) -> tuple[str, ...]:
+        """The feature maps ``layers`` names, ``auto`` resolved for the method."""
+        if self.layers != "auto":
+            return self.layers
+        return FEATURE_MAPS if self.method == "memory" else PATCH_LAYERS
 
     def _model(self):
         return load_backbone(self.backbone, self.image_size, self._torch_device.type, self.weights)
@@ -385,7 +397,7 @@ class PatchLocalizer(MapLocalizer):
                     images = model.normalize(torch.from_numpy(pixels)).to(device)
                     if device.type == "cpu":
                         images = images.contiguous(memory_format=torch.channels_last)
-                    features = patch_features(model, images, self.layers, self.neighbourhood)
+                    features = patch_features(model, images, self._layers, self.neighbourhood)
                 grid = tuple(features.shape[-2:])
                 if getattr(self, "grid_shape_", grid) != grid:
                     raise RunError(f"patch grid {grid} differs from the fitted {self.grid_shape_}")

@@ -5,7 +5,7 @@ A :class:`FeatureBackbone` turns normalised images into named feature maps. What
 
 - the image embedding (:class:`core.models.image_encoder.ImageEncoder`) is
   ``backbone.pooled(backbone.normalize(pixels), feature_layers)``;
-- the patch maps (:func:`core.explain.patch.patch_features`) read ``backbone(images, ("stride8", "stride16"))``;
+- the patch maps (:func:`core.explain.patch.patch_features`) read the layers their localizer names (``stride8`` to ``stride32``);
 - Grad-CAM (:func:`core.explain.gradcam.find_target_layer`) hooks ``backbone.cam_layer(name)``;
 - widths come from ``backbone.channels(name)``.
 

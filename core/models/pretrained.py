@@ -44,6 +44,7 @@ from torch import nn
 
 from core.config import BACKBONES, DINOV2_BACKBONES, EFFICIENTNET_BACKBONES, TORCHVISION_BACKBONES
 from core.errors import ConfigError
+from core.files import file_sha256
 from core.models.efficientnet import EfficientNetFeatures
 from core.models.feature_backbone import FeatureBackbone, load_state_dict, read_state_dict
 
@@ -113,6 +114,15 @@ def _weight_file(name: str, weights: str | None) -> Path | None:
     if name in TORCHVISION_BACKBONES or name in DINOV2_BACKBONES:
         return weights_path(name, weights)
     raise ConfigError(f"backbone must be one of {', '.join(BACKBONES)}; got {name!r}")
+
+
+def weights_digest(name: str, weights: str | None) -> str | None:
+    """SHA-256 of the weight file backbone ``name`` reads (:func:`weights_path`); None for EfficientNet-Lite.
+
+    A run records it, so that scoring with the run refuses a different file put at the same path.
+    """
+    path = _weight_file(name, weights)
+    return None if path is None else file_sha256(path)
 
 
 def hub_dir() -> Path:

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from core.explain import render
-from core.results import score_axis
+from core.results import score_axis, score_text, tick_text
 
 THUMB_PX = 192
 """The longer side of an image in the report: small images are enlarged (each pixel a square block),
@@ -144,15 +144,15 @@ def histogram_svg(anomaly_score: np.ndarray, threshold: float, bins: int = 40) -
         for base, count, colour, side in ((0, below, BELOW, "at or below"), (below, over, ABOVE, "above")):
             if count:  # red stacked on blue where a bar holds both
                 parts.append(f'<rect x="{x(edges[i]):.1f}" y="{y(base + count):.1f}" width="{width:.1f}" '
-                             f'height="{y(base) - y(base + count):.1f}" fill="{colour}"><title>{number(bounds[i])} to '
-                             f'{number(bounds[i + 1])}: {count} {side} the threshold</title></rect>')
+                             f'height="{y(base) - y(base + count):.1f}" fill="{colour}"><title>{score_text(bounds[i])} to '
+                             f'{score_text(bounds[i + 1])}: {count} {side} the threshold</title></rect>')
     label = "anomaly_score (higher = more anomalous)" + ("" if name == "linear" else f", {name} scale")
     parts += _axes(low, high, inverse, counts.max(), label, "samples", x, y)
     parts.append(f'<line x1="{x(line):.1f}" y1="{_PAD - 10}" x2="{x(line):.1f}" y2="{y(0):.1f}" '
                  f'stroke="{LINE}" stroke-width="2" stroke-dasharray="5 3"/>')
     anchor = "end" if x(line) > _W / 2 else "start"
     parts.append(f'<text x="{x(line) + (-4 if anchor == "end" else 4):.1f}" y="{_PAD - 12}" font-size="12" '
-                 f'text-anchor="{anchor}">threshold {number(threshold)}</text>')
+                 f'text-anchor="{anchor}">threshold {score_text(threshold)}</text>')
     return Html("".join(parts) + "</svg>")
 
 
@@ -163,7 +163,7 @@ def _axes(low: float, high: float, inverse, top: float, x_label: str, y_label: s
              f'<line x1="{_PAD}" y1="{y(0):.1f}" x2="{_PAD}" y2="{_PAD}" stroke="{LINE}"/>']
     for value in np.linspace(low, high, 5):
         parts.append(f'<text x="{x(value):.1f}" y="{y(0) + 16:.1f}" font-size="11" text-anchor="middle">'
-                     f'{number(float(inverse(value)), 3)}</text>')
+                     f'{tick_text(float(inverse(value)))}</text>')
     parts.append(f'<text x="{_PAD - 4}" y="{_PAD + 4}" font-size="11" text-anchor="end">{int(top)}</text>')
     parts.append(f'<text x="{_PAD - 4}" y="{y(0):.1f}" font-size="11" text-anchor="end">0</text>')
     parts.append(f'<text x="{_W / 2:.0f}" y="{_H - 6}" font-size="12" text-anchor="middle">{esc(x_label)}</text>')

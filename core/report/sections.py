@@ -16,7 +16,7 @@ from core.errors import DataError, RefineryError
 from core.explain import render
 from core.progress import Monitor
 from core.report.markup import Html, curve_svg, histogram_svg, img, join, number, table, tag, thumbnail_pair
-from core.results import RunResults, confusion_at, judged_samples, score_curves, verdict_agreement
+from core.results import RunResults, confusion_at, judged_samples, score_curves, score_text, verdict_agreement
 
 MAP_UNITS = "feature distance"
 SCALE_TEXT = ("Colour starts at the normal floor (the 99th percentile of the map values of normal, kept images): "
@@ -95,14 +95,14 @@ def scores_section(run: RunResults) -> Html:
     scores = run.samples["anomaly_score"].to_numpy()
     above = int(np.sum(scores > run.threshold))
     text = (f"{above} of {len(scores)} samples ({above / max(1, len(scores)):.1%}) score above the threshold "
-            f"{number(run.threshold)} (red). The threshold {run.threshold_meaning}.")
+            f"{score_text(run.threshold)} (red). The threshold {run.threshold_meaning}.")
     return section("scores", "Scores and threshold", [tag("p", text), histogram_svg(scores, run.threshold)])
 
 
 def sample_calls(run: RunResults, index: int, verdicts: dict) -> list[tuple[str, str]]:
     """What the run and the expert say of sample ``index``: named short texts."""
     row = run.samples.iloc[index]
-    calls = [("rank", f"{row['rank']} of {len(run.samples)}"), ("anomaly_score", number(row["anomaly_score"])),
+    calls = [("rank", f"{row['rank']} of {len(run.samples)}"), ("anomaly_score", score_text(row["anomaly_score"])),
              ("model", "anomaly" if row["is_anomaly"] else "normal"),
              ("refinement", f"removed in round {row['round_removed']}" if row["round_removed"] else "kept")]
     if "label" in row and row["label"] >= 0:
@@ -216,7 +216,7 @@ def verdicts_section(run: RunResults, verdicts: dict) -> Html:
         table(["verdict", *agreement.columns], [(name, *map(int, row)) for name, row in agreement.iterrows()],
               caption="Verdicts against the model's call at the threshold"),
         table(["rank", "id", "verdict", "note", "model", "anomaly_score", "disagrees"],
-              [(row.rank, tag("code", row.id), row.verdict, row.note, row.model, number(row.anomaly_score),
+              [(row.rank, tag("code", row.id), row.verdict, row.note, row.model, score_text(row.anomaly_score),
                 "yes" if row.disagrees else "") for row in judged.itertuples()], caption="Judged samples"),
     ]
     return section("verdicts", "Expert verdicts", content)

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from core.results import ScoreAxis, score_axis
+from core.results import ScoreAxis, score_axis, score_text, tick_text
 
 WEBGL_FROM_POINTS = 2_000
 KEPT_COLOUR, REMOVED_COLOUR = "#2563eb", "#dc2626"
@@ -90,7 +90,7 @@ def score_histogram(
                          xaxis_range=list(span))
     if axis.scale != "linear":
         ticks = _nice_ticks(axis, span)
-        figure.update_xaxes(tickvals=axis.forward(ticks), ticktext=[_tick_text(value) for value in ticks])
+        figure.update_xaxes(tickvals=axis.forward(ticks), ticktext=[tick_text(value) for value in ticks])
     for row, ((name, value), x) in enumerate(zip(lines.items(), line_positions)):
         figure.add_vline(x=x, line_dash="dash" if row else "solid", line_color="#6b7280" if row else "#111827")
         on_right = (x - span[0]) > 0.7 * (span[1] - span[0])  # the label reads away from the plot's edge
@@ -119,19 +119,11 @@ def _nice_ticks(axis: ScoreAxis, span: tuple[float, float]) -> np.ndarray:
     return np.array(sorted(chosen))
 
 
-def score_text(value: float) -> str:
-    """A score or threshold as every page shows it: whole numbers with separators from 1,000 up (1,172),
-    four significant digits below (86.26), so one sample reads the same everywhere."""
-    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
-
-
 def with_score_text(frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` with its ``anomaly_score`` column as :func:`score_text` writes it, for a table on a page."""
     return frame.assign(anomaly_score=frame["anomaly_score"].map(score_text))
 
 
-def _tick_text(value: float) -> str:
-    return f"{value:,.0f}" if value == round(value) and abs(value) < 1e7 else f"{value:.3g}"
 
 
 def vote_bars(
