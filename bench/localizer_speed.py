@@ -150,7 +150,6 @@ def tile_quality(localizer_class, image_scores, load_mtd, make_split, score_maps
     """Pixel AUROC, AUPRO and image AUROC on the quick magnetic-tile split (seed 0) of a memory localizer."""
     import time
 
-    import numpy as np
     from sklearn.metrics import roc_auc_score
 
     dataset, labels = load_mtd()

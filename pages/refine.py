@@ -55,24 +55,6 @@ def method_form(dataset, columns: ColumnChoice, job_running: bool):
     )
 
 
-def job_progress(status) -> None:
-    """The job's progress as a whole (one bar, one ETA), its stage in plain words and that stage's ETA."""
-    if status.state == "queued":
-        st.info(f"**{status.title}** is queued behind another job; it starts when that one finishes.")
-        return
-    left = (f"about {_duration(status.overall_eta_s)} left in all" if status.overall_eta_s is not None
-            else "estimating the time left")
-    whole = status.overall if status.overall is not None else status.fraction
-    st.progress(whole, text=f"**{status.stage_text}**: {left}")
-    stage_left = f"; this step: about {_duration(status.eta_s)} left" if status.eta_s is not None else ""
-    note = f" ({status.message})" if status.message else ""
-    st.caption(f"{status.title}: running for {_duration(status.elapsed_s)}{stage_left}{note}")
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
-
-
 @st.fragment(run_every=services.LIVE_REFRESH_S)
 def live_view(job_id: str) -> None:
     status = services.job_runner().status(job_id)
@@ -80,10 +62,8 @@ def live_view(job_id: str) -> None:
         return
     if not status.active:
         st.rerun()  # the whole page switches to the finished view
-    job_progress(status)
-    if st.button("Cancel", key="cancel_job", icon=":material/stop:"):
-        services.job_runner().cancel(job_id)
-        st.toast("Cancelling at the next batch...")
+    widgets.job_progress(status)
+    widgets.cancel_button(job_id, key="cancel_job")
     dataset = status.outputs.get("dataset")
     if dataset is not None:
         paths = dict(zip(dataset.ids, map(str, dataset.paths or [])))

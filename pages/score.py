@@ -56,21 +56,8 @@ def live_view(job_id: str) -> None:
         return
     if not status.active:
         st.rerun()  # the whole page shows how it ended
-    if status.state == "queued":
-        st.info(f"**{status.title}** is queued behind another job; it starts when that one finishes.")
-        return
-    whole = status.overall if status.overall is not None else status.fraction
-    left = (f"about {_duration(status.overall_eta_s)} left in all" if status.overall_eta_s is not None
-            else "estimating the time left")
-    st.progress(whole, text=f"**{status.stage_text}**: {left}")
-    st.caption(f"{status.title}: running for {_duration(status.elapsed_s)}")
-    if st.button("Cancel", key="cancel_score", icon=":material/stop:"):
-        services.job_runner().cancel(job_id)
-        st.toast("Cancelling at the next batch...")
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+    widgets.job_progress(status)
+    widgets.cancel_button(job_id, key="cancel_score")
 
 
 def finished(status, run_dir: str) -> None:

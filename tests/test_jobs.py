@@ -1,5 +1,6 @@
 """Background jobs: one at a time in submission order, cancel, failures, published outputs, ETA."""
 import dataclasses
+import logging
 import threading
 import time
 
@@ -169,10 +170,14 @@ def test_refinery_error_fails_the_job_with_its_message(runner):
     assert status.result is None and status.finished is not None
 
 
-def test_unexpected_error_fails_the_job_and_the_worker_keeps_running(runner, caplog):
+def test_unexpected_error_fails_the_job_and_the_worker_keeps_running(runner, caplog, monkeypatch):
     def work(context):
         raise ZeroDivisionError("division by zero")
 
+    server_log = logging.getLogger("core.jobs")  # whatever earlier tests in this process did to logging
+    monkeypatch.setattr(server_log, "disabled", False)
+    monkeypatch.setattr(server_log, "propagate", True)
+    caplog.set_level(logging.ERROR, logger="core.jobs")
     status = runner.wait(runner.submit("crash", work), TIMEOUT)
     assert status.state == "failed"
     assert "ZeroDivisionError" in status.message and "division by zero" in status.message

@@ -1,4 +1,4 @@
-"""Reusable page pieces: the error boundary, links between pages, column warnings, thumbnail galleries and the
+"""Reusable page pieces: the error boundary, a background job's progress, links between pages, column warnings, thumbnail galleries and the
 threshold control."""
 from __future__ import annotations
 
@@ -29,6 +29,31 @@ def guarded(body: Callable[[], None]) -> None:
         log.exception("page failed")
         st.error(f"Something went wrong ({type(error).__name__}: {error}). The server log has the details; "
                  "reload the page to start over.")
+
+
+def job_progress(status) -> None:
+    """The job's progress as a whole (one bar, one ETA), its stage in plain words and that stage's ETA."""
+    if status.state == "queued":
+        st.info(f"**{status.title}** is queued behind another job; it starts when that one finishes.")
+        return
+    left = (f"about {_duration(status.overall_eta_s)} left in all" if status.overall_eta_s is not None
+            else "estimating the time left")
+    whole = status.overall if status.overall is not None else status.fraction
+    st.progress(whole, text=f"**{status.stage_text}**: {left}")
+    stage_left = f"; this step: about {_duration(status.eta_s)} left" if status.eta_s is not None else ""
+    note = f" ({status.message})" if status.message else ""
+    st.caption(f"{status.title}: running for {_duration(status.elapsed_s)}{stage_left}{note}")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def cancel_button(job_id: str, key: str) -> None:
+    """A Cancel button for a running job: the job stops at its next batch."""
+    if st.button("Cancel", key=key, icon=":material/stop:"):
+        services.job_runner().cancel(job_id)
+        st.toast("Cancelling at the next batch...")
 
 
 def require_run() -> str | None:
