@@ -140,15 +140,20 @@ def test_memory_is_bounded_by_the_pool_and_the_coreset(synthetic):
     assert small.memory_bank_.shape[0] == math.ceil(0.01 * pool)
 
 
+def contaminated_training(normal: list, folder) -> list:
+    """The normal training images with the first one replaced by a copy carrying a planted square."""
+    contaminated = folder / "contaminated.png"
+    image = np.array(Image.open(normal[0]))
+    plant_square(image, 30, 60, 24, np.random.default_rng(0))
+    Image.fromarray(image).save(contaminated)
+    return [contaminated, *normal[1:]]
+
+
 def test_a_defect_in_one_training_image_does_not_make_itself_normal(synthetic, tmp_path):
     """The same planted square in one training image: plain nearest neighbour learns it as normal,
     the default support_images=2 does not."""
     normal, defective, mask = synthetic
-    contaminated = tmp_path / "contaminated.png"
-    image = np.array(Image.open(normal[0]))
-    plant_square(image, 30, 60, 24, np.random.default_rng(0))
-    Image.fromarray(image).save(contaminated)
-    training = [contaminated, *normal[1:]]
+    training = contaminated_training(normal, tmp_path)
     maps = {support: PatchLocalizer(image_size=SYNTHETIC_SIZE, device="cpu", support_images=support)
             .fit(training).anomaly_maps([defective])[0] for support in (1, 2)}
     assert maps[2][mask].max() > 3.0 * maps[1][mask].max()
@@ -161,11 +166,7 @@ def test_denoising_drops_the_defect_patches_of_a_contaminated_training_image(syn
     without denoising the square is learnt as normal; dropping the most outlying 5 % of the candidate
     patches (the square covers about 2 % of them) removes it from the memory."""
     normal, defective, mask = synthetic
-    contaminated = tmp_path / "contaminated.png"
-    image = np.array(Image.open(normal[0]))
-    plant_square(image, 30, 60, 24, np.random.default_rng(0))
-    Image.fromarray(image).save(contaminated)
-    training = [contaminated, *normal[1:]]
+    training = contaminated_training(normal, tmp_path)
     maps = {share: PatchLocalizer(image_size=SYNTHETIC_SIZE, device="cpu", support_images=1, denoise=share)
             .fit(training).anomaly_maps([defective])[0] for share in (0.0, 0.05)}
     assert maps[0.05][mask].max() > 3.0 * maps[0.0][mask].max()
