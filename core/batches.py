@@ -2,10 +2,10 @@
 
 A batch is new data (a folder, zip or table, or the ``test/`` part of an MVTec folder whose ``train/``
 part the run was fitted on) loaded with the run's column roles and scored by
-:class:`core.run_model.RunModel` exactly as ``refinery score`` does: the same ``score`` call, the same
-``iter_anomaly_maps``, the same CSV and map files. It is saved whole (built in a partial folder, then
-renamed, :func:`core.staging.staged_directory`) under ``<run>/batches/<name>/``
-(:data:`core.run_dir.BATCHES`), so it outlives the studio's process:
+:class:`core.run_model.RunModel` exactly as ``refinery score`` does: the same ``score`` call, maps
+included, the same CSV and map files. It is saved whole (built in a partial folder, then renamed,
+:func:`core.staging.staged_directory`) under ``<run>/batches/<name>/`` (:data:`core.run_dir.BATCHES`),
+so it outlives the studio's process:
 
 ========================= ===================================================================
 ``batch.json``            what it is: name, data source (and MVTec part), fingerprint, kind,
@@ -46,8 +46,8 @@ from core.metrics import DetectionMetrics, detection_metrics
 from core.progress import QUIET, Monitor
 from core.refine import cross_fitted_anomaly_scores
 from core.run_dir import (
-    BATCH_INFO, BATCHES, check_run_dir, new_run_dir, read_batch, read_batch_map, read_config, read_embeddings,
-    read_image_score, read_info, read_samples, write_batch, write_maps,
+    BATCH_INFO, BATCH_MAPS, BATCHES, check_run_dir, new_run_dir, read_batch, read_batch_map, read_config,
+    read_embeddings, read_image_score, read_info, read_samples, write_batch,
 )
 from core.staging import staged_directory
 from core.run_model import RunModel
@@ -121,12 +121,8 @@ def score_batch(run: RunModel, dataset: Dataset, *, name: str = "", part: str | 
     directory = new_run_dir(name or Path(dataset.source).stem or "batch", root=run.run_dir / BATCHES)
     compute = _KeptEmbeddings()
     with staged_directory(directory) as staging:
-        anomaly_maps = None
-        if maps and run.localizer is not None and dataset.kind == IMAGES:
-            anomaly_maps = run.iter_anomaly_maps(dataset, monitor=monitor)
-        scores = run.score(dataset, monitor=monitor, compute=compute)
-        if anomaly_maps is not None:
-            write_maps(anomaly_maps, staging / "maps")
+        with_maps = maps and run.localizer is not None and dataset.kind == IMAGES
+        scores = run.score(dataset, monitor=monitor, compute=compute, maps=staging / BATCH_MAPS if with_maps else None)
         try:
             xy = place_on_layout(run.run_dir, compute.embeddings, monitor=monitor)
         except DataError as error:
@@ -138,7 +134,7 @@ def score_batch(run: RunModel, dataset: Dataset, *, name: str = "", part: str | 
             "data_source": str(dataset.source), "part": part, "fingerprint": dataset.fingerprint,
             "n_samples": len(dataset), "n_flagged": int(scores.is_anomaly.sum()), "threshold": scores.threshold,
             "image_score": run.image_score.used,
-            "maps": anomaly_maps is not None,
+            "maps": with_maps,
             "masks": {i: Path(path).relative_to(dataset.source).as_posix() for i, path in dataset.masks.items()},
             "skipped": [{"name": item.name, "reason": item.reason} for item in dataset.skipped],
         }, scores, {"embeddings": compute.embeddings, "xy": xy})
@@ -326,14 +322,14 @@ def reference_scores(run_dir: Path | str) -> np.ndarray:
 
     Pooled: each kept sample is scored by the run's detector kind fitted on the kept samples of the
     other folds (as the threshold was set, :func:`core.refine.cross_fitted_anomaly_scores`): the saved
-    training scores are in-sample, too normal to compare new data with. Map: the saved training scores,
-    which are out-of-fold already (:func:`core.image_score.out_of_fold_map_scores`).
+    training scores are in-sample, too normal to compare new data with. Map and both: the saved training
+    scores, which are out-of-sample already (:func:`core.image_score.score_training_images`).
     """
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     samples = read_samples(run_dir)
     kept = np.flatnonzero(samples["kept"].to_numpy().astype(bool))
-    if read_image_score(read_info(run_dir)).used == "map":
+    if read_image_score(read_info(run_dir)).used != "pooled":
         return samples["anomaly_score"].to_numpy(dtype=np.float64)[kept]
     train = read_embeddings(run_dir)["train"]
     factory = lambda: make_detector(config.detector, random_state=config.seed)  # noqa: E731

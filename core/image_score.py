@@ -1,8 +1,8 @@
-"""Which score an image's ``anomaly_score`` is: the detector on its pooled embedding, or its localization map.
+"""Which score an image's ``anomaly_score`` is: the pooled embedding's, its localization map's, or both.
 
-``FitConfig.image_score`` asks for ``pooled``, ``map`` or ``auto``; this module decides, computes the
-training images' map scores and says why, and :class:`core.run_model.RunModel` scores new images the
-same way.
+``FitConfig.image_score`` asks for ``pooled``, ``map``, ``both`` or ``auto``; this module resolves it,
+computes the training images' scores and says why, and :class:`core.run_model.RunModel` scores new
+images the same way (:meth:`ImageScoreChoice.combine`).
 
 - **The map score** of an image is the mean of the top :data:`MAP_TOP_SHARE` of its localization map
   at the localizer's working size (:func:`map_scores`; the reduction and share were chosen on the dev
@@ -12,38 +12,38 @@ same way.
   parameters, on the kept images of the *other* :data:`MAP_FOLDS` folds (:func:`out_of_fold_map_scores`,
   the map counterpart of :func:`core.refine.cross_fitted_anomaly_scores`). Every training image,
   kept or removed, is scored by such a fold model, so all training scores share one scale.
-- **Consistency.** With the map score, the contamination estimate (``gamma="auto"``), the threshold
-  (:func:`core.decision.threshold_at`, the same rule as the pooled score's) and ``is_anomaly`` are all
-  computed from these out-of-fold map scores (:func:`score_training_images`); the refinement rounds
-  still vote on pooled embeddings (they decide which images the localizer learns from).
-- **The ``auto`` rule** (:func:`choose_image_score`) asks how much of the variation of the images'
-  patch features is explained by *where* a patch is (:func:`location_share`): near 1 for aligned objects
-  (a bottle, a centred garment), lower for textures, where every location looks alike. A map score
-  fits textures (a defect is a local patch unlike any normal patch, and pooling averages it away);
-  objects keep the pooled score, whose global view also catches anomalies of shape or kind. Below
-  :data:`TEXTURE_CUTOFF` the images count as texture-like and get the map score. Measured on the dev
-  half of ``bench/image_score.py`` (docs/benchmarks.md).
+- **Both.** The mean of the two scores, each standardized by the median and interquartile range of
+  the kept training images' out-of-sample scores (:func:`score_scale`): an image counts as anomalous
+  when either view, or both a little, says so. The scales are saved with the choice.
+- **Consistency.** With the map score or both, the contamination estimate (``gamma="auto"``), the
+  threshold (:func:`core.decision.threshold_at`, the same rule as the pooled score's) and
+  ``is_anomaly`` are all computed from the training images' out-of-sample scores
+  (:func:`score_training_images`); the refinement rounds still vote on pooled embeddings (they decide
+  which images the localizer learns from).
+- **The ``auto`` rule** (:func:`choose_image_score`) takes both wherever a map exists. No label-free
+  statistic we tried told which single score ranks better (``bench/image_score_rules.py``: the share
+  of patch-feature variance explained by location, the rank agreement of the two scores' cross-fitted
+  training scores, how far each lifts the images refinement removed); both was within 0.01 of the
+  better single score on 23 of 26 cases and above both on every magnetic-tile case (docs/benchmarks.md
+  "Issue 18: image scores from maps"). Tables and runs without maps use the pooled score.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
-import torch
 from sklearn.base import clone
 
 from core.config import FitConfig
-from core.data.decode import read_rgb
 from core.decision import RefinedDetector, threshold_at
+from core.detectors import make_detector
 from core.explain.localizer import MapLocalizer, image_scores_from_maps
-from core.explain.patch import patch_features
-from core.models.pretrained import load_backbone
-from core.models.device import resolve_device
 from core.progress import QUIET, Monitor
-from core.refine import assign_folds, contamination_interval, estimate_contamination
+from core.refine import assign_folds, contamination_interval, cross_fitted_anomaly_scores, estimate_contamination
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,6 @@ MAP_TOP_SHARE = 0.01
 """The map score averages this share of an image's highest map values (:data:`MAP_REDUCTION`)."""
 MAP_FOLDS = 2
 """Folds of the out-of-fold map scores: each fold model learns from the kept images of the other folds."""
-TEXTURE_SAMPLE = 32
-"""Training images (seeded draw among the kept ones) whose patch features :func:`location_share` reads."""
-TEXTURE_CUTOFF = 0.6
-"""``auto`` takes the map score when :func:`location_share` is below this (texture-like images)."""
 
 
 @dataclass(frozen=True)
@@ -64,23 +60,33 @@ class ImageScoreChoice:
 
     Attributes
     ----------
-    used : {"pooled", "map"}
-    requested : {"auto", "pooled", "map"}
+    used : {"pooled", "map", "both"}
+    requested : {"auto", "pooled", "map", "both"}
         What the config asked for.
     reason : str
         Why, in words.
-    location_share : float or None
-        The ``auto`` rule's statistic (:func:`location_share`), when it was measured.
+    scales : dict or None
+        With ``both``: ``{"pooled": (median, iqr), "map": (median, iqr)}`` of the kept training images'
+        out-of-sample scores (:func:`score_scale`), which put the two scores on one scale.
     """
 
     used: str
     requested: str
     reason: str
-    location_share: float | None = None
+    scales: dict[str, tuple[float, float]] | None = None
 
     def describe(self) -> str:
-        """``map (auto: ...)`` or ``pooled (asked for)``."""
+        """``both (auto: ...)`` or ``pooled (asked for)``."""
         return f"{self.used} ({self.requested}: {self.reason})" if self.requested == "auto" else f"{self.used} ({self.reason})"
+
+    def combine(self, pooled: np.ndarray, map_score: np.ndarray | None) -> np.ndarray:
+        """The run's ``anomaly_score`` from an image's pooled and map scores (``map_score`` unused, may be
+        None, for ``pooled``)."""
+        if self.used == "pooled":
+            return pooled
+        if self.used == "map":
+            return map_score
+        return 0.5 * (standardized(pooled, self.scales["pooled"]) + standardized(map_score, self.scales["map"]))
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -90,7 +96,9 @@ class ImageScoreChoice:
         """The choice saved in ``run.json``; a run saved before image scores could be chosen used pooled."""
         if not saved:
             return cls("pooled", "pooled", "saved before image scores could be chosen")
-        return cls(**saved)
+        scales = saved.get("scales")
+        return cls(saved["used"], saved["requested"], saved["reason"],
+                   {name: tuple(scale) for name, scale in scales.items()} if scales else None)
 
 
 @dataclass(frozen=True)
@@ -108,9 +116,22 @@ class TrainingScores:
 def map_scores(localizer: MapLocalizer, paths: Sequence[Path | str], monitor: Monitor = QUIET) -> np.ndarray:
     """``(N,) float64`` map score of each image: the top-:data:`MAP_TOP_SHARE` mean of its map at the
     localizer's working size (so the score does not depend on the file's own size)."""
-    size = localizer.image_size
-    return image_scores_from_maps(list(localizer.iter_anomaly_maps(paths, output_size=size, monitor=monitor)),
-                                  MAP_REDUCTION, MAP_TOP_SHARE)
+    scored = iter_scored_maps(localizer, paths, output_size=localizer.image_size, monitor=monitor)
+    return np.array([score for score, _ in scored], dtype=np.float64)
+
+
+def iter_scored_maps(
+    localizer: MapLocalizer, paths: Sequence[Path | str], output_size: int | tuple[int, int] | None = None,
+    monitor: Monitor = QUIET,
+) -> Iterator[tuple[float, np.ndarray]]:
+    """``(map score, (H, W) float32 map)`` per image, lazily, both from one computation of its map.
+
+    The score is :func:`map_scores`'s, taken at the working size; the map is at ``output_size`` (as
+    in :meth:`MapLocalizer.iter_anomaly_maps`; None: the image's own size), for saving or showing.
+    """
+    sizes = (localizer.image_size, output_size)
+    for working, anomaly_map in localizer.iter_anomaly_maps_at(paths, sizes, monitor=monitor):
+        yield float(image_scores_from_maps([working], MAP_REDUCTION, MAP_TOP_SHARE)[0]), anomaly_map
 
 
 def out_of_fold_map_scores(
@@ -139,48 +160,26 @@ def out_of_fold_map_scores(
     return scores
 
 
-@torch.inference_mode()
-def location_share(paths: Sequence[Path | str], config: FitConfig, *, sample: int = TEXTURE_SAMPLE) -> float:
-    """Share of the variance of patch features that the patch's location explains, on a sample of images.
-
-    Patch features are the localizer's (:func:`core.explain.patch.patch_features` of the pretrained
-    ``config.backbone`` at ``config.image_size``) on a seeded draw of ``sample`` of ``paths``. With
-    ``f[i, l]`` the feature of image ``i`` at grid cell ``l`` and ``m`` their mean, the share is
-    ``mean_l |mean_i f[i, l] - m|^2 / mean_{i,l} |f[i, l] - m|^2``: 1 when every image looks the same at a
-    given place but places differ (aligned objects), near ``1 / n_images`` when every place looks alike
-    (stationary textures). Labels play no part.
-    """
-    paths = [Path(p) for p in paths]
-    rng = np.random.default_rng(config.seed)
-    chosen = np.sort(rng.choice(len(paths), min(sample, len(paths)), replace=False))
-    device = resolve_device(config.device)
-    model = load_backbone(config.backbone, config.image_size, device.type, config.weights)
-    total, squares, n = 0.0, 0.0, 0
-    for start in range(0, len(chosen), config.batch_size):
-        pixels = np.stack([read_rgb(paths[i], config.image_size) for i in chosen[start:start + config.batch_size]])
-        features = patch_features(model, model.normalize(torch.from_numpy(pixels)).to(device))
-        features = features.flatten(2).transpose(1, 2).double().cpu()   # (B, L, D)
-        total = total + features.sum(dim=0)
-        squares = squares + float((features ** 2).sum())
-        n += len(features)
-    per_location = total / n                                            # (L, D)
-    grand = per_location.mean(dim=0)
-    overall = float(squares / (n * per_location.shape[0]) - (grand ** 2).sum())
-    between = float(((per_location - grand) ** 2).sum(dim=1).mean())
-    return between / overall if overall > 0 else 1.0
+def score_scale(reference: np.ndarray) -> tuple[float, float]:
+    """``(median, interquartile range)`` of ``reference`` scores; the range is floored at a tiny positive
+    value so that constant scores still give a finite scale."""
+    low, median, high = np.quantile(np.asarray(reference, dtype=np.float64), [0.25, 0.5, 0.75])
+    return float(median), float(max(high - low, 1e-12))
 
 
-def choose_image_score(requested: str, share: float | None) -> ImageScoreChoice:
-    """The image score for ``requested`` (``auto``, ``pooled`` or ``map``; resolve a table's or a map-less
-    run's ``auto`` with :meth:`FitConfig.for_data` first) given the training images' :func:`location_share`
-    (needed for ``auto`` only)."""
+def standardized(scores: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
+    """``scores`` minus the scale's median, over its interquartile range (:func:`score_scale`)."""
+    median, spread = scale
+    return (np.asarray(scores, dtype=np.float64) - median) / spread
+
+
+def choose_image_score(requested: str) -> ImageScoreChoice:
+    """The image score for ``requested`` (``auto``, ``pooled``, ``map`` or ``both``) of a run with maps;
+    resolve a table's or a map-less run's ``auto`` with :meth:`FitConfig.for_data` first."""
     if requested != "auto":
         return ImageScoreChoice(requested, requested, "asked for")
-    texture = share < TEXTURE_CUTOFF
-    reason = (f"patch location explains {share:.0%} of the patch features' variance, "
-              f"{'below' if texture else 'at or above'} {TEXTURE_CUTOFF:.0%}: "
-              f"{'texture-like images' if texture else 'aligned objects'}")
-    return ImageScoreChoice("map" if texture else "pooled", "auto", reason, share)
+    return ImageScoreChoice("both", "auto", "the pooled and the map score together; neither alone is reliably the "
+                            "better one without labels")
 
 
 def score_training_images(
@@ -194,15 +193,18 @@ def score_training_images(
     left out of the threshold, as for the pooled score). ``config.image_score`` must be resolved for
     the data (:meth:`FitConfig.for_data`). With the pooled score, ``model``'s values are returned as they are.
     """
-    share = None
-    if config.image_score == "auto":
-        share = location_share([p for p, keep in zip(paths, model.kept) if keep], config)
-    choice = choose_image_score(config.image_score, share)
+    choice = choose_image_score(config.image_score)
     log.info("image score: %s", choice.describe())
     if choice.used == "pooled":
         return TrainingScores(choice, model.train_score, model.threshold, model.contamination,
                               model.contamination_interval)
     scores = out_of_fold_map_scores(localizer, paths, model.kept, seed=config.seed, monitor=monitor)
+    if choice.used == "both":
+        factory = partial(make_detector, config.detector, random_state=config.seed)
+        pooled = cross_fitted_anomaly_scores(model.embeddings, np.arange(len(paths)), model.kept, factory,
+                                             folds=max(config.ensemble, 2), seed=config.seed)
+        choice = replace(choice, scales={"pooled": score_scale(pooled[model.kept]), "map": score_scale(scores[model.kept])})
+        scores = choice.combine(pooled, scores)
     judged = scores[np.asarray(pinned) != 1]
     contamination, interval = model.contamination, model.contamination_interval
     if config.gamma == "auto":

@@ -21,12 +21,13 @@ from core.explain.attribution import RowExplanation, explain_table_rows
 from core.explain.cutpaste_patch import CutPastePatchLocalizer
 from core.explain.gradcam import ScoreExplainer
 from core.explain.patch import PatchLocalizer
-from core.image_score import map_scores
+from core.image_score import iter_scored_maps, map_scores
 from core.models.pretrained import weights_digest, weights_path
 from core.models.encoder import load_encoder
 from core.progress import QUIET, Monitor
 from core.run_dir import (
     Scores, check_artifacts, read_config, read_embeddings, read_image_score, read_info, saved_column_choice,
+    write_maps,
 )
 
 SCORE_TOLERANCE = 1e-4
@@ -77,21 +78,31 @@ class RunModel:
         """``(K, D) float32``: the embeddings of the kept training samples, read when first needed."""
         return np.asarray(self._train[self._kept])
 
-    def score(self, dataset: Dataset, monitor: Monitor = QUIET, compute: Compute | None = None) -> Scores:
+    def score(self, dataset: Dataset, monitor: Monitor = QUIET, compute: Compute | None = None,
+              maps: Path | str | None = None) -> Scores:
         """Score every sample of ``dataset`` with this run's image score and threshold.
 
         The run's encoder and detector score every sample (``compute`` runs the embedding and scoring;
-        default: this process, chunk by chunk); a run whose image score is ``map``
-        (:attr:`image_score`) then scores each image from its localization map, as its training
-        images were (:func:`core.image_score.map_scores`)."""
+        default: this process, chunk by chunk); a run whose image score is ``map`` or ``both``
+        (:attr:`image_score`) then scores each image from its localization map too, and combines the
+        two as its training images were (:meth:`core.image_score.ImageScoreChoice.combine`).
+        ``maps``: a folder to also write each image's map into, at its own size
+        (:func:`core.run_dir.write_maps`); each map is computed once, for its file and its score.
+        Nothing is written when maps are impossible.
+        """
         if dataset.kind != self.info["kind"]:
             raise DataError(f"this run was fitted on {self.info['kind']} but the data is {dataset.kind}")
+        needs_maps = self.image_score.used != "pooled"
+        if maps is not None or needs_maps:
+            self._check_localizer()
         compute = compute or LocalCompute()
         normality = compute.score_dataset(self.encoder, self.detector, dataset, monitor=monitor)
-        anomaly_score = -np.asarray(normality, dtype=np.float64)
-        if self.image_score.used == "map":
-            self._check_localizer()
-            anomaly_score = map_scores(self.localizer, dataset.paths, monitor=monitor)
+        map_score = None
+        if maps is not None:
+            map_score = self._write_maps(dataset, Path(maps), monitor)
+        elif needs_maps:
+            map_score = map_scores(self.localizer, dataset.paths, monitor=monitor)
+        anomaly_score = self.image_score.combine(-np.asarray(normality, dtype=np.float64), map_score)
         monitor.report("score", len(dataset), len(dataset), "scored")
         return Scores(dataset.ids, anomaly_score, anomaly_score > self.threshold, self.threshold, dataset.labels)
 
@@ -152,6 +163,15 @@ class RunModel:
     def _check_localizer(self) -> None:
         if self.localizer is None:
             raise RunError("this run has no localization model (tables, or fitted with localization 'none')")
+
+    def _write_maps(self, dataset: Dataset, folder: Path, monitor: Monitor) -> np.ndarray:
+        """Write each image's map into ``folder``; return the ``(N,) float64`` map scores of those same maps."""
+        scores = np.empty(len(dataset), dtype=np.float64)
+        scored = iter_scored_maps(self.localizer, dataset.paths, monitor=monitor)
+        for index, (sample_id, (score, anomaly_map)) in enumerate(zip(dataset.ids, scored)):
+            scores[index] = score
+            write_maps([(sample_id, anomaly_map)], folder)
+        return scores
 
     def _explainer(self, method: str) -> ScoreExplainer:
         if self.info["kind"] != IMAGES:

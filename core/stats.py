@@ -305,12 +305,15 @@ def greedy_coreset(
     one-point-at-a-time greedy, up to ties and floating-point rounding.
 
     Computed in the dtype of ``points`` (at least float32), on their device. ``monitor`` gets a
-    ``"coreset"`` report (points selected of ``size``) after every round and is checked for
-    cancellation before the next; a round's cost is about proportional to the points it selects.
+    ``"coreset"`` report (points selected of ``size``) at the start and after every round, and is checked
+    for cancellation before the next; a round's cost is about proportional to the points it selects, so
+    the stage's ETA is paced by rounds from the start (the random first point is not reported alone).
     """
     n = points.shape[0]
     if size >= n:
         return torch.arange(n)
+    note = f"{n} candidate patches"
+    monitor.report("coreset", 0, size, note)
     generator = torch.Generator().manual_seed(seed)
     x = points.to(torch.promote_types(points.dtype, torch.float32))
     if x.shape[1] > projection_dim:
@@ -324,7 +327,8 @@ def greedy_coreset(
     while True:
         selected[done:done + len(picked)] = picked.cpu()
         done += len(picked)
-        monitor.report("coreset", done, size, f"{n} candidate patches")
+        if done > 1 or done == size:  # the random first point alone would pace the stage by its set-up
+            monitor.report("coreset", done, size, note)
         if done == size:
             return selected
         monitor.check()

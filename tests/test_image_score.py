@@ -1,22 +1,26 @@
 """Image scores from maps (core.image_score): each choice through the CLI, out-of-fold training scores,
-`refinery score` computing new images' scores the same way, tables resolving to pooled, the auto rule."""
+both scores standardized and combined the same way at fit and at `refinery score`, each map computed once
+(with or without saving maps), tables resolving to pooled, the auto rule."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
+from core import engine
+from core.batches import load_batch_data, score_batch
 from core.cli import main
 from core.config import FitConfig
 from core.errors import ConfigError
 from core.explain import image_scores_from_maps
-from core.image_score import (
-    MAP_REDUCTION, MAP_TOP_SHARE, TEXTURE_CUTOFF, ImageScoreChoice, choose_image_score, location_share,
-)
+from core.detectors import make_detector
+from core.image_score import MAP_REDUCTION, MAP_TOP_SHARE, ImageScoreChoice, choose_image_score, score_scale
 from core.metrics import detection_metrics
+from core.refine import cross_fitted_anomaly_scores
 from core.run_dir import read_embeddings
 from sample_data import write_digits_table
 
@@ -59,18 +63,6 @@ def write_texture_set(folder, n_normal: int, n_defect: int, seed: int):
     return folder
 
 
-def write_object_set(folder, n: int, seed: int):
-    """An aligned object: a bright disc of slightly varying size in the middle of a dark frame."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:SIDE, 0:SIDE]
-    folder.mkdir(parents=True, exist_ok=True)
-    for index in range(n):
-        radius = rng.uniform(16, 20)
-        disc = ((y - SIDE / 2) ** 2 + (x - SIDE / 2) ** 2 < radius ** 2) * 200 + rng.normal(0, 5, (SIDE, SIDE))
-        Image.fromarray(np.clip(disc + 20, 0, 255).astype(np.uint8)).save(folder / f"{index:03d}.png")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def texture_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("image_score")
@@ -83,7 +75,7 @@ def runs(texture_data, tmp_path_factory):
     train, _ = texture_data
     root = tmp_path_factory.mktemp("runs")
     made = {}
-    for choice in ("pooled", "map", "auto"):
+    for choice in ("pooled", "map", "both"):
         run = root / choice
         code = main(["fit", str(train), "--out", str(run), *FIT, "--image-score", choice])
         assert code == 0
@@ -108,13 +100,34 @@ def test_each_choice_is_saved_and_the_scores_are_that_choice(runs):
     assert metrics.auroc > 0.95, "the planted squares score highest on the map score"
 
 
-def test_auto_picks_the_map_for_a_texture_and_the_cli_says_why(texture_data, tmp_path, capsys):
+def test_both_is_the_mean_of_the_standardized_out_of_sample_scores_at_fit_and_at_score(runs, texture_data, tmp_path):
+    """The `both` run's training scores combine the pooled detector's cross-fitted scores with the map run's
+    out-of-fold map scores on the saved scales (kept images' median and IQR); a new image is scored by the
+    same formula from its pooled and map scores, so training and new scores share one scale."""
+    both, mapped = saved_choice(runs["both"]), pd.read_csv(runs["map"] / "scores.csv")
+    frame, arrays = pd.read_csv(runs["both"] / "scores.csv"), read_embeddings(runs["both"])
+    kept = frame["kept"].to_numpy().astype(bool)
+    pooled = cross_fitted_anomaly_scores(arrays["train"], np.arange(len(frame)), kept,
+                                         lambda: make_detector("gde", random_state=0), folds=3, seed=0)
+    assert both.scales == {"pooled": score_scale(pooled[kept]), "map": score_scale(mapped["anomaly_score"][kept])}
+    np.testing.assert_allclose(frame["anomaly_score"], both.combine(pooled, mapped["anomaly_score"].to_numpy()), rtol=1e-6)
+    labels = frame["id"].str.startswith("defect/").to_numpy().astype(int)
+    assert detection_metrics(labels, frame["anomaly_score"].to_numpy(), frame["is_anomaly"].to_numpy()).auroc > 0.95
+    _, new = texture_data
+    scored = {}
+    for choice in ("pooled", "map", "both"):
+        assert main(["score", str(runs[choice]), str(new), "--out", str(tmp_path / f"{choice}.csv")]) == 0
+        scored[choice] = pd.read_csv(tmp_path / f"{choice}.csv")["anomaly_score"].to_numpy()
+    np.testing.assert_allclose(scored["both"], both.combine(scored["pooled"], scored["map"]), rtol=1e-6)
+
+
+def test_auto_takes_both_and_the_cli_says_why(runs, texture_data, tmp_path, capsys):
     train, _ = texture_data
     assert main(["fit", str(train), "--out", str(tmp_path / "run"), *FIT]) == 0
-    out = capsys.readouterr().out
     choice = saved_choice(tmp_path / "run")
-    assert choice.requested == "auto" and choice.used == "map" and choice.location_share < TEXTURE_CUTOFF
-    assert f"image score: {choice.describe()}" in out and "texture-like" in out
+    assert choice.requested == "auto" and choice.used == "both"
+    assert f"image score: {choice.describe()}" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "run" / "scores.csv"), pd.read_csv(runs["both"] / "scores.csv"))
 
 
 def test_training_map_scores_are_out_of_fold(runs, texture_data, tmp_path):
@@ -161,24 +174,53 @@ def test_refinery_score_computes_new_scores_from_the_maps(runs, texture_data, tm
     assert not np.allclose(pd.read_csv(pooled)["anomaly_score"], scores["anomaly_score"])
 
 
+def test_scoring_with_maps_computes_each_map_once_and_keeps_the_scores(runs, texture_data, tmp_path, monkeypatch):
+    """`refinery score --maps` and a Score page batch of a map run compute each image's map once, for its file
+    and its score, and score exactly as `refinery score` without maps; also for images whose own size is
+    not the localizer's working size."""
+    _, new = texture_data
+    images = tmp_path / "resized"
+    for path in sorted(new.rglob("*.png")):
+        (images / path.parent.name).mkdir(parents=True, exist_ok=True)
+        Image.open(path).resize((SIDE + 8, SIDE - 8)).save(images / path.parent.name / path.name)
+    run = shutil.copytree(runs["map"], tmp_path / "run")
+    opened = engine.open_run(run)
+    computed = []
+    original = type(opened.localizer)._map_batches
+
+    def counted(self, paths, stage, monitor):
+        for sizes, maps in original(self, paths, stage, monitor):
+            computed.extend(sizes)
+            yield sizes, maps
+
+    monkeypatch.setattr(type(opened.localizer), "_map_batches", counted)
+    n_images = len(list(images.rglob("*.png")))
+    plain, with_maps, maps = tmp_path / "plain.csv", tmp_path / "maps.csv", tmp_path / "maps"
+    assert main(["score", str(run), str(images), "--out", str(plain)]) == 0
+    assert len(computed) == n_images
+    assert main(["score", str(run), str(images), "--out", str(with_maps), "--maps", str(maps)]) == 0
+    assert len(computed) == 2 * n_images, "each map is computed once with --maps"
+    assert with_maps.read_text() == plain.read_text()
+    assert {np.load(path).shape for path in maps.rglob("*.npy")} == {(SIDE - 8, SIDE + 8)}
+    batch = score_batch(opened, load_batch_data(images, opened.column_choice()))
+    assert len(computed) == 3 * n_images, "each map is computed once on the Score page"
+    assert (batch.directory / "scores.csv").read_text() == plain.read_text()
+
+
 def test_tables_resolve_to_pooled_and_refuse_the_map(tmp_path, capsys):
     table = write_digits_table(tmp_path / "digits.csv")
     assert main(["fit", str(table), "--out", str(tmp_path / "run")]) == 0
     assert saved_choice(tmp_path / "run").used == "pooled"
     assert "image score pooled" in capsys.readouterr().out
-    assert main(["fit", str(table), "--out", str(tmp_path / "map"), "--image-score", "map"]) == 1
-    assert "image_score 'map'" in capsys.readouterr().err
+    for asked in ("map", "both"):
+        assert main(["fit", str(table), "--out", str(tmp_path / asked), "--image-score", asked]) == 1
+        assert f"image_score '{asked}'" in capsys.readouterr().err
     assert FitConfig(image_score="auto", localization="none").for_data("images").image_score == "pooled"
     with pytest.raises(ConfigError, match="localization is 'none'"):
-        FitConfig(image_score="map", localization="none").validate()
+        FitConfig(image_score="both", localization="none").validate()
 
 
-def test_auto_rule_on_constructed_cases(texture_data, tmp_path):
-    train, _ = texture_data
-    config = FitConfig(image_size=SIDE, device="cpu")
-    texture = location_share(sorted((train / "good").glob("*.png")), config)
-    aligned = location_share(sorted(write_object_set(tmp_path / "discs", 24, seed=0).glob("*.png")), config)
-    assert texture < TEXTURE_CUTOFF <= aligned
-    assert choose_image_score("auto", texture).used == "map"
-    assert choose_image_score("auto", aligned).used == "pooled"
-    assert choose_image_score("pooled", texture).used == "pooled" and choose_image_score("map", aligned).used == "map"
+def test_choose_image_score_takes_what_is_asked_and_both_for_auto():
+    assert choose_image_score("auto").used == "both"
+    assert [choose_image_score(asked).used for asked in ("pooled", "map", "both")] == ["pooled", "map", "both"]
+    assert ImageScoreChoice.from_dict(None).used == "pooled", "runs saved before the choice used the pooled score"

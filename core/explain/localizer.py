@@ -82,13 +82,26 @@ class MapLocalizer(BaseEstimator):
         ------
         (H, W) float32 array, finite and >= 0; higher = more anomalous, unnormalised.
         """
+        for (anomaly_map,) in self.iter_anomaly_maps_at(paths, [output_size], monitor):
+            yield anomaly_map
+
+    def iter_anomaly_maps_at(
+        self,
+        paths: Sequence[Path | str],
+        output_sizes: Sequence[int | tuple[int, int] | None],
+        monitor: Monitor = QUIET,
+    ) -> Iterator[tuple[np.ndarray, ...]]:
+        """Yield each image's map at every size of ``output_sizes``, all resized from one computation of it.
+
+        Each size is an ``output_size`` of :meth:`iter_anomaly_maps`; one tuple of ``(H, W) float32``
+        arrays per image, in that order. A score taken at the working size and a map kept at the
+        image's own size thus cost one map (:func:`core.image_score.iter_scored_maps`).
+        """
         self._check_fitted()
-        if isinstance(output_size, int):
-            output_size = (output_size, output_size)
+        output_sizes = [(size, size) if isinstance(size, int) else size for size in output_sizes]
         for sizes, maps in self._map_batches([Path(p) for p in paths], "maps", monitor):
             for anomaly_map, size in zip(maps, sizes):
-                height, width = output_size or size
-                yield resize_map(anomaly_map, height, width)
+                yield tuple(resize_map(anomaly_map, *(output_size or size)) for output_size in output_sizes)
 
     def anomaly_maps(
         self,
