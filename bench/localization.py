@@ -33,7 +33,7 @@ Speed: maps for 100 test images as a multiple of plain scoring (``ImageEncoder.e
 
 Issue 18 (``--explore``): each variant of ``ISSUE18_VARIANTS`` (``--variants``: PatchLocalizer options
 for the feature layers, the neighbourhood, the smoothing sigma, the resolution, the method and the
-patch-level denoising) is fitted clean and contaminated (10% planted, STOC-refined) on one
+patch-level denoising; ``border_gain: False`` drops the localizer's border gain) is fitted clean and contaminated (10% planted, STOC-refined) on one
 magnetic-tile split (``--seeds``' first) and on bottle (``--bottle-train`` train/good images; its test
 minus the planted ones; image AUROC only, bottle has no masks); both protocols are scored on the same
 test images. The dev set is the ``--quick`` magnetic-tile split of seed 0; seed 1 and bottle confirm.
@@ -80,6 +80,7 @@ from core.config import FitConfig
 from core.data import IMAGES, anomaly_count, load_image_folder
 from core.engine import refine_and_fit
 from core.explain import PatchLocalizer, image_scores_from_maps
+from core.explain.smoothing import resize_map
 from core.models.pretrained import load_backbone
 from core.models.image_encoder import ImageEncoder
 from core.pixel_metrics import PixelMetricAccumulator
@@ -95,6 +96,7 @@ PATCH_VARIANTS = {       # report name -> PatchLocalizer options (--maps picks s
 }
 ISSUE18_VARIANTS = {     # --explore: report name -> PatchLocalizer options tried for issue 18 (sharper maps, denoising)
     "default": {},
+    "no border gain": {"border_gain": False},                            # maps as before the border gain
     "layers stride8+16": {"layers": ("stride8", "stride16")},           # the default before issue 18
     "sigma 2": {"sigma": 2.0},
     "sigma 8": {"sigma": 8.0},
@@ -184,8 +186,18 @@ class MapScores:
     image_topk: np.ndarray
 
 
-def score_maps(maps: Iterable[np.ndarray], dataset, test: np.ndarray, paired: np.ndarray) -> MapScores:
-    """Stream maps (in ``test`` order) into pixel metrics; image scores from each map."""
+def weighed(anomaly_map: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """``anomaly_map`` times a localizer's ``score_weights`` resized to it (as the run's map score reads a
+    map; None: the map as it is)."""
+    if weights is None:
+        return anomaly_map
+    return anomaly_map * resize_map(torch.from_numpy(weights), *anomaly_map.shape)
+
+
+def score_maps(maps: Iterable[np.ndarray], dataset, test: np.ndarray, paired: np.ndarray,
+               weights: np.ndarray | None = None) -> MapScores:
+    """Stream maps (in ``test`` order) into pixel metrics; image scores from each map, read through a
+    localizer's score ``weights`` when given (:func:`weighed`)."""
     classes = [c for c in DEFECT_CLASSES if any(dataset.ids[i].startswith(c + "/") for i in test)]
     full, subset, without_uneven = PixelMetricAccumulator(), PixelMetricAccumulator(), PixelMetricAccumulator()
     by_class = {c: PixelMetricAccumulator() for c in classes}
@@ -200,8 +212,8 @@ def score_maps(maps: Iterable[np.ndarray], dataset, test: np.ndarray, paired: np
             without_uneven.update(anomaly_map, mask)
         for name in classes if kind == "MT_Free" else [kind]:
             by_class[name].update(anomaly_map, mask)
-        image_max.append(image_scores_from_maps([anomaly_map], "max")[0])
-        image_topk.append(image_scores_from_maps([anomaly_map], "topk_mean", TOPK_FRACTION)[0])
+        image_max.append(image_scores_from_maps([weighed(anomaly_map, weights)], "max")[0])
+        image_topk.append(image_scores_from_maps([weighed(anomaly_map, weights)], "topk_mean", TOPK_FRACTION)[0])
     return MapScores(full.result(), subset.result(), {c: a.result() for c, a in by_class.items()},
                      without_uneven.result(), np.array(image_max), np.array(image_topk))
 
@@ -263,7 +275,8 @@ def run_seed(dataset, labels, split: Split, seed: int, args, cache: ImageEmbeddi
                     model = PatchLocalizer(**options, image_size=args.image_size, batch_size=args.batch_size,
                                            seed=seed).fit(train_paths)
                 with timed() as map_time:
-                    scores = score_maps(model.iter_anomaly_maps(test_paths), dataset, split.test, split.paired)
+                    scores = score_maps(model.iter_anomaly_maps(test_paths), dataset, split.test, split.paired,
+                                        model.score_weights())
             out["maps"][(name, protocol)] = scores
             out["fit"][(name, protocol)] = (fit_time.seconds, map_time.seconds / len(test_paths),
                                             _bank_size(model), memory.peak_mb - memory.before_mb)
@@ -383,13 +396,17 @@ def explore(args, dataset, labels, cache: ImageEmbeddingCache, config: FitConfig
             data, truth = sets[set_name][:2]
             progress(f"{name}: {set_name} {protocol} ({len(train_paths)} images)")
             options = {"image_size": args.image_size, **ISSUE18_VARIANTS[name]}
+            gain = options.pop("border_gain", True)
             model = PatchLocalizer(**options, batch_size=args.batch_size, seed=seed).fit(train_paths)
+            if not gain:
+                model.border_gain_ = None
             maps = model.iter_anomaly_maps([data.paths[i] for i in test])
             if set_name == "MT":
-                scores = score_maps(maps, data, test, np.ones(len(test), dtype=bool))
+                scores = score_maps(maps, data, test, np.ones(len(test), dtype=bool), model.score_weights())
                 row += [scores.pixel_all.auroc, scores.pixel_all.aupro, auroc(truth[test], scores.image_topk)]
             else:
-                topk = image_scores_from_maps(list(maps), "topk_mean", TOPK_FRACTION)
+                topk = image_scores_from_maps([weighed(m, model.score_weights()) for m in maps], "topk_mean",
+                                              TOPK_FRACTION)
                 row.append(auroc(truth[test], topk))
             progress(f"  {', '.join(f'{value:.3f}' for value in row[1:])}")
         rows.append(row)

@@ -5,8 +5,9 @@ computes the training images' scores and says why, and :class:`core.run_model.Ru
 images the same way (:meth:`ImageScoreChoice.combine`).
 
 - **The map score** of an image is the mean of the top :data:`MAP_TOP_SHARE` of its localization map
-  at the localizer's working size (:func:`map_scores`; the reduction and share were chosen on the dev
-  half of ``bench/image_score.py``, docs/benchmarks.md "Issue 18").
+  at the localizer's working size, its border rings weighed down where normal maps run hot there
+  (:meth:`core.explain.localizer.MapLocalizer.score_weights`; :func:`map_scores`; the reduction and share
+  were chosen on the dev half of ``bench/image_score.py``, docs/benchmarks.md "Issue 18").
 - **Out of fold.** A training image kept by refinement is in the final localizer's normal patches,
   so the final map of it is too low. Its score instead comes from a localizer fitted, with the same
   parameters, on the kept images of the *other* :data:`MAP_FOLDS` folds (:func:`out_of_fold_map_scores`,
@@ -115,7 +116,8 @@ class TrainingScores:
 
 def map_scores(localizer: MapLocalizer, paths: Sequence[Path | str], monitor: Monitor = QUIET) -> np.ndarray:
     """``(N,) float64`` map score of each image: the top-:data:`MAP_TOP_SHARE` mean of its map at the
-    localizer's working size (so the score does not depend on the file's own size)."""
+    localizer's working size (so the score does not depend on the file's own size), weighed by the
+    localizer's :meth:`~core.explain.localizer.MapLocalizer.score_weights`."""
     scored = iter_scored_maps(localizer, paths, output_size=localizer.image_size, monitor=monitor)
     return np.array([score for score, _ in scored], dtype=np.float64)
 
@@ -129,9 +131,9 @@ def iter_scored_maps(
     The score is :func:`map_scores`'s, taken at the working size; the map is at ``output_size`` (as
     in :meth:`MapLocalizer.iter_anomaly_maps`; None: the image's own size), for saving or showing.
     """
-    sizes = (localizer.image_size, output_size)
+    sizes, weights = (localizer.image_size, output_size), localizer.score_weights()
     for working, anomaly_map in localizer.iter_anomaly_maps_at(paths, sizes, monitor=monitor):
-        yield float(image_scores_from_maps([working], MAP_REDUCTION, MAP_TOP_SHARE)[0]), anomaly_map
+        yield float(image_scores_from_maps([working * weights], MAP_REDUCTION, MAP_TOP_SHARE)[0]), anomaly_map
 
 
 def out_of_fold_map_scores(

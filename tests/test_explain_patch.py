@@ -13,6 +13,7 @@ from sklearn.exceptions import NotFittedError
 from core.errors import Cancelled, ConfigError
 from core.explain import PatchLocalizer, image_scores_from_maps
 from core.explain.denoise import denoised_candidates
+from core.explain.localizer import border_gain, ring_values
 from core.explain.smoothing import gaussian_blur
 from core.progress import CancelToken, Monitor
 
@@ -125,6 +126,47 @@ def test_save_load_round_trip_gives_the_same_maps(fitted, synthetic, tmp_path, m
     assert loaded.get_params() == fitted[method].get_params()
     assert loaded.display_scale_ == fitted[method].display_scale_
     np.testing.assert_array_equal(loaded.anomaly_maps([defective])[0], fitted[method].anomaly_maps([defective])[0])
+    torch.testing.assert_close(loaded.border_gain_, fitted[method].border_gain_)
+
+
+def test_a_run_saved_before_the_border_gain_loads_without_one(fitted, synthetic, tmp_path):
+    """Its map scores stay those it was fitted with: no gain (weights all ones); its maps are unchanged."""
+    from core.arrays import read_arrays, write_arrays
+    _, defective, _ = synthetic
+    fitted["memory"].save(tmp_path)
+    arrays = read_arrays(tmp_path / "patch_localizer.safetensors")
+    write_arrays(tmp_path / "patch_localizer.safetensors", {k: v for k, v in arrays.items() if k != "border_gain"})
+    old = PatchLocalizer.load(tmp_path)
+    assert old.border_gain_ is None and np.all(old.score_weights() == 1.0)
+    np.testing.assert_array_equal(old.anomaly_maps([defective])[0], fitted["memory"].anomaly_maps([defective])[0])
+
+
+def test_border_gain_cools_a_hot_border_and_leaves_a_cool_one():
+    size = 32
+    rings = ring_values(torch.arange((size + 1) // 2, dtype=torch.float32), size)   # each pixel's distance to the edge
+    hot = torch.stack([10.0 + 5.0 * torch.exp(-rings / 2.0) + 0.1 * k for k in range(4)])   # normal maps hot at the edge
+    gain = border_gain(hot)
+    assert gain[0] < 0.8 and torch.all(gain <= 1.0) and torch.all(gain[-4:] == 1.0)
+    assert torch.all(gain[1:] >= gain[:-1]), "the hotter the ring, the lower its gain"
+    evened = hot[-1] * ring_values(gain, size)
+    assert evened.max() / evened.min() < 1.01, "after the gain, the hottest normal map is flat"
+    cool = torch.stack([10.0 - 5.0 * torch.exp(-rings / 3.0)] * 3)                  # a dark frame around an object
+    assert torch.all(border_gain(cool) == 1.0), "a cool border is never amplified"
+
+
+def test_the_map_score_of_normal_images_is_not_read_from_the_border(synthetic, fitted):
+    """Held-out normal maps peak in the outer ring (the padded border patches); weighed by the localizer's
+    score weights, fewer of their peaks lie there, and the weights only ever lower a value."""
+    normal, _, _ = synthetic
+    size = SYNTHETIC_SIZE
+    outer = (ring_values(torch.arange((size + 1) // 2, dtype=torch.float32), size) < size // 8).numpy()
+    localizer = clone(fitted["memory"]).fit(normal[:12])
+    maps = localizer.anomaly_maps(normal[12:], output_size=size)
+    weights = localizer.score_weights()
+    assert weights.shape == (size, size) and weights.max() <= 1.0 and weights[outer].min() < 1.0
+    raw = np.mean([outer.flat[int(np.argmax(m))] for m in maps])
+    weighed = np.mean([outer.flat[int(np.argmax(m * weights))] for m in maps])
+    assert raw > outer.mean() and weighed < raw
 
 
 def test_memory_is_bounded_by_the_pool_and_the_coreset(synthetic):
@@ -274,3 +316,10 @@ def test_planted_square_on_a_real_bottle_image(shared_data, tmp_path, method):
     assert mask[np.unravel_index(np.argmax(anomaly_map), anomaly_map.shape)]
     assert iou_at_true_area(anomaly_map, mask) > 0.4       # chance is about 0.01
     assert anomaly_map.max() > 1.5 * untouched.max()
+
+
+def test_a_gaussian_fit_larger_than_free_memory_is_refused_before_it_starts(synthetic, monkeypatch):
+    normal, _, _ = synthetic
+    monkeypatch.setattr("core.explain.patch.available_memory_bytes", lambda: 2**20)   # 1 MiB free
+    with pytest.raises(ConfigError, match="localization 'gaussian' needs about .* GiB .* use localization 'memory'"):
+        PatchLocalizer("gaussian", image_size=SYNTHETIC_SIZE, device="cpu").fit(normal)

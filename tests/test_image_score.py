@@ -161,7 +161,8 @@ def test_refinery_score_computes_new_scores_from_the_maps(runs, texture_data, tm
     scores_csv, maps = tmp_path / "s.csv", tmp_path / "maps"
     assert main(["score", str(runs["map"]), str(new), "--out", str(scores_csv), "--maps", str(maps)]) == 0
     scores = pd.read_csv(scores_csv)
-    from_maps = image_scores_from_maps([np.load(maps / f"{i[:-4]}.npy") for i in scores["id"]],
+    weights = engine.open_run(runs["map"]).localizer.score_weights()     # the images are at the working size
+    from_maps = image_scores_from_maps([np.load(maps / f"{i[:-4]}.npy") * weights for i in scores["id"]],
                                        MAP_REDUCTION, MAP_TOP_SHARE)
     np.testing.assert_allclose(scores["anomaly_score"], from_maps, rtol=1e-6)
     threshold = json.loads((runs["map"] / "run.json").read_text())["threshold"]

@@ -273,7 +273,7 @@ class CutPastePatchLocalizer(MapLocalizer):
         self._fit_gaussian(images, rng, monitor)
         self.n_train_images_ = len(fitted)
         self.grid_shape_ = (patch_grid(self.image_size, self.patch_size, self.stride)[0],) * 2
-        self.display_scale_ = self._display_scale(holdout or fitted, rng, monitor)
+        self._calibrate(holdout or fitted, rng, monitor)
         log.info("CutPaste patch model fitted on %d images (%d patches) in %.1f s; "
                  "display scale %.4g from %d %s images",
                  len(fitted), self.n_fit_patches_, time.perf_counter() - started, self.display_scale_,

@@ -1,15 +1,14 @@
-"""What every patch-level localizer shares: maps at each image's own size, the display scale, normalising,
-parameter checking, the saved files, and image-level scores from maps.
+"""What every patch-level localizer shares: maps at each image's own size, the border gain and the display
+scale, normalising, parameter checking, the saved files, and image-level scores from maps.
 
-A localizer subclasses :class:`MapLocalizer`, a scikit-learn ``BaseEstimator``: ``__init__`` only
-stores its parameters, fitted state ends in ``_``. It provides
-
-- ``_param_constraints``: the allowed values of its parameters (:mod:`core.params`), checked at fit
-  and at load;
-- ``_map_batches(paths, stage, monitor)``: yields ``(original (H, W) sizes, (B, S, S) maps)`` per
-  batch of images at its working size ``S``;
-- ``_array_names()`` and the ``_state_file`` / ``_arrays_file`` / ``_state_format`` it is saved in
-  (its ``save`` and ``load`` go through :meth:`MapLocalizer._save_state` and ``_load_state``).
+**Border gain of the map score.** Patches at an image's edge see the backbone's zero padding, so their
+features vary more than inner ones and lie farther from the normal patches: normal maps run hot along
+the border (on the granite demo every normal map peaked within 16 px of it), and a map score that
+reads a map's highs (``core.image_score``) then ranks images by their borders. At fit, the held-out
+normal maps give the highs of the map values at each distance from the edge (:func:`border_gain`); a
+border ring whose highs are above the inner half's is scaled down to them, for the map score only
+(:meth:`MapLocalizer.score_weights`): the maps themselves stay as computed, since real defects also
+sit at edges (magnetic tiles' breaks and frays).
 """
 from __future__ import annotations
 
@@ -35,6 +34,10 @@ DISPLAY_SAMPLE = 16384
 """Map values drawn per held-out image when estimating the display scale."""
 
 REDUCTIONS = ("max", "topk_mean")
+BORDER_QUANTILE = 0.99
+"""The highs of normal map values that :func:`border_gain` evens out across the distances to the edge (the
+map score reads the top 1%, ``core.image_score.MAP_TOP_SHARE``; chosen on the granite demo and the tiles'
+dev split, docs/benchmarks.md "Issue 18: the border gain")."""
 
 
 class MapLocalizer(BaseEstimator):
@@ -158,17 +161,25 @@ class MapLocalizer(BaseEstimator):
             return 0
         return int(min(max(1, round(self.display_holdout * n)), 100, n - 2))
 
-    def _display_scale(self, paths: list[Path], rng: np.random.Generator, monitor: Monitor) -> float:
-        """The ``display_quantile`` of the map values of ``paths`` (held-out normal images)."""
+    def score_weights(self) -> np.ndarray:
+        """``(S, S) float32`` weights a working-size map is multiplied by before a map score reads it: the
+        border gain (:func:`border_gain`) on each pixel's ring; all ones for a localizer saved before it."""
+        self._check_fitted()
+        return ring_values(self.border_gain_, self.image_size).numpy()
+
+    def _calibrate(self, paths: list[Path], rng: np.random.Generator, monitor: Monitor) -> None:
+        """Set ``display_scale_``, the ``display_quantile`` of the map values of ``paths`` (held-out normal
+        images), and ``border_gain_`` (:func:`border_gain`) from the same maps, computed once."""
+        maps = torch.cat([batch.float().cpu() for _, batch in self._map_batches(paths, "display_scale", monitor)])
+        self.border_gain_ = border_gain(maps)
         samples = []
-        for _, maps in self._map_batches(paths, "display_scale", monitor):
-            for anomaly_map in maps.cpu().numpy():
-                values = anomaly_map.ravel()
-                if values.size > DISPLAY_SAMPLE:
-                    values = values[rng.choice(values.size, DISPLAY_SAMPLE, replace=False)]
-                samples.append(values)
+        for anomaly_map in maps.numpy():
+            values = anomaly_map.ravel()
+            if values.size > DISPLAY_SAMPLE:
+                values = values[rng.choice(values.size, DISPLAY_SAMPLE, replace=False)]
+            samples.append(values)
         scale = float(np.quantile(np.concatenate(samples), self.display_quantile))
-        return scale if scale > 0 and np.isfinite(scale) else 1.0
+        self.display_scale_ = scale if scale > 0 and np.isfinite(scale) else 1.0
 
     def _array_names(self) -> tuple[str, ...]:
         """The fitted tensors :meth:`save` writes to the arrays file: attribute names without the ``_``."""
@@ -182,7 +193,7 @@ class MapLocalizer(BaseEstimator):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         write_arrays(directory / self._arrays_file,
-                     {name: getattr(self, f"{name}_").cpu().numpy() for name in self._array_names()})
+                     {name: getattr(self, f"{name}_").cpu().numpy() for name in (*self._array_names(), "border_gain")})
         write_json(directory / self._state_file, {
             "format": self._state_format,
             "params": self.get_params(),
@@ -220,11 +231,51 @@ class MapLocalizer(BaseEstimator):
             raise RunError(f"{arrays_path} lacks {', '.join(missing)}; fit and save again")
         for name in localizer._array_names():
             setattr(localizer, f"{name}_", torch.from_numpy(arrays[name].copy()))
+        # Saved before the border gain existed: no gain, the map scores those runs were fitted with.
+        localizer.border_gain_ = torch.from_numpy(arrays["border_gain"].copy()) if "border_gain" in arrays else None
         localizer.grid_shape_ = tuple(state["grid_shape"])
         localizer.n_features_ = int(state["n_features"])
         localizer.n_train_images_ = int(state["n_train_images"])
         localizer.display_scale_ = float(state["display_scale"])
         return localizer, state
+
+
+def ring_index(size: int) -> torch.Tensor:
+    """``(size, size) int64``: each pixel's distance in pixels to the nearest edge of a square map."""
+    steps = torch.arange(size)
+    to_edge = torch.minimum(steps, size - 1 - steps)
+    return torch.minimum(to_edge[:, None], to_edge[None, :])
+
+
+def border_gain(maps: torch.Tensor) -> torch.Tensor:
+    """``((size + 1) // 2,) float32`` gain per distance to the edge, from ``(N, size, size)`` normal maps.
+
+    With ``h[k]`` the :data:`BORDER_QUANTILE` of the maps' values at distance ``k`` from the edge and
+    ``r`` the median of ``h`` over the inner half of the distances, the gain of the outer quarter's rings
+    is ``min(1, r / h[k])`` (1 inside): a border ring whose normal highs are higher than the inside's is
+    scaled down to them; a cooler one (a dark background around an object) is left as it is. The highs, not the means, are evened out, because
+    the highs are what a map's peak and its image score read.
+    """
+    size = maps.shape[-1]
+    rings = ring_index(size).flatten()
+    values = maps.double().flatten(1)
+    highs = torch.stack([torch.quantile(values[:, rings == k].flatten(), BORDER_QUANTILE)
+                         for k in range((size + 1) // 2)])
+    reference = highs[size // 4:].median()
+    gain = torch.ones((size + 1) // 2, dtype=torch.float64)
+    if reference > 0:
+        outer = torch.arange(len(gain)) < size // 4
+        gain = torch.where(outer & (highs > reference), reference / highs, gain)
+    return gain.float()
+
+
+def ring_values(gain: torch.Tensor | None, size: int) -> torch.Tensor:
+    """``(size, size)`` map of ``gain`` (:func:`border_gain`) spread over each pixel's ring; all ones for no gain."""
+    if gain is None:
+        return torch.ones(size, size)
+    if len(gain) != (size + 1) // 2:
+        raise RunError(f"the border gain has {len(gain)} rings; a {size}-pixel map needs {(size + 1) // 2}")
+    return gain[ring_index(size)]
 
 
 def image_scores_from_maps(

@@ -59,10 +59,11 @@ import torch.nn.functional as F
 
 from core.config import BACKBONES
 from core.data.decode import image_shape, read_rgb
-from core.errors import DataError, RunError
+from core.errors import ConfigError, DataError, RunError
 from core.explain.denoise import denoised_candidates
 from core.explain.localizer import MapLocalizer
 from core.explain.smoothing import DEFAULT_SIGMA, upsample_and_smooth
+from core.models.device import available_memory_bytes
 from core.models.pretrained import load_backbone
 from core.params import Interval, Options, TupleOf
 from core.progress import QUIET, Monitor
@@ -112,6 +113,22 @@ def patch_features(model, images: torch.Tensor, layers: Sequence[str] = PATCH_LA
     pooled = [m if m.shape[-2:] == grid else F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
               for m in pooled]
     return torch.cat(pooled, dim=1).float()
+
+
+GAUSSIAN_PEAK_COPIES = 3
+"""Float64 ``(L, D, D)`` arrays a ``gaussian`` fit holds at once at its peak (sums, shrunk covariance, inverse)."""
+
+
+def check_gaussian_memory(n_cells: int, n_features: int) -> None:
+    """Refuse, before allocating, a ``gaussian`` fit (one ``D x D`` covariance per grid cell) that would not fit
+    in the memory the machine has free, with what to change instead of an out-of-memory kill."""
+    needed = GAUSSIAN_PEAK_COPIES * 8 * n_cells * n_features ** 2
+    free = available_memory_bytes()
+    if free is not None and needed > free:
+        raise ConfigError(
+            f"localization 'gaussian' needs about {needed / 2**30:.1f} GiB here ({n_cells} patch locations, each with "
+            f"a {n_features} x {n_features} covariance) but {free / 2**30:.1f} GiB is free; use localization "
+            "'memory', a smaller image size, or a backbone with fewer channels")
 
 
 # ----------------------------------------------------------------------------- the localizer
@@ -296,7 +313,7 @@ class PatchLocalizer(MapLocalizer):
         else:
             self._fit_memory(train, rng, monitor)
         self.n_train_images_ = len(train)
-        self.display_scale_ = self._display_scale(holdout or train, rng, monitor)
+        self._calibrate(holdout or train, rng, monitor)
         log.info("patch model (%s) fitted on %d images in %.1f s; display scale %.4g from %d %s images",
                  self.method, len(train), time.perf_counter() - started, self.display_scale_,
                  len(holdout or train), "held-out" if holdout else "training")
@@ -307,6 +324,7 @@ class PatchLocalizer(MapLocalizer):
         moments = None
         for _, features in self._feature_batches(paths, "patch_fit", monitor):
             if moments is None:
+                check_gaussian_memory(features.shape[1], features.shape[2])
                 moments = CellMoments(features.shape[1], features.shape[2])
             moments.update(features)
         mean, covariance = moments.mean_and_covariance()

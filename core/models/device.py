@@ -1,4 +1,4 @@
-"""Choosing the torch device a step runs on."""
+"""Choosing the torch device a step runs on, and how much memory the machine has free."""
 from __future__ import annotations
 
 import torch
@@ -19,3 +19,15 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise ConfigError(f"device must be one of auto, cpu, cuda; got {name!r}")
     return torch.device(name)
+
+
+def available_memory_bytes() -> int | None:
+    """Bytes of memory the machine can still give a process (Linux ``MemAvailable``); None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
