@@ -247,19 +247,19 @@ def ring_index(size: int) -> torch.Tensor:
     return torch.minimum(to_edge[:, None], to_edge[None, :])
 
 
-def border_gain(maps: torch.Tensor) -> torch.Tensor:
+def border_gain(maps: torch.Tensor, quantile: float = BORDER_QUANTILE) -> torch.Tensor:
     """``((size + 1) // 2,) float32`` gain per distance to the edge, from ``(N, size, size)`` normal maps.
 
-    With ``h[k]`` the :data:`BORDER_QUANTILE` of the maps' values at distance ``k`` from the edge and
-    ``r`` the median of ``h`` over the inner half of the distances, the gain of the outer quarter's rings
-    is ``min(1, r / h[k])`` (1 inside): a border ring whose normal highs are higher than the inside's is
-    scaled down to them; a cooler one (a dark background around an object) is left as it is. The highs, not the means, are evened out, because
-    the highs are what a map's peak and its image score read.
+    With ``h[k]`` the ``quantile`` of the maps' values at distance ``k`` from the edge and ``r`` the median
+    of ``h`` over the inner half of the distances, the gain of the outer quarter's rings is
+    ``min(1, r / h[k])`` (1 inside): a border ring whose normal highs are higher than the inside's is
+    scaled down to them; a cooler one (a dark background around an object) is left as it is. The highs,
+    not the means, are evened out, because the highs are what a map score reads.
     """
     size = maps.shape[-1]
     rings = ring_index(size).flatten()
     values = maps.double().flatten(1)
-    highs = torch.stack([torch.quantile(values[:, rings == k].flatten(), BORDER_QUANTILE)
+    highs = torch.stack([torch.quantile(values[:, rings == k].flatten(), quantile)
                          for k in range((size + 1) // 2)])
     reference = highs[size // 4:].median()
     gain = torch.ones((size + 1) // 2, dtype=torch.float64)
