@@ -5,8 +5,8 @@ Each case is fitted as ``refinery fit`` fits it with the FitConfig defaults (``i
 (``core.pipeline.make_localizer``) fitted on the kept training images. Test images are scored three ways:
 
 - **pooled**: ``-detector.score_samples`` of their embeddings;
-- **map**: ``core.image_score.map_scores`` (top-1% mean of the map); the table also shows the map's
-  max and top-5% mean, the reductions it was chosen from (dev half);
+- **map**: ``core.image_score.map_scores`` (top-1% mean of the map, weighed by the localizer's border
+  gain); the table also shows the map's max and top-5% mean, the reductions it was chosen from (dev half);
 - **both**: the two combined as a run does (``ImageScoreChoice.combine``), on the scales of the training
   images' out-of-sample scores: the pooled detector's cross-fitted ones and the out-of-fold map scores
   (``core.image_score.score_training_images``);
@@ -27,7 +27,8 @@ Fashion-MNIST (28 px, fitted at 64 px): ``--fmnist-train`` training images of th
 Contaminated cases also report the contamination estimated from the out-of-fold map scores next to the
 refinement's estimate and the truth, and how the out-of-fold scores of kept normal training images
 compare with the final localizer's scores of normal test images (median ratio; 1 = no in-sample bias).
-``--dump DIR`` saves each case's scores (one ``.npz``) for ``bench/image_score_rules.py``.
+``--dump DIR`` saves each case's scores (one ``.npz``) for ``bench/image_score_rules.py``; ``--from-dump
+DIR`` reports on saved cases (also those ``bench/image_score_rules.py --dump`` saves) without fitting.
 
 Run: ``python bench/image_score.py --threads 1 --sets bottle --out bench/results/image_score_bottle.txt``
 (and ``--sets tiles``, ``--sets fmnist``, each in its own process).
@@ -122,13 +123,14 @@ def fit_case(dataset, train_rows, test_rows, cache: ImageEmbeddingCache) -> dict
         model = refine_and_fit(cache.embed(dataset, train_rows, config), config)
         kept_paths = [p for p, keep in zip(train.paths, model.kept) if keep]
         localizer = make_localizer(config).fit(kept_paths)
-        maps = localizer.anomaly_maps(test.paths, output_size=localizer.image_size)
+        weights = localizer.score_weights()              # as core.image_score.map_scores reads a map
+        maps = [m * weights for m in localizer.anomaly_maps(test.paths, output_size=localizer.image_size)]
         factory = partial(make_detector, config.detector, random_state=config.seed)
         case = {
             "test_labels": test.labels, "train_labels": train.labels, "kept": model.kept,
             "refine_estimate": model.contamination,
             "test_pooled": -model.detector.score_samples(cache.embed(dataset, test_rows, config)).astype(np.float64),
-            "test_map": image_scores_from_maps(maps, MAP_REDUCTION, MAP_TOP_SHARE),   # = map_scores(localizer, ...)
+            "test_map": image_scores_from_maps(maps, MAP_REDUCTION, MAP_TOP_SHARE),   # = map_scores(localizer, test)
             **{f"test_map_{name}": image_scores_from_maps(maps, *how) for name, how in REDUCTIONS.items()},
             "train_pooled": cross_fitted_anomaly_scores(model.embeddings, np.arange(len(train_rows)), model.kept,
                                                         factory, folds=max(config.ensemble, 2), seed=config.seed),
@@ -177,6 +179,23 @@ def cases_of(args) -> list:
     return cases
 
 
+def fitted_cases(args, cache: ImageEmbeddingCache):
+    """``(name, half, protocol, case)`` of each case: fitted (:func:`fit_case`, saved to ``args.dump`` when
+    given) or read back from ``args.from_dump``."""
+    if args.from_dump:
+        for path in sorted(args.from_dump.glob("*.npz")):
+            name, half, protocol = path.stem.rsplit("_", 2)
+            yield name, half, "clean" if protocol == "clean" else f"{protocol}%", dict(np.load(path))
+        return
+    for name, half, protocol, dataset, train_rows, test_rows in cases_of(args):
+        progress(f"{name} {protocol}: {len(train_rows)} training, {len(test_rows)} test images")
+        case = fit_case(dataset, train_rows, test_rows, cache)
+        if args.dump:
+            args.dump.mkdir(parents=True, exist_ok=True)
+            np.savez(args.dump / f"{name}_{half}_{protocol.rstrip('%')}.npz", **case)
+        yield name, half, protocol, case
+
+
 def add_case_options(parser) -> None:
     parser.add_argument("--sets", nargs="+", choices=("bottle", "tiles", "fmnist"), default=["bottle", "tiles", "fmnist"])
     parser.add_argument("--fmnist-classes", type=int, nargs="+", default=list(DEV_FMNIST + REPORT_FMNIST))
@@ -191,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = base_parser(__doc__.splitlines()[0], default_seeds=[0])
     add_case_options(parser)
     parser.add_argument("--dump", type=Path, help="save each case's scores here (for bench/image_score_rules.py)")
+    parser.add_argument("--from-dump", type=Path, help="report on the cases saved here (by --dump, or by "
+                                                       "bench/image_score_rules.py --dump) instead of fitting")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     torch.set_num_threads(args.threads)
@@ -202,12 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     cache = ImageEmbeddingCache()
     rows, contamination_rows = [], []
     with timed() as total:
-        for name, half, protocol, dataset, train_rows, test_rows in cases_of(args):
-            progress(f"{name} {protocol}: {len(train_rows)} training, {len(test_rows)} test images")
-            case = fit_case(dataset, train_rows, test_rows, cache)
-            if args.dump:
-                args.dump.mkdir(parents=True, exist_ok=True)
-                np.savez(args.dump / f"{name}_{half}_{protocol.rstrip('%')}.npz", **case)
+        for name, half, protocol, case in fitted_cases(args, cache):
             row = case_row(case)
             progress(f"  {row}")
             rows.append([name, half, protocol, row["pooled"], row["map"], row["max"], row["top5%"], row["both"],
