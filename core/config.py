@@ -151,7 +151,7 @@ class FitConfig:
         "auto", [Options(*IMAGE_SCORES)],
         "Where an image's anomaly_score comes from: 'pooled', the detector on the pooled embedding; 'map', the "
         "mean of the top 1% of its localization map (out-of-fold for the training images); 'both', the mean of "
-        "the two, each standardized on the kept training images' out-of-sample scores; 'auto', both wherever "
+        "the two, each standardized on the kept training images' out-of-sample scores; 'auto', the map wherever "
         "maps exist (core.image_score). 'map' and 'both' need localization maps; tables, and images without "
         "localization maps, use 'pooled'.",
         label="Image score")

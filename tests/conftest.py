@@ -1,12 +1,20 @@
 """Shared fixtures: the real-data folder (never copied into the repo; see ``available.py``)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
 from available import shared_data_path
+
+# Two xdist workers, and the studio servers and subprocesses some tests start, already share the cores:
+# one OpenMP / BLAS thread per process (torch's intra-op threads follow OMP_NUM_THREADS) keeps them from
+# oversubscribing a 2-core machine, where spinning threads made small fits many times slower. Set before
+# any test imports torch; a value the caller set is kept.
+for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ Timeouts: each test's pytest timeout is the sum of everything that may wait in i
 start, chromium's launch, the walk's budget (which bounds all the walk's waits together, see
 :class:`bench.studio_walk.Budget`), the server's stop and a margin for the work between waits.
 Module fixtures count against the test that sets them up or tears them down, so every test gets
-the whole sum.
+the whole sum. The Score page and the report read one demo run fitted by the engine in the server's
+home (``demo_run``), as the command line would fit it: the walks already fit through the Refine page.
 
 Needs Debian's chromium (``/usr/bin/chromium``) and the ``playwright`` Python package; Playwright's
 own browser download is not used. The server runs with ``REFINERY_HOME`` in a temporary folder,
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 
@@ -46,6 +48,7 @@ playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwrig
 require_path(CHROMIUM, "apt-get install chromium")
 from bench import studio_walk  # noqa: E402  (imports playwright)
 from bench.studio_walk import DATA_PAGE_S, PAGE_MS, REVIEW_S, ROLES_S, Budget  # noqa: E402
+from app_fixtures import fit_demo_run  # noqa: E402
 from sample_data import fraud_table  # noqa: E402
 # Two users on one server: collected here, beside the other browser tests, so that no two studio servers
 # and chromiums run at once (see concurrent_sessions.py).
@@ -53,12 +56,26 @@ from concurrent_sessions import test_two_sessions_keep_their_data_and_runs_to_th
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def home(tmp_path_factory):
+    """The server's REFINERY_HOME."""
+    return tmp_path_factory.mktemp("refinery-home").resolve()
+
+
+@pytest.fixture(scope="module")
+def server(home):
     """``streamlit run app.py`` with its own REFINERY_HOME; yields the base URL."""
-    with served(tmp_path_factory.mktemp("refinery-home"), SERVER_START_S) as running:
+    with served(home, SERVER_START_S) as running:
         yield running.url
     server_log = running.log_path.read_text()
     assert "Traceback" not in server_log, server_log[-3000:]
+
+
+@pytest.fixture(scope="module")
+def demo_run(home) -> Path:
+    """The bundled demo fitted with the suggested config (localization maps included) into the server's
+    home, as the command line's run: every studio session sees it. Tests read it; the Score page adds a
+    batch of its own to it, which the report does not show."""
+    return fit_demo_run(home)
 
 
 @pytest.fixture(scope="module")
@@ -101,21 +118,16 @@ def test_a_tables_own_ids_key_its_downloaded_scores(server, page, tmp_path):
     assert sorted(row["id"] for row in rows) == sorted(table["record"])
 
 
-REPORT_FIT_S = 240  # the demo's fit and its report on a busy 2-core machine (about 15 s alone)
+DEMO_FIT_S = 240  # the demo's fit (``demo_run``) and its report on a busy 2-core machine (about 15 s alone)
 
 
-@pytest.mark.timeout(LAUNCH_TIMEOUT_S + REPORT_FIT_S + MARGIN_S)
-def test_the_run_report_opens_offline_and_shows_every_image(page, tmp_path, monkeypatch):
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + DEMO_FIT_S + MARGIN_S)
+def test_the_run_report_opens_offline_and_shows_every_image(demo_run, page, tmp_path):
     """The demo run's HTML report, opened from ``file://`` with the network cut (offline, and any request
     that is not file: or data: aborted): every image decodes, every section is there, nothing was asked for."""
-    from core import engine
-    from core.data.builtin import DEMO_DIR
     from core.report import write_report
 
-    monkeypatch.setenv("REFINERY_HOME", str(tmp_path / "home"))
-    demo = engine.load_data(DEMO_DIR, workspace=tmp_path)
-    run_dir = engine.fit(demo, engine.suggested_config(demo), tmp_path / "run").run_dir
-    report = write_report(run_dir, tmp_path / "report.html", top=8)
+    report = write_report(demo_run, tmp_path / "report.html", top=8)
     asked = []
 
     def only_local(route):
@@ -134,19 +146,22 @@ def test_the_run_report_opens_offline_and_shows_every_image(page, tmp_path, monk
     assert asked == []
 
 
-SCORE_S = studio_walk.DATA_PAGE_S + studio_walk.FIT_MS / 1000 + 6 * PAGE_MS / 1000
-"""Budget of the scoring walk: the demo fit, then the Score page's job (seconds) and a few page changes."""
+SCORE_S = studio_walk.DATA_PAGE_S + 6 * PAGE_MS / 1000
+"""Budget of the scoring walk: the demo run opened, then the Score page's job (seconds) and a few page changes."""
 
 
-@pytest.mark.timeout(_timeout(SCORE_S))
-def test_a_new_batch_is_scored_on_the_score_page_and_opens_on_inspect(server, page, tmp_path):
-    """Fit the demo, score six new images from a server folder on the Score page (issue 17), and open the
-    batch on Inspect: its most anomalous image with its saved localization map."""
+@pytest.mark.timeout(_timeout(SCORE_S) + DEMO_FIT_S)
+def test_a_new_batch_is_scored_on_the_score_page_and_opens_on_inspect(server, demo_run, page, tmp_path):
+    """Open the demo run from a link, score six new images from a server folder on the Score page (issue 17),
+    and open the batch on Inspect: its most anomalous image with its saved localization map."""
     from app_fixtures import new_images
 
     folder = new_images(tmp_path / "new-batch", good=4, other=2)
     budget = Budget(SCORE_S)
-    run = studio_walk.refine(page, server, budget, None)
+    run = str(demo_run)
+    page.goto(f"{server}/?{urlencode({'run': run})}", timeout=budget.ms())
+    sidebar = page.get_by_test_id("stSidebarUserContent")
+    playwright_api.expect(sidebar.get_by_text(demo_run.name, exact=True)).to_be_visible(timeout=budget.ms())
     studio_walk.goto_page(page, "Score", budget)
     main = studio_walk.main_area(page)
     main.get_by_role("tab", name="Folder or file on the server").click(timeout=budget.ms())

@@ -121,13 +121,13 @@ def test_both_is_the_mean_of_the_standardized_out_of_sample_scores_at_fit_and_at
     np.testing.assert_allclose(scored["both"], both.combine(scored["pooled"], scored["map"]), rtol=1e-6)
 
 
-def test_auto_takes_both_and_the_cli_says_why(runs, texture_data, tmp_path, capsys):
+def test_auto_takes_the_map_and_the_cli_says_why(runs, texture_data, tmp_path, capsys):
     train, _ = texture_data
     assert main(["fit", str(train), "--out", str(tmp_path / "run"), *FIT]) == 0
     choice = saved_choice(tmp_path / "run")
-    assert choice.requested == "auto" and choice.used == "both"
+    assert choice.requested == "auto" and choice.used == "map"
     assert f"image score: {choice.describe()}" in capsys.readouterr().out
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "run" / "scores.csv"), pd.read_csv(runs["both"] / "scores.csv"))
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "run" / "scores.csv"), pd.read_csv(runs["map"] / "scores.csv"))
 
 
 def test_training_map_scores_are_out_of_fold(runs, texture_data, tmp_path):
@@ -221,7 +221,7 @@ def test_tables_resolve_to_pooled_and_refuse_the_map(tmp_path, capsys):
         FitConfig(image_score="both", localization="none").validate()
 
 
-def test_choose_image_score_takes_what_is_asked_and_both_for_auto():
-    assert choose_image_score("auto").used == "both"
+def test_choose_image_score_takes_what_is_asked_and_the_map_for_auto():
+    assert choose_image_score("auto").used == "map"
     assert [choose_image_score(asked).used for asked in ("pooled", "map", "both")] == ["pooled", "map", "both"]
     assert ImageScoreChoice.from_dict(None).used == "pooled", "runs saved before the choice used the pooled score"
