@@ -89,8 +89,8 @@ class RunResults:
 
     @property
     def image_score_text(self) -> str:
-        """Which score ``anomaly_score`` is, and why: ``image score: map (auto: ...)`` (images only, else empty)."""
-        return f"image score: {read_image_score(self.info).describe()}" if self.kind == "images" else ""
+        """Which score ``anomaly_score`` is, and why: ``Image score: map (auto: ...)`` (images only, else empty)."""
+        return f"Image score: {read_image_score(self.info).describe()}" if self.kind == "images" else ""
 
     @property
     def threshold_meaning(self) -> str:

@@ -95,7 +95,12 @@ def script(page: StudioPage) -> str:
     return str(page.path)
 
 
-def wait_for_job(at: AppTest, runner, timeout_s: float = 120.0) -> AppTest:
+JOB_TIMEOUT_S = 300.0
+"""Longest wait for a page's job (a small fit, about 20 s alone): generous, for a 2-core box that two test
+workers and other work share; a job that never ends still fails the test."""
+
+
+def wait_for_job(at: AppTest, runner, timeout_s: float = JOB_TIMEOUT_S) -> AppTest:
     """Rerun ``at`` once a second, as the page's live fragment does, until its watched job has finished.
 
     ``runner`` is the process-wide :class:`core.jobs.JobRunner` the pages use; the job is the one
