@@ -212,8 +212,9 @@ def score_maps(maps: Iterable[np.ndarray], dataset, test: np.ndarray, paired: np
             without_uneven.update(anomaly_map, mask)
         for name in classes if kind == "MT_Free" else [kind]:
             by_class[name].update(anomaly_map, mask)
-        image_max.append(image_scores_from_maps([weighed(anomaly_map, weights)], "max")[0])
-        image_topk.append(image_scores_from_maps([weighed(anomaly_map, weights)], "topk_mean", TOPK_FRACTION)[0])
+        scored = weighed(anomaly_map, weights)
+        image_max.append(image_scores_from_maps([scored], "max")[0])
+        image_topk.append(image_scores_from_maps([scored], "topk_mean", TOPK_FRACTION)[0])
     return MapScores(full.result(), subset.result(), {c: a.result() for c, a in by_class.items()},
                      without_uneven.result(), np.array(image_max), np.array(image_topk))
 
@@ -405,8 +406,8 @@ def explore(args, dataset, labels, cache: ImageEmbeddingCache, config: FitConfig
                 scores = score_maps(maps, data, test, np.ones(len(test), dtype=bool), model.score_weights())
                 row += [scores.pixel_all.auroc, scores.pixel_all.aupro, auroc(truth[test], scores.image_topk)]
             else:
-                topk = image_scores_from_maps([weighed(m, model.score_weights()) for m in maps], "topk_mean",
-                                              TOPK_FRACTION)
+                weights = model.score_weights()
+                topk = image_scores_from_maps([weighed(m, weights) for m in maps], "topk_mean", TOPK_FRACTION)
                 row.append(auroc(truth[test], topk))
             progress(f"  {', '.join(f'{value:.3f}' for value in row[1:])}")
         rows.append(row)
