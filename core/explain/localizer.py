@@ -3,7 +3,7 @@ scale, normalising, parameter checking, the saved files, and image-level scores 
 
 **Border gain of the map score.** Patches at an image's edge see the backbone's zero padding, so their
 features vary more than inner ones and lie farther from the normal patches: normal maps run hot along
-the border (on the granite demo every normal map peaked within 16 px of it), and a map score that
+the border (on the granite demo every normal map peaked within 28 px of it, bench/border_gain.py), and a map score that
 reads a map's highs (``core.image_score``) then ranks images by their borders. At fit, the held-out
 normal maps give the highs of the map values at each distance from the edge (:func:`border_gain`); a
 border ring whose highs are above the inner half's is scaled down to them, for the map score only
