@@ -194,7 +194,7 @@ def _save(name: str, image: Image.Image, **kwargs) -> Callable[[Path], None]:
 def _all_unreadable(inputs: Path) -> Path:
     folder = inputs / "broken"
     folder.mkdir()
-    (folder / "noise.png").write_bytes(hostile.PNG_SIGNATURE + os.urandom(200))
+    hostile.png_noise(folder / "noise.png", 200)
     (folder / "zero.jpg").write_bytes(b"")
     (folder / "text.png").write_text("I am not a PNG")
     return folder
@@ -220,8 +220,8 @@ def _mixed_sizes(folder: Path) -> None:
 
 
 IMAGE_CASES = [
-    Case("image-random-bytes", _image_folder("imgs", lambda f: (f / "noise.png").write_bytes(
-        hostile.PNG_SIGNATURE + os.urandom(500))), check=skipped_as({"noise.png": "not an image file PIL can read"})),
+    Case("image-random-bytes", _image_folder("imgs", lambda f: hostile.png_noise(f / "noise.png", 500)),
+         check=skipped_as({"noise.png": "not an image file PIL can read"})),
     Case("image-truncated-png", _image_folder("imgs", _truncated(".png")), check=skipped_as({"cut.png": "unreadable"})),
     Case("image-truncated-jpeg", _image_folder("imgs", _truncated(".jpg")),
          check=skipped_as({"cut.jpg": "unreadable"})),
