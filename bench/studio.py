@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,11 @@ def healthy(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def served(home: Path, start_timeout_s: float = 60) -> Iterator[Server]:
+def served(home: Path, start_timeout_s: float = 60, options: Sequence[str] = ()) -> Iterator[Server]:
     """``streamlit run app.py`` with ``REFINERY_HOME=home``, on a port the system gives it; terminated on exit.
+
+    ``options`` are more of Streamlit's command-line options (``("--runner.postScriptGC", "true")``); they
+    override ``.streamlit/config.toml``.
 
     The server is started with ``--server.port 0``: it binds a port of the system's choosing itself and
     prints the URL it serves, which is read from its log. Nothing here picks a free port, releases it and
@@ -74,7 +77,7 @@ def served(home: Path, start_timeout_s: float = 60) -> Iterator[Server]:
     with os.fdopen(handle, "wb") as output:  # not ``log``: that is the module's logger
         process = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", "0",
-             "--server.headless", "true", "--server.fileWatcherType", "none"],
+             "--server.headless", "true", "--server.fileWatcherType", "none", *options],
             cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT,
         )
     try:

@@ -33,3 +33,24 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+LONGEST_FILES_FIRST = (
+    "test_e2e_browser.py",            # ~270 s of work, measured with --junitxml on 2 cores, 2026-12-07
+    "test_ray_compute.py",            # ~150 s
+    "test_app_pages.py",              # ~130 s
+    "test_faults.py",                 # ~110 s
+    "test_distributed_training.py",   # ~75 s
+)
+"""Test files that take the longest, handed to the two xdist workers first (the rest follow in collection
+order). pytest-xdist's own order (``--loadscope-reorder``) puts the files with most tests first, which left
+the browser file, six long tests, to run alone on one worker at the end; ``--no-loadscope-reorder`` in
+pyproject.toml keeps this order instead."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FILES_FIRST.index(name) if name in LONGEST_FILES_FIRST else len(LONGEST_FILES_FIRST)
+
+    items.sort(key=rank)  # stable: within a file, and among the other files, the collection order stays

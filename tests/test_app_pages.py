@@ -751,6 +751,13 @@ def test_streamlit_config_is_local_and_quiet(server_config):
     assert server_config["client"]["showErrorDetails"] == "none"
 
 
+def test_reruns_do_not_force_a_full_garbage_collection(server_config):
+    """Streamlit's default collects every generation after each rerun, fragments included. A live view
+    reruns every LIVE_REFRESH_S, and a full collection with torch loaded takes about 0.25 s under the GIL:
+    the fit's thread starved (the two-sessions browser test's fits took 55 s instead of 10)."""
+    assert server_config["runner"]["postScriptGC"] is False
+
+
 def test_the_upload_limit_is_stated_the_same_everywhere(server_config, home):
     assert server_config["server"]["maxUploadSize"] * 1024**2 == MAX_UPLOAD_BYTES  # Streamlit's MB are MiB
     stated = f"{MAX_UPLOAD_BYTES // 1024**2} MiB"

@@ -44,6 +44,11 @@ def _copy(files, folder: Path) -> Path:
     return folder
 
 
+FLOAT32_NOISE = dict(rtol=1e-5, atol=1e-5)
+"""The same images through the same run in two calls: oneDNN's float32 convolutions may round a batch's last
+digits differently from one call to the next (seen on the last, partial batch: 3e-7 of a score)."""
+
+
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     home = tmp_path_factory.mktemp("batches")
@@ -84,11 +89,14 @@ def test_a_batch_is_what_refinery_score_writes(run_dir, folders, batches, tmp_pa
     out, maps = tmp_path / "scores.csv", tmp_path / "maps"
     assert refinery(["score", str(run_dir), str(folders["unseen good"]), "--out", str(out), "--maps", str(maps)]) == 0
     batch = batches["unseen good"]
-    assert (batch.directory / "scores.csv").read_text() == out.read_text()
+    saved, written_scores = pd.read_csv(batch.directory / "scores.csv"), pd.read_csv(out)
+    assert list(saved.columns) == list(written_scores.columns)
+    pd.testing.assert_frame_equal(saved, written_scores, check_exact=False, **FLOAT32_NOISE)
     written = sorted(path.relative_to(maps) for path in maps.rglob("*.npy"))
     assert written == sorted(path.relative_to(batch.directory / "maps") for path in (batch.directory / "maps").rglob("*.npy"))
     for relative in written:
-        np.testing.assert_array_equal(np.load(maps / relative), batch.saved_map(relative.with_suffix(".png").as_posix()))
+        np.testing.assert_allclose(np.load(maps / relative), batch.saved_map(relative.with_suffix(".png").as_posix()),
+                                   **FLOAT32_NOISE)
 
 
 def test_a_table_batch_is_what_refinery_score_writes(home, tmp_path):

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from core.cli import main
-from core.data.columns import profile_columns, role_of
+from core.data.columns import _column_facts, _table_facts, profile_columns, role_of
 from core.data.tables import load_table
 from core.errors import DataError
 
@@ -102,6 +102,19 @@ def test_the_cli_runs_an_analysts_table_keyed_by_its_ids(tmp_path, monkeypatch, 
     assert pd.read_csv(tmp_path / "new-scores.csv")["id"].tolist() == frame["id"].tolist()
     assert main(["explain", str(tmp_path / "run"), str(tmp_path / "new.csv"), "--ids", frame.loc[7, "id"]]) == 0
     assert f"row {frame.loc[7, 'id']}:" in capsys.readouterr().out
+
+
+def test_numeric_columns_read_together_say_what_each_says_alone():
+    """profile_columns reads a dtype's columns as one block (a 10,000-column table: 0.7 s, not 12 s);
+    each column's counts, kind, example and whether it names rows stay what that column alone gives."""
+    n = 12
+    frame = pd.DataFrame({
+        "counter": np.arange(n)[::-1], "counter_float": np.arange(n, dtype=float) + 5, "bytes": np.arange(n, dtype=np.uint8),
+        "gaps": [np.nan, 3.0] * (n // 2), "empty": [np.nan] * n, "zeros": [0.0, -0.0] * (n // 2),
+        "infinite": [np.inf, 1.0] + [2.0] * (n - 2), "halves": np.arange(n) / 2, "repeats": [1, 2, 3] * (n // 3),
+        "small": np.arange(n, dtype=np.int32) * 2, "flag": [True, False] * (n // 2), "text": [f"t{i}" for i in range(n)]})
+    assert _table_facts(frame) == [_column_facts(frame.iloc[:, i]) for i in range(frame.shape[1])]
+    assert _table_facts(frame.iloc[:0]) == [_column_facts(frame.iloc[:0, i]) for i in range(frame.shape[1])]
 
 
 def test_role_of_lists_columns_in_order():

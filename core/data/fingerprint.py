@@ -100,13 +100,33 @@ def fingerprint_table(frame: pd.DataFrame) -> str:
     digest = hashlib.sha256(b"table-v1")
     digest.update(int(frame.shape[0]).to_bytes(8, "little"))
     digest.update(int(frame.shape[1]).to_bytes(8, "little"))
-    for position in range(frame.shape[1]):
-        column = frame.iloc[:, position]
+    for position, (dtype, row_hashes) in enumerate(_column_hashes(frame)):
         _update_field(digest, str(frame.columns[position]).encode("utf-8"))
-        _update_field(digest, str(column.dtype).encode("utf-8"))
-        row_hashes = pd.util.hash_pandas_object(column, index=False).to_numpy(dtype="<u8")
+        _update_field(digest, str(dtype).encode("utf-8"))
         digest.update(row_hashes.tobytes())
     return _finish(digest)
+
+
+def _column_hashes(frame: pd.DataFrame) -> list[tuple[object, np.ndarray]]:
+    """Each column's dtype and ``(N,) <u8`` row hashes (pandas' ``hash_pandas_object``), in column order.
+
+    A number's hash depends on that number only, so the columns of one numeric dtype are hashed in one
+    call, the same hashes as column by column: a table of thousands of columns takes milliseconds.
+    """
+    hashes: list[tuple[object, np.ndarray] | None] = [None] * frame.shape[1]
+    by_dtype: dict[np.dtype, list[int]] = {}
+    for position, dtype in enumerate(frame.dtypes):
+        if isinstance(dtype, np.dtype) and dtype.kind in "biuf":
+            by_dtype.setdefault(dtype, []).append(position)
+        else:
+            column = frame.iloc[:, position]
+            hashes[position] = (dtype, pd.util.hash_pandas_object(column, index=False).to_numpy(dtype="<u8"))
+    for dtype, positions in by_dtype.items():
+        block = frame.iloc[:, positions].to_numpy(dtype=dtype)  # (N, k)
+        block_hashes = pd.util.hash_array(block.ravel(order="F")).astype("<u8").reshape(len(positions), -1)
+        for position, row_hashes in zip(positions, block_hashes):
+            hashes[position] = (dtype, row_hashes)
+    return hashes
 
 
 def fingerprint_subset(parent_fingerprint: str, indices: np.ndarray) -> str:
