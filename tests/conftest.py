@@ -35,17 +35,17 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
-LONGEST_FILES_FIRST = (
-    "test_e2e_browser.py",            # ~270 s of work, measured with --junitxml on 2 cores, 2026-12-07
-    "test_ray_compute.py",            # ~150 s
-    "test_app_pages.py",              # ~130 s
-    "test_faults.py",                 # ~110 s
-    "test_distributed_training.py",   # ~75 s
+LONGEST_FILES_FIRST = (  # seconds of work, measured with --junitxml on 2 cores on 2026-12-07
+    "test_e2e_browser.py",            # ~140 s: a studio server and chromium
+    "test_app_pages.py",              # ~130 s: in-process AppTests, beside the browser on the other worker
+    "test_ray_compute.py",            # ~150 s: Ray instances and actors
+    "test_faults.py",                 # ~110 s: fits in subprocesses
+    "test_distributed_training.py",   # ~70 s: torchrun
 )
-"""Test files that take the longest, handed to the two xdist workers first (the rest follow in collection
-order). pytest-xdist's own order (``--loadscope-reorder``) puts the files with most tests first, which left
-the browser file, six long tests, to run alone on one worker at the end; ``--no-loadscope-reorder`` in
-pyproject.toml keeps this order instead."""
+"""Test files that take the longest, handed to the two xdist workers first, alternately (the rest follow in
+collection order). pytest-xdist's own order (``--loadscope-reorder``) puts the files with most tests first,
+which left the browser file, six long tests, to run alone on one worker at the end; ``--no-loadscope-reorder``
+in pyproject.toml keeps this order instead."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
