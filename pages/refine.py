@@ -55,21 +55,33 @@ def method_form(dataset, columns: ColumnChoice, job_running: bool):
     )
 
 
-@st.fragment(run_every=services.LIVE_REFRESH_S)
 def live_view(job_id: str) -> None:
+    """The running job: its progress, redrawn every ``LIVE_REFRESH_S``, and the rounds it has finished, drawn
+    again only when the job publishes another (a published round never changes; redrawing its charts and
+    thumbnails every second took the GIL from the fit itself)."""
     status = services.job_runner().status(job_id)
     if status is None:
         return
-    if not status.active:
-        st.rerun()  # the whole page switches to the finished view
-    widgets.job_progress(status)
-    widgets.cancel_button(job_id, key="cancel_job")
-    dataset = status.outputs.get("dataset")
+    dataset, rounds = status.outputs.get("dataset"), status.outputs.get("rounds", ())
+    live_progress(job_id, drawn=(dataset is not None, len(rounds)))
     if dataset is not None:
         paths = dict(zip(dataset.ids, map(str, dataset.paths or [])))
-        show_rounds(status.outputs.get("rounds", ()), ids=dataset.ids, labels=dataset.labels,
-                    image_path=paths.get if dataset.paths else None, key="live", inspectable=False,
-                    values=dataset.table)
+        show_rounds(rounds, ids=dataset.ids, labels=dataset.labels, image_path=paths.get if dataset.paths else None,
+                    key="live", inspectable=False, values=dataset.table)
+
+
+@st.fragment(run_every=services.LIVE_REFRESH_S)
+def live_progress(job_id: str, drawn: tuple[bool, int]) -> None:
+    """Progress and Cancel. ``drawn`` is what the page below shows: (the job's data, its number of rounds);
+    the whole page reruns once the job has published more, or has ended (the finished view)."""
+    status = services.job_runner().status(job_id)
+    if status is None:
+        return
+    published = (status.outputs.get("dataset") is not None, len(status.outputs.get("rounds", ())))
+    if not status.active or published != drawn:
+        st.rerun()
+    widgets.job_progress(status)
+    widgets.cancel_button(job_id, key="cancel_job")
 
 
 def finished_view(status) -> None:
