@@ -100,8 +100,14 @@ JOB_TIMEOUT_S = 300.0
 workers and other work share; a job that never ends still fails the test."""
 
 
+RERUN_EVERY_S = 2.5
+"""How often :func:`wait_for_job` reruns the page. An AppTest run draws the whole page in the test's process,
+beside the job's thread, and takes the GIL from the fit for a good part of a second on a busy box; the
+studio's live fragment redraws every second, but a few redraws during a fit exercise the live view as well."""
+
+
 def wait_for_job(at: AppTest, runner, timeout_s: float = JOB_TIMEOUT_S) -> AppTest:
-    """Rerun ``at`` once a second, as the page's live fragment does, until its watched job has finished.
+    """Rerun ``at`` every ``RERUN_EVERY_S`` until its watched job has finished.
 
     ``runner`` is the process-wide :class:`core.jobs.JobRunner` the pages use; the job is the one
     in ``at``'s URL (``?job=...``). Ends with one more run, which draws the finished view.
@@ -111,7 +117,7 @@ def wait_for_job(at: AppTest, runner, timeout_s: float = JOB_TIMEOUT_S) -> AppTe
     deadline = time.monotonic() + timeout_s
     while runner.status(job_id).active:
         assert time.monotonic() < deadline, f"job {job_id} still {runner.status(job_id).state} after {timeout_s} s"
-        time.sleep(1.0)
+        time.sleep(RERUN_EVERY_S)
         at.run()
         assert not at.exception, at.exception
     return at.run()
