@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 
 from available import shared_data_path
@@ -15,6 +16,19 @@ from available import shared_data_path
 # any test imports torch; a value the caller set is kept.
 for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In the controller, before the xdist workers start: lay out a few random points once, so that
+    umap-learn's numba functions for a run's map are compiled and kept in numba's disk cache
+    (``core.layouts``). In a fresh virtual environment every worker and every studio server of the browser
+    tests otherwise compiled them at its first layout, all at once: 42 s alone on this box, against 1.6 s
+    once cached. The aligned layouts of self-trained runs compile more functions, at their first use."""
+    if hasattr(config, "workerinput") or not config.getoption("numprocesses", None):
+        return  # a worker, or a single process (-n 0): its first layout compiles and caches them itself
+    from core.layouts import round_layouts
+
+    round_layouts([np.random.default_rng(0).normal(size=(40, 4))])
 
 
 @pytest.fixture
