@@ -63,7 +63,7 @@ def live_view(job_id: str) -> None:
     if status is None:
         return
     dataset, rounds = status.outputs.get("dataset"), status.outputs.get("rounds", ())
-    live_progress(job_id, drawn=(dataset is not None, len(rounds)))
+    live_progress(job_id, drawn=_published(status))
     if dataset is not None:
         paths = dict(zip(dataset.ids, map(str, dataset.paths or [])))
         show_rounds(rounds, ids=dataset.ids, labels=dataset.labels, image_path=paths.get if dataset.paths else None,
@@ -77,11 +77,15 @@ def live_progress(job_id: str, drawn: tuple[bool, int]) -> None:
     status = services.job_runner().status(job_id)
     if status is None:
         return
-    published = (status.outputs.get("dataset") is not None, len(status.outputs.get("rounds", ())))
-    if not status.active or published != drawn:
+    if not status.active or _published(status) != drawn:
         st.rerun()
     widgets.job_progress(status)
     widgets.cancel_button(job_id, key="cancel_job")
+
+
+def _published(status) -> tuple[bool, int]:
+    """What a fit job has published so far: (its data set, its number of finished rounds)."""
+    return status.outputs.get("dataset") is not None, len(status.outputs.get("rounds", ()))
 
 
 def finished_view(status) -> None:

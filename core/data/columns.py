@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from core.data.fingerprint import dtype_blocks
 from core.errors import DataError
 
 ID, FEATURE, LABEL, IGNORE = "id", "feature", "label", "ignore"
@@ -182,13 +183,10 @@ def _numeric_facts(block: pd.DataFrame) -> list[_Facts]:
 def _table_facts(frame: pd.DataFrame) -> list[_Facts]:
     """:func:`_column_facts` of every column, in column order; integer and float columns together, per dtype."""
     facts: list[_Facts | None] = [None] * frame.shape[1]
-    by_dtype: dict[np.dtype, list[int]] = {}
-    for position, dtype in enumerate(frame.dtypes):
-        if isinstance(dtype, np.dtype) and dtype.kind in "iuf":
-            by_dtype.setdefault(dtype, []).append(position)
-        else:
-            facts[position] = _column_facts(frame.iloc[:, position])
-    for positions in by_dtype.values():
+    blocks, others = dtype_blocks(frame, "iuf")
+    for position in others:
+        facts[position] = _column_facts(frame.iloc[:, position])
+    for positions in blocks.values():
         for position, column_facts in zip(positions, _numeric_facts(frame.iloc[:, positions])):
             facts[position] = column_facts
     return facts

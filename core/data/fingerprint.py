@@ -114,19 +114,29 @@ def _column_hashes(frame: pd.DataFrame) -> list[tuple[object, np.ndarray]]:
     call, the same hashes as column by column: a table of thousands of columns takes milliseconds.
     """
     hashes: list[tuple[object, np.ndarray] | None] = [None] * frame.shape[1]
-    by_dtype: dict[np.dtype, list[int]] = {}
-    for position, dtype in enumerate(frame.dtypes):
-        if isinstance(dtype, np.dtype) and dtype.kind in "biuf":
-            by_dtype.setdefault(dtype, []).append(position)
-        else:
-            column = frame.iloc[:, position]
-            hashes[position] = (dtype, pd.util.hash_pandas_object(column, index=False).to_numpy(dtype="<u8"))
-    for dtype, positions in by_dtype.items():
+    blocks, others = dtype_blocks(frame, "biuf")
+    for position in others:
+        column = frame.iloc[:, position]
+        hashes[position] = (column.dtype, pd.util.hash_pandas_object(column, index=False).to_numpy(dtype="<u8"))
+    for dtype, positions in blocks.items():
         block = frame.iloc[:, positions].to_numpy(dtype=dtype)  # (N, k)
         block_hashes = pd.util.hash_array(block.ravel(order="F")).astype("<u8").reshape(len(positions), -1)
         for position, row_hashes in zip(positions, block_hashes):
             hashes[position] = (dtype, row_hashes)
     return hashes
+
+
+def dtype_blocks(frame: pd.DataFrame, kinds: str) -> tuple[dict[np.dtype, list[int]], list[int]]:
+    """The positions of ``frame``'s columns whose NumPy dtype kind is in ``kinds`` (``"iuf"``), grouped by dtype,
+    and the positions of every other column: what can be read as one array per dtype, and what cannot."""
+    blocks: dict[np.dtype, list[int]] = {}
+    others = []
+    for position, dtype in enumerate(frame.dtypes):
+        if isinstance(dtype, np.dtype) and dtype.kind in kinds:
+            blocks.setdefault(dtype, []).append(position)
+        else:
+            others.append(position)
+    return blocks, others
 
 
 def fingerprint_subset(parent_fingerprint: str, indices: np.ndarray) -> str:
